@@ -1,0 +1,177 @@
+//! The flow hash: SipHash-1-3 keyed with the cluster-wide key, over a fixed layout of the flow's
+//! addresses, ports and protocol.
+//!
+//! SipHash is a keyed PRF: without the key nobody outside the cluster can predict which member a
+//! flow lands on, so nobody can aim a flood at one member's buckets. The 1-3 variant (one
+//! compression round per word, three finalisation rounds) costs ~10 ns per IPv4 flow in the JIT.
+//!
+//! The kernel feeds the words exactly as it loads them from the packet (little-endian loads of
+//! network-order bytes); the `*_of` helpers build the same words from ordinary address and port
+//! values, so userspace computes bit for bit the hash the kernel computes.
+//!
+//! The hashed message is the little-endian byte string of the words, so the function is plain
+//! SipHash-1-3 of a defined byte string and can be checked against any reference implementation.
+
+/// Protocol numbers that take part in the hash.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+#[inline(always)]
+fn sip_round(v: &mut [u64; 4]) {
+    v[0] = v[0].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(13);
+    v[1] ^= v[0];
+    v[0] = v[0].rotate_left(32);
+    v[2] = v[2].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(16);
+    v[3] ^= v[2];
+    v[0] = v[0].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(21);
+    v[3] ^= v[0];
+    v[2] = v[2].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(17);
+    v[1] ^= v[2];
+    v[2] = v[2].rotate_left(32);
+}
+
+#[inline(always)]
+fn sip_init(key: &[u64; 2]) -> [u64; 4] {
+    [
+        key[0] ^ 0x736f_6d65_7073_6575,
+        key[1] ^ 0x646f_7261_6e64_6f6d,
+        key[0] ^ 0x6c79_6765_6e65_7261,
+        key[1] ^ 0x7465_6462_7974_6573,
+    ]
+}
+
+#[inline(always)]
+fn sip_word(v: &mut [u64; 4], m: u64) {
+    v[3] ^= m;
+    sip_round(v);
+    v[0] ^= m;
+}
+
+#[inline(always)]
+fn sip_finish(v: &mut [u64; 4], words: u64) -> u64 {
+    // The final block of a message whose length is a multiple of 8 holds only the length byte.
+    let b = (words * 8) << 56;
+    sip_word(v, b);
+    v[2] ^= 0xff;
+    sip_round(v);
+    sip_round(v);
+    sip_round(v);
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
+
+/// Last word of every flow: ports, protocol and the address family (so an IPv4 flow and an
+/// IPv6 flow never share a message layout).
+#[inline(always)]
+const fn tail_word(ports: u32, proto: u8, family: u8) -> u64 {
+    ports as u64 | (proto as u64) << 32 | (family as u64) << 40
+}
+
+/// Hash of an IPv4 flow. `src`/`dst` are the addresses and `ports` the first four bytes of the
+/// TCP/UDP header, all as little-endian loads of the packet bytes (see [`v4_word`], [`ports_word`]).
+#[inline(always)]
+pub fn flow_hash_v4(key: &[u64; 2], src: u32, dst: u32, ports: u32, proto: u8) -> u64 {
+    let mut v = sip_init(key);
+    sip_word(&mut v, src as u64 | (dst as u64) << 32);
+    sip_word(&mut v, tail_word(ports, proto, 4));
+    sip_finish(&mut v, 2)
+}
+
+/// Hash of an IPv6 flow. Each address is two little-endian 8-byte loads (see [`v6_words`]).
+#[inline(always)]
+pub fn flow_hash_v6(key: &[u64; 2], src: [u64; 2], dst: [u64; 2], ports: u32, proto: u8) -> u64 {
+    let mut v = sip_init(key);
+    sip_word(&mut v, src[0]);
+    sip_word(&mut v, src[1]);
+    sip_word(&mut v, dst[0]);
+    sip_word(&mut v, dst[1]);
+    sip_word(&mut v, tail_word(ports, proto, 6));
+    sip_finish(&mut v, 5)
+}
+
+/// An IPv4 address as the kernel loads it from the packet.
+pub const fn v4_word(octets: [u8; 4]) -> u32 {
+    u32::from_le_bytes(octets)
+}
+
+/// An IPv6 address as the kernel loads it from the packet.
+pub const fn v6_words(octets: [u8; 16]) -> [u64; 2] {
+    let mut hi = [0u8; 8];
+    let mut lo = [0u8; 8];
+    let mut i = 0;
+    while i < 8 {
+        hi[i] = octets[i];
+        lo[i] = octets[i + 8];
+        i += 1;
+    }
+    [u64::from_le_bytes(hi), u64::from_le_bytes(lo)]
+}
+
+/// Source and destination port (host order) as the kernel loads the first four bytes of the
+/// TCP or UDP header.
+pub const fn ports_word(src_port: u16, dst_port: u16) -> u32 {
+    let s = src_port.to_be_bytes();
+    let d = dst_port.to_be_bytes();
+    u32::from_le_bytes([s[0], s[1], d[0], d[1]])
+}
+
+/// Bucket of a flow in a table of `table_size` buckets.
+#[inline(always)]
+pub const fn bucket_of(flow_hash: u64, table_size: u32) -> u32 {
+    (flow_hash % table_size as u64) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::hash::Hasher;
+    use siphasher::sip::SipHasher13;
+
+    fn reference(key: &[u64; 2], words: &[u64]) -> u64 {
+        let mut h = SipHasher13::new_with_keys(key[0], key[1]);
+        for w in words {
+            h.write(&w.to_le_bytes());
+        }
+        h.finish()
+    }
+
+    #[test]
+    fn v4_hash_is_siphash13_of_the_documented_message() {
+        let key = [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908];
+        let src = v4_word([198, 51, 100, 7]);
+        let dst = v4_word([203, 0, 113, 10]);
+        let ports = ports_word(40000, 443);
+        let msg = [
+            src as u64 | (dst as u64) << 32,
+            ports as u64 | 6 << 32 | 4 << 40,
+        ];
+        assert_eq!(flow_hash_v4(&key, src, dst, ports, 6), reference(&key, &msg));
+    }
+
+    #[test]
+    fn v6_hash_is_siphash13_of_the_documented_message() {
+        let key = [1, 2];
+        let s = v6_words([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let d = v6_words([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        let ports = ports_word(1, 2);
+        let msg = [s[0], s[1], d[0], d[1], ports as u64 | 17 << 32 | 6 << 40];
+        assert_eq!(flow_hash_v6(&key, s, d, ports, 17), reference(&key, &msg));
+    }
+
+    #[test]
+    fn words_match_little_endian_packet_loads() {
+        // Bytes as on the wire: 10.0.0.1, ports 0x1234 -> 0x0050.
+        assert_eq!(v4_word([10, 0, 0, 1]), 0x0100_000a);
+        assert_eq!(ports_word(0x1234, 0x0050), u32::from_le_bytes([0x12, 0x34, 0x00, 0x50]));
+    }
+
+    #[test]
+    fn key_changes_the_hash() {
+        let a = flow_hash_v4(&[1, 2], 1, 2, 3, 6);
+        let b = flow_hash_v4(&[1, 3], 1, 2, 3, 6);
+        assert_ne!(a, b);
+    }
+}

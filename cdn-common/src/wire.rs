@@ -1,0 +1,80 @@
+//! The steering encapsulation, as it travels between nodes:
+//!
+//! ```text
+//! | Ethernet | outer IPv4 or IPv6 | UDP (dst = steering port) | SteerHeader (8 bytes) | inner IP packet |
+//! ```
+//!
+//! The inner packet is the client's IP packet exactly as it arrived (its Ethernet header and VLAN
+//! tags are dropped). The UDP source port carries flow entropy so that ECMP and RSS on the
+//! underlay spread flows. The outer UDP checksum is zero: the inner packet carries its own
+//! transport checksum, and RFC 6935/6936 allow a zero checksum for tunnels over IPv6; the
+//! receiving node decapsulates in XDP and never hands the outer packet to a UDP socket.
+
+/// Version carried in every header; a node drops (and counts) any other version.
+pub const STEER_VERSION: u8 = 1;
+
+/// `SteerHeader::flags`: the inner packet is IPv6 (otherwise IPv4).
+pub const STEER_INNER_V6: u8 = 1 << 0;
+
+/// Hops a header can still carry after the one it is addressed to.
+pub const STEER_MAX_REMAINING: usize = 2;
+
+/// Default hop budget: an encapsulation may be passed on at most this many times.
+pub const DEFAULT_HOP_BUDGET: u8 = 3;
+
+/// Steering header, right after the outer UDP header. Multi-byte fields are network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteerHeader {
+    /// [`STEER_VERSION`].
+    pub version: u8,
+    /// `STEER_*` flags.
+    pub flags: u8,
+    /// Pass-ons left; a node that would pass the packet on with a budget of 0 drops it instead.
+    pub hop_budget: u8,
+    /// How many entries of `hops` are valid (0..=2).
+    pub hop_count: u8,
+    /// Member ids (network order) to try after the addressee, in order.
+    pub hops: [u16; STEER_MAX_REMAINING],
+}
+
+pub const STEER_HEADER_LEN: usize = core::mem::size_of::<SteerHeader>();
+pub const ETH_HEADER_LEN: usize = 14;
+pub const IPV4_HEADER_LEN: usize = 20;
+pub const IPV6_HEADER_LEN: usize = 40;
+pub const UDP_HEADER_LEN: usize = 8;
+
+/// Bytes added in front of the inner IP packet (Ethernet included) for an IPv4 underlay.
+pub const ENCAP_LEN_V4: usize = ETH_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN + STEER_HEADER_LEN;
+/// Bytes added in front of the inner IP packet (Ethernet included) for an IPv6 underlay.
+pub const ENCAP_LEN_V6: usize = ETH_HEADER_LEN + IPV6_HEADER_LEN + UDP_HEADER_LEN + STEER_HEADER_LEN;
+
+/// TTL / hop limit of the outer header.
+pub const OUTER_TTL: u8 = 64;
+
+/// UDP source port for a flow: the top bits of the flow hash, kept in the dynamic port range
+/// (49152..=65535) so it never collides with a well-known port.
+#[inline(always)]
+pub const fn entropy_port(flow_hash: u64) -> u16 {
+    0xC000 | ((flow_hash >> 50) as u16 & 0x3FFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_is_eight_bytes() {
+        assert_eq!(STEER_HEADER_LEN, 8);
+        assert_eq!(ENCAP_LEN_V4, 50);
+        assert_eq!(ENCAP_LEN_V6, 70);
+    }
+
+    #[test]
+    fn entropy_port_stays_in_dynamic_range() {
+        for h in [0u64, u64::MAX, 0x1234_5678_9abc_def0, 1 << 50, 1 << 63] {
+            assert!(entropy_port(h) >= 49152);
+        }
+        assert_ne!(entropy_port(0), entropy_port(u64::MAX));
+    }
+}

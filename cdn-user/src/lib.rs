@@ -1,0 +1,4 @@
+//! The cdn-steer controller as a library, so the integration tests drive the same code the
+//! daemon runs.
+
+pub mod ebpf_object;
