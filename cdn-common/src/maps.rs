@@ -127,7 +127,8 @@ pub struct Member {
 
 /// Key of the reverse map underlay address -> member id, used to reject encapsulated packets
 /// that do not come from a member. IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`).
-#[repr(C)]
+/// Word-aligned so the program can build it with word stores.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct MemberAddr {
     pub addr: [u8; 16],

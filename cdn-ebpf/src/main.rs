@@ -1,1 +1,31 @@
+//! cdn-steer's XDP program: steers every packet of a flow to a VIP to the member that owns the
+//! flow, whichever anycast node it reaches. See the README for the packet path.
+#![no_std]
+#![no_main]
 
+mod encap;
+mod maps;
+mod packet;
+mod parse;
+mod sockets;
+mod steer;
+
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+
+#[xdp]
+pub fn cdn_steer(ctx: XdpContext) -> u32 {
+    let (action, reason) = steer::process(&ctx);
+    maps::count_index(reason);
+    action
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable: the verifier rejects programs that could panic, since they cannot return.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,78 @@
+//! The program's maps. Layouts and names come from `cdn_common::maps`; the controller resizes
+//! `TABLE` at load time and pins every map so that a restarted controller finds them again.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
+};
+use cdn_common::{
+    counters::Counter,
+    maps::{
+        Bucket, MAX_MEMBERS, MAX_SERVICES, Member, MemberAddr, MemberStats, NextHop, NodeConfig,
+        Service,
+    },
+};
+
+/// This node's configuration: one entry.
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+/// IPv4 VIP prefixes -> service.
+#[map(name = "SERVICES_V4")]
+pub static SERVICES_V4: LpmTrie<[u8; 4], Service> = LpmTrie::with_max_entries(MAX_SERVICES, 0);
+
+/// IPv6 VIP prefixes -> service.
+#[map(name = "SERVICES_V6")]
+pub static SERVICES_V6: LpmTrie<[u8; 16], Service> = LpmTrie::with_max_entries(MAX_SERVICES, 0);
+
+/// Every service's two table halves, back to back. Sized by the controller at load time.
+#[map(name = "TABLE")]
+pub static TABLE: Array<Bucket> = Array::with_max_entries(1, 0);
+
+/// Member id -> underlay address.
+#[map(name = "MEMBERS")]
+pub static MEMBERS: Array<Member> = Array::with_max_entries(MAX_MEMBERS, 0);
+
+/// Underlay address -> member id: steering packets from any other source are dropped.
+#[map(name = "MEMBER_ADDRS")]
+pub static MEMBER_ADDRS: HashMap<MemberAddr, u16> = HashMap::with_max_entries(MAX_MEMBERS, 0);
+
+/// Member id -> cached next hop (MACs, egress interface).
+#[map(name = "NEXT_HOPS")]
+pub static NEXT_HOPS: Array<NextHop> = Array::with_max_entries(MAX_MEMBERS, 0);
+
+/// Egress interfaces for XDP_REDIRECT, keyed by ifindex.
+#[map(name = "DEVICES")]
+pub static DEVICES: DevMapHash = DevMapHash::with_max_entries(64, 0);
+
+/// One counter per verdict and reason, per CPU.
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// Packets and bytes sent to each member, per CPU.
+#[map(name = "MEMBER_STATS")]
+pub static MEMBER_STATS: PerCpuArray<MemberStats> = PerCpuArray::with_max_entries(MAX_MEMBERS, 0);
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    count_index(counter as u32)
+}
+
+#[inline(always)]
+pub fn count_index(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, and XDP runs with preemption disabled, so nobody else writes it.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_member(member: u16, bytes: u64) {
+    if let Some(slot) = MEMBER_STATS.get_ptr_mut(member as u32) {
+        // SAFETY: as in `count`.
+        unsafe {
+            (*slot).packets += 1;
+            (*slot).bytes += bytes;
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The two packet paths.
+//!
+//! *Ingress*: a client packet to a VIP. Its bucket names up to three hops (current owner first).
+//! If the first hop is another member, the packet goes there encapsulated, carrying the other
+//! hops. If it is this node, the owner check runs here; a flow this node does not hold goes on
+//! to the next hop.
+//!
+//! *Owner*: a steering packet to this node's underlay address and steering port. After checking
+//! that it comes from a member, the node accepts the inner packet if it owns the flow, or passes
+//! it on to the next hop it carries; the last hop always accepts.
+//!
+//! The two paths are separate BPF functions (`inline(never)`): each gets its own stack frame and
+//! only one of them is ever on the call chain, which keeps the chain under the 512-byte stack
+//! limit. BPF functions cannot return aggregates, so verdicts cross function boundaries packed
+//! in a u64 ([`Packed`]).
+
+use aya_ebpf::{
+    bindings::xdp_action, cty::c_void, helpers::generated::bpf_map_lookup_elem,
+    programs::XdpContext,
+};
+use cdn_common::{
+    counters::Counter,
+    hash::{flow_hash_v4, flow_hash_v6},
+    maps::{
+        MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig, SERVICE_TCP, SERVICE_UDP,
+        Service,
+    },
+    wire::{STEER_INNER_V6, STEER_MAX_REMAINING, STEER_VERSION, SteerHeader, entropy_port},
+};
+
+use crate::{
+    encap::{Encap, decapsulate, encap_and_send},
+    maps::{CONFIG, MEMBER_ADDRS, SERVICES_V4, SERVICES_V6, TABLE},
+    packet::Frame,
+    parse::{
+        Flow, IPPROTO_UDP, Kind, L2, dst_addr_off, parse_flow, parse_ip, parse_l2,
+        peek_udp_dport, require_ip_header,
+    },
+    sockets::{Ownership, check},
+};
+
+/// An XDP action (low half) and the index of the counter that records why (high half).
+pub type Packed = u64;
+
+const PASS: u32 = xdp_action::XDP_PASS;
+
+/// Pseudo action returned by the paths: "encapsulate as described in the `Encap` you gave me,
+/// and count the reason if that works". The encapsulation runs from the top-level function, so
+/// that its stack frame and the paths' frames are never on the call chain together.
+const ENCAPSULATE: u32 = 0xff;
+
+#[inline(always)]
+pub fn packed(action: u32, reason: Counter) -> Packed {
+    action as u64 | (reason as u64) << 32
+}
+
+#[inline(always)]
+fn pack(result: Result<Packed, Counter>) -> Packed {
+    match result {
+        Ok(verdict) => verdict,
+        Err(reason) => packed(xdp_action::XDP_DROP, reason),
+    }
+}
+
+/// Handles one packet; returns the action and the index of the counter to bump.
+#[inline(always)]
+pub fn process(ctx: &XdpContext) -> (u32, u32) {
+    let mut encap = Encap::EMPTY;
+    let mut verdict = pack(try_process(ctx, &mut encap));
+    if verdict as u32 == ENCAPSULATE {
+        verdict = match CONFIG.get(0) {
+            Some(cfg) => encap_and_send(ctx, cfg, &encap, (verdict >> 32) as u32),
+            None => packed(xdp_action::XDP_DROP, Counter::NotReady),
+        };
+    }
+    (verdict as u32, (verdict >> 32) as u32)
+}
+
+/// Packs the IP header position into one argument (BPF functions take at most five).
+#[inline(always)]
+const fn l2_arg(l2: L2) -> u32 {
+    l2.l3_off as u32 | (l2.v6 as u32) << 16
+}
+
+#[inline(always)]
+const fn l2_from_arg(arg: u32) -> L2 {
+    L2 {
+        l3_off: (arg & 0xffff) as usize,
+        v6: arg >> 16 != 0,
+    }
+}
+
+#[inline(always)]
+fn encapsulate(e: &mut Encap, with: Encap, reason: Counter) -> Packed {
+    *e = with;
+    packed(ENCAPSULATE, reason)
+}
+
+#[inline(always)]
+fn try_process(ctx: &XdpContext, out: &mut Encap) -> Result<Packed, Counter> {
+    let Some(cfg) = CONFIG.get(0) else {
+        return Ok(packed(PASS, Counter::NotReady));
+    };
+    if cfg.flags & NODE_READY == 0 {
+        return Ok(packed(PASS, Counter::NotReady));
+    }
+    let frame = Frame::new(ctx);
+    let Some(l2) = parse_l2(&frame)? else {
+        return Ok(packed(PASS, Counter::NonVipPass));
+    };
+    require_ip_header(&frame, l2)?;
+    let dst_off = dst_addr_off(l2.l3_off, l2.v6);
+    if is_our_underlay(&frame, cfg, dst_off, l2.v6) {
+        if peek_udp_dport(&frame, l2) == Some(cfg.steer_port) {
+            return Ok(owner_path(ctx, cfg, l2_arg(l2), out));
+        }
+        return Ok(packed(PASS, Counter::NonVipPass));
+    }
+    match service(&frame, dst_off, l2.v6) {
+        Some(svc) => Ok(ingress(ctx, cfg, l2_arg(l2), &svc, out)),
+        None => Ok(packed(PASS, Counter::NonVipPass)),
+    }
+}
+
+#[inline(always)]
+fn is_our_underlay(frame: &Frame, cfg: &NodeConfig, dst_off: usize, v6: bool) -> bool {
+    if v6 {
+        let Some(dst) = frame.read::<[u64; 2]>(dst_off) else {
+            return false;
+        };
+        // SAFETY: [u8; 16] and [u64; 2] have the same size and no invalid bit patterns.
+        let ours: [u64; 2] = unsafe { core::mem::transmute(cfg.underlay_v6) };
+        dst == ours && ours != [0; 2]
+    } else {
+        let ours = u32::from_ne_bytes(cfg.underlay_v4);
+        frame.read::<u32>(dst_off) == Some(ours) && ours != 0
+    }
+}
+
+/// LPM trie key with the layout the kernel expects (prefix length, then the address), aligned
+/// so that it is built with word stores: the verifier rejects misaligned stack access.
+#[repr(C, align(8))]
+struct LpmKey<A> {
+    prefix_len: u32,
+    addr: A,
+}
+
+/// The service whose VIP prefix holds the address at `addr_off`.
+#[inline(always)]
+fn service(frame: &Frame, addr_off: usize, v6: bool) -> Option<Service> {
+    let value = if v6 {
+        let key = LpmKey {
+            prefix_len: 128,
+            addr: frame.read::<[u32; 4]>(addr_off)?,
+        };
+        lookup(&SERVICES_V6 as *const _ as *mut c_void, &key as *const _ as *const c_void)
+    } else {
+        let key = LpmKey {
+            prefix_len: 32,
+            addr: frame.read::<u32>(addr_off)?,
+        };
+        lookup(&SERVICES_V4 as *const _ as *mut c_void, &key as *const _ as *const c_void)
+    };
+    // SAFETY: a non-NULL result points at a `Service` value of the trie.
+    (!value.is_null()).then(|| unsafe { *value.cast::<Service>() })
+}
+
+/// Map lookup with a key we laid out ourselves (aya's `lpm_trie::Key` is packed, which makes
+/// the compiler build it byte by byte).
+#[inline(always)]
+fn lookup(map: *mut c_void, key: *const c_void) -> *mut c_void {
+    // SAFETY: `map` is one of our map definitions (aya's map types are transparent wrappers
+    // of the definition the loader relocates), `key` points at a key of the map's key size.
+    unsafe { bpf_map_lookup_elem(map, key) }
+}
+
+/// Does the service list this flow's protocol and port?
+#[inline(always)]
+fn serves(svc: &Service, flow: &Flow) -> bool {
+    let proto_flag = if flow.proto == IPPROTO_UDP {
+        SERVICE_UDP
+    } else {
+        SERVICE_TCP
+    };
+    if svc.flags & proto_flag == 0 {
+        return false;
+    }
+    if svc.ports[0] == 0 {
+        return true;
+    }
+    let port = flow.dst_port();
+    let mut found = false;
+    for p in svc.ports {
+        found |= p == port;
+    }
+    found
+}
+
+#[inline(always)]
+fn flow_hash(cfg: &NodeConfig, frame: &Frame, flow: &Flow) -> Result<u64, Counter> {
+    if flow.v6 {
+        let src = frame.read::<[u64; 2]>(flow.src_off).ok_or(Counter::Malformed)?;
+        let dst = frame.read::<[u64; 2]>(flow.dst_off).ok_or(Counter::Malformed)?;
+        Ok(flow_hash_v6(&cfg.hash_key, src, dst, flow.ports, flow.proto))
+    } else {
+        let src = frame.read::<u32>(flow.src_off).ok_or(Counter::Malformed)?;
+        let dst = frame.read::<u32>(flow.dst_off).ok_or(Counter::Malformed)?;
+        Ok(flow_hash_v4(&cfg.hash_key, src, dst, flow.ports, flow.proto))
+    }
+}
+
+#[inline(never)]
+fn ingress(ctx: &XdpContext, cfg: &NodeConfig, l2: u32, svc: &Service, out: &mut Encap) -> Packed {
+    pack(try_ingress(ctx, cfg, l2_from_arg(l2), svc, out))
+}
+
+#[inline(always)]
+fn try_ingress(
+    ctx: &XdpContext,
+    cfg: &NodeConfig,
+    l2: L2,
+    svc: &Service,
+    out: &mut Encap,
+) -> Result<Packed, Counter> {
+    let frame = &Frame::new(ctx);
+    let ip = parse_ip(frame, l2.l3_off, l2.v6)?;
+    let flow = parse_flow(frame, &ip)?;
+    let forwarded = match flow.kind {
+        Kind::IcmpLocal => return Ok(packed(PASS, Counter::IcmpLocal)),
+        Kind::IcmpError => {
+            if !serves(svc, &flow) {
+                return Ok(packed(PASS, Counter::IcmpLocal));
+            }
+            Counter::IcmpForwarded
+        }
+        Kind::Tcp | Kind::Udp => {
+            if !serves(svc, &flow) {
+                return Err(Counter::PortMiss);
+            }
+            Counter::Forwarded
+        }
+    };
+    if svc.table_size == 0 {
+        return Err(Counter::NoRoute);
+    }
+    let hash = flow_hash(cfg, frame, &flow)?;
+    let index = svc.table_offset + (hash % svc.table_size as u64) as u32;
+    let hops = TABLE.get(index).ok_or(Counter::NoRoute)?.hops;
+    if hops[0] == NO_MEMBER {
+        return Err(Counter::NoRoute);
+    }
+    let mut e = Encap {
+        inner_off: l2.l3_off,
+        inner_len: ip.ip_len,
+        inner_v6: l2.v6,
+        target: hops[0],
+        remaining: [hops[1], hops[2]],
+        budget: cfg.hop_budget,
+        entropy: entropy_port(hash),
+    };
+    if hops[0] != cfg.self_member {
+        return Ok(encapsulate(out, e, forwarded));
+    }
+    // We are the first hop: the owner check runs here, on the unmodified packet.
+    let next = hops[1];
+    let draining = cfg.flags & NODE_DRAINING != 0 && next != NO_MEMBER;
+    let reason = match check(ctx, &flow, &ip, draining) {
+        Ownership::Ours => return Ok(packed(PASS, Counter::LocalAccept)),
+        Ownership::NotOurs => Counter::PassedOn,
+        Ownership::Draining => Counter::DrainPassOn,
+    };
+    if next == NO_MEMBER {
+        return Ok(packed(PASS, Counter::LastHopAccept));
+    }
+    if cfg.hop_budget == 0 {
+        return Err(Counter::LoopGuard);
+    }
+    e.target = next;
+    e.remaining = [hops[2], NO_MEMBER];
+    e.budget = cfg.hop_budget - 1;
+    Ok(encapsulate(out, e, reason))
+}
+
+/// Key of the member-address map for the address at `off`.
+#[inline(always)]
+fn member_key(frame: &Frame, off: usize, v6: bool) -> Option<MemberAddr> {
+    if v6 {
+        let words = frame.read::<[u32; 4]>(off)?;
+        // SAFETY: [u32; 4] and [u8; 16] have the same size and no invalid bit patterns.
+        Some(MemberAddr::v6(unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }))
+    } else {
+        Some(MemberAddr::v4(frame.read::<u32>(off)?.to_ne_bytes()))
+    }
+}
+
+#[inline(never)]
+fn owner_path(ctx: &XdpContext, cfg: &NodeConfig, l2: u32, out: &mut Encap) -> Packed {
+    pack(try_owner_path(ctx, cfg, l2_from_arg(l2), out))
+}
+
+#[inline(always)]
+fn try_owner_path(
+    ctx: &XdpContext,
+    cfg: &NodeConfig,
+    l2: L2,
+    out: &mut Encap,
+) -> Result<Packed, Counter> {
+    let frame = &Frame::new(ctx);
+    let outer = parse_ip(frame, l2.l3_off, l2.v6)?;
+    if outer.proto != IPPROTO_UDP {
+        return Ok(packed(PASS, Counter::NonVipPass));
+    }
+    // No open relay: only members may hand us packets to accept or pass on.
+    let source = member_key(frame, outer.src_off(), l2.v6).ok_or(Counter::Malformed)?;
+    if MEMBER_ADDRS.get_ptr(source).is_none() {
+        return Err(Counter::Spoofed);
+    }
+    let udp_off = outer.l4_off;
+    let entropy = u16::from_be(frame.read::<u16>(udp_off).ok_or(Counter::Malformed)?);
+    let steer_off = udp_off + 8;
+    let sh = frame
+        .read::<SteerHeader>(steer_off)
+        .ok_or(Counter::Malformed)?;
+    if sh.version != STEER_VERSION || sh.hop_count as usize > STEER_MAX_REMAINING {
+        return Err(Counter::BadEncap);
+    }
+    let inner_off = steer_off + 8;
+    let inner_v6 = sh.flags & STEER_INNER_V6 != 0;
+    let ip = parse_ip(frame, inner_off, inner_v6)?;
+    if ip.l3_off + ip.ip_len > outer.l3_off + outer.ip_len {
+        return Err(Counter::Malformed);
+    }
+    let flow = parse_flow(frame, &ip)?;
+    // The inner packet must be for one of our VIPs: we never deliver anything else.
+    if service(frame, ip.dst_off(), inner_v6).is_none() {
+        return Err(Counter::BadEncap);
+    }
+    let next = if sh.hop_count >= 1 {
+        u16::from_be(sh.hops[0])
+    } else {
+        NO_MEMBER
+    };
+    let after = if sh.hop_count >= 2 {
+        u16::from_be(sh.hops[1])
+    } else {
+        NO_MEMBER
+    };
+    let draining = cfg.flags & NODE_DRAINING != 0 && next != NO_MEMBER;
+    let reason = match check(ctx, &flow, &ip, draining) {
+        Ownership::Ours => {
+            decapsulate(ctx, inner_off, inner_v6)?;
+            return Ok(packed(PASS, Counter::OwnerAccept));
+        }
+        Ownership::NotOurs => Counter::PassedOn,
+        Ownership::Draining => Counter::DrainPassOn,
+    };
+    if next == NO_MEMBER {
+        decapsulate(ctx, inner_off, inner_v6)?;
+        return Ok(packed(PASS, Counter::LastHopAccept));
+    }
+    if sh.hop_budget == 0 {
+        return Err(Counter::LoopGuard);
+    }
+    let e = Encap {
+        inner_off,
+        inner_len: ip.ip_len,
+        inner_v6,
+        target: next,
+        remaining: [after, NO_MEMBER],
+        budget: sh.hop_budget - 1,
+        entropy,
+    };
+    Ok(encapsulate(out, e, reason))
+}
