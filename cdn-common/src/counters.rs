@@ -1,6 +1,6 @@
 //! Per-CPU counters: one per verdict and reason. The program bumps exactly one *verdict* counter
 //! for every packet it sees (so the verdict counters add up to the packets seen); the
-//! *informational* counters (`FibLookup`) come on top of a verdict.
+//! *informational* counters (`FibLookup`, `FibMiss`) come on top of a verdict.
 
 /// Index into the `COUNTERS` per-CPU array.
 #[repr(u32)]
@@ -24,7 +24,8 @@ pub enum Counter {
     Spoofed,
     /// IP fragment to a VIP: dropped (policy: a fragment cannot be steered per flow).
     Fragment,
-    /// No usable neighbour entry: the encapsulated packet was handed to the kernel to route.
+    /// Informational: no usable neighbour entry, so the encapsulated packet was handed to the
+    /// kernel to route (the verdict stays forwarded / passed on).
     FibMiss,
     /// Hop budget spent: dropped.
     LoopGuard,
@@ -106,7 +107,7 @@ impl Counter {
 
     /// Verdict counters add up to the packets seen; informational ones come on top.
     pub const fn is_verdict(self) -> bool {
-        !matches!(self, Counter::FibLookup)
+        !matches!(self, Counter::FibLookup | Counter::FibMiss)
     }
 }
 

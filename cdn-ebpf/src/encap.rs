@@ -9,7 +9,9 @@
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
-    helpers::generated::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head},
+    helpers::generated::{
+        bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
     programs::XdpContext,
 };
 use cdn_common::{
@@ -132,7 +134,17 @@ fn try_encap_and_send(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap) -> Result<u
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
         return Err(Counter::TooBig);
     }
-    let frame = Frame::new(ctx);
+    let mut frame = Frame::new(ctx);
+    // Bytes after the inner packet (Ethernet padding of a short frame, or junk behind a packet
+    // whose length field says less) must not travel inside the tunnel.
+    let excess = frame.len() as i32 - frame_len as i32;
+    if excess > 0 {
+        // SAFETY: plain helper call on our context; shrinks the frame by `excess` bytes.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -excess) } != 0 {
+            return Err(Counter::Malformed);
+        }
+        frame = Frame::new(ctx);
+    }
     let udp_len = (UDP_HEADER_LEN + 8 + e.inner_len) as u16;
     let steer_hops = [e.remaining[0].to_be(), e.remaining[1].to_be()];
     let hop_count = (e.remaining[0] != NO_MEMBER) as u8 + (e.remaining[1] != NO_MEMBER) as u8;

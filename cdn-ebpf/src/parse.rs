@@ -17,6 +17,8 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
+/// Pre-standard QinQ outer tag, still emitted by some switches.
+const ETH_P_QINQ_LEGACY: u16 = 0x9100;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -42,10 +44,10 @@ pub struct L2 {
 
 #[inline(always)]
 fn is_vlan(ethertype: u16) -> bool {
-    ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD
+    ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD || ethertype == ETH_P_QINQ_LEGACY
 }
 
-/// Walks Ethernet and up to two 802.1Q/802.1ad tags. `Ok(None)`: not IP, leave it alone.
+/// Walks Ethernet and up to two 802.1Q/802.1ad (or legacy 0x9100 QinQ) tags. `Ok(None)`: not IP, leave it alone.
 #[inline(always)]
 pub fn parse_l2(frame: &Frame) -> Result<Option<L2>, Counter> {
     let mut ethertype = u16::from_be(frame.read::<u16>(12).ok_or(Counter::Malformed)?);
@@ -94,25 +96,27 @@ pub fn require_ip_header(frame: &Frame, l2: L2) -> Result<(), Counter> {
     }
 }
 
-/// Transport protocol and UDP destination port (host order) of the IP header at `l3_off`,
-/// without walking extension headers: used to recognise steering packets cheaply. The caller
-/// validates the packet fully afterwards.
+/// UDP destination port (host order) of the IP packet at `l3_off`, `Ok(None)` if it is not
+/// UDP; extension headers are not walked. Used to recognise steering packets cheaply; the
+/// caller validates the packet fully afterwards. A UDP packet too short for its header is
+/// malformed.
 #[inline(always)]
-pub fn peek_udp_dport(frame: &Frame, l2: L2) -> Option<u16> {
+pub fn peek_udp_dport(frame: &Frame, l2: L2) -> Result<Option<u16>, Counter> {
     let (proto, l4) = if l2.v6 {
-        let h = frame.at::<[u8; 40]>(l2.l3_off)?;
+        let h = frame.at::<[u8; 40]>(l2.l3_off).ok_or(Counter::Malformed)?;
         // SAFETY: inside the 40 bytes checked above.
         (unsafe { (*h)[6] }, l2.l3_off + 40)
     } else {
-        let h = frame.at::<[u8; 20]>(l2.l3_off)?;
+        let h = frame.at::<[u8; 20]>(l2.l3_off).ok_or(Counter::Malformed)?;
         // SAFETY: inside the 20 bytes checked above.
         let (ver_ihl, proto) = unsafe { ((*h)[0], (*h)[9]) };
         (proto, l2.l3_off + (ver_ihl & 0x0f) as usize * 4)
     };
     if proto != IPPROTO_UDP {
-        return None;
+        return Ok(None);
     }
-    frame.read::<u16>(l4 + 2).map(u16::from_be)
+    let port = frame.read::<u16>(l4 + 2).ok_or(Counter::Malformed)?;
+    Ok(Some(u16::from_be(port)))
 }
 
 /// A validated IP header.

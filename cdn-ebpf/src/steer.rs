@@ -111,7 +111,7 @@ fn try_process(ctx: &XdpContext, out: &mut Encap) -> Result<Packed, Counter> {
     require_ip_header(&frame, l2)?;
     let dst_off = dst_addr_off(l2.l3_off, l2.v6);
     if is_our_underlay(&frame, cfg, dst_off, l2.v6) {
-        if peek_udp_dport(&frame, l2) == Some(cfg.steer_port) {
+        if peek_udp_dport(&frame, l2)? == Some(cfg.steer_port) {
             return Ok(owner_path(ctx, cfg, l2_arg(l2), out));
         }
         return Ok(packed(PASS, Counter::NonVipPass));

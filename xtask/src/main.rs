@@ -1,1 +1,107 @@
-fn main() {}
+//! `cargo xtask`: cdn-steer's single entry point. Every task first makes sure the toolchain is
+//! present (`setup`), so a clean clone on a fresh machine needs nothing but `cargo xtask ...`.
+
+mod apt;
+mod cmd;
+mod setup;
+mod test;
+mod toolchain;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+#[command(about = "cdn-steer's build, test and lab entry point")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install whatever the toolchain is missing (idempotent, and quick when nothing is).
+    Setup,
+    /// Set up, then build the controller (its build script builds and embeds the XDP object).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, then check formatting, run clippy and run the workspace tests in release mode.
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy`.
+        #[arg(long)]
+        skip_lint: bool,
+        /// Passed to `cargo test`; anything after a second `--` goes to the test binaries,
+        /// e.g. `cargo xtask test -- owner_path -- --nocapture`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run the cdn-bench benchmark; all arguments are passed through.
+    Bench {
+        /// Arguments for cdn-bench.
+        // Hyphenated values are accepted so `cargo xtask bench --rounds 5` works without `--`
+        // (only `-h`/`--help` as the first argument is taken by xtask; put `--` before it).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build the controller, then run the cdn-lab; all arguments are passed through,
+    /// e.g. `cargo xtask run --duration 60 --nodes 3`.
+    Run {
+        /// Arguments for cdn-lab.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The whole chain on one line, and no backtrace even with RUST_BACKTRACE set: the
+            // error already says which command failed and how, and what failed is not xtask.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup::run(),
+        Task::Build { release } => {
+            setup::run()?;
+            cmd::run(
+                cmd::cargo()
+                    .arg("build")
+                    .args(release.then_some("--release"))
+                    .args(["-p", "cdn-user"]),
+            )
+        }
+        Task::Test { skip_lint, args } => test::run(&test::Options { skip_lint, args }),
+        Task::Bench { args } => {
+            setup::run()?;
+            run_tests_bin("cdn-bench", &args)
+        }
+        Task::Run { args } => {
+            setup::run()?;
+            // The lab starts the controller's release binary on its nodes, and `cargo run -p
+            // cdn-tests` builds only what cdn-tests itself links.
+            cmd::run(cmd::cargo().args(["build", "--release", "-p", "cdn-user"]))?;
+            run_tests_bin("cdn-lab", &args)
+        }
+    }
+}
+
+/// Runs a binary of the cdn-tests package, where the benchmark and the lab live, in release mode
+/// (they measure packet paths), passing `args` through.
+fn run_tests_bin(bin: &str, args: &[String]) -> Result<()> {
+    cmd::run(
+        cmd::cargo()
+            .args(["run", "--release", "-p", "cdn-tests", "--bin", bin, "--"])
+            .args(args),
+    )
+}

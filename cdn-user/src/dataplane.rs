@@ -1,0 +1,386 @@
+//! The loaded XDP program and typed access to its maps.
+//!
+//! All map writes of the controller go through here, so the byte layouts from `cdn_common` are
+//! used in exactly one place on the userspace side.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+        xdp::DevMapHash,
+    },
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp},
+};
+use cdn_common::{
+    counters::Counter,
+    maps::{
+        self as m, Bucket, FAMILY_NONE, FAMILY_V4, FAMILY_V6, MAX_MEMBERS, Member, MemberAddr,
+        MemberStats, NextHop, NodeConfig, Service,
+    },
+};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum DataPlaneError {
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the XDP object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("the XDP object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map DEVICES: {0}")]
+    Device(String),
+    #[error("XDP program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("member id {0} is out of range (max {max})", max = MAX_MEMBERS - 1)]
+    MemberId(u16),
+    #[error("bucket range {offset}+{len} exceeds the table ({size} buckets)")]
+    TableRange { offset: u32, len: usize, size: u32 },
+}
+
+type Result<T> = std::result::Result<T, DataPlaneError>;
+
+/// How to load the program.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Buckets in `TABLE` (both halves of every service's table).
+    pub table_entries: u32,
+    /// Directory to pin every map in (and to reuse pinned maps from); `None`: no pinning.
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// Every map, by name, as the program defines them.
+const ALL_MAPS: [&str; 10] = [
+    m::MAP_CONFIG,
+    m::MAP_SERVICES_V4,
+    m::MAP_SERVICES_V6,
+    m::MAP_TABLE,
+    m::MAP_MEMBERS,
+    m::MAP_MEMBER_ADDRS,
+    m::MAP_NEXT_HOPS,
+    m::MAP_DEVICES,
+    m::MAP_COUNTERS,
+    m::MAP_MEMBER_STATS,
+];
+
+pub struct DataPlane {
+    ebpf: Ebpf,
+    config: Array<MapData, NodeConfig>,
+    services_v4: LpmTrie<MapData, [u8; 4], Service>,
+    services_v6: LpmTrie<MapData, [u8; 16], Service>,
+    table: Array<MapData, Bucket>,
+    members: Array<MapData, Member>,
+    member_addrs: HashMap<MapData, MemberAddr, u16>,
+    next_hops: Array<MapData, NextHop>,
+    devices: DevMapHash<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    member_stats: PerCpuArray<MapData, MemberStats>,
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataPlaneError {
+    move |source| DataPlaneError::Map { map, source }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataPlaneError::MissingMap(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl DataPlane {
+    /// Loads the embedded object and the program into the kernel (not attached anywhere).
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(m::MAP_TABLE, opts.table_entries.max(1));
+        let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
+            Some(dir) => ALL_MAPS.iter().map(|name| (*name, dir.join(name))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(crate::ebpf_object::bytes())?;
+        let program: &mut Xdp = ebpf
+            .program_mut(m::PROGRAM_NAME)
+            .ok_or(DataPlaneError::MissingProgram(m::PROGRAM_NAME))?
+            .try_into()?;
+        program.load()?;
+        Ok(Self {
+            config: take(&mut ebpf, m::MAP_CONFIG)?,
+            services_v4: take(&mut ebpf, m::MAP_SERVICES_V4)?,
+            services_v6: take(&mut ebpf, m::MAP_SERVICES_V6)?,
+            table: take(&mut ebpf, m::MAP_TABLE)?,
+            members: take(&mut ebpf, m::MAP_MEMBERS)?,
+            member_addrs: take(&mut ebpf, m::MAP_MEMBER_ADDRS)?,
+            next_hops: take(&mut ebpf, m::MAP_NEXT_HOPS)?,
+            devices: take(&mut ebpf, m::MAP_DEVICES)?,
+            counters: take(&mut ebpf, m::MAP_COUNTERS)?,
+            member_stats: take(&mut ebpf, m::MAP_MEMBER_STATS)?,
+            ebpf,
+        })
+    }
+
+    /// The XDP program, for attaching and test runs.
+    pub fn program(&mut self) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(m::PROGRAM_NAME)
+            .ok_or(DataPlaneError::MissingProgram(m::PROGRAM_NAME))?
+            .try_into()?)
+    }
+
+    pub fn config(&self) -> Result<NodeConfig> {
+        self.config.get(&0, 0).map_err(map_err(m::MAP_CONFIG))
+    }
+
+    pub fn write_config(&mut self, config: &NodeConfig) -> Result<()> {
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(m::MAP_CONFIG))
+    }
+
+    /// Adds or replaces the service for a VIP prefix. Replacing is atomic for the data plane:
+    /// the trie swaps in a new node, so a packet sees the old or the new entry.
+    pub fn set_service(&mut self, addr: IpAddr, prefix_len: u8, service: &Service) -> Result<()> {
+        match addr {
+            IpAddr::V4(a) => self
+                .services_v4
+                .insert(&Key::new(prefix_len.into(), a.octets()), service, 0)
+                .map_err(map_err(m::MAP_SERVICES_V4)),
+            IpAddr::V6(a) => self
+                .services_v6
+                .insert(&Key::new(prefix_len.into(), a.octets()), service, 0)
+                .map_err(map_err(m::MAP_SERVICES_V6)),
+        }
+    }
+
+    pub fn service(&self, addr: IpAddr, prefix_len: u8) -> Result<Option<Service>> {
+        let found = match addr {
+            IpAddr::V4(a) => self
+                .services_v4
+                .get(&Key::new(prefix_len.into(), a.octets()), 0),
+            IpAddr::V6(a) => self
+                .services_v6
+                .get(&Key::new(prefix_len.into(), a.octets()), 0),
+        };
+        match found {
+            Ok(s) => Ok(Some(s)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(m::MAP_SERVICES_V4)(e)),
+        }
+    }
+
+    pub fn remove_service(&mut self, addr: IpAddr, prefix_len: u8) -> Result<()> {
+        let result = match addr {
+            IpAddr::V4(a) => self
+                .services_v4
+                .remove(&Key::new(prefix_len.into(), a.octets())),
+            IpAddr::V6(a) => self
+                .services_v6
+                .remove(&Key::new(prefix_len.into(), a.octets())),
+        };
+        match result {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(m::MAP_SERVICES_V4)(e)),
+        }
+    }
+
+    /// Number of buckets the table map holds.
+    pub fn table_capacity(&self) -> u32 {
+        self.table.len()
+    }
+
+    /// Writes `buckets` starting at bucket `offset`.
+    pub fn write_buckets(&mut self, offset: u32, buckets: &[Bucket]) -> Result<()> {
+        let size = self.table.len();
+        if offset as usize + buckets.len() > size as usize {
+            return Err(DataPlaneError::TableRange {
+                offset,
+                len: buckets.len(),
+                size,
+            });
+        }
+        for (i, bucket) in (offset..).zip(buckets) {
+            self.table
+                .set(i, bucket, 0)
+                .map_err(map_err(m::MAP_TABLE))?;
+        }
+        Ok(())
+    }
+
+    /// Reads `len` buckets starting at `offset`.
+    pub fn read_buckets(&self, offset: u32, len: u32) -> Result<Vec<Bucket>> {
+        (offset..offset + len)
+            .map(|i| self.table.get(&i, 0).map_err(map_err(m::MAP_TABLE)))
+            .collect()
+    }
+
+    fn check_id(id: u16) -> Result<()> {
+        if u32::from(id) >= MAX_MEMBERS {
+            return Err(DataPlaneError::MemberId(id));
+        }
+        Ok(())
+    }
+
+    /// Sets (or with `None` clears) a member's underlay address, in both directions.
+    pub fn set_member(&mut self, id: u16, addr: Option<IpAddr>) -> Result<()> {
+        Self::check_id(id)?;
+        if let Ok(old) = self.members.get(&u32::from(id), 0) {
+            if let Some(key) = member_addr_key(&old) {
+                match self.member_addrs.remove(&key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(m::MAP_MEMBER_ADDRS)(e)),
+                }
+            }
+        }
+        let member = match addr {
+            None => Member::default(),
+            Some(IpAddr::V4(a)) => {
+                let mut addr = [0; 16];
+                addr[..4].copy_from_slice(&a.octets());
+                Member {
+                    addr,
+                    family: FAMILY_V4,
+                    _pad: [0; 3],
+                }
+            }
+            Some(IpAddr::V6(a)) => Member {
+                addr: a.octets(),
+                family: FAMILY_V6,
+                _pad: [0; 3],
+            },
+        };
+        self.members
+            .set(u32::from(id), member, 0)
+            .map_err(map_err(m::MAP_MEMBERS))?;
+        if let Some(key) = member_addr_key(&member) {
+            self.member_addrs
+                .insert(key, id, 0)
+                .map_err(map_err(m::MAP_MEMBER_ADDRS))?;
+        }
+        Ok(())
+    }
+
+    pub fn member(&self, id: u16) -> Result<Member> {
+        Self::check_id(id)?;
+        self.members
+            .get(&u32::from(id), 0)
+            .map_err(map_err(m::MAP_MEMBERS))
+    }
+
+    pub fn set_next_hop(&mut self, id: u16, hop: &NextHop) -> Result<()> {
+        Self::check_id(id)?;
+        self.next_hops
+            .set(u32::from(id), hop, 0)
+            .map_err(map_err(m::MAP_NEXT_HOPS))
+    }
+
+    pub fn next_hop(&self, id: u16) -> Result<NextHop> {
+        Self::check_id(id)?;
+        self.next_hops
+            .get(&u32::from(id), 0)
+            .map_err(map_err(m::MAP_NEXT_HOPS))
+    }
+
+    /// Makes `ifindex` a target for XDP_REDIRECT.
+    pub fn add_device(&mut self, ifindex: u32) -> Result<()> {
+        self.devices
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| DataPlaneError::Device(e.to_string()))
+    }
+
+    /// Every counter, summed over CPUs, indexed by `Counter as usize`.
+    pub fn counters(&self) -> Result<[u64; Counter::COUNT as usize]> {
+        let mut out = [0u64; Counter::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu: PerCpuValues<u64> = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(map_err(m::MAP_COUNTERS))?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Packets and bytes sent to a member, summed over CPUs.
+    pub fn member_stats(&self, id: u16) -> Result<MemberStats> {
+        Self::check_id(id)?;
+        let per_cpu = self
+            .member_stats
+            .get(&u32::from(id), 0)
+            .map_err(map_err(m::MAP_MEMBER_STATS))?;
+        Ok(per_cpu.iter().fold(MemberStats::default(), |acc, s| MemberStats {
+            packets: acc.packets + s.packets,
+            bytes: acc.bytes + s.bytes,
+        }))
+    }
+
+    /// Runs the program once on `frame` with BPF_PROG_TEST_RUN; returns the action and the
+    /// frame as the program left it.
+    pub fn test_run(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        // Room for the largest encapsulation in front of a full frame.
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
+        let result = self.program()?.test_run(opts)?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Runs the program `repeat` times on `frame`; returns the kernel's mean ns per run.
+    pub fn test_run_timed(&mut self, frame: &[u8], repeat: u32) -> Result<f64> {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let result = self.program()?.test_run(opts)?;
+        Ok(result.duration.as_nanos() as f64)
+    }
+}
+
+fn member_addr_key(member: &Member) -> Option<MemberAddr> {
+    match member.family {
+        FAMILY_V4 => Some(MemberAddr::v4([
+            member.addr[0],
+            member.addr[1],
+            member.addr[2],
+            member.addr[3],
+        ])),
+        FAMILY_V6 => Some(MemberAddr::v6(member.addr)),
+        FAMILY_NONE => None,
+        _ => None,
+    }
+}
+
+/// True if `dir` is on a bpf filesystem (pinning needs one).
+pub fn is_bpffs(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::BPF_FS_MAGIC as _
+    }
+}

@@ -1,0 +1,591 @@
+//! Weighted Maglev lookup table.
+//!
+//! Every node builds the table on its own and the data plane relies on all of them agreeing
+//! bucket for bucket, so the result depends only on the members' names, ids and weights, the
+//! cluster key and the table size — never on the order the members are given in or on which
+//! node builds it. Members are sorted by name before filling, and each member's permutation
+//! (its preference order over the buckets) comes from a keyed hash of its name:
+//!
+//! - `offset = SipHash-1-3(key, "cdn-steer/maglev/offset\0" ++ name) % M`
+//! - `skip   = SipHash-1-3(key, "cdn-steer/maglev/skip\0" ++ name) % (M - 1) + 1`
+//!
+//! and member *i* prefers the buckets `offset, offset + skip, offset + 2·skip, … (mod M)`. Since
+//! M is prime and `1 <= skip < M`, that sequence visits every bucket exactly once. Hashing with
+//! the cluster key keeps outsiders from predicting which member owns which bucket.
+//!
+//! Filling follows the Maglev paper (Eisenbud et al., NSDI 2016) with weights added through a
+//! deterministic credit scheme: in each round every member earns `weight / max_weight` of a
+//! pick, and whenever its credit reaches one whole pick it claims its next preferred bucket that
+//! is still free. With equal weights that is exactly the original algorithm (one pick per member
+//! per round, so loads differ by at most one bucket); with unequal weights each member's share
+//! of picks, and so of buckets, is proportional to its weight. A member with weight 0 never
+//! earns credit and owns no bucket.
+
+use std::hash::Hasher as _;
+
+use cdn_common::maps::{MAX_MEMBERS, NO_MEMBER};
+use siphasher::sip::SipHasher13;
+use thiserror::Error;
+
+/// Domain-separation prefixes: the offset and the skip of a member must be independent hashes
+/// of its name, and neither may collide with any other use of the cluster key.
+const OFFSET_DOMAIN: &[u8] = b"cdn-steer/maglev/offset\0";
+const SKIP_DOMAIN: &[u8] = b"cdn-steer/maglev/skip\0";
+
+/// One member that may take new flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevMember<'a> {
+    /// Member id written into the table (`0..MAX_MEMBERS`).
+    pub id: u16,
+    /// Cluster-wide unique name; the member's place in the table derives from it.
+    pub name: &'a str,
+    /// Relative share of buckets; 0 takes no bucket.
+    pub weight: u32,
+}
+
+/// Why a table cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum MaglevError {
+    #[error("table size {0} is not prime")]
+    SizeNotPrime(u32),
+    #[error("table size {size} must be larger than the number of members ({members})")]
+    SizeTooSmall { size: u32, members: usize },
+    #[error("member {name:?} has id {id}, ids must be below {MAX_MEMBERS}")]
+    IdOutOfRange { name: String, id: u16 },
+    #[error("member name {0:?} appears more than once")]
+    DuplicateName(String),
+    #[error("member id {0} appears more than once")]
+    DuplicateId(u16),
+}
+
+/// Whether `n` is prime (deterministic trial division; `n < 2^32` needs at most 2^15 steps).
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n % 2 == 0 {
+        return n == 2;
+    }
+    let n = u64::from(n);
+    let mut d = 3u64;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
+/// The `(offset, skip)` pair that defines a member's permutation in a table of `size` buckets.
+///
+/// Sizes below 2 have no meaningful permutation and give `(0, 1)`.
+pub fn permutation(name: &str, key: [u64; 2], size: u32) -> (u32, u32) {
+    if size < 2 {
+        return (0, 1);
+    }
+    let hash = |domain: &[u8]| {
+        let mut h = SipHasher13::new_with_keys(key[0], key[1]);
+        h.write(domain);
+        h.write(name.as_bytes());
+        h.finish()
+    };
+    let m = u64::from(size);
+    // Both results are below `size`, so the narrowing casts are lossless.
+    let offset = (hash(OFFSET_DOMAIN) % m) as u32;
+    let skip = (hash(SKIP_DOMAIN) % (m - 1) + 1) as u32;
+    (offset, skip)
+}
+
+/// Builds a table of `size` buckets; see [`build_table_into`].
+pub fn build_table(
+    members: &[MaglevMember<'_>],
+    key: [u64; 2],
+    size: u32,
+) -> Result<Vec<u16>, MaglevError> {
+    let mut table = Vec::new();
+    build_table_into(members, key, size, &mut table)?;
+    Ok(table)
+}
+
+/// Fill state of one member during a build.
+struct Filler {
+    id: u16,
+    /// Next bucket of the member's permutation to probe.
+    next: u32,
+    skip: u32,
+    weight: u64,
+    /// Probe credit, in units of 1/`max_weight` of a probe.
+    credit: u64,
+    /// Buckets the member still has to take.
+    quota: u32,
+}
+
+/// Builds a table of `size` buckets into `table` (reusing its allocation), each holding the id
+/// of the member that owns it, or [`NO_MEMBER`] everywhere when no member has a weight above 0.
+///
+/// Errors: `size` not prime or not larger than `members.len()`, an id at or above
+/// [`MAX_MEMBERS`], or a name or id given twice. On error `table` is left empty.
+pub fn build_table_into(
+    members: &[MaglevMember<'_>],
+    key: [u64; 2],
+    size: u32,
+    table: &mut Vec<u16>,
+) -> Result<(), MaglevError> {
+    table.clear();
+    if !is_prime(size) {
+        return Err(MaglevError::SizeNotPrime(size));
+    }
+    if size as usize <= members.len() {
+        return Err(MaglevError::SizeTooSmall {
+            size,
+            members: members.len(),
+        });
+    }
+
+    // Sorting by name makes the result independent of the input order.
+    let mut sorted: Vec<&MaglevMember<'_>> = members.iter().collect();
+    sorted.sort_unstable_by(|a, b| a.name.cmp(b.name));
+    for pair in sorted.windows(2) {
+        if pair[0].name == pair[1].name {
+            return Err(MaglevError::DuplicateName(pair[0].name.to_owned()));
+        }
+    }
+    let mut seen = vec![false; MAX_MEMBERS as usize];
+    for m in &sorted {
+        if u32::from(m.id) >= MAX_MEMBERS {
+            return Err(MaglevError::IdOutOfRange {
+                name: m.name.to_owned(),
+                id: m.id,
+            });
+        }
+        let slot = &mut seen[usize::from(m.id)];
+        if *slot {
+            return Err(MaglevError::DuplicateId(m.id));
+        }
+        *slot = true;
+    }
+
+    // Ids are below MAX_MEMBERS, so NO_MEMBER safely marks a free bucket.
+    table.resize(size as usize, NO_MEMBER);
+    let weighted: Vec<&MaglevMember<'_>> = sorted.into_iter().filter(|m| m.weight > 0).collect();
+    if weighted.is_empty() {
+        return Ok(());
+    }
+    let quotas = quotas(&weighted, size);
+    let mut active: Vec<Filler> = weighted
+        .iter()
+        .zip(quotas)
+        .filter(|(_, quota)| *quota > 0)
+        .map(|(m, quota)| {
+            let (offset, skip) = permutation(m.name, key, size);
+            Filler {
+                id: m.id,
+                next: offset,
+                skip,
+                weight: u64::from(m.weight),
+                credit: 0,
+                quota,
+            }
+        })
+        .collect();
+
+    // The quotas add up to `size`, so the fill ends exactly when every bucket is taken. Each
+    // active member probes at least once every `max_weight / weight` rounds and its permutation
+    // visits every bucket, so it finds a free one before long: the loop terminates.
+    let mut max_weight = active.iter().map(|f| f.weight).max().unwrap_or(1);
+    while !active.is_empty() {
+        let mut finished = false;
+        for f in &mut active {
+            // weight <= max_weight: at most one probe per round, and the heaviest members
+            // probe every round.
+            f.credit += f.weight;
+            if f.credit < max_weight {
+                continue;
+            }
+            f.credit -= max_weight;
+            let b = f.next;
+            f.next = step(b, f.skip, size);
+            let slot = &mut table[b as usize];
+            if *slot == NO_MEMBER {
+                *slot = f.id;
+                f.quota -= 1;
+                finished |= f.quota == 0;
+            }
+        }
+        if finished {
+            active.retain(|f| f.quota > 0);
+            // Rates are relative: once the heaviest members are done, the rest speed up
+            // rather than idling through empty rounds.
+            max_weight = active.iter().map(|f| f.weight).max().unwrap_or(1);
+        }
+    }
+    Ok(())
+}
+
+/// Buckets per member, proportional to weight, adding up to `size` exactly: each member gets
+/// the floor of its exact share and the buckets left over go, one each, to the members with
+/// the largest remainders (ties to the earlier name, as `members` is sorted by name).
+fn quotas(members: &[&MaglevMember<'_>], size: u32) -> Vec<u32> {
+    let total: u64 = members.iter().map(|m| u64::from(m.weight)).sum();
+    let size64 = u64::from(size);
+    // size and weight are both below 2^32, so the product fits in a u64; each share is at most
+    // `size`, so it fits in a u32.
+    let mut shares: Vec<(u32, u64)> = members
+        .iter()
+        .map(|m| {
+            let exact = size64 * u64::from(m.weight);
+            ((exact / total) as u32, exact % total)
+        })
+        .collect();
+    let assigned: u64 = shares.iter().map(|&(q, _)| u64::from(q)).sum();
+    // Fewer leftovers than members: each floor loses less than one bucket.
+    let leftover = (size64 - assigned) as usize;
+    let mut order: Vec<usize> = (0..shares.len()).collect();
+    order.sort_by(|&a, &b| shares[b].1.cmp(&shares[a].1).then(a.cmp(&b)));
+    for &i in &order[..leftover] {
+        shares[i].0 += 1;
+    }
+    shares.into_iter().map(|(q, _)| q).collect()
+}
+
+/// `(b + skip) mod size` for `b, skip < size`, without a division.
+#[inline(always)]
+fn step(b: u32, skip: u32, size: u32) -> u32 {
+    // Widened: b + skip can exceed u32::MAX for sizes above 2^31.
+    let n = u64::from(b) + u64::from(skip);
+    let n = if n >= u64::from(size) {
+        n - u64::from(size)
+    } else {
+        n
+    };
+    n as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cdn_common::maps::DEFAULT_TABLE_SIZE;
+
+    const KEY: [u64; 2] = [0x0011_2233_4455_6677, 0x8899_aabb_ccdd_eeff];
+    const M: u32 = DEFAULT_TABLE_SIZE;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("node-{i:02}")).collect()
+    }
+
+    fn equal_members(names: &[String]) -> Vec<MaglevMember<'_>> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| MaglevMember {
+                id: i as u16,
+                name,
+                weight: 100,
+            })
+            .collect()
+    }
+
+    fn loads(table: &[u16]) -> Vec<u32> {
+        let mut counts = vec![0u32; MAX_MEMBERS as usize];
+        for &id in table {
+            counts[usize::from(id)] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn primes() {
+        let primes: Vec<u32> = (0..40).filter(|&n| is_prime(n)).collect();
+        assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37]);
+        assert!(is_prime(65537));
+        assert!(is_prime(1_000_003));
+        assert!(is_prime(4_294_967_291)); // largest 32-bit prime
+        assert!(!is_prime(65535));
+        assert!(!is_prime(65539 * 3));
+        assert!(!is_prime(4_294_967_295));
+        // Square of a prime: trial division must reach the square root itself.
+        assert!(!is_prime(65521 * 65521));
+    }
+
+    #[test]
+    fn permutation_is_keyed_and_in_range() {
+        let (o1, s1) = permutation("node-a", KEY, M);
+        let (o2, s2) = permutation("node-a", [1, 2], M);
+        assert!(o1 < M && (1..M).contains(&s1));
+        assert_ne!((o1, s1), (o2, s2));
+        assert_ne!(permutation("node-a", KEY, M), permutation("node-b", KEY, M));
+        // The offset and skip hashes use different domains, so they are not the same value.
+        let mut same = 0;
+        for name in names(100) {
+            let (o, s) = permutation(&name, KEY, M);
+            same += u32::from(o + 1 == s);
+        }
+        assert!(same < 3);
+    }
+
+    #[test]
+    fn every_bucket_is_filled_with_a_listed_member() {
+        let names = names(7);
+        let members = equal_members(&names);
+        let table = build_table(&members, KEY, 251).expect("valid input");
+        assert_eq!(table.len(), 251);
+        assert!(table.iter().all(|&id| id < 7));
+    }
+
+    #[test]
+    fn equal_weights_are_balanced_to_one_percent() {
+        let all = names(64);
+        for n in 1..=64 {
+            let members = equal_members(&all[..n]);
+            let table = build_table(&members, KEY, M).expect("valid input");
+            let loads = loads(&table);
+            let max = loads.iter().copied().max().unwrap_or(0);
+            let avg = f64::from(M) / n as f64;
+            assert!(
+                f64::from(max) / avg <= 1.01,
+                "N={n}: max load {max}, average {avg:.1}"
+            );
+            assert_eq!(loads.iter().filter(|&&l| l > 0).count(), n, "N={n}");
+        }
+    }
+
+    #[test]
+    fn removing_a_member_moves_little_more_than_its_share() {
+        let all = names(64);
+        for n in [2usize, 3, 5, 10, 32, 64] {
+            let members = equal_members(&all[..n]);
+            let before = build_table(&members, KEY, M).expect("valid input");
+            for removed in [0, n / 2, n - 1] {
+                let mut rest = members.clone();
+                rest.remove(removed);
+                let after = build_table(&rest, KEY, M).expect("valid input");
+                let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+                let share = moved as f64 / f64::from(M);
+                let bound = 1.0 / n as f64 + 0.005;
+                assert!(
+                    share <= bound,
+                    "N={n}, removed {removed}: {share:.4} of buckets moved, bound {bound:.4}"
+                );
+                // Every bucket of the removed member has to move, and only those need to.
+                let id = members[removed].id;
+                assert!(after.iter().all(|&o| o != id));
+                assert!(moved >= before.iter().filter(|&&o| o == id).count());
+            }
+        }
+    }
+
+    #[test]
+    fn input_order_does_not_matter() {
+        let names = names(20);
+        let mut members = equal_members(&names);
+        members[3].weight = 7;
+        members[11].weight = 250;
+        let a = build_table(&members, KEY, M).expect("valid input");
+        members.reverse();
+        let b = build_table(&members, KEY, M).expect("valid input");
+        members.swap(0, 9);
+        members.swap(4, 17);
+        let c = build_table(&members, KEY, M).expect("valid input");
+        assert!(a == b && b == c);
+    }
+
+    #[test]
+    fn key_changes_the_table() {
+        let names = names(4);
+        let members = equal_members(&names);
+        let a = build_table(&members, KEY, M).expect("valid input");
+        let b = build_table(&members, [KEY[0], KEY[1] ^ 1], M).expect("valid input");
+        let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        // Unrelated tables over 4 members agree on about a quarter of the buckets.
+        assert!(differ > M as usize / 2, "{differ}");
+    }
+
+    #[test]
+    fn weights_one_to_two_split_one_third_two_thirds() {
+        let members = [
+            MaglevMember {
+                id: 5,
+                name: "light",
+                weight: 1,
+            },
+            MaglevMember {
+                id: 9,
+                name: "heavy",
+                weight: 2,
+            },
+        ];
+        let table = build_table(&members, KEY, M).expect("valid input");
+        let loads = loads(&table);
+        let light = f64::from(loads[5]) / f64::from(M);
+        let heavy = f64::from(loads[9]) / f64::from(M);
+        assert!((light - 1.0 / 3.0).abs() <= 0.01, "{light}");
+        assert!((heavy - 2.0 / 3.0).abs() <= 0.01, "{heavy}");
+    }
+
+    #[test]
+    fn shares_follow_mixed_weights() {
+        let weights = [100u32, 50, 25, 300, 1000, 10];
+        let names = names(weights.len());
+        let members: Vec<_> = names
+            .iter()
+            .zip(weights)
+            .enumerate()
+            .map(|(i, (name, weight))| MaglevMember {
+                id: i as u16,
+                name,
+                weight,
+            })
+            .collect();
+        let table = build_table(&members, KEY, M).expect("valid input");
+        let loads = loads(&table);
+        let total: u32 = weights.iter().sum();
+        for (i, w) in weights.iter().enumerate() {
+            let want = f64::from(*w) / f64::from(total);
+            let got = f64::from(loads[i]) / f64::from(M);
+            assert!((got - want).abs() <= 0.01, "member {i}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn zero_weight_takes_no_bucket() {
+        let members = [
+            MaglevMember {
+                id: 0,
+                name: "a",
+                weight: 10,
+            },
+            MaglevMember {
+                id: 1,
+                name: "b",
+                weight: 0,
+            },
+            MaglevMember {
+                id: 2,
+                name: "c",
+                weight: 10,
+            },
+        ];
+        let table = build_table(&members, KEY, 1009).expect("valid input");
+        assert!(table.iter().all(|&id| id == 0 || id == 2));
+        assert!(table.contains(&0) && table.contains(&2));
+    }
+
+    #[test]
+    fn no_eligible_member_gives_an_empty_table() {
+        let table = build_table(&[], KEY, 13).expect("valid input");
+        assert_eq!(table, vec![NO_MEMBER; 13]);
+        let idle = [MaglevMember {
+            id: 0,
+            name: "a",
+            weight: 0,
+        }];
+        let table = build_table(&idle, KEY, 13).expect("valid input");
+        assert_eq!(table, vec![NO_MEMBER; 13]);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let names = names(3);
+        let members = equal_members(&names);
+        assert_eq!(
+            build_table(&members, KEY, 65535),
+            Err(MaglevError::SizeNotPrime(65535))
+        );
+        assert_eq!(
+            build_table(&members, KEY, 3),
+            Err(MaglevError::SizeTooSmall {
+                size: 3,
+                members: 3
+            })
+        );
+        let mut dup_name = members.clone();
+        dup_name[2].name = dup_name[0].name;
+        assert_eq!(
+            build_table(&dup_name, KEY, 13),
+            Err(MaglevError::DuplicateName("node-00".into()))
+        );
+        let mut dup_id = members.clone();
+        dup_id[2].id = 0;
+        assert_eq!(
+            build_table(&dup_id, KEY, 13),
+            Err(MaglevError::DuplicateId(0))
+        );
+        let mut big_id = members;
+        big_id[1].id = MAX_MEMBERS as u16;
+        assert!(matches!(
+            build_table(&big_id, KEY, 13),
+            Err(MaglevError::IdOutOfRange { id, .. }) if id == MAX_MEMBERS as u16
+        ));
+        big_id[1].id = NO_MEMBER;
+        assert!(build_table(&big_id, KEY, 13).is_err());
+    }
+
+    #[test]
+    fn failed_build_leaves_the_buffer_empty_and_success_reuses_it() {
+        let names = names(2);
+        let members = equal_members(&names);
+        let mut buf = vec![1u16; 5];
+        assert!(build_table_into(&members, KEY, 4, &mut buf).is_err());
+        assert!(buf.is_empty());
+        build_table_into(&members, KEY, 31, &mut buf).expect("valid input");
+        assert_eq!(buf, build_table(&members, KEY, 31).expect("valid input"));
+    }
+
+    #[test]
+    fn step_wraps_without_overflow() {
+        assert_eq!(step(5, 3, 7), 1);
+        assert_eq!(step(3, 3, 7), 6);
+        let p = 4_294_967_291;
+        assert_eq!(step(p - 1, p - 1, p), p - 2);
+    }
+
+    /// Timing of the 64-member build at the default size; run with
+    /// `cargo test --release -p cdn-user --lib maglev -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing report, not a correctness test"]
+    fn time_64_members() {
+        let names = names(64);
+        let members = equal_members(&names);
+        let mut buf = Vec::with_capacity(M as usize);
+        let runs = 200;
+        let start = std::time::Instant::now();
+        for _ in 0..runs {
+            build_table_into(&members, KEY, M, &mut buf).expect("valid input");
+        }
+        let per = start.elapsed() / runs;
+        println!("64 members, M={M}: {per:?} per build");
+    }
+}
+
+#[cfg(test)]
+mod scratch {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn disruption_stats() {
+        let m = 65537u32;
+        let all: Vec<String> = (0..64).map(|i| format!("node-{i:02}")).collect();
+        for n in [2usize, 3, 5, 10, 16, 32, 48, 64] {
+            let mut worst: f64 = 0.0;
+            let mut sum = 0.0;
+            let mut cnt = 0;
+            for k in 0..20u64 {
+                let key = [k.wrapping_mul(0x9e37_79b9_7f4a_7c15), k ^ 0x1234];
+                let members: Vec<_> = all[..n].iter().enumerate().map(|(i, name)| MaglevMember { id: i as u16, name, weight: 1 }).collect();
+                let before = build_table(&members, key, m).unwrap();
+                for r in [0, n / 2, n - 1] {
+                    let mut rest = members.clone();
+                    rest.remove(r);
+                    let after = build_table(&rest, key, m).unwrap();
+                    let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+                    let extra = moved as f64 / m as f64 - 1.0 / n as f64;
+                    worst = worst.max(extra);
+                    sum += extra;
+                    cnt += 1;
+                }
+            }
+            println!("N={n}: extra mean {:.4}% worst {:.4}%", 100.0 * sum / cnt as f64, 100.0 * worst);
+        }
+    }
+}

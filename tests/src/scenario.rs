@@ -1,0 +1,207 @@
+//! A loaded data plane in a known state: this node is member 1 of a small cluster, two
+//! services (an IPv4 and an IPv6 VIP prefix), fresh next hops for every other member.
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result};
+use cdn_common::{
+    counters::Counter,
+    maps::{
+        Bucket, NO_MEMBER, NODE_READY, NextHop, NodeConfig, SERVICE_TCP, SERVICE_UDP, Service,
+    },
+};
+use cdn_user::dataplane::{DataPlane, LoadOptions};
+
+use crate::packets::{Flow, NODE_MAC};
+
+pub const KEY: [u64; 2] = [0x0123_4567_89ab_cdef, 0x0fed_cba9_8765_4321];
+pub const STEER_PORT: u16 = 6080;
+pub const SELF_ID: u16 = 1;
+pub const TABLE_SIZE: u32 = 13;
+pub const BUDGET: u8 = 3;
+pub const UNDERLAY_V4: &str = "10.0.0.1";
+pub const UNDERLAY_V6: &str = "fd00::1";
+pub const VIP_V4: &str = "192.0.2.10";
+pub const VIP_V6: &str = "2001:db8::10";
+pub const CLIENT_V4: &str = "198.51.100.7";
+pub const CLIENT_V6: &str = "2001:db8:ffff::7";
+
+/// (member id, underlay address). Member 1 is this node.
+pub const MEMBERS: [(u16, &str); 6] = [
+    (0, "10.0.0.10"),
+    (1, UNDERLAY_V4),
+    (2, "10.0.0.2"),
+    (3, "fd00::3"),
+    (4, "10.0.0.4"),
+    (5, "fd00::5"),
+];
+
+/// The MAC address this scenario's next hop entries give a member.
+pub fn member_mac(id: u16) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0x10, id as u8]
+}
+
+pub fn addr(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+pub fn member_addr(id: u16) -> IpAddr {
+    let (_, a) = MEMBERS
+        .iter()
+        .find(|(m, _)| *m == id)
+        .expect("member of the scenario");
+    addr(a)
+}
+
+/// Nanoseconds of CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub fn service(offset: u32) -> Service {
+    let mut ports = [0u16; 8];
+    ports[0] = 80;
+    ports[1] = 443;
+    Service {
+        table_offset: offset,
+        table_size: TABLE_SIZE,
+        flags: SERVICE_TCP | SERVICE_UDP,
+        ports,
+        generation: 1,
+    }
+}
+
+pub fn node_config() -> NodeConfig {
+    let v6: std::net::Ipv6Addr = UNDERLAY_V6.parse().expect("address");
+    let v4: std::net::Ipv4Addr = UNDERLAY_V4.parse().expect("address");
+    NodeConfig {
+        hash_key: KEY,
+        underlay_v4: v4.octets(),
+        underlay_v6: v6.octets(),
+        steer_port: STEER_PORT,
+        self_member: SELF_ID,
+        flags: NODE_READY,
+        hop_budget: BUDGET,
+        ..NodeConfig::default()
+    }
+}
+
+/// The outcome of one program run.
+pub struct Run {
+    pub action: u32,
+    pub out: Vec<u8>,
+    /// Counters that moved, with how much.
+    pub counted: Vec<(Counter, u64)>,
+}
+
+impl Run {
+    /// The verdict counters that moved (there must be exactly one, by one).
+    pub fn verdict(&self) -> Counter {
+        let verdicts: Vec<_> = self
+            .counted
+            .iter()
+            .filter(|(c, _)| c.is_verdict())
+            .collect();
+        assert_eq!(verdicts.len(), 1, "exactly one verdict counter per packet: {:?}", self.counted);
+        assert_eq!(verdicts[0].1, 1, "verdict counted once: {:?}", self.counted);
+        verdicts[0].0
+    }
+
+    pub fn counted(&self, c: Counter) -> u64 {
+        self.counted
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+pub struct Scenario {
+    pub dp: DataPlane,
+}
+
+impl Scenario {
+    /// Loads the program and writes the scenario's maps.
+    pub fn new() -> Result<Self> {
+        let mut dp = DataPlane::load(&LoadOptions {
+            table_entries: 2 * TABLE_SIZE,
+            pin_dir: None,
+        })
+        .context("loading the XDP program")?;
+        for (id, a) in MEMBERS {
+            dp.set_member(id, Some(addr(a)))?;
+            if id != SELF_ID {
+                dp.set_next_hop(
+                    id,
+                    &NextHop {
+                        dst_mac: member_mac(id),
+                        src_mac: NODE_MAC,
+                        ifindex: 1,
+                        expires_ns: monotonic_ns() + 3_600_000_000_000,
+                    },
+                )?;
+            }
+        }
+        dp.set_service(addr("192.0.2.0"), 24, &service(0))?;
+        dp.set_service(addr("2001:db8::"), 64, &service(TABLE_SIZE))?;
+        let empty = vec![Bucket::EMPTY; (2 * TABLE_SIZE) as usize];
+        dp.write_buckets(0, &empty)?;
+        dp.write_config(&node_config())?;
+        Ok(Self { dp })
+    }
+
+    /// Index in `TABLE` of the bucket `flow` hashes to.
+    pub fn bucket_index(&self, flow: &Flow) -> u32 {
+        let offset = if flow.is_v6() { TABLE_SIZE } else { 0 };
+        offset + (flow.hash(&KEY) % u64::from(TABLE_SIZE)) as u32
+    }
+
+    /// Makes `hops` the hop list of `flow`'s bucket.
+    pub fn set_hops(&mut self, flow: &Flow, hops: &[u16]) -> Result<()> {
+        let mut bucket = Bucket::EMPTY;
+        for (slot, hop) in bucket.hops.iter_mut().zip(hops) {
+            *slot = *hop;
+        }
+        let index = self.bucket_index(flow);
+        self.dp.write_buckets(index, &[bucket])?;
+        Ok(())
+    }
+
+    pub fn update_config(&mut self, f: impl FnOnce(&mut NodeConfig)) -> Result<()> {
+        let mut cfg = self.dp.config()?;
+        f(&mut cfg);
+        self.dp.write_config(&cfg)?;
+        Ok(())
+    }
+
+    pub fn run(&mut self, frame: &[u8]) -> Result<Run> {
+        let before = self.dp.counters()?;
+        let (action, out) = self.dp.test_run(frame)?;
+        let after = self.dp.counters()?;
+        let counted = Counter::ALL
+            .iter()
+            .zip(before.iter().zip(after.iter()))
+            .filter(|(_, (b, a))| a != b)
+            .map(|(c, (b, a))| (*c, a - b))
+            .collect();
+        Ok(Run {
+            action,
+            out,
+            counted,
+        })
+    }
+}
+
+/// Convenience: a hop list with [`NO_MEMBER`] padding, as the table stores it.
+pub fn hops(list: &[u16]) -> [u16; 3] {
+    let mut h = [NO_MEMBER; 3];
+    for (slot, v) in h.iter_mut().zip(list) {
+        *slot = *v;
+    }
+    h
+}

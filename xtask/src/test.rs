@@ -1,0 +1,139 @@
+//! `cargo xtask test`: setup, formatting, clippy, then the workspace tests, in that order and
+//! stopping at the first failure, with the time each stage took.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+
+use crate::{cmd, setup};
+
+/// The machines this runs on have two cores. The integration tests build network namespaces,
+/// veths and BIRD instances and measure packet rates; running more at once only adds noise and
+/// timeouts.
+const TEST_THREADS: &str = "--test-threads=2";
+
+pub struct Options {
+    /// Skip the fmt and clippy stages.
+    pub skip_lint: bool,
+    /// Extra arguments for `cargo test`; those after a `--` are for the test binaries.
+    pub args: Vec<String>,
+}
+
+pub fn run(options: &Options) -> Result<()> {
+    let mut stages = Stages::default();
+    stages.run("setup", setup::run)?;
+    if !options.skip_lint {
+        stages.run("fmt", || {
+            cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))
+        })?;
+        stages.run("clippy", || {
+            cmd::run(cmd::cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        })?;
+    }
+    stages.run("test", || cmd::run(&mut test_command(&options.args)))?;
+    stages.report();
+    Ok(())
+}
+
+/// `cargo test --workspace --release [cargo args] -- --test-threads=2 [harness args]`: release
+/// because the benchmark-like and packet tests run much faster optimised.
+fn test_command(args: &[String]) -> std::process::Command {
+    let (cargo_args, harness_args) = match args.iter().position(|arg| arg == "--") {
+        Some(split) => (&args[..split], &args[split + 1..]),
+        None => (args, &[][..]),
+    };
+    let mut command = cmd::cargo();
+    command
+        .args(["test", "--workspace", "--release"])
+        .args(cargo_args)
+        .arg("--");
+    // libtest rejects an option given twice, so the caller's own thread count wins.
+    if !harness_args
+        .iter()
+        .any(|arg| arg.starts_with("--test-threads"))
+    {
+        command.arg(TEST_THREADS);
+    }
+    command.args(harness_args);
+    command
+}
+
+/// Timings of the stages run so far, printed at the end, or when a stage fails.
+#[derive(Default)]
+struct Stages {
+    done: Vec<(&'static str, Duration)>,
+    start: Option<Instant>,
+}
+
+impl Stages {
+    fn run(&mut self, name: &'static str, stage: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.start.get_or_insert_with(Instant::now);
+        println!("==> {name}");
+        let start = Instant::now();
+        let result = stage();
+        let elapsed = start.elapsed();
+        match result {
+            Ok(()) => {
+                println!("==> {name}: ok in {}", seconds(elapsed));
+                self.done.push((name, elapsed));
+                Ok(())
+            }
+            Err(err) => {
+                println!("==> {name}: FAILED after {}", seconds(elapsed));
+                self.report();
+                Err(err).with_context(|| format!("stage `{name}` failed"))
+            }
+        }
+    }
+
+    fn report(&self) {
+        println!("stage timings:");
+        for (name, elapsed) in &self.done {
+            println!("  {name:<8}{:>10}", seconds(*elapsed));
+        }
+        let total = self.start.map(|start| start.elapsed()).unwrap_or_default();
+        println!("  {:<8}{:>10}", "total", seconds(total));
+    }
+}
+
+fn seconds(duration: Duration) -> String {
+    format!("{:.2}s", duration.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_command;
+    use crate::cmd;
+
+    fn described(args: &[&str]) -> String {
+        let args: Vec<String> = args.iter().map(ToString::to_string).collect();
+        cmd::describe(&test_command(&args))
+    }
+
+    #[test]
+    fn splits_cargo_and_harness_arguments() {
+        assert_eq!(
+            described(&[]),
+            "cargo test --workspace --release -- --test-threads=2"
+        );
+        assert_eq!(
+            described(&["owner_path"]),
+            "cargo test --workspace --release owner_path -- --test-threads=2"
+        );
+        assert_eq!(
+            described(&["owner_path", "--", "--nocapture"]),
+            "cargo test --workspace --release owner_path -- --test-threads=2 --nocapture"
+        );
+        assert_eq!(
+            described(&["--", "--test-threads=1"]),
+            "cargo test --workspace --release -- --test-threads=1"
+        );
+    }
+}
