@@ -148,7 +148,10 @@ mod tests {
             src as u64 | (dst as u64) << 32,
             ports as u64 | 6 << 32 | 4 << 40,
         ];
-        assert_eq!(flow_hash_v4(&key, src, dst, ports, 6), reference(&key, &msg));
+        assert_eq!(
+            flow_hash_v4(&key, src, dst, ports, 6),
+            reference(&key, &msg)
+        );
     }
 
     #[test]
@@ -165,7 +168,10 @@ mod tests {
     fn words_match_little_endian_packet_loads() {
         // Bytes as on the wire: 10.0.0.1, ports 0x1234 -> 0x0050.
         assert_eq!(v4_word([10, 0, 0, 1]), 0x0100_000a);
-        assert_eq!(ports_word(0x1234, 0x0050), u32::from_le_bytes([0x12, 0x34, 0x00, 0x50]));
+        assert_eq!(
+            ports_word(0x1234, 0x0050),
+            u32::from_le_bytes([0x12, 0x34, 0x00, 0x50])
+        );
     }
 
     #[test]

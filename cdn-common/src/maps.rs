@@ -38,6 +38,13 @@ pub const MAP_MEMBER_STATS: &str = "MEMBER_STATS";
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "cdn_steer";
 
+/// A trivial XDP_PASS program in the same object, for benchmarks only.
+pub const BASELINE_PROGRAM_NAME: &str = "baseline_pass";
+/// `cdn_steer`'s packet path wrapped so that it restores the frame after each run (benchmarks).
+pub const BENCH_PROGRAM_NAME: &str = "bench_steer";
+/// The same wrapper around nothing (benchmarks).
+pub const BENCH_BASELINE_PROGRAM_NAME: &str = "bench_baseline";
+
 /// `NodeConfig::flags`: this node is draining: it takes no new TCP connections as owner.
 pub const NODE_DRAINING: u32 = 1 << 0;
 /// `NodeConfig::flags`: the controller has written a complete configuration. Until then the
@@ -149,8 +156,9 @@ impl MemberAddr {
 }
 
 /// Cached next hop towards a member, filled by the controller from the kernel's routing and
-/// neighbour tables. Valid while `expires_ns` (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`) lies in
-/// the future; a missing or stale entry makes the program ask `bpf_fib_lookup` instead.
+/// neighbour tables. Valid while `expires_ns` (CLOCK_MONOTONIC; the program compares it with
+/// the coarse variant of that clock) lies in the future; a missing or stale entry makes the
+/// program ask `bpf_fib_lookup` instead.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
@@ -175,7 +183,10 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<NodeConfig>(), 16 + 4 + 16 + 2 + 2 + 4 + 1 + 3 + 4 + 4);
+        assert_eq!(
+            size_of::<NodeConfig>(),
+            16 + 4 + 16 + 2 + 2 + 4 + 1 + 3 + 4 + 4
+        );
         assert_eq!(size_of::<Service>(), 4 + 4 + 4 + 16 + 4);
         assert_eq!(size_of::<Bucket>(), 8);
         assert_eq!(size_of::<Member>(), 20);

@@ -45,9 +45,11 @@ pub const IPV6_HEADER_LEN: usize = 40;
 pub const UDP_HEADER_LEN: usize = 8;
 
 /// Bytes added in front of the inner IP packet (Ethernet included) for an IPv4 underlay.
-pub const ENCAP_LEN_V4: usize = ETH_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN + STEER_HEADER_LEN;
+pub const ENCAP_LEN_V4: usize =
+    ETH_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN + STEER_HEADER_LEN;
 /// Bytes added in front of the inner IP packet (Ethernet included) for an IPv6 underlay.
-pub const ENCAP_LEN_V6: usize = ETH_HEADER_LEN + IPV6_HEADER_LEN + UDP_HEADER_LEN + STEER_HEADER_LEN;
+pub const ENCAP_LEN_V6: usize =
+    ETH_HEADER_LEN + IPV6_HEADER_LEN + UDP_HEADER_LEN + STEER_HEADER_LEN;
 
 /// TTL / hop limit of the outer header.
 pub const OUTER_TTL: u8 = 64;

@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod bench;
 mod encap;
 mod maps;
 mod packet;
@@ -17,6 +18,13 @@ pub fn cdn_steer(ctx: XdpContext) -> u32 {
     let (action, reason) = steer::process(&ctx);
     maps::count_index(reason);
     action
+}
+
+/// Benchmark baseline: the cheapest possible XDP program. Timed beside `cdn_steer` in the same
+/// run, it measures the harness's own cost so that it can be subtracted. Never attached.
+#[xdp]
+pub fn baseline_pass(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]

@@ -75,4 +75,3 @@ impl Frame {
         self.start + offset + len <= self.end
     }
 }
-

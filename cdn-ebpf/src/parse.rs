@@ -158,7 +158,10 @@ pub fn parse_ip(frame: &Frame, l3_off: usize, v6: bool) -> Result<Ip, Counter> {
 
 #[inline(always)]
 fn parse_ipv4(frame: &Frame, l3: usize) -> Result<Ip, Counter> {
-    let h = frame.at::<[u8; 20]>(l3).ok_or(Counter::Malformed)?.cast::<u8>();
+    let h = frame
+        .at::<[u8; 20]>(l3)
+        .ok_or(Counter::Malformed)?
+        .cast::<u8>();
     // SAFETY: the 20 bytes at `h` are inside the packet (alignment: see `Frame::read`).
     let (ver_ihl, total, frag, proto) = unsafe {
         (
@@ -190,7 +193,10 @@ fn parse_ipv4(frame: &Frame, l3: usize) -> Result<Ip, Counter> {
 
 #[inline(always)]
 fn parse_ipv6(frame: &Frame, l3: usize) -> Result<Ip, Counter> {
-    let h = frame.at::<[u8; 40]>(l3).ok_or(Counter::Malformed)?.cast::<u8>();
+    let h = frame
+        .at::<[u8; 40]>(l3)
+        .ok_or(Counter::Malformed)?
+        .cast::<u8>();
     // SAFETY: the 40 bytes at `h` are inside the packet.
     let (ver, payload, mut next) = unsafe {
         (
@@ -211,7 +217,10 @@ fn parse_ipv6(frame: &Frame, l3: usize) -> Result<Ip, Counter> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let ext = frame.read::<u16>(off).ok_or(Counter::Malformed)?.to_le_bytes();
+                let ext = frame
+                    .read::<u16>(off)
+                    .ok_or(Counter::Malformed)?
+                    .to_le_bytes();
                 next = ext[0];
                 off += (ext[1] as usize + 1) * 8;
                 if off > MAX_HEADER_OFFSET {
@@ -290,7 +299,10 @@ pub fn parse_flow(frame: &Frame, ip: &Ip) -> Result<Flow, Counter> {
     };
     match ip.proto {
         IPPROTO_TCP => {
-            let th = frame.at::<[u8; 20]>(l4).ok_or(Counter::Malformed)?.cast::<u8>();
+            let th = frame
+                .at::<[u8; 20]>(l4)
+                .ok_or(Counter::Malformed)?
+                .cast::<u8>();
             // SAFETY: the 20 bytes at `th` are inside the packet.
             let (ports, doff, flags) = unsafe {
                 (
@@ -307,7 +319,10 @@ pub fn parse_flow(frame: &Frame, ip: &Ip) -> Result<Flow, Counter> {
             Ok(flow)
         }
         IPPROTO_UDP => {
-            let uh = frame.at::<[u8; 8]>(l4).ok_or(Counter::Malformed)?.cast::<u8>();
+            let uh = frame
+                .at::<[u8; 8]>(l4)
+                .ok_or(Counter::Malformed)?
+                .cast::<u8>();
             // SAFETY: the 8 bytes at `uh` are inside the packet.
             let (ports, len) = unsafe {
                 (
@@ -353,11 +368,17 @@ fn parse_icmp(frame: &Frame, ip: &Ip, mut flow: Flow) -> Result<Flow, Counter> {
     }
     let quoted = l4 + 8;
     let (proto, ports_off) = if ip.v6 {
-        let h = frame.at::<[u8; 40]>(quoted).ok_or(Counter::Malformed)?.cast::<u8>();
+        let h = frame
+            .at::<[u8; 40]>(quoted)
+            .ok_or(Counter::Malformed)?
+            .cast::<u8>();
         // SAFETY: the 40 bytes at `h` are inside the packet.
         (unsafe { *h.add(6) }, quoted + 40)
     } else {
-        let h = frame.at::<[u8; 20]>(quoted).ok_or(Counter::Malformed)?.cast::<u8>();
+        let h = frame
+            .at::<[u8; 20]>(quoted)
+            .ok_or(Counter::Malformed)?
+            .cast::<u8>();
         // SAFETY: the 20 bytes at `h` are inside the packet.
         let (ver_ihl, proto) = unsafe { (*h, *h.add(9)) };
         let ihl = (ver_ihl & 0x0f) as usize * 4;

@@ -61,7 +61,13 @@ fn check_fn(ctx: &XdpContext, flow: &Flow, ip: &Ip, draining: bool) -> u32 {
 }
 
 #[inline(always)]
-fn check_inline(ctx: &XdpContext, frame: &Frame, flow: &Flow, ip: &Ip, draining: bool) -> Ownership {
+fn check_inline(
+    ctx: &XdpContext,
+    frame: &Frame,
+    flow: &Flow,
+    ip: &Ip,
+    draining: bool,
+) -> Ownership {
     match flow.kind {
         Kind::Tcp => {
             if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -156,9 +162,13 @@ fn syncookie_ok(sk: *mut bpf_sock, frame: &Frame, ip: &Ip) -> bool {
     };
     // The helper reads the fixed IP header only; check exactly the length we pass.
     let iph = if ip.v6 {
-        frame.at::<[u8; 40]>(ip.l3_off).map(|p| (p.cast::<u8>(), 40u32))
+        frame
+            .at::<[u8; 40]>(ip.l3_off)
+            .map(|p| (p.cast::<u8>(), 40u32))
     } else {
-        frame.at::<[u8; 20]>(ip.l3_off).map(|p| (p.cast::<u8>(), 20u32))
+        frame
+            .at::<[u8; 20]>(ip.l3_off)
+            .map(|p| (p.cast::<u8>(), 20u32))
     };
     let Some((iph, iph_len)) = iph else {
         return false;

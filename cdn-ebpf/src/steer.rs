@@ -33,8 +33,8 @@ use crate::{
     maps::{CONFIG, MEMBER_ADDRS, SERVICES_V4, SERVICES_V6, TABLE},
     packet::Frame,
     parse::{
-        Flow, IPPROTO_UDP, Kind, L2, dst_addr_off, parse_flow, parse_ip, parse_l2,
-        peek_udp_dport, require_ip_header,
+        Flow, IPPROTO_UDP, Kind, L2, dst_addr_off, parse_flow, parse_ip, parse_l2, peek_udp_dport,
+        require_ip_header,
     },
     sockets::{Ownership, check},
 };
@@ -153,13 +153,19 @@ fn service(frame: &Frame, addr_off: usize, v6: bool) -> Option<Service> {
             prefix_len: 128,
             addr: frame.read::<[u32; 4]>(addr_off)?,
         };
-        lookup(&SERVICES_V6 as *const _ as *mut c_void, &key as *const _ as *const c_void)
+        lookup(
+            &SERVICES_V6 as *const _ as *mut c_void,
+            &key as *const _ as *const c_void,
+        )
     } else {
         let key = LpmKey {
             prefix_len: 32,
             addr: frame.read::<u32>(addr_off)?,
         };
-        lookup(&SERVICES_V4 as *const _ as *mut c_void, &key as *const _ as *const c_void)
+        lookup(
+            &SERVICES_V4 as *const _ as *mut c_void,
+            &key as *const _ as *const c_void,
+        )
     };
     // SAFETY: a non-NULL result points at a `Service` value of the trie.
     (!value.is_null()).then(|| unsafe { *value.cast::<Service>() })
@@ -199,13 +205,29 @@ fn serves(svc: &Service, flow: &Flow) -> bool {
 #[inline(always)]
 fn flow_hash(cfg: &NodeConfig, frame: &Frame, flow: &Flow) -> Result<u64, Counter> {
     if flow.v6 {
-        let src = frame.read::<[u64; 2]>(flow.src_off).ok_or(Counter::Malformed)?;
-        let dst = frame.read::<[u64; 2]>(flow.dst_off).ok_or(Counter::Malformed)?;
-        Ok(flow_hash_v6(&cfg.hash_key, src, dst, flow.ports, flow.proto))
+        let src = frame
+            .read::<[u64; 2]>(flow.src_off)
+            .ok_or(Counter::Malformed)?;
+        let dst = frame
+            .read::<[u64; 2]>(flow.dst_off)
+            .ok_or(Counter::Malformed)?;
+        Ok(flow_hash_v6(
+            &cfg.hash_key,
+            src,
+            dst,
+            flow.ports,
+            flow.proto,
+        ))
     } else {
         let src = frame.read::<u32>(flow.src_off).ok_or(Counter::Malformed)?;
         let dst = frame.read::<u32>(flow.dst_off).ok_or(Counter::Malformed)?;
-        Ok(flow_hash_v4(&cfg.hash_key, src, dst, flow.ports, flow.proto))
+        Ok(flow_hash_v4(
+            &cfg.hash_key,
+            src,
+            dst,
+            flow.ports,
+            flow.proto,
+        ))
     }
 }
 
@@ -287,7 +309,9 @@ fn member_key(frame: &Frame, off: usize, v6: bool) -> Option<MemberAddr> {
     if v6 {
         let words = frame.read::<[u32; 4]>(off)?;
         // SAFETY: [u32; 4] and [u8; 16] have the same size and no invalid bit patterns.
-        Some(MemberAddr::v6(unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }))
+        Some(MemberAddr::v6(unsafe {
+            core::mem::transmute::<[u32; 4], [u8; 16]>(words)
+        }))
     } else {
         Some(MemberAddr::v4(frame.read::<u32>(off)?.to_ne_bytes()))
     }

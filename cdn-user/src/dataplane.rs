@@ -109,7 +109,10 @@ impl DataPlane {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(m::MAP_TABLE, opts.table_entries.max(1));
         let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
-            Some(dir) => ALL_MAPS.iter().map(|name| (*name, dir.join(name))).collect(),
+            Some(dir) => ALL_MAPS
+                .iter()
+                .map(|name| (*name, dir.join(name)))
+                .collect(),
             None => Vec::new(),
         };
         for (name, path) in &pins {
@@ -241,12 +244,15 @@ impl DataPlane {
     /// Sets (or with `None` clears) a member's underlay address, in both directions.
     pub fn set_member(&mut self, id: u16, addr: Option<IpAddr>) -> Result<()> {
         Self::check_id(id)?;
-        if let Ok(old) = self.members.get(&u32::from(id), 0) {
-            if let Some(key) = member_addr_key(&old) {
-                match self.member_addrs.remove(&key) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_err(m::MAP_MEMBER_ADDRS)(e)),
-                }
+        // Forget the old address first, so a stale reverse entry never vouches for anybody.
+        let old = self
+            .members
+            .get(&u32::from(id), 0)
+            .map_err(map_err(m::MAP_MEMBERS))?;
+        if let Some(key) = member_addr_key(&old) {
+            match self.member_addrs.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(m::MAP_MEMBER_ADDRS)(e)),
             }
         }
         let member = match addr {
@@ -325,10 +331,12 @@ impl DataPlane {
             .member_stats
             .get(&u32::from(id), 0)
             .map_err(map_err(m::MAP_MEMBER_STATS))?;
-        Ok(per_cpu.iter().fold(MemberStats::default(), |acc, s| MemberStats {
-            packets: acc.packets + s.packets,
-            bytes: acc.bytes + s.bytes,
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(MemberStats::default(), |acc, s| MemberStats {
+                packets: acc.packets + s.packets,
+                bytes: acc.bytes + s.bytes,
+            }))
     }
 
     /// Runs the program once on `frame` with BPF_PROG_TEST_RUN; returns the action and the
@@ -346,15 +354,32 @@ impl DataPlane {
         Ok((result.return_value, out))
     }
 
-    /// Runs the program `repeat` times on `frame`; returns the kernel's mean ns per run.
-    pub fn test_run_timed(&mut self, frame: &[u8], repeat: u32) -> Result<f64> {
+    /// Runs `program` (`PROGRAM_NAME` or `BASELINE_PROGRAM_NAME`) `repeat` times on `frame`;
+    /// returns the action and the kernel's mean nanoseconds per run. Loads the program first
+    /// if needed.
+    pub fn time_run(
+        &mut self,
+        program: &'static str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, u64)> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(DataPlaneError::MissingProgram(program))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(frame),
+            data_out: Some(&mut out),
             repeat,
             ..TestRunOptions::default()
         };
-        let result = self.program()?.test_run(opts)?;
-        Ok(result.duration.as_nanos() as f64)
+        let result = prog.test_run(opts)?;
+        Ok((result.return_value, result.duration.as_nanos() as u64))
     }
 }
 

@@ -5,9 +5,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context as _, Result, bail};
 use cdn_common::{
-    hash::{
-        PROTO_TCP, PROTO_UDP, flow_hash_v4, flow_hash_v6, ports_word, v4_word, v6_words,
-    },
+    hash::{PROTO_TCP, PROTO_UDP, flow_hash_v4, flow_hash_v6, ports_word, v4_word, v6_words},
     wire::{STEER_INNER_V6, STEER_VERSION},
 };
 use etherparse::{
@@ -79,12 +77,20 @@ impl Flow {
     pub fn hash(&self, key: &[u64; 2]) -> u64 {
         let ports = ports_word(self.sport, self.dport);
         match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                flow_hash_v4(key, v4_word(s.octets()), v4_word(d.octets()), ports, self.proto())
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                flow_hash_v6(key, v6_words(s.octets()), v6_words(d.octets()), ports, self.proto())
-            }
+            (IpAddr::V4(s), IpAddr::V4(d)) => flow_hash_v4(
+                key,
+                v4_word(s.octets()),
+                v4_word(d.octets()),
+                ports,
+                self.proto(),
+            ),
+            (IpAddr::V6(s), IpAddr::V6(d)) => flow_hash_v6(
+                key,
+                v6_words(s.octets()),
+                v6_words(d.octets()),
+                ports,
+                self.proto(),
+            ),
             _ => panic!("mixed address families in a test flow"),
         }
     }
@@ -204,7 +210,11 @@ pub fn expected_encap(e: &ExpectedEncap<'_>) -> Result<Vec<u8>> {
         e.hops.len() as u8,
     ];
     for i in 0..2 {
-        let hop = e.hops.get(i).copied().unwrap_or(cdn_common::maps::NO_MEMBER);
+        let hop = e
+            .hops
+            .get(i)
+            .copied()
+            .unwrap_or(cdn_common::maps::NO_MEMBER);
         steer.extend_from_slice(&hop.to_be_bytes());
     }
     let udp_len = u16::try_from(8 + steer.len() + e.inner.len()).context("UDP length")?;

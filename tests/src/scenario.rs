@@ -6,9 +6,7 @@ use std::net::IpAddr;
 use anyhow::{Context as _, Result};
 use cdn_common::{
     counters::Counter,
-    maps::{
-        Bucket, NO_MEMBER, NODE_READY, NextHop, NodeConfig, SERVICE_TCP, SERVICE_UDP, Service,
-    },
+    maps::{Bucket, NO_MEMBER, NODE_READY, NextHop, NodeConfig, SERVICE_TCP, SERVICE_UDP, Service},
 };
 use cdn_user::dataplane::{DataPlane, LoadOptions};
 
@@ -108,7 +106,12 @@ impl Run {
             .iter()
             .filter(|(c, _)| c.is_verdict())
             .collect();
-        assert_eq!(verdicts.len(), 1, "exactly one verdict counter per packet: {:?}", self.counted);
+        assert_eq!(
+            verdicts.len(),
+            1,
+            "exactly one verdict counter per packet: {:?}",
+            self.counted
+        );
         assert_eq!(verdicts[0].1, 1, "verdict counted once: {:?}", self.counted);
         verdicts[0].0
     }

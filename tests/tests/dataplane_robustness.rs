@@ -4,6 +4,7 @@
 //! packet gets exactly one verdict.
 
 use anyhow::{Result, ensure};
+use cdn_common::maps::Bucket;
 use cdn_common::{counters::Counter, wire::entropy_port};
 use cdn_tests::{
     packets::{
@@ -16,7 +17,6 @@ use cdn_tests::{
     },
     xdp,
 };
-use cdn_common::maps::Bucket;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -56,10 +56,34 @@ fn valid_packets() -> Result<Vec<Vec<u8>>> {
             vlan,
         ));
     }
-    let inner = frame(&Flow::tcp(CLIENT_V4, 1, VIP_V4, 443), Tcp::SYN, Vlan::None, &[]);
-    let inner6 = frame(&Flow::tcp(CLIENT_V6, 1, VIP_V6, 443), Tcp::SYN, Vlan::None, &[]);
-    out.push(steering_frame(member_addr(2), addr(UNDERLAY_V4), STEER_PORT, 2, &[4], ip_packet(&inner, Vlan::None))?);
-    out.push(steering_frame(member_addr(3), addr(UNDERLAY_V6), STEER_PORT, 2, &[], ip_packet(&inner6, Vlan::None))?);
+    let inner = frame(
+        &Flow::tcp(CLIENT_V4, 1, VIP_V4, 443),
+        Tcp::SYN,
+        Vlan::None,
+        &[],
+    );
+    let inner6 = frame(
+        &Flow::tcp(CLIENT_V6, 1, VIP_V6, 443),
+        Tcp::SYN,
+        Vlan::None,
+        &[],
+    );
+    out.push(steering_frame(
+        member_addr(2),
+        addr(UNDERLAY_V4),
+        STEER_PORT,
+        2,
+        &[4],
+        ip_packet(&inner, Vlan::None),
+    )?);
+    out.push(steering_frame(
+        member_addr(3),
+        addr(UNDERLAY_V6),
+        STEER_PORT,
+        2,
+        &[],
+        ip_packet(&inner6, Vlan::None),
+    )?);
     Ok(out)
 }
 
@@ -69,7 +93,10 @@ fn every_truncation_of_a_valid_packet_is_dropped_as_malformed() -> Result<()> {
     let mut runs = 0;
     for pkt in valid_packets()? {
         let full = s.run(&pkt)?;
-        ensure!(full.action != xdp::DROP, "the untruncated packet must not be dropped");
+        ensure!(
+            full.action != xdp::DROP,
+            "the untruncated packet must not be dropped"
+        );
         // BPF_PROG_TEST_RUN needs at least an Ethernet header.
         for len in 14..pkt.len() {
             let run = s.run(&pkt[..len])?;
@@ -111,7 +138,12 @@ fn oracle(frame: &[u8]) -> Oracle {
     };
     // Where the IP header starts: after Ethernet and up to two VLAN tags.
     let mut start = 14;
-    while start < 22 && matches!(u16::from_be_bytes([frame[start - 2], frame[start - 1]]), 0x8100 | 0x88a8 | 0x9100) {
+    while start < 22
+        && matches!(
+            u16::from_be_bytes([frame[start - 2], frame[start - 1]]),
+            0x8100 | 0x88a8 | 0x9100
+        )
+    {
         start += 4;
     }
     let (src, dst, total) = match net {
@@ -212,7 +244,11 @@ fn mutated_packets_never_get_a_wrong_verdict() -> Result<()> {
                     hops: &[4],
                     inner: &ip,
                 })?;
-                ensure!(run.out == expected, "round {round}: wrong encapsulation of {flow:?}\nin  {pkt:02x?}\nout {:02x?}\nexp {expected:02x?}", run.out);
+                ensure!(
+                    run.out == expected,
+                    "round {round}: wrong encapsulation of {flow:?}\nin  {pkt:02x?}\nout {:02x?}\nexp {expected:02x?}",
+                    run.out
+                );
                 forwarded += 1;
             }
             Oracle::Other => match run.action {
@@ -238,6 +274,9 @@ fn mutated_packets_never_get_a_wrong_verdict() -> Result<()> {
             },
         }
     }
-    ensure!(forwarded > 1000, "too few mutants stayed forwardable: {forwarded}/{checked}");
+    ensure!(
+        forwarded > 1000,
+        "too few mutants stayed forwardable: {forwarded}/{checked}"
+    );
     Ok(())
 }

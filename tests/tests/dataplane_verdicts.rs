@@ -10,8 +10,8 @@ use cdn_tests::{
         icmp_too_big, ip_packet, steering_frame,
     },
     scenario::{
-        BUDGET, CLIENT_V4, CLIENT_V6, KEY, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4,
-        UNDERLAY_V6, VIP_V4, VIP_V6, addr, member_addr, member_mac,
+        BUDGET, CLIENT_V4, CLIENT_V6, KEY, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, UNDERLAY_V6,
+        VIP_V4, VIP_V6, addr, member_addr, member_mac,
     },
     xdp,
 };
@@ -53,7 +53,10 @@ fn non_vip_traffic_passes_untouched() -> Result<()> {
     arp.extend_from_slice(&[2, 0, 0, 0, 0, 9, 0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
     let run = s.run(&arp)?;
-    assert_eq!((run.action, run.verdict()), (xdp::PASS, Counter::NonVipPass));
+    assert_eq!(
+        (run.action, run.verdict()),
+        (xdp::PASS, Counter::NonVipPass)
+    );
     assert_eq!(run.out, arp);
     Ok(())
 }
@@ -116,8 +119,14 @@ fn ingress_accepts_locally_when_this_node_owns_new_connections() -> Result<()> {
         for vlan in Vlan::ALL {
             let input = frame(&f, Tcp::SYN, vlan, &[]);
             let run = s.run(&input)?;
-            assert_eq!((run.action, run.verdict()), (xdp::PASS, Counter::LocalAccept));
-            assert_eq!(run.out, input, "accepted packets go to the stack unmodified");
+            assert_eq!(
+                (run.action, run.verdict()),
+                (xdp::PASS, Counter::LocalAccept)
+            );
+            assert_eq!(
+                run.out, input,
+                "accepted packets go to the stack unmodified"
+            );
         }
     }
     Ok(())
@@ -150,7 +159,10 @@ fn ingress_passes_flows_it_does_not_hold_to_the_previous_owner() -> Result<()> {
         s.set_hops(&f, &[SELF_ID])?;
         let input = frame(&f, Tcp::ACK, Vlan::None, b"data");
         let run = s.run(&input)?;
-        assert_eq!((run.action, run.verdict()), (xdp::PASS, Counter::LastHopAccept));
+        assert_eq!(
+            (run.action, run.verdict()),
+            (xdp::PASS, Counter::LastHopAccept)
+        );
         assert_eq!(run.out, input);
     }
     Ok(())
@@ -180,7 +192,10 @@ fn a_draining_node_passes_new_connections_on_but_takes_them_as_last_hop() -> Res
 
         s.set_hops(&f, &[SELF_ID])?;
         let run = s.run(&input)?;
-        assert_eq!((run.action, run.verdict()), (xdp::PASS, Counter::LocalAccept));
+        assert_eq!(
+            (run.action, run.verdict()),
+            (xdp::PASS, Counter::LocalAccept)
+        );
     }
     Ok(())
 }
@@ -249,7 +264,11 @@ fn icmp_errors_reach_the_owner_of_the_flow_they_quote() -> Result<()> {
         for vlan in Vlan::ALL {
             let input = icmp_too_big(&f, addr(router), vlan);
             let run = s.run(&input)?;
-            assert_eq!((run.action, run.verdict()), (xdp::TX, Counter::IcmpForwarded), "{vlan:?}");
+            assert_eq!(
+                (run.action, run.verdict()),
+                (xdp::TX, Counter::IcmpForwarded),
+                "{vlan:?}"
+            );
             let expected = expected_encap(&ExpectedEncap {
                 dst_mac: member_mac(3),
                 src_mac: NODE_MAC,
@@ -272,12 +291,24 @@ fn echo_to_a_vip_is_answered_locally() -> Result<()> {
     let mut s = Scenario::new()?;
     let mut v4 = Vec::new();
     etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 9], NODE_MAC)
-        .ipv4(addr(CLIENT_V4).to_canonical().to_string().parse::<std::net::Ipv4Addr>()?.octets(), VIP_V4.parse::<std::net::Ipv4Addr>()?.octets(), 64)
+        .ipv4(
+            addr(CLIENT_V4)
+                .to_canonical()
+                .to_string()
+                .parse::<std::net::Ipv4Addr>()?
+                .octets(),
+            VIP_V4.parse::<std::net::Ipv4Addr>()?.octets(),
+            64,
+        )
         .icmpv4_echo_request(1, 1)
         .write(&mut v4, b"ping")?;
     let mut v6 = Vec::new();
     etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 9], NODE_MAC)
-        .ipv6(CLIENT_V6.parse::<std::net::Ipv6Addr>()?.octets(), VIP_V6.parse::<std::net::Ipv6Addr>()?.octets(), 64)
+        .ipv6(
+            CLIENT_V6.parse::<std::net::Ipv6Addr>()?.octets(),
+            VIP_V6.parse::<std::net::Ipv6Addr>()?.octets(),
+            64,
+        )
         .icmpv6_echo_request(1, 1)
         .write(&mut v6, b"ping")?;
     for input in [v4, v6] {
@@ -295,9 +326,19 @@ fn owner_path_accepts_new_connections_and_decapsulates() -> Result<()> {
         let inner_frame = frame(&f, Tcp::SYN, Vlan::None, &[]);
         let inner = ip_packet(&inner_frame, Vlan::None);
         for (member, underlay) in [(2u16, UNDERLAY_V4), (3, UNDERLAY_V6)] {
-            let input = steering_frame(member_addr(member), addr(underlay), STEER_PORT, 2, &[4], inner)?;
+            let input = steering_frame(
+                member_addr(member),
+                addr(underlay),
+                STEER_PORT,
+                2,
+                &[4],
+                inner,
+            )?;
             let run = s.run(&input)?;
-            assert_eq!((run.action, run.verdict()), (xdp::PASS, Counter::OwnerAccept));
+            assert_eq!(
+                (run.action, run.verdict()),
+                (xdp::PASS, Counter::OwnerAccept)
+            );
             assert_eq!(run.out, decapsulated(inner));
         }
     }
@@ -311,7 +352,14 @@ fn owner_path_passes_on_what_it_does_not_hold_and_the_last_hop_accepts() -> Resu
         let inner_frame = frame(&f, Tcp::ACK, Vlan::None, b"more data");
         let inner = ip_packet(&inner_frame, Vlan::None);
         // Remaining hops [5, 4]: passed on to 5 (IPv6 underlay) carrying [4].
-        let input = steering_frame(member_addr(2), addr(UNDERLAY_V4), STEER_PORT, 2, &[5, 4], inner)?;
+        let input = steering_frame(
+            member_addr(2),
+            addr(UNDERLAY_V4),
+            STEER_PORT,
+            2,
+            &[5, 4],
+            inner,
+        )?;
         let run = s.run(&input)?;
         assert_eq!((run.action, run.verdict()), (xdp::TX, Counter::PassedOn));
         let expected = expected_encap(&ExpectedEncap {
@@ -331,11 +379,21 @@ fn owner_path_passes_on_what_it_does_not_hold_and_the_last_hop_accepts() -> Resu
         // No hop left: accept.
         let input = steering_frame(member_addr(2), addr(UNDERLAY_V4), STEER_PORT, 2, &[], inner)?;
         let run = s.run(&input)?;
-        assert_eq!((run.action, run.verdict()), (xdp::PASS, Counter::LastHopAccept));
+        assert_eq!(
+            (run.action, run.verdict()),
+            (xdp::PASS, Counter::LastHopAccept)
+        );
         assert_eq!(run.out, decapsulated(inner));
 
         // A hop left but no budget: the loop guard drops.
-        let input = steering_frame(member_addr(2), addr(UNDERLAY_V4), STEER_PORT, 0, &[4], inner)?;
+        let input = steering_frame(
+            member_addr(2),
+            addr(UNDERLAY_V4),
+            STEER_PORT,
+            0,
+            &[4],
+            inner,
+        )?;
         let run = s.run(&input)?;
         assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::LoopGuard));
     }
@@ -350,7 +408,14 @@ fn owner_path_rejects_strangers_bad_headers_and_foreign_inner_packets() -> Resul
     let inner = ip_packet(&inner_frame, Vlan::None);
 
     // Not a member: no open relay.
-    let input = steering_frame(addr("10.9.9.9"), addr(UNDERLAY_V4), STEER_PORT, 2, &[], inner)?;
+    let input = steering_frame(
+        addr("10.9.9.9"),
+        addr(UNDERLAY_V4),
+        STEER_PORT,
+        2,
+        &[],
+        inner,
+    )?;
     let run = s.run(&input)?;
     assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::Spoofed));
 
@@ -367,8 +432,20 @@ fn owner_path_rejects_strangers_bad_headers_and_foreign_inner_packets() -> Resul
     assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::BadEncap));
 
     // An inner packet that is not for a VIP is never delivered.
-    let other = frame(&Flow::tcp(CLIENT_V4, 1, "203.0.113.9", 80), Tcp::SYN, Vlan::None, &[]);
-    let input = steering_frame(member_addr(2), addr(UNDERLAY_V4), STEER_PORT, 2, &[], ip_packet(&other, Vlan::None))?;
+    let other = frame(
+        &Flow::tcp(CLIENT_V4, 1, "203.0.113.9", 80),
+        Tcp::SYN,
+        Vlan::None,
+        &[],
+    );
+    let input = steering_frame(
+        member_addr(2),
+        addr(UNDERLAY_V4),
+        STEER_PORT,
+        2,
+        &[],
+        ip_packet(&other, Vlan::None),
+    )?;
     let run = s.run(&input)?;
     assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::BadEncap));
     Ok(())
@@ -426,7 +503,10 @@ fn ipv6_extension_headers_are_walked() -> Result<()> {
         long = insert_ipv6_ext(&long, 60, &[1, 4, 0, 0, 0, 0]);
     }
     let run = s.run(&long)?;
-    assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::Unsupported));
+    assert_eq!(
+        (run.action, run.verdict()),
+        (xdp::DROP, Counter::Unsupported)
+    );
     Ok(())
 }
 
@@ -438,7 +518,10 @@ fn unknown_protocols_to_a_vip_are_dropped() -> Result<()> {
     input[14 + 9] = 47; // GRE
     fix_ipv4_checksum(&mut input[14..34]);
     let run = s.run(&input)?;
-    assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::Unsupported));
+    assert_eq!(
+        (run.action, run.verdict()),
+        (xdp::DROP, Counter::Unsupported)
+    );
     Ok(())
 }
 
@@ -462,7 +545,10 @@ fn frames_too_big_for_the_underlay_are_dropped_not_truncated() -> Result<()> {
 pub fn fix_ipv4_checksum(h: &mut [u8]) {
     h[10] = 0;
     h[11] = 0;
-    let mut sum: u32 = h.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    let mut sum: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }

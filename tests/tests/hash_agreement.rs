@@ -126,9 +126,15 @@ fn userspace_hash_depends_on_every_field() -> Result<()> {
         Flow::udp("198.51.100.1", 1000, "192.0.2.1", 443),
     ];
     for v in variants {
-        ensure!(v.hash(&key) != base.hash(&key), "{v:?} hashes like {base:?}");
+        ensure!(
+            v.hash(&key) != base.hash(&key),
+            "{v:?} hashes like {base:?}"
+        );
     }
     let swapped = Flow::tcp("192.0.2.1", 443, "198.51.100.1", 1000);
-    ensure!(swapped.hash(&key) != base.hash(&key), "direction must matter");
+    ensure!(
+        swapped.hash(&key) != base.hash(&key),
+        "direction must matter"
+    );
     Ok(())
 }

@@ -41,7 +41,11 @@ fn lab() -> Result<Netns> {
 fn connect_from(client: &str, port: u16, vip: &str) -> Result<TcpStream> {
     let local = SocketAddr::new(addr(client), port);
     let remote = SocketAddr::new(addr(vip), 443);
-    let s = Socket::new(Domain::for_address(remote), Type::STREAM, Some(Protocol::TCP))?;
+    let s = Socket::new(
+        Domain::for_address(remote),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     s.set_reuse_address(true)?;
     s.bind(&local.into())?;
     s.connect(&remote.into())?;
@@ -51,7 +55,14 @@ fn connect_from(client: &str, port: u16, vip: &str) -> Result<TcpStream> {
 /// Runs an inner packet through the owner path: steered from member 2 with `[4]` left.
 fn owner_verdict(s: &mut Scenario, inner_frame: &[u8]) -> Result<(u32, Counter, Vec<u8>)> {
     let inner = ip_packet(inner_frame, Vlan::None);
-    let input = steering_frame(member_addr(2), addr(UNDERLAY_V4), STEER_PORT, 2, &[4], inner)?;
+    let input = steering_frame(
+        member_addr(2),
+        addr(UNDERLAY_V4),
+        STEER_PORT,
+        2,
+        &[4],
+        inner,
+    )?;
     let run = s.run(&input)?;
     Ok((run.action, run.verdict(), run.out))
 }
@@ -72,7 +83,11 @@ fn established_and_time_wait_connections_are_found() -> Result<()> {
             let known = Flow::tcp(client, 40100, vip, 443);
             let inner = frame(&known, Tcp::ACK, Vlan::None, b"more");
             let (action, verdict, out) = owner_verdict(&mut s, &inner)?;
-            assert_eq!((action, verdict), (xdp::PASS, Counter::OwnerAccept), "{client}");
+            assert_eq!(
+                (action, verdict),
+                (xdp::PASS, Counter::OwnerAccept),
+                "{client}"
+            );
             assert_eq!(out, decapsulated(ip_packet(&inner, Vlan::None)));
 
             // Same listener, a client port nobody connected from: not ours.
@@ -84,7 +99,10 @@ fn established_and_time_wait_connections_are_found() -> Result<()> {
             // The ingress path finds the same socket when this node is the first hop.
             s.set_hops(&known, &[SELF_ID, 2])?;
             let run = s.run(&inner)?;
-            assert_eq!((run.action, run.verdict()), (xdp::PASS, Counter::LocalAccept));
+            assert_eq!(
+                (run.action, run.verdict()),
+                (xdp::PASS, Counter::LocalAccept)
+            );
 
             // The server closes first, so its side ends in TIME-WAIT: still ours.
             drop(server_conn);
@@ -131,11 +149,17 @@ fn only_connected_udp_sockets_claim_a_flow() -> Result<()> {
             let unconnected = UdpSocket::bind(SocketAddr::new(addr(vip), 80))?;
 
             let f = Flow::udp(client, 5000, vip, 443);
-            let (action, verdict, _) = owner_verdict(&mut s, &frame(&f, Tcp::ACK, Vlan::None, b"q"))?;
-            assert_eq!((action, verdict), (xdp::PASS, Counter::OwnerAccept), "{client}");
+            let (action, verdict, _) =
+                owner_verdict(&mut s, &frame(&f, Tcp::ACK, Vlan::None, b"q"))?;
+            assert_eq!(
+                (action, verdict),
+                (xdp::PASS, Counter::OwnerAccept),
+                "{client}"
+            );
 
             let f = Flow::udp(client, 5000, vip, 80);
-            let (action, verdict, _) = owner_verdict(&mut s, &frame(&f, Tcp::ACK, Vlan::None, b"q"))?;
+            let (action, verdict, _) =
+                owner_verdict(&mut s, &frame(&f, Tcp::ACK, Vlan::None, b"q"))?;
             assert_eq!((action, verdict), (xdp::TX, Counter::PassedOn), "{client}");
             drop((connected, unconnected));
         }
@@ -149,7 +173,11 @@ fn only_connected_udp_sockets_claim_a_flow() -> Result<()> {
 fn syn_cookie_handshake(client: &str, port: u16, vip: &str) -> Result<u32> {
     let sniffer = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP))?;
     sniffer.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let sender = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
+    let sender = Socket::new(
+        Domain::IPV4,
+        Type::RAW,
+        Some(Protocol::from(libc::IPPROTO_RAW)),
+    )?;
     let c: std::net::Ipv4Addr = client.parse()?;
     let v: std::net::Ipv4Addr = vip.parse()?;
     let mut syn = Vec::new();
@@ -163,7 +191,10 @@ fn syn_cookie_handshake(client: &str, port: u16, vip: &str) -> Result<u32> {
     while Instant::now() < deadline {
         let n = sniffer.recv(&mut buf)?;
         // SAFETY: recv initialised the first n bytes.
-        let bytes: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+        let bytes: Vec<u8> = buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
         let Ok(pkt) = etherparse::SlicedPacket::from_ip(&bytes) else {
             continue;
         };
@@ -196,14 +227,22 @@ fn syn_cookie_handshakes_are_recognised() -> Result<()> {
             ack_no: cookie.wrapping_add(1),
         };
         let (action, verdict, _) = owner_verdict(&mut s, &frame(&f, ack, Vlan::None, &[]))?;
-        assert_eq!((action, verdict), (xdp::PASS, Counter::OwnerAccept), "valid cookie");
+        assert_eq!(
+            (action, verdict),
+            (xdp::PASS, Counter::OwnerAccept),
+            "valid cookie"
+        );
 
         let forged = Tcp {
             ack_no: cookie.wrapping_add(12345),
             ..ack
         };
         let (action, verdict, _) = owner_verdict(&mut s, &frame(&f, forged, Vlan::None, &[]))?;
-        assert_eq!((action, verdict), (xdp::TX, Counter::PassedOn), "invalid cookie");
+        assert_eq!(
+            (action, verdict),
+            (xdp::TX, Counter::PassedOn),
+            "invalid cookie"
+        );
         Ok(())
     })?
 }

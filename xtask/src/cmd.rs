@@ -38,7 +38,7 @@ static PATH: LazyLock<OsString> = LazyLock::new(|| {
 });
 
 /// The workspace root: cargo commands run from there whatever directory xtask was started in.
-fn workspace_root() -> &'static Path {
+pub fn workspace_root() -> &'static Path {
     // xtask/ sits directly under the root.
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -27,14 +27,35 @@ pub fn run(options: &Options) -> Result<()> {
             cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))
         })?;
         stages.run("clippy", || {
+            // The XDP program only builds for the BPF target (no_std, no_main), so it is
+            // linted on its own, with the toolchain and target it is built with.
             cmd::run(cmd::cargo().args([
                 "clippy",
                 "--workspace",
+                "--exclude",
+                "cdn-ebpf",
                 "--all-targets",
                 "--",
                 "-D",
                 "warnings",
-            ]))
+            ]))?;
+            cmd::run(
+                cmd::cargo()
+                    .current_dir(cmd::workspace_root().join("cdn-ebpf"))
+                    .args([
+                        "+nightly",
+                        "clippy",
+                        "--release",
+                        "--target",
+                        "bpfel-unknown-none",
+                        "-Z",
+                        "build-std=core",
+                        "--bins",
+                        "--",
+                        "-D",
+                        "warnings",
+                    ]),
+            )
         })?;
     }
     stages.run("test", || cmd::run(&mut test_command(&options.args)))?;

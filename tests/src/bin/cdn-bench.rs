@@ -1,0 +1,279 @@
+//! `cargo xtask bench`: cost per packet of each path of the XDP program, measured with
+//! BPF_PROG_TEST_RUN next to a baseline measured in the same round.
+//!
+//! With `repeat > 1` the kernel runs a program again and again on the same buffer, so a path
+//! that rewrites the packet would see its own output from the second run on. Every path is
+//! therefore timed through `bench_steer`, a wrapper in the object that saves the frame, runs
+//! the real path and restores the frame, against `bench_baseline`, the same wrapper around
+//! nothing: net = wrapper(path) - wrapper(nothing). Paths that leave the packet untouched are
+//! also timed directly (`cdn_steer` against a bare XDP_PASS program) as a cross-check of the
+//! wrapper method.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use cdn_common::maps::{
+    BASELINE_PROGRAM_NAME, BENCH_BASELINE_PROGRAM_NAME, BENCH_PROGRAM_NAME, PROGRAM_NAME,
+};
+use cdn_tests::{
+    netns::Netns,
+    packets::{Flow, Tcp, Vlan, frame, ip_packet, steering_frame},
+    scenario::{
+        CLIENT_V4, CLIENT_V6, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, VIP_V4, VIP_V6, addr,
+        member_addr,
+    },
+    xdp,
+};
+
+struct Args {
+    rounds: usize,
+    repeat: u32,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        rounds: 7,
+        repeat: 1_000_000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| -> Result<String> {
+            it.next().with_context(|| format!("{name} needs a value"))
+        };
+        match a.as_str() {
+            "--rounds" => args.rounds = value("--rounds")?.parse().context("--rounds")?,
+            "--repeat" => args.repeat = value("--repeat")?.parse().context("--repeat")?,
+            "-h" | "--help" => {
+                println!(
+                    "cdn-bench [--rounds N (7)] [--repeat N (1000000)]\n\
+                     ns/packet of every XDP path, min and median over rounds, net of a trivial\n\
+                     XDP_PASS program measured in the same run."
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    if args.rounds == 0 || args.repeat == 0 {
+        bail!("--rounds and --repeat must be positive");
+    }
+    Ok(args)
+}
+
+/// How a path is timed.
+#[derive(Clone, Copy, PartialEq)]
+enum Method {
+    /// `bench_steer` against `bench_baseline` (save, run, restore).
+    Wrapped,
+    /// `cdn_steer` against a bare XDP_PASS: only for paths that do not modify the packet.
+    Direct,
+}
+
+struct Path {
+    name: String,
+    frame: Vec<u8>,
+    action: u32,
+    method: Method,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// (path, baseline) mean ns per run, each over `repeat` runs.
+fn time_path(s: &mut Scenario, p: &Path, repeat: u32) -> Result<(f64, f64)> {
+    let (program, baseline) = match p.method {
+        Method::Wrapped => (BENCH_PROGRAM_NAME, BENCH_BASELINE_PROGRAM_NAME),
+        Method::Direct => (PROGRAM_NAME, BASELINE_PROGRAM_NAME),
+    };
+    let (action, gross) = s.dp.time_run(program, &p.frame, repeat)?;
+    if action != p.action {
+        bail!(
+            "{}: action {action} under {program}, expected {}",
+            p.name,
+            p.action
+        );
+    }
+    let (_, base) = s.dp.time_run(baseline, &p.frame, repeat)?;
+    Ok((gross as f64, base as f64))
+}
+
+/// Frames of a realistic size: 64 bytes of payload, rounded up to a multiple of 8.
+fn padded(build: impl Fn(usize) -> Vec<u8>) -> Vec<u8> {
+    let len = build(64).len();
+    build(64 + (8 - len % 8) % 8)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let ns = Netns::new("bench")?;
+    for a in [
+        "192.0.2.10/32",
+        "198.51.100.7/32",
+        "2001:db8::10/128",
+        "2001:db8:ffff::7/128",
+    ] {
+        ns.ip(&["addr", "add", a, "dev", "lo"])?;
+    }
+    ns.enter(|| run(&args))?
+}
+
+fn run(args: &Args) -> Result<()> {
+    let mut s = Scenario::new()?;
+    // A real established connection for the socket-lookup paths.
+    let listener = TcpListener::bind(SocketAddr::new(addr(VIP_V4), 443))?;
+    let client = {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        sock.bind(&SocketAddr::new(addr(CLIENT_V4), 41000).into())?;
+        sock.connect(&SocketAddr::new(addr(VIP_V4), 443).into())?;
+        TcpStream::from(sock)
+    };
+    let (mut server, _) = listener.accept()?;
+    (&client).write_all(b"x")?;
+    server.read_exact(&mut [0u8; 1])?;
+
+    let fwd4 = Flow::tcp(CLIENT_V4, 40000, VIP_V4, 443);
+    let fwd6 = Flow::tcp(CLIENT_V6, 40000, VIP_V6, 443);
+    let local_syn = Flow::tcp(CLIENT_V4, 40001, VIP_V4, 443);
+    let established = Flow::tcp(CLIENT_V4, 41000, VIP_V4, 443);
+    let unknown = Flow::tcp(CLIENT_V4, 41001, VIP_V4, 443);
+    s.set_hops(&fwd4, &[2, 4])?;
+    s.set_hops(&fwd6, &[2, 4])?;
+    s.set_hops(&local_syn, &[SELF_ID, 2])?;
+    s.set_hops(&established, &[SELF_ID, 2])?;
+    let steered = |flow: &Flow, hops: &[u16]| -> Result<Vec<u8>> {
+        let inner = padded(|n| {
+            let f = frame(flow, Tcp::ACK, Vlan::None, &vec![0u8; n]);
+            let mut framed = vec![0u8; 50];
+            framed.extend_from_slice(ip_packet(&f, Vlan::None));
+            framed
+        });
+        steering_frame(
+            member_addr(2),
+            addr(UNDERLAY_V4),
+            STEER_PORT,
+            2,
+            hops,
+            &inner[50..],
+        )
+    };
+    let plain = |flow: &Flow, tcp: Tcp| padded(|n| frame(flow, tcp, Vlan::None, &vec![0u8; n]));
+    let non_vip = Flow::tcp(CLIENT_V4, 1, "203.0.113.1", 443);
+    let mut paths = Vec::new();
+    let mut add = |name: &str, frame: Vec<u8>, action: u32, direct_too: bool| {
+        if direct_too {
+            paths.push(Path {
+                name: format!("{name} [direct]"),
+                frame: frame.clone(),
+                action,
+                method: Method::Direct,
+            });
+        }
+        paths.push(Path {
+            name: name.to_string(),
+            frame,
+            action,
+            method: Method::Wrapped,
+        });
+    };
+    add("non-VIP pass", plain(&non_vip, Tcp::ACK), xdp::PASS, true);
+    add(
+        "ingress forward IPv4 (established flow)",
+        plain(&fwd4, Tcp::ACK),
+        xdp::TX,
+        false,
+    );
+    add(
+        "ingress forward IPv6 (established flow)",
+        plain(&fwd6, Tcp::ACK),
+        xdp::TX,
+        false,
+    );
+    add(
+        "ingress local accept (new SYN)",
+        plain(&local_syn, Tcp::SYN),
+        xdp::PASS,
+        true,
+    );
+    add(
+        "ingress local accept (socket lookup)",
+        plain(&established, Tcp::ACK),
+        xdp::PASS,
+        true,
+    );
+    add(
+        "owner accept (socket lookup, decap)",
+        steered(&established, &[4])?,
+        xdp::PASS,
+        false,
+    );
+    add(
+        "owner pass-on to next hop",
+        steered(&unknown, &[4])?,
+        xdp::TX,
+        false,
+    );
+    for p in &paths {
+        let run = s.run(&p.frame)?;
+        if run.action != p.action {
+            bail!(
+                "{}: expected action {}, got {} ({:?})",
+                p.name,
+                p.action,
+                run.action,
+                run.counted
+            );
+        }
+    }
+
+    println!(
+        "cdn-steer XDP cost per packet: {} rounds of {} runs per path and baseline",
+        args.rounds, args.repeat
+    );
+    let started = Instant::now();
+    let mut net: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut gross: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut base: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    for round in 0..args.rounds {
+        for (i, p) in paths.iter().enumerate() {
+            let (g, b) = time_path(&mut s, p, args.repeat)?;
+            net[i].push(g - b);
+            gross[i].push(g);
+            base[i].push(b);
+        }
+        eprintln!(
+            "round {}/{} done ({:.1} s)",
+            round + 1,
+            args.rounds,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    println!(
+        "{:<42} {:>9} {:>9}   {:>17}   {:>17}",
+        "path", "net min", "net med", "cdn_steer min/med", "baseline min/med"
+    );
+    for (i, p) in paths.iter().enumerate() {
+        let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+        println!(
+            "{:<42} {:>9.1} {:>9.1}   {:>8.1}/{:<8.1}   {:>8.1}/{:<8.1}",
+            p.name,
+            min(&net[i]),
+            median(&mut net[i].clone()),
+            min(&gross[i]),
+            median(&mut gross[i].clone()),
+            min(&base[i]),
+            median(&mut base[i].clone()),
+        );
+    }
+    println!(
+        "(ns per packet; net = path minus its baseline in the same round; [direct] rows time\n\
+         cdn_steer itself against a bare XDP_PASS and cross-check the wrapper method)"
+    );
+    drop((client, server, listener));
+    Ok(())
+}
