@@ -83,16 +83,22 @@ pub struct Service {
     pub table_offset: u32,
     /// Number of buckets M (prime).
     pub table_size: u32,
-    /// `SERVICE_*` protocol flags.
+    /// `SERVICE_*` flags.
     pub flags: u32,
-    /// Ports (host order); 0 marks an unused slot. No port at all: every port.
-    pub ports: [u16; MAX_SERVICE_PORTS],
+    /// TCP ports served (host order); 0 marks an unused slot.
+    pub tcp_ports: [u16; MAX_SERVICE_PORTS],
+    /// UDP ports served (host order); 0 marks an unused slot.
+    pub udp_ports: [u16; MAX_SERVICE_PORTS],
     /// Incremented by the controller at every table swap.
     pub generation: u32,
 }
 
+/// `Service::flags`: TCP is served (on `tcp_ports`).
 pub const SERVICE_TCP: u32 = 1 << 0;
+/// `Service::flags`: UDP is served (on `udp_ports`).
 pub const SERVICE_UDP: u32 = 1 << 1;
+/// `Service::flags`: every port of the served protocols, whatever the port lists say.
+pub const SERVICE_ALL_PORTS: u32 = 1 << 2;
 
 /// One Maglev bucket: `hops[0]` owns new flows, `hops[1..]` are previous owners, newest first.
 /// Unused slots hold [`NO_MEMBER`]. Eight bytes so that one store writes a whole bucket.
@@ -187,7 +193,7 @@ mod tests {
             size_of::<NodeConfig>(),
             16 + 4 + 16 + 2 + 2 + 4 + 1 + 3 + 4 + 4
         );
-        assert_eq!(size_of::<Service>(), 4 + 4 + 4 + 16 + 4);
+        assert_eq!(size_of::<Service>(), 4 + 4 + 4 + 16 + 16 + 4);
         assert_eq!(size_of::<Bucket>(), 8);
         assert_eq!(size_of::<Member>(), 20);
         assert_eq!(size_of::<NextHop>(), 24);

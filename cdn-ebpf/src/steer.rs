@@ -22,7 +22,8 @@ use cdn_common::{
     counters::Counter,
     hash::{flow_hash_v4, flow_hash_v6},
     maps::{
-        MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig, SERVICE_TCP, SERVICE_UDP,
+        MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP,
+        SERVICE_UDP,
         Service,
     },
     wire::{STEER_INNER_V6, STEER_MAX_REMAINING, STEER_VERSION, SteerHeader, entropy_port},
@@ -183,23 +184,24 @@ fn lookup(map: *mut c_void, key: *const c_void) -> *mut c_void {
 /// Does the service list this flow's protocol and port?
 #[inline(always)]
 fn serves(svc: &Service, flow: &Flow) -> bool {
-    let proto_flag = if flow.proto == IPPROTO_UDP {
-        SERVICE_UDP
+    let (proto_flag, ports) = if flow.proto == IPPROTO_UDP {
+        (SERVICE_UDP, &svc.udp_ports)
     } else {
-        SERVICE_TCP
+        (SERVICE_TCP, &svc.tcp_ports)
     };
     if svc.flags & proto_flag == 0 {
         return false;
     }
-    if svc.ports[0] == 0 {
+    if svc.flags & SERVICE_ALL_PORTS != 0 {
         return true;
     }
     let port = flow.dst_port();
     let mut found = false;
-    for p in svc.ports {
-        found |= p == port;
+    // Fixed trip count, no early exit: unrolled into straight-line compares.
+    for p in ports {
+        found |= *p == port;
     }
-    found
+    found && port != 0
 }
 
 #[inline(always)]

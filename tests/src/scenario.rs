@@ -62,15 +62,19 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// TCP 80 and 443, UDP 443.
 pub fn service(offset: u32) -> Service {
-    let mut ports = [0u16; 8];
-    ports[0] = 80;
-    ports[1] = 443;
+    let mut tcp_ports = [0u16; 8];
+    tcp_ports[0] = 80;
+    tcp_ports[1] = 443;
+    let mut udp_ports = [0u16; 8];
+    udp_ports[0] = 443;
     Service {
         table_offset: offset,
         table_size: TABLE_SIZE,
         flags: SERVICE_TCP | SERVICE_UDP,
-        ports,
+        tcp_ports,
+        udp_ports,
         generation: 1,
     }
 }

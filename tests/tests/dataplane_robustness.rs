@@ -192,7 +192,8 @@ fn oracle(frame: &[u8]) -> Oracle {
         }
         _ => return Oracle::Other,
     };
-    if dport != 80 && dport != 443 {
+    // The scenario's services: TCP 80 and 443, UDP 443.
+    if !(dport == 443 || (dport == 80 && !udp)) {
         return Oracle::Other;
     }
     Oracle::Forward {

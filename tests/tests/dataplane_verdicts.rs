@@ -212,6 +212,11 @@ fn vip_traffic_outside_the_service_is_dropped() -> Result<()> {
         s.set_hops(&f, &[2])?;
         let run = s.run(&frame(&f, Tcp::SYN, Vlan::None, b"q"))?;
         assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::PortMiss));
+        // Port 80 is served over TCP only.
+        let f = Flow::udp(src, 1234, vip, 80);
+        s.set_hops(&f, &[2])?;
+        let run = s.run(&frame(&f, Tcp::SYN, Vlan::None, b"q"))?;
+        assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::PortMiss));
     }
     Ok(())
 }

@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, ensure};
 use cdn_common::{
-    maps::{Bucket, NO_MEMBER, NODE_READY, NextHop, NodeConfig, SERVICE_TCP, SERVICE_UDP, Service},
+    maps::{Bucket, NO_MEMBER, NODE_READY, NextHop, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP,
+        Service,},
     wire::entropy_port,
 };
 use cdn_tests::{
@@ -55,8 +56,9 @@ fn kernel_and_userspace_hash_agree_on_10000_random_flows() -> Result<()> {
     let service = |offset| Service {
         table_offset: offset,
         table_size: BUCKETS,
-        flags: SERVICE_TCP | SERVICE_UDP,
-        ports: [0; 8], // every port
+        flags: SERVICE_TCP | SERVICE_UDP | SERVICE_ALL_PORTS,
+        tcp_ports: [0; 8],
+        udp_ports: [0; 8],
         generation: 1,
     };
     dp.set_service("192.0.2.0".parse()?, 24, &service(0))?;
