@@ -15,7 +15,11 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         xdp::DevMapHash,
     },
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp},
+    programs::{
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use cdn_common::{
     counters::Counter,
@@ -48,6 +52,14 @@ pub enum DataPlaneError {
     MemberId(u16),
     #[error("bucket range {offset}+{len} exceeds the table ({size} buckets)")]
     TableRange { offset: u32, len: usize, size: u32 },
+    #[error("attaching to {interface}: {source}")]
+    Attach {
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("pinned link {path}: {reason}")]
+    Link { path: PathBuf, reason: String },
 }
 
 type Result<T> = std::result::Result<T, DataPlaneError>;
@@ -59,6 +71,19 @@ pub struct LoadOptions {
     pub table_entries: u32,
     /// Directory to pin every map in (and to reuse pinned maps from); `None`: no pinning.
     pub pin_dir: Option<PathBuf>,
+}
+
+/// How the program is attached to one interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub interface: String,
+    /// `"native"` or `"generic"`.
+    pub mode: &'static str,
+    /// True if a running program was replaced in place (controller restart).
+    pub replaced: bool,
+    /// False for attachments made through netlink on kernels without XDP links; those cannot
+    /// be pinned, but survive the process anyway.
+    pub pinned: bool,
 }
 
 /// Every map, by name, as the program defines them.
@@ -137,6 +162,74 @@ impl DataPlane {
             member_stats: take(&mut ebpf, m::MAP_MEMBER_STATS)?,
             ebpf,
         })
+    }
+
+    /// Attaches the program to `interface`, or, if a link pinned at `link_pin` exists (left by
+    /// a previous controller), atomically replaces the program behind it: packets never see
+    /// the interface without a program. New links are pinned there, so the program stays
+    /// attached if this process dies.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        generic: bool,
+        link_pin: &Path,
+    ) -> Result<Attachment> {
+        let mode_name = if generic { "generic" } else { "native" };
+        let attach_err = |source| DataPlaneError::Attach {
+            interface: interface.to_string(),
+            source,
+        };
+        let link_err = |reason: String| DataPlaneError::Link {
+            path: link_pin.to_path_buf(),
+            reason,
+        };
+        let program = self.program()?;
+        if link_pin.exists() {
+            let pinned = PinnedLink::from_pin(link_pin).map_err(|e| link_err(e.to_string()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(|e| link_err(format!("not an XDP link: {e}")))?;
+            program.attach_to_link(link).map_err(attach_err)?;
+            return Ok(Attachment {
+                interface: interface.to_string(),
+                mode: mode_name,
+                replaced: true,
+                pinned: true,
+            });
+        }
+        let mode = if generic { XdpMode::Skb } else { XdpMode::Driver };
+        let id = program.attach(interface, mode).map_err(attach_err)?;
+        let link = program.take_link(id).map_err(attach_err)?;
+        let pinned = match FdLink::try_from(link) {
+            Ok(fd_link) => {
+                fd_link
+                    .pin(link_pin)
+                    .map_err(|e| link_err(e.to_string()))?;
+                true
+            }
+            // Netlink attachment (no XDP links in this kernel): it outlives us by itself.
+            Err(_) => false,
+        };
+        Ok(Attachment {
+            interface: interface.to_string(),
+            mode: mode_name,
+            replaced: false,
+            pinned,
+        })
+    }
+
+    /// Removes the pinned link of an interface: the program is detached once nothing else
+    /// holds the link.
+    pub fn detach(link_pin: &Path) -> Result<()> {
+        let pinned = PinnedLink::from_pin(link_pin).map_err(|e| DataPlaneError::Link {
+            path: link_pin.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let link = pinned.unpin().map_err(|e| DataPlaneError::Link {
+            path: link_pin.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        drop(link);
+        Ok(())
     }
 
     /// The XDP program, for attaching and test runs.
@@ -406,6 +499,56 @@ pub fn is_bpffs(dir: &Path) -> bool {
     // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::BPF_FS_MAGIC as _
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == libc::BPF_FS_MAGIC as i64
     }
+}
+
+/// Makes sure `dir` exists on a bpf filesystem, mounting one if needed: on `/sys/fs/bpf` when
+/// `dir` is below it (the usual place), otherwise on `dir` itself. Returns where a bpffs was
+/// mounted, if one was.
+pub fn ensure_bpffs(dir: &Path) -> std::io::Result<Option<PathBuf>> {
+    // The nearest existing directory decides: a pin directory that does not exist yet on an
+    // existing bpffs is simply created.
+    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    if is_bpffs(existing) {
+        std::fs::create_dir_all(dir)?;
+        return Ok(None);
+    }
+    let sys = Path::new("/sys/fs/bpf");
+    let mount_point = if dir.starts_with(sys) { sys } else { dir };
+    let mut mounted = None;
+    if !(mount_point.exists() && is_bpffs(mount_point)) {
+        std::fs::create_dir_all(mount_point)?;
+        mount_bpffs(mount_point)?;
+        mounted = Some(mount_point.to_path_buf());
+    }
+    std::fs::create_dir_all(dir)?;
+    if !is_bpffs(dir) {
+        return Err(std::io::Error::other(format!(
+            "{} is not on a bpf filesystem",
+            dir.display()
+        )));
+    }
+    Ok(mounted)
+}
+
+fn mount_bpffs(at: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::ffi::CString::new(at.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("path contains a NUL byte"))?;
+    let fstype = c"bpf";
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

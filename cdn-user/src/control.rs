@@ -1,0 +1,220 @@
+//! The control socket: how `cdn-steer status|drain|undrain|lookup` talk to the running daemon.
+//!
+//! One JSON request per connection, one JSON response, over a unix socket that only root can
+//! open (mode 0600). The types here are the whole protocol.
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 4096;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Drain,
+    Undrain,
+    Lookup {
+        src: SocketAddr,
+        dst: SocketAddr,
+        udp: bool,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status(Box<StatusReport>),
+    Lookup(LookupReport),
+    Done { message: String },
+    Error { message: String },
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub node: String,
+    pub config_path: String,
+    pub attachments: Vec<AttachmentStatus>,
+    pub ready: bool,
+    pub draining: bool,
+    pub table_size: u32,
+    pub members: Vec<MemberStatus>,
+    pub services: Vec<ServiceStatus>,
+    /// (reason, packets) for every data-plane counter, summed over CPUs.
+    pub counters: Vec<(String, u64)>,
+    pub bgp: Option<BgpStatus>,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AttachmentStatus {
+    pub interface: String,
+    pub mode: String,
+    pub replaced: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: u16,
+    pub name: String,
+    pub underlay: String,
+    pub weight: u32,
+    pub is_self: bool,
+    /// `None` until the first health check finished.
+    pub healthy: Option<bool>,
+    pub last_error: Option<String>,
+    pub last_check_ms: Option<f64>,
+    /// Buckets this member owns, over every service.
+    pub buckets: u64,
+    pub share: f64,
+    pub forwarded_packets: u64,
+    pub forwarded_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vips: Vec<String>,
+    pub generation: u32,
+    pub slot: u32,
+    pub active_half: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BgpStatus {
+    pub protocol: String,
+    pub bird_reachable: bool,
+    pub announced: Option<bool>,
+    pub wanted: bool,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LookupReport {
+    pub service: String,
+    pub hash: u64,
+    pub bucket: u32,
+    pub table_generation: u32,
+    /// (member id, name) of each hop, current owner first.
+    pub hops: Vec<(u16, String)>,
+}
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("cannot reach the daemon at {path}: {source} (is `cdn-steer run` running?)")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control socket I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad message on the control socket: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the daemon did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("control socket {path} is in use by a running daemon")]
+    InUse { path: String },
+}
+
+/// Sends one request to the daemon and returns its response.
+pub async fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    let exchange = async {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| ControlError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let (read, mut write) = stream.into_split();
+        let mut line = serde_json::to_string(request)?;
+        line.push('\n');
+        write.write_all(line.as_bytes()).await?;
+        write.shutdown().await?;
+        let mut reader = BufReader::new(read);
+        let mut reply = String::new();
+        reader.read_line(&mut reply).await?;
+        Ok(serde_json::from_str(&reply)?)
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ControlError::Timeout(timeout))?
+}
+
+/// Binds the control socket, replacing a stale socket file but refusing to steal one that a
+/// running daemon still answers on.
+pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(ControlError::InUse {
+                path: path.display().to_string(),
+            });
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Answers requests with `handler` until the task is dropped.
+pub async fn serve(listener: UnixListener, handler: Arc<dyn Fn(Request) -> Response + Send + Sync>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                log::warn!("control socket accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, handler).await {
+                log::debug!("control connection: {e}");
+            }
+        });
+    }
+}
+
+async fn answer(
+    stream: UnixStream,
+    handler: Arc<dyn Fn(Request) -> Response + Send + Sync>,
+) -> Result<(), ControlError> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        .await
+        .map_err(|_| ControlError::Timeout(Duration::from_secs(5)))??;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => {
+            // The handler takes locks and may write maps: keep it off the async threads.
+            tokio::task::spawn_blocking(move || handler(request))
+                .await
+                .unwrap_or_else(|e| Response::Error {
+                    message: format!("request handler failed: {e}"),
+                })
+        }
+        Err(e) => Response::Error {
+            message: format!("bad request: {e}"),
+        },
+    };
+    let mut out = serde_json::to_string(&response)?;
+    out.push('\n');
+    write.write_all(out.as_bytes()).await?;
+    write.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,1134 @@
+//! Prometheus metrics of the controller, served over HTTP at `/metrics`.
+//!
+//! The daemon owns all the state (data-plane counters in BPF maps, health results, tables), so
+//! instead of keeping live metric objects in sync with it, every scrape asks the daemon for a
+//! [`Snapshot`] and renders that into a fresh `prometheus-client` registry through a
+//! [`Collector`] with constant metrics. Nothing here holds state between scrapes.
+//!
+//! Two exposition formats are offered, chosen from the scraper's `Accept` header:
+//! OpenMetrics 1.0 (what `prometheus-client` produces, and what Prometheus asks for first), and
+//! the classic Prometheus text format 0.0.4 for everything else (curl, `promtool check metrics`,
+//! older scrapers). See [`Format`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cdn_common::counters::Counter;
+use log::{debug, warn};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::http::{self, Request, Response};
+
+/// What the daemon knows at scrape time; everything the metrics show comes from here.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Data-plane counters summed over all CPUs, indexed by `Counter as usize`.
+    pub counters: [u64; Counter::COUNT as usize],
+    /// Every configured member, this node included.
+    pub members: Vec<MemberMetrics>,
+    /// Every configured service.
+    pub services: Vec<ServiceMetrics>,
+    /// Whether this node is draining (passes new connections on instead of accepting them).
+    pub draining: bool,
+    /// How the XDP program is attached: `"native"`, `"generic"` or `"detached"`.
+    pub attach_mode: String,
+    /// Interfaces the XDP program is (or should be) attached to.
+    pub interfaces: Vec<String>,
+    /// State of the BGP announcement; `None` when BGP integration is off.
+    pub bgp: Option<BgpMetrics>,
+    /// Configuration reloads that were applied.
+    pub config_reloads_ok: u64,
+    /// Configuration reloads that were refused (the previous configuration stayed in force).
+    pub config_reloads_failed: u64,
+    /// When the controller started.
+    pub start_time: SystemTime,
+}
+
+/// Per-member state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemberMetrics {
+    /// Member id from the configuration (the value the data plane uses).
+    pub id: u16,
+    /// Member name from the configuration; the `member` label.
+    pub name: String,
+    /// Result of the last health check; `None` while not checked yet (and for this node, if it
+    /// does not check itself).
+    pub healthy: Option<bool>,
+    /// How long the last health check took; `None` while not checked yet.
+    pub last_check_latency: Option<Duration>,
+    /// Client packets this node forwarded to the member (summed over CPUs).
+    pub packets: u64,
+    /// Bytes of those packets.
+    pub bytes: u64,
+    /// Fraction of the steering buckets the member owns, over all services together (0..=1).
+    pub bucket_share: f64,
+    /// Configured weight.
+    pub weight: u32,
+    /// Whether this member is this node.
+    pub is_self: bool,
+}
+
+/// Per-service state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceMetrics {
+    /// Service name from the configuration; the `service` label.
+    pub name: String,
+    /// Generation of the steering table last written to the data plane; grows with every write.
+    pub table_generation: u64,
+    /// Buckets in the service's steering table.
+    pub buckets: u32,
+}
+
+/// State of the BGP announcement through BIRD.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BgpMetrics {
+    /// Whether BIRD's control socket answered the last poll.
+    pub bird_reachable: bool,
+    /// Whether the anycast prefixes are announced, as BIRD reports it; `None` when unknown
+    /// (BIRD unreachable).
+    pub announced: Option<bool>,
+    /// Whether the controller wants them announced (healthy and not draining).
+    pub wanted: bool,
+    /// Announce/withdraw changes the controller made.
+    pub transitions: u64,
+}
+
+/// Everything that can go wrong in this module.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot encode the metrics")]
+    Encode(#[from] fmt::Error),
+}
+
+/// Exposition format of a scrape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text, as `prometheus-client` writes it.
+    OpenMetrics,
+    /// Prometheus text format 0.0.4.
+    PrometheusText,
+}
+
+impl Format {
+    /// The `Content-Type` of a response in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::PrometheusText => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+
+    /// Picks the format for an `Accept` header. OpenMetrics only when the client asks for it
+    /// explicitly and prefers it at least as much as plain text; otherwise (no header, `*/*`,
+    /// `text/plain`, or nothing we have) the Prometheus text format, as the Go client does,
+    /// because every scraper and every human understands that one.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let (mut openmetrics, mut text) = (0.0f32, 0.0f32);
+        for range in accept.unwrap_or_default().split(',') {
+            let mut params = range.split(';').map(str::trim);
+            let media = params.next().unwrap_or_default().to_ascii_lowercase();
+            let mut q = Some(1.0);
+            for param in params {
+                if let Some((name, value)) = param.split_once('=')
+                    && name.trim().eq_ignore_ascii_case("q")
+                {
+                    q = value
+                        .trim()
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|q| (0.0..=1.0).contains(q));
+                }
+            }
+            // A range with an invalid weight is ignored rather than guessed at.
+            let Some(q) = q else { continue };
+            match media.as_str() {
+                "application/openmetrics-text" | "application/*" => {
+                    openmetrics = openmetrics.max(q);
+                }
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Format::OpenMetrics
+        } else {
+            Format::PrometheusText
+        }
+    }
+}
+
+/// Renders `snapshot` as OpenMetrics text.
+pub fn encode(snapshot: &Snapshot) -> Result<String, MetricsError> {
+    encode_as(snapshot, Format::OpenMetrics)
+}
+
+/// Renders `snapshot` in `format`.
+pub fn encode_as(snapshot: &Snapshot, format: Format) -> Result<String, MetricsError> {
+    render(snapshot.clone(), format)
+}
+
+/// As [`encode_as`], taking the snapshot by value: a registered collector must own its data.
+fn render(snapshot: Snapshot, format: Format) -> Result<String, MetricsError> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SnapshotCollector(snapshot)));
+    let mut openmetrics = String::with_capacity(8 * 1024);
+    prometheus_client::encoding::text::encode(&mut openmetrics, &registry)?;
+    Ok(match format {
+        Format::OpenMetrics => openmetrics,
+        Format::PrometheusText => openmetrics_to_prometheus(&openmetrics),
+    })
+}
+
+/// Rewrites OpenMetrics text into Prometheus text format 0.0.4, which `prometheus-client` has no
+/// encoder for. The two differ only in metadata lines: in OpenMetrics a counter family `x` has
+/// samples `x_total` and an info family `x` samples `x_info`, while 0.0.4 names the family like
+/// its samples (and has no info type, only gauges); 0.0.4 has no `# UNIT` and no `# EOF`. Sample
+/// lines are the same in both (label escaping included), so they are copied as they are.
+fn openmetrics_to_prometheus(openmetrics: &str) -> String {
+    // Metadata lines always start with `# `; sample lines never do (a sample starts with its
+    // name), and `prometheus-client` escapes newlines in label values, so going line by line
+    // cannot mistake one for the other.
+    let mut renamed: HashMap<&str, (&str, &str)> = HashMap::new();
+    for line in openmetrics.lines() {
+        if let Some((name, kind)) = line.strip_prefix("# TYPE ").and_then(|t| t.split_once(' ')) {
+            let mapping = match kind {
+                "counter" => ("_total", "counter"),
+                "info" => ("_info", "gauge"),
+                "unknown" => ("", "untyped"),
+                other => ("", other),
+            };
+            renamed.insert(name, mapping);
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let help = line.strip_prefix("# HELP ").map(|rest| ("HELP", rest));
+        let kind = line.strip_prefix("# TYPE ").map(|rest| ("TYPE", rest));
+        let Some((keyword, rest)) = help.or(kind) else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+        let (suffix, new_kind) = renamed.get(name).copied().unwrap_or(("", text));
+        let text = if keyword == "TYPE" { new_kind } else { text };
+        for part in ["# ", keyword, " ", name, suffix, " ", text, "\n"] {
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// The snapshot as a `prometheus-client` collector.
+#[derive(Debug)]
+struct SnapshotCollector(Snapshot);
+
+/// Help of the per-reason packet counters.
+const PACKETS_HELP: &str = "Packets handled by the XDP program, by reason, summed over CPUs. \
+     Series of kind verdict add up to the packets seen; series of kind info count events that \
+     come on top of a verdict.";
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let s = &self.0;
+        let enc = &mut enc;
+
+        family(
+            enc,
+            "cdn_steer_packets",
+            PACKETS_HELP,
+            None,
+            Counter::ALL.iter().map(|&c| {
+                let kind = if c.is_verdict() { "verdict" } else { "info" };
+                (
+                    [("reason", c.name()), ("kind", kind)],
+                    ConstCounter::new(s.counters[c as usize]),
+                )
+            }),
+        )?;
+
+        let member = |m: &MemberMetrics| [("member", m.name.clone())];
+        family(
+            enc,
+            "cdn_steer_member",
+            "Members of the cluster: id from the configuration, local true for this node.",
+            None,
+            s.members.iter().map(|m| {
+                let labels = [
+                    ("member", m.name.clone()),
+                    ("id", m.id.to_string()),
+                    ("local", m.is_self.to_string()),
+                ];
+                // `Info` carries its labels itself; the family labels stay empty.
+                (NO_LABELS, Info::new(labels))
+            }),
+        )?;
+        family(
+            enc,
+            "cdn_steer_member_forwarded_packets",
+            "Client packets this node forwarded to the member.",
+            None,
+            s.members
+                .iter()
+                .map(|m| (member(m), ConstCounter::new(m.packets))),
+        )?;
+        family(
+            enc,
+            "cdn_steer_member_forwarded",
+            "Bytes of the client packets this node forwarded to the member.",
+            Some(&Unit::Bytes),
+            s.members
+                .iter()
+                .map(|m| (member(m), ConstCounter::new(m.bytes))),
+        )?;
+        family(
+            enc,
+            "cdn_steer_member_health_checked",
+            "1 once the member has been health-checked, 0 before (then member_up is absent).",
+            None,
+            s.members
+                .iter()
+                .map(|m| (member(m), ConstGauge::new(i64::from(m.healthy.is_some())))),
+        )?;
+        family(
+            enc,
+            "cdn_steer_member_up",
+            "Result of the last health check of the member: 1 healthy, 0 not; absent while never \
+             checked.",
+            None,
+            s.members.iter().filter_map(|m| {
+                m.healthy
+                    .map(|up| (member(m), ConstGauge::new(i64::from(up))))
+            }),
+        )?;
+        family(
+            enc,
+            "cdn_steer_member_check_latency",
+            "Duration of the last health check of the member.",
+            Some(&Unit::Seconds),
+            s.members.iter().filter_map(|m| {
+                m.last_check_latency
+                    .map(|d| (member(m), ConstGauge::new(d.as_secs_f64())))
+            }),
+        )?;
+        family(
+            enc,
+            "cdn_steer_member_bucket_share",
+            "Fraction (0 to 1) of the steering buckets of all services that the member owns.",
+            None,
+            s.members
+                .iter()
+                .map(|m| (member(m), ConstGauge::new(m.bucket_share))),
+        )?;
+        family(
+            enc,
+            "cdn_steer_member_weight",
+            "Configured weight of the member.",
+            None,
+            s.members
+                .iter()
+                .map(|m| (member(m), ConstGauge::new(i64::from(m.weight)))),
+        )?;
+
+        let service = |v: &ServiceMetrics| [("service", v.name.clone())];
+        family(
+            enc,
+            "cdn_steer_table_generation",
+            "Generation of the steering table last written to the data plane.",
+            None,
+            s.services
+                .iter()
+                .map(|v| (service(v), ConstGauge::new(v.table_generation))),
+        )?;
+        family(
+            enc,
+            "cdn_steer_table_buckets",
+            "Buckets in the steering table of the service.",
+            None,
+            s.services
+                .iter()
+                .map(|v| (service(v), ConstGauge::new(i64::from(v.buckets)))),
+        )?;
+
+        single(
+            enc,
+            "cdn_steer_draining",
+            "1 while this node is draining (new connections are passed on), else 0.",
+            None,
+            ConstGauge::new(i64::from(s.draining)),
+        )?;
+        let attached = i64::from(s.attach_mode != "detached");
+        family(
+            enc,
+            "cdn_steer_xdp_attached",
+            "1 if the XDP program is attached to the interface in the given mode, 0 if detached.",
+            None,
+            s.interfaces.iter().map(|interface| {
+                (
+                    [("interface", interface.as_str()), ("mode", &s.attach_mode)],
+                    ConstGauge::new(attached),
+                )
+            }),
+        )?;
+
+        if let Some(bgp) = &s.bgp {
+            single(
+                enc,
+                "cdn_steer_bgp_bird_reachable",
+                "1 if the BIRD control socket answered the last poll, else 0.",
+                None,
+                ConstGauge::new(i64::from(bgp.bird_reachable)),
+            )?;
+            if let Some(announced) = bgp.announced {
+                single(
+                    enc,
+                    "cdn_steer_bgp_announced",
+                    "1 if BIRD reports the anycast prefixes announced, 0 if withdrawn; absent \
+                     while unknown.",
+                    None,
+                    ConstGauge::new(i64::from(announced)),
+                )?;
+            }
+            single(
+                enc,
+                "cdn_steer_bgp_announce_wanted",
+                "1 if the controller wants the anycast prefixes announced, else 0.",
+                None,
+                ConstGauge::new(i64::from(bgp.wanted)),
+            )?;
+            single(
+                enc,
+                "cdn_steer_bgp_transitions",
+                "Announce and withdraw changes the controller made.",
+                None,
+                ConstCounter::new(bgp.transitions),
+            )?;
+        }
+
+        family(
+            enc,
+            "cdn_steer_config_reloads",
+            "Configuration reloads, by result (a failed one leaves the previous configuration).",
+            None,
+            [
+                ([("result", "ok")], ConstCounter::new(s.config_reloads_ok)),
+                (
+                    [("result", "failed")],
+                    ConstCounter::new(s.config_reloads_failed),
+                ),
+            ],
+        )?;
+        single(
+            enc,
+            "cdn_steer_build",
+            "Version of the running controller.",
+            None,
+            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+        )?;
+        // A clock set before 1970 has no meaningful value to show; leave the series out.
+        if let Ok(since_epoch) = s.start_time.duration_since(UNIX_EPOCH) {
+            single(
+                enc,
+                "cdn_steer_start_time",
+                "Start time of the controller, in seconds since the Unix epoch.",
+                Some(&Unit::Seconds),
+                ConstGauge::new(since_epoch.as_secs_f64()),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Empty family label set for metrics that carry their own labels ([`Info`]). Only for those:
+/// a gauge or counter with an empty family label set would be written as `name{}`; unlabelled
+/// ones go through [`single`].
+const NO_LABELS: [(&str, &str); 0] = [];
+
+/// Writes one metric family with one series per item; nothing at all when there are no items
+/// (an empty family would only be metadata without data).
+fn family<L: EncodeLabelSet, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    series: impl IntoIterator<Item = (L, M)>,
+) -> fmt::Result {
+    let mut series = series.into_iter().peekable();
+    let Some((_, first)) = series.peek() else {
+        return Ok(());
+    };
+    let mut family = enc.encode_descriptor(name, help, unit, first.metric_type())?;
+    for (labels, metric) in series {
+        metric.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Writes one metric family with a single unlabelled series.
+fn single<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    metric: M,
+) -> fmt::Result {
+    metric.encode(enc.encode_descriptor(name, help, unit, metric.metric_type())?)
+}
+
+/// Produces a [`Snapshot`] at scrape time. Called on tokio's blocking pool, so it may take
+/// locks or read BPF maps.
+pub type SnapshotSource = Arc<dyn Fn() -> Snapshot + Send + Sync>;
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })
+}
+
+/// Serves `/metrics` (and an index at `/`) on `listener` until `shutdown` becomes `true` (or its
+/// sender is dropped). Never fails: client and per-scrape problems are logged and answered.
+pub async fn serve(listener: TcpListener, source: SnapshotSource, shutdown: watch::Receiver<bool>) {
+    let handler = move |request: Request| {
+        let source = Arc::clone(&source);
+        async move { route(request, source).await }
+    };
+    http::serve(listener, handler, shutdown).await;
+}
+
+const INDEX: &str = "<!DOCTYPE html>\n<html><head><title>cdn-steer</title></head>\n\
+    <body><h1>cdn-steer</h1><p><a href=\"/metrics\">Metrics</a></p></body></html>\n";
+
+async fn route(request: Request, source: SnapshotSource) -> Response {
+    match (request.path.as_str(), request.is_get_or_head()) {
+        ("/metrics", true) => scrape(&request, source).await,
+        ("/", true) => Response::new(200, "text/html; charset=utf-8", INDEX),
+        ("/metrics" | "/", false) => {
+            debug!("metrics http: method {} not allowed", request.method);
+            Response::text(405, "method not allowed").with_header("Allow", "GET, HEAD")
+        }
+        _ => Response::text(404, "not found"),
+    }
+}
+
+async fn scrape(request: &Request, source: SnapshotSource) -> Response {
+    let format = Format::negotiate(request.header("accept").as_deref());
+    // The source may block (map reads, locks), so it runs off the async workers; a panic in it
+    // surfaces here as a join error instead of taking a worker down.
+    match tokio::task::spawn_blocking(move || render(source(), format)).await {
+        Ok(Ok(body)) => Response::new(200, format.content_type(), body)
+            // The body depends on `Accept`; caches in between must know.
+            .with_header("Vary", "Accept"),
+        // These are controller bugs, not client noise, hence louder than debug.
+        Ok(Err(e)) => {
+            warn!("metrics scrape failed: {e}");
+            Response::text(500, "cannot encode the metrics")
+        }
+        Err(e) => {
+            warn!("metrics scrape failed: the snapshot source failed: {e}");
+            Response::text(500, "cannot collect the metrics")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    fn snapshot() -> Snapshot {
+        let mut counters = [0; Counter::COUNT as usize];
+        for (i, c) in counters.iter_mut().enumerate() {
+            *c = 100 + i as u64;
+        }
+        counters[Counter::Forwarded as usize] = 7;
+        Snapshot {
+            counters,
+            members: vec![
+                MemberMetrics {
+                    id: 1,
+                    name: "node-a".into(),
+                    healthy: None,
+                    last_check_latency: None,
+                    packets: 0,
+                    bytes: 0,
+                    bucket_share: 0.5,
+                    weight: 100,
+                    is_self: true,
+                },
+                MemberMetrics {
+                    id: 2,
+                    name: "node-b".into(),
+                    healthy: Some(true),
+                    last_check_latency: Some(Duration::from_micros(2500)),
+                    packets: 7,
+                    bytes: 7000,
+                    bucket_share: 0.25,
+                    weight: 50,
+                    is_self: false,
+                },
+                MemberMetrics {
+                    id: 3,
+                    // Label values come from the configuration: they must be escaped.
+                    name: "node \"c\"\\".into(),
+                    healthy: Some(false),
+                    last_check_latency: Some(Duration::from_secs(1)),
+                    packets: u64::MAX,
+                    bytes: 1,
+                    bucket_share: 0.25,
+                    weight: 50,
+                    is_self: false,
+                },
+            ],
+            services: vec![
+                ServiceMetrics {
+                    name: "web".into(),
+                    table_generation: 3,
+                    buckets: 65537,
+                },
+                ServiceMetrics {
+                    name: "dns".into(),
+                    table_generation: 12,
+                    buckets: 251,
+                },
+            ],
+            draining: false,
+            attach_mode: "native".into(),
+            interfaces: vec!["eth0".into(), "eth1".into()],
+            bgp: Some(BgpMetrics {
+                bird_reachable: true,
+                announced: Some(true),
+                wanted: true,
+                transitions: 4,
+            }),
+            config_reloads_ok: 2,
+            config_reloads_failed: 1,
+            start_time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_500),
+        }
+    }
+
+    fn samples(exposition: &str) -> Vec<&str> {
+        exposition.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
+    /// Every sample of the test snapshot, in order; the same in both formats.
+    fn expected_samples() -> Vec<String> {
+        let mut expected: Vec<String> = Counter::ALL
+            .iter()
+            .map(|&c| {
+                let kind = if c.is_verdict() { "verdict" } else { "info" };
+                let value = if c == Counter::Forwarded {
+                    7
+                } else {
+                    100 + c as u64
+                };
+                format!(
+                    "cdn_steer_packets_total{{reason=\"{}\",kind=\"{kind}\"}} {value}",
+                    c.name()
+                )
+            })
+            .collect();
+        let version = env!("CARGO_PKG_VERSION");
+        let c = r#"node \"c\"\\"#;
+        expected.extend(
+            [
+                r#"cdn_steer_member_info{member="node-a",id="1",local="true"} 1"#,
+                r#"cdn_steer_member_info{member="node-b",id="2",local="false"} 1"#,
+                &format!(r#"cdn_steer_member_info{{member="{c}",id="3",local="false"}} 1"#),
+                r#"cdn_steer_member_forwarded_packets_total{member="node-a"} 0"#,
+                r#"cdn_steer_member_forwarded_packets_total{member="node-b"} 7"#,
+                &format!(
+                    r#"cdn_steer_member_forwarded_packets_total{{member="{c}"}} 18446744073709551615"#
+                ),
+                r#"cdn_steer_member_forwarded_bytes_total{member="node-a"} 0"#,
+                r#"cdn_steer_member_forwarded_bytes_total{member="node-b"} 7000"#,
+                &format!(r#"cdn_steer_member_forwarded_bytes_total{{member="{c}"}} 1"#),
+                r#"cdn_steer_member_health_checked{member="node-a"} 0"#,
+                r#"cdn_steer_member_health_checked{member="node-b"} 1"#,
+                &format!(r#"cdn_steer_member_health_checked{{member="{c}"}} 1"#),
+                r#"cdn_steer_member_up{member="node-b"} 1"#,
+                &format!(r#"cdn_steer_member_up{{member="{c}"}} 0"#),
+                r#"cdn_steer_member_check_latency_seconds{member="node-b"} 0.0025"#,
+                &format!(r#"cdn_steer_member_check_latency_seconds{{member="{c}"}} 1.0"#),
+                r#"cdn_steer_member_bucket_share{member="node-a"} 0.5"#,
+                r#"cdn_steer_member_bucket_share{member="node-b"} 0.25"#,
+                &format!(r#"cdn_steer_member_bucket_share{{member="{c}"}} 0.25"#),
+                r#"cdn_steer_member_weight{member="node-a"} 100"#,
+                r#"cdn_steer_member_weight{member="node-b"} 50"#,
+                &format!(r#"cdn_steer_member_weight{{member="{c}"}} 50"#),
+                r#"cdn_steer_table_generation{service="web"} 3"#,
+                r#"cdn_steer_table_generation{service="dns"} 12"#,
+                r#"cdn_steer_table_buckets{service="web"} 65537"#,
+                r#"cdn_steer_table_buckets{service="dns"} 251"#,
+                "cdn_steer_draining 0",
+                r#"cdn_steer_xdp_attached{interface="eth0",mode="native"} 1"#,
+                r#"cdn_steer_xdp_attached{interface="eth1",mode="native"} 1"#,
+                "cdn_steer_bgp_bird_reachable 1",
+                "cdn_steer_bgp_announced 1",
+                "cdn_steer_bgp_announce_wanted 1",
+                "cdn_steer_bgp_transitions_total 4",
+                r#"cdn_steer_config_reloads_total{result="ok"} 2"#,
+                r#"cdn_steer_config_reloads_total{result="failed"} 1"#,
+                &format!(r#"cdn_steer_build_info{{version="{version}"}} 1"#),
+                "cdn_steer_start_time_seconds 1700000000.5",
+            ]
+            .map(str::to_owned),
+        );
+        expected
+    }
+
+    #[test]
+    fn metrics_encode_every_series_with_its_value() {
+        let text = encode(&snapshot()).unwrap();
+        assert_eq!(samples(&text), expected_samples(), "\n{text}");
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
+        for metadata in [
+            "# TYPE cdn_steer_packets counter",
+            "# TYPE cdn_steer_member info",
+            "# TYPE cdn_steer_member_forwarded_bytes counter",
+            "# UNIT cdn_steer_member_forwarded_bytes bytes",
+            "# TYPE cdn_steer_member_up gauge",
+            "# UNIT cdn_steer_member_check_latency_seconds seconds",
+            "# TYPE cdn_steer_build info",
+            &format!("# HELP cdn_steer_packets {PACKETS_HELP}"),
+        ] {
+            assert!(text.lines().any(|l| l == metadata), "{metadata}\n{text}");
+        }
+    }
+
+    #[test]
+    fn metrics_prometheus_text_renames_families_like_their_samples() {
+        let text = encode_as(&snapshot(), Format::PrometheusText).unwrap();
+        assert_eq!(samples(&text), expected_samples(), "\n{text}");
+        for metadata in [
+            "# TYPE cdn_steer_packets_total counter",
+            &format!("# HELP cdn_steer_packets_total {PACKETS_HELP}"),
+            "# TYPE cdn_steer_member_info gauge",
+            "# TYPE cdn_steer_member_forwarded_bytes_total counter",
+            "# TYPE cdn_steer_member_check_latency_seconds gauge",
+            "# TYPE cdn_steer_build_info gauge",
+            "# HELP cdn_steer_build_info Version of the running controller.",
+            "# TYPE cdn_steer_start_time_seconds gauge",
+        ] {
+            assert!(text.lines().any(|l| l == metadata), "{metadata}\n{text}");
+        }
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn metrics_leave_out_what_is_unknown_or_absent() {
+        let mut s = snapshot();
+        s.members.clear();
+        s.services.clear();
+        s.interfaces = vec!["eth0".into()];
+        s.attach_mode = "detached".into();
+        s.draining = true;
+        s.bgp.as_mut().unwrap().announced = None;
+        let text = encode(&s).unwrap();
+        assert!(!text.contains("cdn_steer_member"), "{text}");
+        assert!(!text.contains("cdn_steer_table"), "{text}");
+        assert!(!text.contains("cdn_steer_bgp_announced"), "{text}");
+        let samples = samples(&text);
+        assert!(samples.contains(&"cdn_steer_draining 1"), "{text}");
+        assert!(
+            samples.contains(&r#"cdn_steer_xdp_attached{interface="eth0",mode="detached"} 0"#),
+            "{text}"
+        );
+
+        s.bgp = None;
+        let text = encode(&s).unwrap();
+        assert!(!text.contains("cdn_steer_bgp"), "{text}");
+    }
+
+    #[test]
+    fn metrics_format_follows_the_accept_header() {
+        // What Prometheus 2.x sends.
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                          version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        for (accept, format) in [
+            (Some(prometheus), Format::OpenMetrics),
+            (Some("application/openmetrics-text"), Format::OpenMetrics),
+            (
+                Some("Application/OpenMetrics-Text; q=0.5, text/plain; q=0.5"),
+                Format::OpenMetrics,
+            ),
+            (None, Format::PrometheusText),
+            (Some(""), Format::PrometheusText),
+            (Some("*/*"), Format::PrometheusText),
+            (Some("text/plain;version=0.0.4"), Format::PrometheusText),
+            (
+                Some("application/openmetrics-text;q=0"),
+                Format::PrometheusText,
+            ),
+            (
+                Some("application/openmetrics-text;q=nope"),
+                Format::PrometheusText,
+            ),
+            (
+                Some("application/openmetrics-text;q=0.4, text/*;q=0.5"),
+                Format::PrometheusText,
+            ),
+            (Some("application/json"), Format::PrometheusText),
+        ] {
+            assert_eq!(Format::negotiate(accept), format, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn metrics_bind_names_the_address_on_failure() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let taken = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let addr = taken.local_addr().unwrap();
+            let err = bind(addr).await.unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains(&addr.to_string()) && message.contains("in use"),
+                "{message}"
+            );
+        });
+    }
+
+    // --- The server, over real TCP connections. ---
+
+    /// A server on 127.0.0.1:0 in a thread with its own runtime, so the tests can use plain
+    /// blocking sockets as clients.
+    struct TestServer {
+        addr: SocketAddr,
+        stop: watch::Sender<bool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl TestServer {
+        fn start(source: SnapshotSource) -> TestServer {
+            let (stop, stopped) = watch::channel(false);
+            let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+            let thread = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+                    addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                    serve(listener, source, stopped).await;
+                });
+            });
+            let addr = addr_rx.recv().unwrap();
+            TestServer {
+                addr,
+                stop,
+                thread: Some(thread),
+            }
+        }
+
+        fn with_snapshot() -> TestServer {
+            Self::start(Arc::new(snapshot))
+        }
+
+        /// Signals shutdown and waits for `serve` to return.
+        fn shut_down(mut self) -> Duration {
+            let started = Instant::now();
+            self.stop.send_replace(true);
+            if let Some(thread) = self.thread.take() {
+                thread.join().unwrap();
+            }
+            started.elapsed()
+        }
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            self.stop.send_replace(true);
+            if let Some(thread) = self.thread.take() {
+                // Do not hide the original failure behind a second panic.
+                let _ = thread.join();
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct Reply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Reply {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+
+        fn body(&self) -> &str {
+            std::str::from_utf8(&self.body).unwrap()
+        }
+    }
+
+    /// Sends `raw` on a fresh connection and reads the response until the server closes.
+    fn exchange(addr: SocketAddr, raw: &[u8]) -> Reply {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        stream.write_all(raw).unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).unwrap();
+        parse_reply(&response)
+    }
+
+    fn parse_reply(response: &[u8]) -> Reply {
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(response)));
+        let head = std::str::from_utf8(&response[..split]).unwrap();
+        let body = response[split + 4..].to_vec();
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap();
+        let status = status_line
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|s| s.get(..3))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("status line {status_line:?}"));
+        let headers = lines
+            .map(|l| {
+                let (n, v) = l.split_once(": ").unwrap();
+                (n.to_owned(), v.to_owned())
+            })
+            .collect();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Reply {
+        let accept = accept
+            .map(|a| format!("Accept: {a}\r\n"))
+            .unwrap_or_default();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{accept}\r\n");
+        exchange(addr, request.as_bytes())
+    }
+
+    #[test]
+    fn metrics_server_answers_scrapes_in_both_formats() {
+        let server = TestServer::with_snapshot();
+        let reply = get(
+            server.addr,
+            "/metrics",
+            Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+        );
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        );
+        assert_eq!(reply.header("connection"), Some("close"));
+        assert_eq!(
+            reply.header("content-length"),
+            Some(reply.body.len().to_string().as_str())
+        );
+        assert_eq!(reply.body(), encode(&snapshot()).unwrap());
+
+        let reply = get(server.addr, "/metrics?debug=1", None);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(
+            reply.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8")
+        );
+        assert_eq!(
+            reply.body(),
+            encode_as(&snapshot(), Format::PrometheusText).unwrap()
+        );
+
+        // HEAD: the same headers, no body.
+        let reply = exchange(server.addr, b"HEAD /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert!(reply.body.is_empty(), "{reply:?}");
+        let length: usize = reply.header("content-length").unwrap().parse().unwrap();
+        assert!(length > 1000, "{reply:?}");
+    }
+
+    #[test]
+    fn metrics_server_status_codes() {
+        let server = TestServer::with_snapshot();
+        let addr = server.addr;
+
+        let index = get(addr, "/", None);
+        assert_eq!(index.status, 200, "{index:?}");
+        assert_eq!(
+            index.header("content-type"),
+            Some("text/html; charset=utf-8")
+        );
+        assert!(index.body().contains("href=\"/metrics\""), "{index:?}");
+
+        assert_eq!(get(addr, "/nope", None).status, 404);
+        assert_eq!(get(addr, "/metrics/", None).status, 404);
+
+        let post = exchange(
+            addr,
+            b"POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello",
+        );
+        assert_eq!(post.status, 405, "{post:?}");
+        assert_eq!(post.header("allow"), Some("GET, HEAD"));
+        assert_eq!(
+            exchange(addr, b"DELETE / HTTP/1.1\r\nHost: t\r\n\r\n").status,
+            405
+        );
+
+        for garbage in [
+            &b"hello\r\n\r\n"[..],
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nHost: t\r\nbroken header\r\n\r\n",
+        ] {
+            let reply = exchange(addr, garbage);
+            assert_eq!(reply.status, 400, "{garbage:?} -> {reply:?}");
+        }
+        assert_eq!(exchange(addr, b"GET /metrics HTTP/3.0\r\n\r\n").status, 505);
+
+        let mut huge = b"GET /metrics HTTP/1.1\r\nHost: t\r\nX-Pad: ".to_vec();
+        huge.resize(http::MAX_HEAD + 100, b'a');
+        assert_eq!(exchange(addr, &huge).status, 431);
+
+        // Still serving after all that.
+        assert_eq!(get(addr, "/metrics", None).status, 200);
+    }
+
+    #[test]
+    fn metrics_server_times_out_slow_clients() {
+        let server = TestServer::with_snapshot();
+        let started = Instant::now();
+        let reply = exchange(server.addr, b"GET /metrics HTTP/1.1\r\nHost: t\r\n");
+        let elapsed = started.elapsed();
+        assert_eq!(reply.status, 408, "{reply:?}");
+        assert!(
+            elapsed >= http::HEAD_TIMEOUT - Duration::from_millis(100)
+                && elapsed < http::HEAD_TIMEOUT + Duration::from_secs(3),
+            "{elapsed:?}"
+        );
+    }
+
+    #[test]
+    fn metrics_server_serves_many_clients_at_once() {
+        let server = TestServer::with_snapshot();
+        let addr = server.addr;
+        // Idle connections must not hold up the others.
+        let idle: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let clients: Vec<_> = (0..40)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let path = if i % 4 == 0 { "/" } else { "/metrics" };
+                    get(addr, path, None).status
+                })
+            })
+            .collect();
+        for client in clients {
+            assert_eq!(client.join().unwrap(), 200);
+        }
+        drop(idle);
+    }
+
+    #[test]
+    fn metrics_server_survives_a_failing_source() {
+        let failed_once = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&failed_once);
+        let server = TestServer::start(Arc::new(move || {
+            if !flag.swap(true, Ordering::SeqCst) {
+                panic!("snapshot source failure (expected by the test)");
+            }
+            snapshot()
+        }));
+        assert_eq!(get(server.addr, "/metrics", None).status, 500);
+        assert!(failed_once.load(Ordering::SeqCst));
+        assert_eq!(get(server.addr, "/metrics", None).status, 200);
+    }
+
+    #[test]
+    fn metrics_server_stops_on_shutdown() {
+        let server = TestServer::with_snapshot();
+        let addr = server.addr;
+        assert_eq!(get(addr, "/", None).status, 200);
+        let took = server.shut_down();
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert!(TcpStream::connect(addr).is_err(), "still accepting");
+    }
+
+    /// Runs `promtool check metrics` on `exposition`; returns whether it passed and what it said.
+    fn promtool(exposition: &[u8]) -> (bool, String) {
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run promtool ({e}): install the Debian package `prometheus` \
+                     (the project's setup does)"
+                )
+            });
+        child.stdin.take().unwrap().write_all(exposition).unwrap();
+        let output = child.wait_with_output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), said)
+    }
+
+    #[test]
+    fn metrics_scrape_passes_promtool() {
+        let server = TestServer::with_snapshot();
+        let reply = get(server.addr, "/metrics", Some("text/plain"));
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let (ok, said) = promtool(&reply.body);
+        assert!(
+            ok && said.trim().is_empty(),
+            "promtool: {said}\n{}",
+            reply.body()
+        );
+
+        // The check can fail: promtool reads the Prometheus text format, so the OpenMetrics
+        // rendering (info type, counters named without `_total`) does not pass it.
+        let (ok, said) = promtool(encode(&snapshot()).unwrap().as_bytes());
+        assert!(
+            !ok || !said.trim().is_empty(),
+            "promtool accepted OpenMetrics"
+        );
+    }
+}
