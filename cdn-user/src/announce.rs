@@ -5,16 +5,20 @@
 //! [`Announcer`] turns it into BIRD state: it enables the BIRD static protocol holding the VIP
 //! routes while the value is `true` and disables it while it is `false`.
 //!
-//! BIRD's state is not only changed by us: BIRD may restart (and come up with the protocol in
-//! its configured default state), or an operator may run `birdc enable`/`disable`. So the
-//! announcer does not just forward changes; on every change of the wanted value *and* every
-//! poll interval it reads the protocol's state and corrects it when it differs.
+//! BIRD's state is not only changed by us: BIRD may restart, and every `birdc configure`
+//! (reload) puts the protocol back into its configured state (`disabled` in the recommended
+//! configuration) even when the file did not change; an operator may also run `birdc
+//! enable`/`disable`. So the announcer does not just forward changes; on every change of the
+//! wanted value *and* every poll interval it reads the protocol's state and corrects it when
+//! it differs. A reload therefore withdraws the VIPs for up to one poll interval.
 //!
 //! Logging: every announce and withdraw is logged at info with why it happened (the wanted
 //! value changed, or BIRD drifted). A problem (BIRD unreachable, protocol missing, ...) is
 //! logged at warn when it starts or changes, not on every poll, and its end at info.
 
+use std::mem::Discriminant;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use log::{debug, info, warn};
@@ -66,10 +70,12 @@ struct Shared {
     client: BirdClient,
     protocol: String,
     status: watch::Sender<AnnounceStatus>,
-    /// Held for the whole of each check-and-correct round, so that a round already past its
-    /// check cannot re-enable the protocol after `withdraw_now` disabled it. The value is
-    /// whether `withdraw_now` was called: from then on the protocol is kept disabled.
-    held_down: Mutex<bool>,
+    /// Set by `withdraw_now`: from then on the protocol is kept disabled.
+    held_down: AtomicBool,
+    /// Held for the whole of each check-and-correct round and by `withdraw_now`, so that a
+    /// round already past its check cannot re-enable the protocol after `withdraw_now`
+    /// disabled it.
+    bird_lock: Mutex<()>,
 }
 
 impl Announcer {
@@ -95,7 +101,8 @@ impl Announcer {
             client,
             protocol,
             status: status_tx,
-            held_down: Mutex::new(false),
+            held_down: AtomicBool::new(false),
+            bird_lock: Mutex::new(()),
         });
         let worker = Worker {
             shared: Arc::clone(&shared),
@@ -111,17 +118,24 @@ impl Announcer {
         }
     }
 
-    /// [`Announcer::start`] with the socket, protocol and poll interval of `[bgp]`; `None`
-    /// when `settings.enabled` is false (the controller then leaves BIRD alone).
-    pub fn from_settings(settings: &BgpSettings, wanted: watch::Receiver<bool>) -> Option<Self> {
-        settings.enabled.then(|| {
-            Self::start(
-                BirdClient::from_settings(settings),
-                settings.protocol.clone(),
-                settings.poll_interval,
-                wanted,
-            )
-        })
+    /// One announcer per protocol of `[bgp]`, with its socket and poll interval; none when
+    /// `settings.enabled` is false (the controller then leaves BIRD alone).
+    pub fn from_settings(settings: &BgpSettings, wanted: &watch::Receiver<bool>) -> Vec<Self> {
+        if !settings.enabled {
+            return Vec::new();
+        }
+        settings
+            .protocols
+            .iter()
+            .map(|protocol| {
+                Self::start(
+                    BirdClient::from_settings(settings),
+                    protocol.clone(),
+                    settings.poll_interval,
+                    wanted.clone(),
+                )
+            })
+            .collect()
     }
 
     /// The announcer's status, updated after every check.
@@ -139,9 +153,10 @@ impl Announcer {
     /// BIRD that is unreachable because it is not running announces nothing either.
     pub async fn withdraw_now(&self, deadline: Duration) -> Result<(), BirdError> {
         let shared = &self.shared;
+        // Before waiting for the lock, so that it holds even if the deadline passes meanwhile.
+        shared.held_down.store(true, Ordering::SeqCst);
         let result = tokio::time::timeout(deadline, async {
-            let mut held = shared.held_down.lock().await;
-            *held = true;
+            let _lock = shared.bird_lock.lock().await;
             shared
                 .status
                 .send_if_modified(|s| std::mem::replace(&mut s.wanted, false));
@@ -205,8 +220,9 @@ impl Drop for Announcer {
 enum Problem {
     /// No working BIRD on the socket.
     Unreachable,
-    /// BIRD answered but the check or correction failed; the error's message.
-    Failed(String),
+    /// BIRD answered but the check or correction failed. Only the kind of error counts: the
+    /// message of an unexpected reply may differ from poll to poll (it quotes timestamps).
+    Failed(Discriminant<BirdError>),
 }
 
 /// The background task's state.
@@ -214,8 +230,8 @@ struct Worker {
     shared: Arc<Shared>,
     poll: Duration,
     problem: Option<Problem>,
-    /// The wanted value of the last round that reached BIRD, to tell a change of the wanted
-    /// value from drift in the log.
+    /// The wanted value of the last successful round, to tell a change of the wanted value
+    /// from drift in the log.
     enforced: Option<bool>,
 }
 
@@ -246,13 +262,14 @@ impl Worker {
     /// One check-and-correct round.
     async fn round(&mut self, wanted: bool) {
         let shared = Arc::clone(&self.shared);
-        let held = shared.held_down.lock().await;
-        let want = wanted && !*held;
+        let lock = shared.bird_lock.lock().await;
+        let held_down = shared.held_down.load(Ordering::SeqCst);
+        let want = wanted && !held_down;
         shared
             .status
             .send_if_modified(|s| std::mem::replace(&mut s.wanted, want) != want);
-        let result = self.check_and_correct(want, *held).await;
-        drop(held);
+        let result = self.check_and_correct(want, held_down).await;
+        drop(lock);
         match result {
             Ok((announced, changed)) => {
                 self.problem_solved();
@@ -267,10 +284,6 @@ impl Worker {
             Err(e) => {
                 let unreachable = e.is_unreachable();
                 self.problem(&e, want);
-                if !unreachable {
-                    // BIRD answered, so its state is what we last asked for.
-                    self.enforced = Some(want);
-                }
                 shared.status.send_modify(|s| {
                     s.bird_reachable = !unreachable;
                     s.announced = None;
@@ -297,7 +310,7 @@ impl Worker {
         if back {
             self.problem_solved();
         }
-        if status.is_enabled() == want || self.enforced == Some(want) {
+        if status.is_enabled() == want {
             return Ok((want, false));
         }
         let reason = match self.enforced {
@@ -347,7 +360,7 @@ impl Worker {
         let problem = if error.is_unreachable() {
             Problem::Unreachable
         } else {
-            Problem::Failed(error.to_string())
+            Problem::Failed(std::mem::discriminant(error))
         };
         let action = if want { "announce" } else { "withdraw" };
         if self.problem.as_ref() == Some(&problem) {
@@ -562,6 +575,31 @@ mod tests {
             );
             assert_eq!(logcap::matching(Level::Warn, "").len(), 1);
         }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn reasserts_after_bird_reconfigure() -> Result<()> {
+        let bird = TestBird::start(CONFIG).await?;
+        let (_wanted_tx, wanted) = watch::channel(true);
+        let announcer = announcer(&bird, wanted);
+        let mut status = announcer.status();
+        status_until(&mut status, "announced", |s| s.transitions == 1).await?;
+
+        // `birdc configure` puts every protocol back into its configured state, so with
+        // `disabled` in the configuration a reload withdraws the VIPs until the next poll.
+        let reply = bird.client().command("configure").await?;
+        assert!(
+            reply.lines().iter().any(|l| l.text.contains("Reconfigur")),
+            "{reply}"
+        );
+        eventually("reload disabled the protocol", DEADLINE, || async {
+            Ok(!enabled_in_bird(&bird).await? || announcer.status().borrow().transitions > 1)
+        })
+        .await?;
+        let s = status_until(&mut status, "re-announced", |s| s.transitions == 2).await?;
+        assert_eq!(s.announced, Some(true));
+        bird_announces(&bird, true).await?;
         Ok(())
     }
 

@@ -289,8 +289,8 @@ impl BirdClient {
     /// Sends one command line (without the newline) and returns BIRD's reply. A reply with an
     /// error code is returned as [`BirdError::Rejected`].
     pub async fn command(&self, command: &str) -> Result<Reply, BirdError> {
-        // A newline would end the command early and make BIRD run the rest as a second one,
-        // whose reply we would then take for the answer to the next request.
+        // A newline would end the command early and make BIRD run the rest as a second
+        // command, one nobody checked (`show status\ndisable x`).
         if command.chars().any(char::is_control) {
             return Err(BirdError::InvalidCommand(command.to_owned()));
         }
@@ -814,6 +814,8 @@ pub(crate) mod logcap {
         });
         if installed {
             RECORDS.with(|r| *r.borrow_mut() = Some(Vec::new()));
+        } else {
+            eprintln!("another logger is installed: skipping the checks of log records");
         }
         installed
     }

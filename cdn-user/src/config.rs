@@ -127,8 +127,9 @@ udp_ports = [443]
 [bgp]
 enabled = true
 bird_socket = "/run/bird/bird.ctl"
-# The BIRD static protocol holding the VIP routes; the controller enables and disables it.
-protocol = "anycast_vips"
+# The BIRD static protocols holding the VIP routes (one per address family); the controller
+# enables them while this node should be announced and disables them otherwise.
+protocols = ["anycast_vips", "anycast_vips6"]
 poll_interval_ms = 1000
 
 [metrics]
@@ -302,9 +303,11 @@ pub struct BgpSettings {
     pub enabled: bool,
     /// `bird_socket` (default `"/run/bird/bird.ctl"`): absolute path of BIRD's control socket.
     pub bird_socket: PathBuf,
-    /// `protocol` (required): name of the BIRD static protocol that holds the VIP routes; the
-    /// controller enables it while this node is ready and healthy and disables it otherwise.
-    pub protocol: String,
+    /// `protocols` (required, at least one; `protocol = "name"` is accepted for a single one):
+    /// names of the BIRD static protocols that hold the VIP routes (one per address family: a
+    /// BIRD static protocol carries one). The controller enables them while this node is ready
+    /// and healthy and disables them otherwise.
+    pub protocols: Vec<String>,
     /// `poll_interval_ms` (default 1000, more than 0): how often the protocol's state is
     /// checked and corrected.
     pub poll_interval: Duration,
@@ -332,6 +335,19 @@ impl Config {
     /// The member with id `id`, if configured.
     pub fn member(&self, id: u16) -> Option<&MemberSettings> {
         self.cluster.members.iter().find(|m| m.id == id)
+    }
+
+    /// Whether an id belongs to a configured member, as a lookup in a bitmap over the id space:
+    /// cheap enough to call for every hop of every bucket (see [`crate::history::advance`]),
+    /// where searching the member list each time would not be.
+    pub fn known_ids(&self) -> impl Fn(u16) -> bool + use<> {
+        let mut known = vec![false; MAX_MEMBERS as usize];
+        for m in &self.cluster.members {
+            if let Some(k) = known.get_mut(usize::from(m.id)) {
+                *k = true;
+            }
+        }
+        move |id| known.get(usize::from(id)).copied().unwrap_or(false)
     }
 }
 
@@ -689,6 +705,7 @@ mod raw {
         pub enabled: Option<bool>,
         pub bird_socket: Option<PathBuf>,
         pub protocol: Option<String>,
+        pub protocols: Option<Vec<String>>,
         pub poll_interval_ms: Option<u32>,
     }
 
@@ -895,7 +912,10 @@ impl Checker {
             self.problem("cluster.members", "at least one member is required");
         }
         // The first TCP port of the first service listing one: the default health check port.
-        let default_port = services.iter().find_map(|s| s.tcp_ports.first().copied());
+        // (Port 0 is reported at the service; defaulting to it would only repeat that.)
+        let default_port = services
+            .iter()
+            .find_map(|s| s.tcp_ports.iter().copied().find(|&p| p != 0));
 
         let mut members: Vec<MemberSettings> = Vec::with_capacity(raw.len());
         // Parsed underlays, None where parsing failed, to find duplicates.
@@ -1218,15 +1238,35 @@ impl Checker {
 
     fn bgp(&mut self, raw: raw::Bgp) -> BgpSettings {
         let bird_socket = self.absolute("bgp.bird_socket", raw.bird_socket, DEFAULT_BIRD_SOCKET);
-        let protocol = raw.protocol.unwrap_or_default();
-        if !is_bird_symbol(&protocol) {
-            self.problem(
-                "bgp.protocol",
-                format!(
-                    "{protocol:?} is not a BIRD protocol name (a letter or '_', then letters, \
-                     digits or '_')"
-                ),
-            );
+        let (field, protocols) = match (raw.protocol, raw.protocols) {
+            (Some(_), Some(_)) => {
+                self.problem("bgp.protocol", "give either protocol or protocols, not both");
+                ("bgp.protocols", Vec::new())
+            }
+            (Some(one), None) => ("bgp.protocol", vec![one]),
+            (None, Some(list)) => ("bgp.protocols", list),
+            (None, None) => ("bgp.protocol", vec![String::new()]),
+        };
+        if protocols.is_empty() {
+            self.problem(field, "at least one BIRD protocol is required");
+        }
+        for (i, protocol) in protocols.iter().enumerate() {
+            let at = if field == "bgp.protocol" {
+                field.to_string()
+            } else {
+                format!("{field}[{i}]")
+            };
+            if !is_bird_symbol(protocol) {
+                self.problem(
+                    at,
+                    format!(
+                        "{protocol:?} is not a BIRD protocol name (a letter or '_', then \
+                         letters, digits or '_')"
+                    ),
+                );
+            } else if protocols[..i].contains(protocol) {
+                self.problem(at, format!("{protocol:?} is listed twice"));
+            }
         }
         let poll_interval_ms = raw.poll_interval_ms.unwrap_or(DEFAULT_POLL_INTERVAL_MS);
         if poll_interval_ms == 0 {
@@ -1235,7 +1275,7 @@ impl Checker {
         BgpSettings {
             enabled: raw.enabled.unwrap_or(true),
             bird_socket,
-            protocol,
+            protocols,
             poll_interval: Duration::from_millis(poll_interval_ms.into()),
         }
     }
@@ -1419,13 +1459,16 @@ mod tests {
             ]
         );
         let bgp = config.bgp.as_ref().expect("example has [bgp]");
-        assert_eq!(bgp.protocol, "anycast_vips");
+        assert_eq!(bgp.protocols, ["anycast_vips", "anycast_vips6"]);
         assert_eq!(
             config.metrics.listen,
             "127.0.0.1:9465".parse().expect("valid")
         );
         assert_eq!(config.self_member().map(|m| m.id), Some(0));
         assert_eq!(config.member(2).map(|m| m.name.as_str()), Some("node-c"));
+        let known = config.known_ids();
+        assert!(known(0) && known(1) && known(2));
+        assert!(!known(3) && !known(1023) && !known(cdn_common::maps::NO_MEMBER));
     }
 
     #[test]
@@ -1985,16 +2028,40 @@ mod tests {
 
     #[test]
     fn bgp_and_metrics_are_checked() {
+        const LIST: &str = "protocols = [\"anycast_vips\", \"anycast_vips6\"]";
         assert_problem(
-            &example_with(&[("protocol = \"anycast_vips\"", "protocol = \"anycast vips\"")]),
+            &example_with(&[(LIST, "protocols = [\"anycast_vips\", \"anycast vips\"]")]),
+            "bgp.protocols[1]",
+            "not a BIRD protocol name",
+        );
+        assert_problem(
+            &example_with(&[(LIST, "protocols = [\"a\", \"a\"]")]),
+            "bgp.protocols[1]",
+            "listed twice",
+        );
+        assert_problem(
+            &example_with(&[(LIST, "protocols = []")]),
+            "bgp.protocols",
+            "at least one",
+        );
+        assert_problem(
+            &example_with(&[(LIST, "protocol = \"anycast vips\"")]),
             "bgp.protocol",
             "not a BIRD protocol name",
         );
         assert_problem(
-            &example_with(&[("protocol = \"anycast_vips\"\n", "")]),
+            &example_with(&[(LIST, "")]),
             "bgp.protocol",
             "not a BIRD protocol name",
         );
+        assert_problem(
+            &example_with(&[(LIST, "protocol = \"x\"\nprotocols = [\"y\"]")]),
+            "bgp.protocol",
+            "not both",
+        );
+        let one = parse(&example_with(&[(LIST, "protocol = \"anycast_vips\"")]))
+            .expect("a single protocol is accepted");
+        assert_eq!(one.bgp.expect("bgp").protocols, ["anycast_vips"]);
         assert_problem(
             &example_with(&[("poll_interval_ms = 1000", "poll_interval_ms = 0")]),
             "bgp.poll_interval_ms",

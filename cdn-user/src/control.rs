@@ -49,7 +49,8 @@ pub struct StatusReport {
     pub services: Vec<ServiceStatus>,
     /// (reason, packets) for every data-plane counter, summed over CPUs.
     pub counters: Vec<(String, u64)>,
-    pub bgp: Option<BgpStatus>,
+    /// One entry per BIRD protocol the controller drives.
+    pub bgp: Vec<BgpStatus>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
 }

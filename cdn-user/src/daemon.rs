@@ -33,7 +33,6 @@ use tokio::{
 
 use crate::{
     announce::{AnnounceStatus, Announcer},
-    bird::BirdClient,
     config::{self, Config},
     control::{
         self, AttachmentStatus, BgpStatus, LookupReport, MemberStatus, Request, Response,
@@ -81,7 +80,8 @@ pub struct Core {
     draining: bool,
     ready: bool,
     health: BTreeMap<u16, MemberHealth>,
-    bgp: Option<AnnounceStatus>,
+    /// One announcer status per BIRD protocol.
+    bgp: Vec<(String, watch::Receiver<AnnounceStatus>)>,
     reloads_ok: u64,
     reloads_failed: u64,
     started: SystemTime,
@@ -186,6 +186,18 @@ impl Core {
         Ok(())
     }
 
+    /// Whether this node takes new flows, for other members' health checks: a drained node
+    /// answers "no", so it leaves every node's table while its own flows continue.
+    fn readiness(&self) -> Result<(), String> {
+        if !self.ready {
+            return Err("data plane not ready".to_string());
+        }
+        if self.draining {
+            return Err("draining".to_string());
+        }
+        Ok(())
+    }
+
     /// Whether the VIP routes should be announced from this node.
     fn announce_wanted(&self) -> bool {
         let local_ok = match self.cfg.self_member() {
@@ -259,13 +271,20 @@ impl Core {
                 .iter()
                 .map(|c| (c.name().to_string(), counters[*c as usize]))
                 .collect(),
-            bgp: self.cfg.bgp.as_ref().map(|b| BgpStatus {
-                protocol: b.protocol.clone(),
-                bird_reachable: self.bgp.as_ref().is_some_and(|s| s.bird_reachable),
-                announced: self.bgp.as_ref().and_then(|s| s.announced),
-                wanted: self.bgp.as_ref().is_some_and(|s| s.wanted),
-                last_error: self.bgp.as_ref().and_then(|s| s.last_error.clone()),
-            }),
+            bgp: self
+                .bgp
+                .iter()
+                .map(|(protocol, rx)| {
+                    let s = rx.borrow();
+                    BgpStatus {
+                        protocol: protocol.clone(),
+                        bird_reachable: s.bird_reachable,
+                        announced: s.announced,
+                        wanted: s.wanted,
+                        last_error: s.last_error.clone(),
+                    }
+                })
+                .collect(),
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
         })
@@ -365,15 +384,29 @@ impl Core {
                 .map_or("detached", |a| a.mode)
                 .to_string(),
             interfaces: self.cfg.node.interfaces.clone(),
-            bgp: self.bgp.as_ref().map(|s| metrics::BgpMetrics {
-                bird_reachable: s.bird_reachable,
-                announced: s.announced,
-                wanted: s.wanted,
-                transitions: s.transitions,
-            }),
+            bgp: self.bgp_metrics(),
             config_reloads_ok: self.reloads_ok,
             config_reloads_failed: self.reloads_failed,
             start_time: self.started,
+        })
+    }
+
+    /// The announcement over every BIRD protocol: announced only if all of them are.
+    fn bgp_metrics(&self) -> Option<metrics::BgpMetrics> {
+        if self.bgp.is_empty() {
+            return None;
+        }
+        let all: Vec<AnnounceStatus> = self.bgp.iter().map(|(_, rx)| rx.borrow().clone()).collect();
+        let announced = all
+            .iter()
+            .map(|s| s.announced)
+            .collect::<Option<Vec<bool>>>()
+            .map(|v| v.iter().all(|a| *a));
+        Some(metrics::BgpMetrics {
+            bird_reachable: all.iter().all(|s| s.bird_reachable),
+            announced,
+            wanted: all.iter().all(|s| s.wanted),
+            transitions: all.iter().map(|s| s.transitions).sum(),
         })
     }
 
@@ -559,7 +592,7 @@ pub async fn run(opts: Options) -> Result<()> {
         draining: previous_flags & NODE_DRAINING != 0,
         ready: previous_flags & NODE_READY != 0,
         health: BTreeMap::new(),
-        bgp: None,
+        bgp: Vec::new(),
         reloads_ok: 0,
         reloads_failed: 0,
         started: SystemTime::now(),
@@ -598,21 +631,25 @@ pub async fn run(opts: Options) -> Result<()> {
 
     let control_path = core.cfg.node.control_socket.clone();
     let metrics_addr = core.cfg.metrics.listen;
-    let bgp_cfg = core.cfg.bgp.clone().filter(|b| b.enabled);
+    // Announcement: one announcer per BIRD protocol, all driven by the same wish.
+    let (wanted_tx, wanted_rx) = watch::channel(false);
+    let announcers = match &core.cfg.bgp {
+        Some(b) => Announcer::from_settings(b, &wanted_rx),
+        None => Vec::new(),
+    };
+    core.bgp = match &core.cfg.bgp {
+        Some(b) => b
+            .protocols
+            .iter()
+            .cloned()
+            .zip(announcers.iter().map(Announcer::status))
+            .collect(),
+        None => Vec::new(),
+    };
     let shared = Shared(Arc::new(Mutex::new(core)));
     let rebuild = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    // Announcement.
-    let (wanted_tx, wanted_rx) = watch::channel(false);
-    let announcer = bgp_cfg.as_ref().map(|b| {
-        Announcer::start(
-            BirdClient::new(&b.bird_socket, Duration::from_secs(2)),
-            b.protocol.clone(),
-            b.poll_interval,
-            wanted_rx,
-        )
-    });
 
     // Control socket.
     let listener = control::bind(&control_path).await?;
@@ -628,6 +665,7 @@ pub async fn run(opts: Options) -> Result<()> {
     // Metrics.
     let metrics_listener = metrics::bind(metrics_addr).await?;
     let metrics_task = {
+        let ready_shared = shared.clone();
         let shared = shared.clone();
         let source: metrics::SnapshotSource = Arc::new(move || {
             let core = shared.lock();
@@ -636,7 +674,13 @@ pub async fn run(opts: Options) -> Result<()> {
                 empty_snapshot(&core)
             })
         });
-        tokio::spawn(metrics::serve(metrics_listener, source, stop_rx.clone()))
+        let ready: metrics::ReadySource = Arc::new(move || ready_shared.lock().readiness());
+        tokio::spawn(metrics::serve_with_ready(
+            metrics_listener,
+            source,
+            Some(ready),
+            stop_rx.clone(),
+        ))
     };
 
     // Next hops.
@@ -650,7 +694,6 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut bgp_rx = announcer.as_ref().map(|a| a.status());
     let mut last_rebuild = Instant::now();
     let mut pending = false;
 
@@ -681,14 +724,6 @@ pub async fn run(opts: Options) -> Result<()> {
                     Ok(Err(e)) => log::error!("table rebuild failed: {e:#}"),
                     Err(e) => log::error!("table rebuild task failed: {e}"),
                 }
-            }
-            Some(status) = async {
-                match bgp_rx.as_mut() {
-                    Some(rx) => rx.changed().await.ok().map(|()| rx.borrow_and_update().clone()),
-                    None => std::future::pending().await,
-                }
-            } => {
-                shared.lock().bgp = Some(status);
             }
             _ = hup.recv() => {
                 let path = shared.lock().config_path.clone();
@@ -725,7 +760,7 @@ pub async fn run(opts: Options) -> Result<()> {
 
     log::info!("stopping");
     wanted_tx.send_replace(false);
-    if let Some(announcer) = &announcer {
+    for announcer in &announcers {
         match announcer.withdraw_now(Duration::from_secs(5)).await {
             Ok(()) => log::info!("routes withdrawn"),
             Err(e) => log::error!("withdrawing the routes: {e}"),

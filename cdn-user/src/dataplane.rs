@@ -499,7 +499,7 @@ pub fn is_bpffs(dir: &Path) -> bool {
     // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == libc::BPF_FS_MAGIC as i64
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::BPF_FS_MAGIC
     }
 }
 

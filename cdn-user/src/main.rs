@@ -195,7 +195,7 @@ fn print_status(s: &StatusReport) {
         if s.ready { "ready" } else { "not ready" },
         if s.draining { ", DRAINING" } else { "" }
     );
-    if let Some(b) = &s.bgp {
+    for b in &s.bgp {
         println!(
             "  BGP: protocol {} {}, BIRD {}{}",
             b.protocol,

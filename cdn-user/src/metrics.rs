@@ -505,12 +505,27 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|source| MetricsError::Bind { addr, source })
 }
 
+/// Whether this node takes new flows: `Ok` or the reason it does not. Other members' health
+/// checks ask for it at `/ready`, which is how a drained node leaves their tables.
+pub type ReadySource = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// Serves `/metrics` (and an index at `/`) on `listener` until `shutdown` becomes `true` (or its
 /// sender is dropped). Never fails: client and per-scrape problems are logged and answered.
 pub async fn serve(listener: TcpListener, source: SnapshotSource, shutdown: watch::Receiver<bool>) {
+    serve_with_ready(listener, source, None, shutdown).await;
+}
+
+/// [`serve`], plus `/ready`: 200 while `ready` says so, 503 with the reason otherwise.
+pub async fn serve_with_ready(
+    listener: TcpListener,
+    source: SnapshotSource,
+    ready: Option<ReadySource>,
+    shutdown: watch::Receiver<bool>,
+) {
     let handler = move |request: Request| {
         let source = Arc::clone(&source);
-        async move { route(request, source).await }
+        let ready = ready.clone();
+        async move { route(request, source, ready).await }
     };
     http::serve(listener, handler, shutdown).await;
 }
@@ -518,11 +533,22 @@ pub async fn serve(listener: TcpListener, source: SnapshotSource, shutdown: watc
 const INDEX: &str = "<!DOCTYPE html>\n<html><head><title>cdn-steer</title></head>\n\
     <body><h1>cdn-steer</h1><p><a href=\"/metrics\">Metrics</a></p></body></html>\n";
 
-async fn route(request: Request, source: SnapshotSource) -> Response {
+async fn route(request: Request, source: SnapshotSource, ready: Option<ReadySource>) -> Response {
     match (request.path.as_str(), request.is_get_or_head()) {
         ("/metrics", true) => scrape(&request, source).await,
+        ("/ready", true) => match ready {
+            Some(ready) => match tokio::task::spawn_blocking(move || ready()).await {
+                Ok(Ok(())) => Response::text(200, "ready"),
+                Ok(Err(reason)) => Response::text(503, &reason),
+                Err(e) => {
+                    warn!("readiness check failed: {e}");
+                    Response::text(500, "readiness check failed")
+                }
+            },
+            None => Response::text(404, "not found"),
+        },
         ("/", true) => Response::new(200, "text/html; charset=utf-8", INDEX),
-        ("/metrics" | "/", false) => {
+        ("/metrics" | "/" | "/ready", false) => {
             debug!("metrics http: method {} not allowed", request.method);
             Response::text(405, "method not allowed").with_header("Allow", "GET, HEAD")
         }

@@ -58,13 +58,24 @@ pub struct ServiceTable {
     pub slot: u32,
     /// Which half (0 or 1) the LPM entries point at.
     pub active: u32,
+    /// 0 until the table was first installed; then grows with every swap.
     pub generation: u32,
-    /// Contents of the active half.
-    pub buckets: Vec<Bucket>,
-    /// Contents of the standby half.
-    pub standby: Vec<Bucket>,
+    /// What each half of the slot holds in the kernel, so updates write only what differs.
+    /// Before the first installation they hold whatever an earlier user of the slot left.
+    pub halves: [Vec<Bucket>; 2],
     /// The VIP prefixes whose LPM entries point at this table.
     pub vips: Vec<Prefix>,
+}
+
+impl ServiceTable {
+    /// The live table: the active half, once installed.
+    pub fn buckets(&self) -> &[Bucket] {
+        if self.generation == 0 {
+            &[]
+        } else {
+            &self.halves[self.active as usize]
+        }
+    }
 }
 
 /// What an update did.
@@ -156,8 +167,10 @@ impl Tables {
             match found {
                 Some((slot, active, generation)) => {
                     used[slot as usize] = true;
-                    let buckets = dp.read_buckets(half_offset(slot, active, size), size)?;
-                    let standby = dp.read_buckets(half_offset(slot, 1 - active, size), size)?;
+                    let halves = [
+                        dp.read_buckets(half_offset(slot, 0, size), size)?,
+                        dp.read_buckets(half_offset(slot, 1, size), size)?,
+                    ];
                     log::info!(
                         "service {}: recovered table (slot {slot}, half {active}, generation {generation})",
                         svc.name
@@ -167,9 +180,8 @@ impl Tables {
                         ServiceTable {
                             slot,
                             active,
-                            generation,
-                            buckets,
-                            standby,
+                            generation: generation.max(1),
+                            halves,
                             vips: svc.vips.clone(),
                         },
                     );
@@ -199,8 +211,8 @@ impl Tables {
     }
 
     /// A service without a table yet: both halves are read back (a removed service may have
-    /// left buckets there) so that the first update writes exactly what differs. Nothing
-    /// points at the slot until that update installs the LPM entries.
+    /// left buckets there) so that updates write exactly what differs; none of it counts as
+    /// history. Nothing points at the slot until the first update installs the LPM entries.
     fn add_fresh(&mut self, dp: &DataPlane, svc: &ServiceSettings, slot: u32) -> Result<(), TableError> {
         let size = self.size;
         log::info!("service {}: new table in slot {slot}", svc.name);
@@ -211,8 +223,10 @@ impl Tables {
                 // The first update writes half 0 and points the VIPs at it.
                 active: 1,
                 generation: 0,
-                buckets: Vec::new(),
-                standby: dp.read_buckets(half_offset(slot, 0, size), size)?,
+                halves: [
+                    dp.read_buckets(half_offset(slot, 0, size), size)?,
+                    dp.read_buckets(half_offset(slot, 1, size), size)?,
+                ],
                 vips: Vec::new(),
             },
         );
@@ -273,13 +287,12 @@ impl Tables {
             let Some(table) = self.services.get_mut(&svc.name) else {
                 continue;
             };
-            let (next, summary) =
-                history::advance(&table.buckets, owners, |id| cfg.member(id).is_some());
+            let (next, summary) = history::advance(table.buckets(), owners, cfg.known_ids());
             report
                 .owner_changes
                 .insert(svc.name.clone(), summary.owner_changed);
             let same_vips = table.vips == svc.vips;
-            if next == table.buckets && same_vips && table.generation > 0 {
+            if table.generation > 0 && next == table.buckets() && same_vips {
                 // Nothing changed: keep the current half; ports may still have changed.
                 for vip in &svc.vips {
                     let offset = half_offset(table.slot, table.active, self.size);
@@ -293,8 +306,9 @@ impl Tables {
             let target = 1 - table.active;
             let base = half_offset(table.slot, target, self.size);
             let mut writes = 0;
-            for (i, (new, old)) in next.iter().zip(table.standby.iter()).enumerate() {
-                if new != old {
+            let standby = &table.halves[target as usize];
+            for (i, new) in next.iter().enumerate() {
+                if standby.get(i) != Some(new) {
                     dp.write_buckets(base + i as u32, std::slice::from_ref(new))?;
                     writes += 1;
                 }
@@ -309,7 +323,7 @@ impl Tables {
             for vip in table.vips.iter().filter(|v| !svc.vips.contains(v)) {
                 dp.remove_service(vip.addr(), vip.prefix_len())?;
             }
-            table.standby = std::mem::replace(&mut table.buckets, next);
+            table.halves[target as usize] = next;
             table.active = target;
             table.generation = generation;
             table.vips = svc.vips.clone();
@@ -335,7 +349,7 @@ impl Tables {
     pub fn share(&self) -> BTreeMap<u16, u64> {
         let mut out = BTreeMap::new();
         for table in self.services.values() {
-            for (id, n) in history::per_member_share(&table.buckets) {
+            for (id, n) in history::per_member_share(table.buckets()) {
                 *out.entry(id).or_insert(0) += u64::from(n);
             }
         }

@@ -1,6 +1,9 @@
 //! Support code for cdn-steer's integration tests, benchmarks and lab: test frames, a data plane
 //! in a known state, and network namespaces that clean up after themselves.
 
+pub mod content;
+pub mod download;
+pub mod lab;
 pub mod netns;
 pub mod packets;
 pub mod scenario;

@@ -1,0 +1,83 @@
+//! The lab's web server: serves `/file` (the deterministic content of `cdn_tests::content`)
+//! and `/health` on every address given, one thread per connection.
+//!
+//! `cdn-lab-httpd --size BYTES --seed N --listen ADDR:PORT [--listen ...]`
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use cdn_tests::content;
+
+fn main() -> Result<()> {
+    let mut size = 4 << 20;
+    let mut seed = 1;
+    let mut listen: Vec<SocketAddr> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--size" => size = value()?.parse().context("--size")?,
+            "--seed" => seed = value()?.parse().context("--seed")?,
+            "--listen" => listen.push(value()?.parse().context("--listen")?),
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    if listen.is_empty() {
+        bail!("give at least one --listen ADDR:PORT");
+    }
+    let body = Arc::new(content::generate(size, seed));
+    let mut threads = Vec::new();
+    for addr in listen {
+        let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        let body = body.clone();
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let body = body.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &body);
+                });
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn serve(stream: TcpStream, body: &[u8]) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // Slow clients are the point of the lab: writes may wait long for the window to open.
+    stream.set_write_timeout(Some(Duration::from_secs(120)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    let path = request.split_whitespace().nth(1).unwrap_or("");
+    let mut out = stream;
+    match path {
+        "/file" => {
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )?;
+            for chunk in body.chunks(16 * 1024) {
+                out.write_all(chunk)?;
+            }
+        }
+        "/health" => out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")?,
+        _ => out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?,
+    }
+    out.flush()
+}

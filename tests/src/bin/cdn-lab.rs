@@ -1,0 +1,260 @@
+//! `cargo xtask run`: brings up the lab (client, router with ECMP, N anycast nodes running BIRD,
+//! cdn-steer and a web server) and runs a scripted demo: long downloads from the client while
+//! routes move between nodes and a node is drained and undrained, with a live view and a
+//! summary. Ctrl-C (or any error) tears everything down.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use cdn_tests::{
+    content,
+    download::{self, Live, Spec},
+    lab::{Lab, LabOptions, VIP_V4},
+};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+struct Args {
+    nodes: usize,
+    duration: Duration,
+    flows: usize,
+    steering: bool,
+    rate: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        nodes: 3,
+        duration: Duration::from_secs(60),
+        flows: 20,
+        steering: true,
+        rate: 200 * 1024,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--nodes" => a.nodes = value()?.parse().context("--nodes")?,
+            "--duration" => a.duration = Duration::from_secs(value()?.parse().context("--duration (seconds)")?),
+            "--flows" => a.flows = value()?.parse().context("--flows")?,
+            "--rate" => a.rate = value()?.parse::<usize>().context("--rate (KiB/s)")? * 1024,
+            "--no-steering" => a.steering = false,
+            "-h" | "--help" => {
+                println!(
+                    "cdn-lab [--nodes N (3)] [--duration SECONDS (60)] [--flows N (20)] [--rate KiB/s (200)] [--no-steering]\n\
+                     Runs the anycast lab and a scripted demo; Ctrl-C stops and cleans up."
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    if !(2..=9).contains(&a.nodes) {
+        bail!("--nodes must be 2 to 9");
+    }
+    if a.flows == 0 || a.rate == 0 {
+        bail!("--flows and --rate must be positive");
+    }
+    Ok(a)
+}
+
+/// One scripted step: at `at` seconds, do `what`.
+struct Step {
+    at: f64,
+    label: String,
+    action: Box<dyn Fn(&Lab) -> Result<()>>,
+}
+
+fn script(nodes: usize, steering: bool) -> Vec<Step> {
+    let mut steps: Vec<Step> = Vec::new();
+    let mut t = 4.0;
+    for k in 0..nodes {
+        steps.push(Step {
+            at: t,
+            label: format!("router withdraws node{}'s routes", k + 1),
+            action: Box::new(move |lab| lab.withdraw_at_router(k)),
+        });
+        steps.push(Step {
+            at: t + 3.0,
+            label: format!("router restores node{}'s routes", k + 1),
+            action: Box::new(move |lab| lab.restore_at_router(k)),
+        });
+        t += 7.0;
+    }
+    if steering {
+        steps.push(Step {
+            at: t,
+            label: "drain node1".into(),
+            action: Box::new(|lab| lab.steer(0, &["drain"]).map(drop)),
+        });
+        steps.push(Step {
+            at: t + 6.0,
+            label: "undrain node1".into(),
+            action: Box::new(|lab| lab.steer(0, &["undrain"]).map(drop)),
+        });
+    }
+    steps
+}
+
+fn counter(text: &str, reason: &str) -> u64 {
+    let series = format!("cdn_steer_packets_total{{reason=\"{reason}\"");
+    text.lines()
+        .find(|l| l.starts_with(&series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    // SAFETY: installs a handler that only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    println!(
+        "bringing up the lab: client, router (BIRD, ECMP), {} nodes{}...",
+        args.nodes,
+        if args.steering { " with cdn-steer" } else { " WITHOUT steering" }
+    );
+    let lab = Lab::start(LabOptions {
+        nodes: args.nodes,
+        steering: args.steering,
+        tag: "run".into(),
+        ..LabOptions::default()
+    })?;
+    println!("lab up; VIP {VIP_V4} is announced by every node. Logs in {}", lab.dir.display());
+    let result = demo(&lab, &args);
+    println!("tearing down the lab");
+    drop(lab);
+    result
+}
+
+fn demo(lab: &Lab, args: &Args) -> Result<()> {
+    let spec = Spec {
+        vip: lab.vip(false),
+        port: 80,
+        size: lab.opts.file_size,
+        seed: lab.opts.file_seed,
+        rate: args.rate,
+        timeout: Duration::from_secs(120),
+    };
+    let expected = content::sha256_hex(&content::generate(spec.size, spec.seed));
+    let live = Arc::new(Live::default());
+    let started = Instant::now();
+    let next_id = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    // Keep `flows` downloads in flight until the end.
+    for _ in 0..args.flows {
+        let (spec, expected, live, path, next_id, ok) = (
+            spec.clone(),
+            expected.clone(),
+            live.clone(),
+            lab.client_netns_path(),
+            next_id.clone(),
+            ok.clone(),
+        );
+        let deadline = args.duration;
+        workers.push(std::thread::spawn(move || {
+            let f = std::fs::File::open(&path);
+            if let Ok(f) = &f {
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on a namespace fd we hold open; it affects only this thread.
+                unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            }
+            while started.elapsed() < deadline && !STOP.load(Ordering::SeqCst) {
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                live.running.fetch_add(1, Ordering::Relaxed);
+                let o = download::download(id, &spec, &expected, &live);
+                live.running.fetch_sub(1, Ordering::Relaxed);
+                live.done.fetch_add(1, Ordering::Relaxed);
+                if o.ok {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    live.failed.fetch_add(1, Ordering::Relaxed);
+                    if o.reset {
+                        live.resets.fetch_add(1, Ordering::Relaxed);
+                    }
+                    println!("    download {id} failed: {}", o.error.unwrap_or_default());
+                }
+            }
+        }));
+    }
+    let steps = script(lab.nodes.len(), lab.opts.steering);
+    let mut next_step = 0;
+    let mut last_view = Instant::now() - Duration::from_secs(2);
+    println!(
+        "{:>6}  {:<24} {:>8} {:>8} {:>6} {:>6}  per node: accepted/forwarded",
+        "time", "router uses", "running", "done", "failed", "resets"
+    );
+    while started.elapsed() < args.duration && !STOP.load(Ordering::SeqCst) {
+        let now = started.elapsed().as_secs_f64();
+        if let Some(step) = steps.get(next_step)
+            && now >= step.at
+        {
+            println!("  >> {:.1}s: {}", now, step.label);
+            if let Err(e) = (step.action)(lab) {
+                println!("  !! {}: {e:#}", step.label);
+            }
+            next_step += 1;
+        }
+        if last_view.elapsed() >= Duration::from_secs(1) {
+            last_view = Instant::now();
+            let routes = lab
+                .route_nodes(VIP_V4)
+                .map(|r| r.iter().map(|i| format!("node{}", i + 1)).collect::<Vec<_>>().join(","))
+                .unwrap_or_else(|e| format!("? ({e})"));
+            let mut per_node = Vec::new();
+            for i in 0..lab.nodes.len() {
+                per_node.push(match lab.scrape(i) {
+                    Ok(t) => format!(
+                        "{}/{}",
+                        counter(&t, "local_accept") + counter(&t, "owner_accept") + counter(&t, "last_hop_accept"),
+                        counter(&t, "forwarded") + counter(&t, "passed_on")
+                    ),
+                    Err(_) => "-".into(),
+                });
+            }
+            println!(
+                "{:>5.0}s  {:<24} {:>8} {:>8} {:>6} {:>6}  {}",
+                now,
+                routes,
+                live.running.load(Ordering::Relaxed),
+                live.done.load(Ordering::Relaxed),
+                live.failed.load(Ordering::Relaxed),
+                live.resets.load(Ordering::Relaxed),
+                per_node.join("  ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if STOP.load(Ordering::SeqCst) {
+        println!("interrupted: waiting for downloads in flight to stop");
+    } else {
+        println!("time is up: letting the downloads in flight finish");
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    println!(
+        "summary: {} downloads, {} complete with the right sha256, {} failed, {} reset, {} route/drain events, {:.0} s",
+        live.done.load(Ordering::Relaxed),
+        ok.load(Ordering::Relaxed),
+        live.failed.load(Ordering::Relaxed),
+        live.resets.load(Ordering::Relaxed),
+        next_step,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! Rate-limited HTTP downloads from inside the lab's client namespace, each on its own thread,
+//! recording how they ended: complete with the right SHA-256, reset, stalled, or cut short.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use sha2::{Digest, Sha256};
+use socket2::{Domain, Socket, Type};
+
+use crate::content;
+
+/// How one download ended.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub id: usize,
+    pub client_port: u16,
+    /// All bytes received and their SHA-256 matched.
+    pub ok: bool,
+    /// The connection was reset (ECONNRESET / EPIPE): the failure anycast steering prevents.
+    pub reset: bool,
+    pub error: Option<String>,
+    pub bytes: usize,
+    /// Longest time without any byte arriving.
+    pub longest_stall: Duration,
+    pub elapsed: Duration,
+}
+
+/// Counters shared with a live view while downloads run.
+#[derive(Default)]
+pub struct Live {
+    pub running: AtomicUsize,
+    pub done: AtomicUsize,
+    pub resets: AtomicUsize,
+    pub failed: AtomicUsize,
+    /// (download id, client port) of every connection made so far.
+    pub ports: std::sync::Mutex<Vec<(usize, u16)>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub size: usize,
+    pub seed: u64,
+    /// Bytes per second each download reads at most.
+    pub rate: usize,
+    /// A download is abandoned after this long.
+    pub timeout: Duration,
+}
+
+/// Runs `count` downloads concurrently, each on a thread that joins the network namespace at
+/// `netns_path` first. Returns when all have finished.
+pub fn run_all(netns_path: &str, count: usize, spec: &Spec, live: Arc<Live>) -> Vec<Outcome> {
+    let expected = content::sha256_hex(&content::generate(spec.size, spec.seed));
+    let handles: Vec<_> = (0..count)
+        .map(|id| {
+            let spec = spec.clone();
+            let expected = expected.clone();
+            let live = live.clone();
+            let path = netns_path.to_string();
+            std::thread::spawn(move || {
+                live.running.fetch_add(1, Ordering::Relaxed);
+                let outcome = match enter_netns(&path) {
+                    Ok(()) => download(id, &spec, &expected, &live),
+                    Err(e) => failed(id, format!("joining the client namespace: {e}")),
+                };
+                live.running.fetch_sub(1, Ordering::Relaxed);
+                live.done.fetch_add(1, Ordering::Relaxed);
+                if outcome.reset {
+                    live.resets.fetch_add(1, Ordering::Relaxed);
+                }
+                if !outcome.ok {
+                    live.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                outcome
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .enumerate()
+        .map(|(id, h)| h.join().unwrap_or_else(|_| failed(id, "download thread panicked".into())))
+        .collect()
+}
+
+fn failed(id: usize, error: String) -> Outcome {
+    Outcome {
+        id,
+        client_port: 0,
+        ok: false,
+        reset: false,
+        error: Some(error),
+        bytes: 0,
+        longest_stall: Duration::ZERO,
+        elapsed: Duration::ZERO,
+    }
+}
+
+fn enter_netns(path: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: setns on a namespace fd we hold open; it only affects the calling thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+    )
+}
+
+/// One download. The socket's receive buffer is kept small so that the sender is paced by our
+/// reading: packets keep flowing through the whole download, across every route change.
+pub fn download(id: usize, spec: &Spec, expected_sha: &str, live: &Live) -> Outcome {
+    let started = Instant::now();
+    let mut outcome = Outcome {
+        id,
+        client_port: 0,
+        ok: false,
+        reset: false,
+        error: None,
+        bytes: 0,
+        longest_stall: Duration::ZERO,
+        elapsed: Duration::ZERO,
+    };
+    let result = (|| -> std::io::Result<(usize, String)> {
+        let addr = SocketAddr::new(spec.vip, spec.port);
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_recv_buffer_size(64 * 1024)?;
+        socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        let mut stream: TcpStream = socket.into();
+        outcome.client_port = stream.local_addr()?.port();
+        if let Ok(mut ports) = live.ports.lock() {
+            ports.push((id, outcome.client_port));
+        }
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(stream, "GET /file HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")?;
+        let mut hasher = Sha256::new();
+        let mut head = Vec::new();
+        let mut body_len = 0usize;
+        let mut in_body = false;
+        let mut buf = vec![0u8; 8192];
+        let mut last_data = Instant::now();
+        let chunk_time = Duration::from_secs_f64(buf.len() as f64 / spec.rate as f64);
+        loop {
+            if started.elapsed() > spec.timeout {
+                return Err(std::io::Error::new(ErrorKind::TimedOut, "download timed out"));
+            }
+            let n = match stream.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    outcome.longest_stall = outcome.longest_stall.max(last_data.elapsed());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                break;
+            }
+            outcome.longest_stall = outcome.longest_stall.max(last_data.elapsed());
+            last_data = Instant::now();
+            let mut data = &buf[..n];
+            if !in_body {
+                head.extend_from_slice(data);
+                match head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    Some(end) => {
+                        in_body = true;
+                        let rest = head.split_off(end + 4);
+                        hasher.update(&rest);
+                        body_len += rest.len();
+                        data = &[];
+                    }
+                    None => continue,
+                }
+            }
+            hasher.update(data);
+            body_len += data.len();
+            std::thread::sleep(chunk_time.mul_f64(n as f64 / buf.len() as f64));
+        }
+        Ok((body_len, content::hex(&hasher.finalize())))
+    })();
+    outcome.elapsed = started.elapsed();
+    match result {
+        Ok((len, sha)) => {
+            outcome.bytes = len;
+            if len == spec.size && sha == expected_sha {
+                outcome.ok = true;
+            } else {
+                outcome.error = Some(format!(
+                    "received {len} of {} bytes, sha256 {}",
+                    spec.size,
+                    if sha == expected_sha { "ok" } else { "WRONG" }
+                ));
+            }
+        }
+        Err(e) => {
+            outcome.reset = is_reset(&e);
+            outcome.error = Some(e.to_string());
+        }
+    }
+    outcome
+}

@@ -1,0 +1,600 @@
+//! The lab: a client, a router running BIRD with ECMP over eBGP, and N anycast nodes, each
+//! with BIRD, a web server on the VIP and (optionally) `cdn-steer`, all in network namespaces
+//! on this machine.
+//!
+//! ```text
+//!   client (10.100.0.2) ── router (AS 65000, ECMP) ─┬─ node1 10.1.1.2 (AS 65001) VIP on lo
+//!                                                   ├─ node2 10.1.2.2
+//!                                                   └─ node3 10.1.3.2
+//! ```
+//!
+//! The router links double as the underlay: steered packets go node -> router -> node. Route
+//! changes are made at the router (a BGP session disabled and enabled again), which is what
+//! an upstream routing change looks like to the nodes. Everything the lab starts is stopped by
+//! pid and every namespace and mount is removed when the `Lab` is dropped, also on failure.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::netns::{Netns, run};
+
+pub const VIP_V4: &str = "192.0.2.1";
+pub const VIP_V6: &str = "2001:db8::1";
+pub const HASH_KEY: &str = "5ca1ab1e0ddba11cafef00d15ea5e000";
+pub const METRICS_PORT: u16 = 9465;
+/// Underlay MTU: room for the 50-byte encapsulation of a full 1500-byte client packet.
+pub const UNDERLAY_MTU: u32 = 1600;
+
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub nodes: usize,
+    /// Run `cdn-steer` on the nodes. Without it the nodes announce the VIP statically: the
+    /// plain-anycast negative control.
+    pub steering: bool,
+    /// Size of the file the web servers serve.
+    pub file_size: usize,
+    pub file_seed: u64,
+    /// Short name used in namespace names.
+    pub tag: String,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            steering: true,
+            file_size: 2 << 20,
+            file_seed: 7,
+            tag: "lab".into(),
+        }
+    }
+}
+
+/// A process the lab started; killed (by pid) when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends `signal` and waits up to `wait` for the process to exit.
+    pub fn signal(&mut self, signal: i32, wait: Duration) -> Result<()> {
+        // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if !self.is_running() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("{} (pid {}) did not exit within {wait:?}", self.name, self.child.id())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(ns: &Netns, name: &str, program: &Path, args: &[&str], log: &Path) -> Result<Proc> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = ns
+        .command(&program.to_string_lossy())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env("RUST_LOG", "info")
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(Proc {
+        name: name.to_string(),
+        child,
+        log: log.to_path_buf(),
+    })
+}
+
+/// One anycast node.
+pub struct LabNode {
+    pub ns: Netns,
+    pub index: usize,
+    pub name: String,
+    pub underlay: String,
+    pub underlay_v6: String,
+    pub config: PathBuf,
+    pub control: PathBuf,
+    pub bird_socket: PathBuf,
+    pub bird: Option<Proc>,
+    pub httpd: Option<Proc>,
+    pub controller: Option<Proc>,
+}
+
+/// Paths of the programs the lab runs.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub cdn_steer: PathBuf,
+    pub httpd: PathBuf,
+}
+
+impl Binaries {
+    /// Finds `cdn-steer` and `cdn-lab-httpd` next to the running executable (in
+    /// `target/<profile>/`, or its parent for test executables in `deps/`).
+    pub fn locate() -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut dirs = Vec::new();
+        if let Some(dir) = exe.parent() {
+            dirs.push(dir.to_path_buf());
+            if let Some(up) = dir.parent() {
+                dirs.push(up.to_path_buf());
+            }
+        }
+        let find = |name: &str| -> Result<PathBuf> {
+            dirs.iter()
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+                .with_context(|| {
+                    format!(
+                        "{name} not found next to {} (build it first: cargo build --release --bins)",
+                        exe.display()
+                    )
+                })
+        };
+        Ok(Self {
+            cdn_steer: find("cdn-steer")?,
+            httpd: find("cdn-lab-httpd")?,
+        })
+    }
+}
+
+pub struct Lab {
+    pub opts: LabOptions,
+    /// XDP_PASS programs on the router's node-facing veths: veth hands frames that a peer
+    /// sends with XDP_TX only to a device with an XDP program (GRO alone did not suffice on
+    /// this kernel). Real NICs need nothing of the kind. Detached when dropped.
+    router_xdp: Option<aya::Ebpf>,
+    pub dir: PathBuf,
+    pub bin: Binaries,
+    pub client: Netns,
+    pub router: Netns,
+    pub router_bird_socket: PathBuf,
+    router_bird: Option<Proc>,
+    pub nodes: Vec<LabNode>,
+    bpffs: Option<PathBuf>,
+}
+
+/// Attaches the object's trivial XDP_PASS program, in native mode, to `interfaces` of `ns`.
+fn attach_pass_programs(ns: &Netns, interfaces: &[String]) -> Result<aya::Ebpf> {
+    ns.enter(|| -> Result<aya::Ebpf> {
+        let mut ebpf = aya::Ebpf::load(cdn_user::ebpf_object::bytes())?;
+        let program: &mut aya::programs::Xdp = ebpf
+            .program_mut(cdn_common::maps::BASELINE_PROGRAM_NAME)
+            .context("no baseline program in the object")?
+            .try_into()?;
+        program.load()?;
+        for iface in interfaces {
+            program
+                .attach(iface, aya::programs::XdpMode::Driver)
+                .with_context(|| format!("attaching XDP_PASS to {iface}"))?;
+        }
+        Ok(ebpf)
+    })?
+}
+
+fn router_bird_config(nodes: usize) -> String {
+    let mut c = String::from(
+        "router id 10.100.0.1;\n\
+         protocol device { scan time 2; }\n\
+         protocol kernel k4 { ipv4 { import none; export all; }; merge paths on; }\n\
+         protocol kernel k6 { ipv6 { import none; export all; }; merge paths on; }\n",
+    );
+    for i in 1..=nodes {
+        for (suffix, local, neighbor, channel) in [
+            ("", format!("10.1.{i}.1"), format!("10.1.{i}.2"), "ipv4"),
+            ("v6", format!("fd00:1:{i}::1"), format!("fd00:1:{i}::2"), "ipv6"),
+        ] {
+            c.push_str(&format!(
+                "protocol bgp n{i}{suffix} {{\n  local {local} as 65000;\n  neighbor {neighbor} as 65001;\n  \
+                 {channel} {{ import all; export none; }};\n  hold time 3; keepalive time 1;\n  \
+                 connect retry time 1; error wait time 1,2; connect delay time 1;\n}}\n"
+            ));
+        }
+    }
+    c
+}
+
+fn node_bird_config(i: usize, steering: bool) -> String {
+    // Without steering the VIP is announced from the start; with it, cdn-steer enables the
+    // static protocols once the node is ready.
+    let disabled = if steering { "disabled;" } else { "" };
+    format!(
+        "router id 10.1.{i}.2;\n\
+         protocol device {{ scan time 2; }}\n\
+         protocol static anycast_vips {{ {disabled} ipv4; route {VIP_V4}/32 blackhole; }}\n\
+         protocol static anycast_vips6 {{ {disabled} ipv6; route {VIP_V6}/128 blackhole; }}\n\
+         protocol bgp uplink {{\n  local 10.1.{i}.2 as 65001;\n  neighbor 10.1.{i}.1 as 65000;\n  \
+         ipv4 {{ import none; export where proto = \"anycast_vips\"; }};\n  hold time 3; keepalive time 1;\n  \
+         connect retry time 1; error wait time 1,2; connect delay time 1;\n}}\n\
+         protocol bgp uplink6 {{\n  local fd00:1:{i}::2 as 65001;\n  neighbor fd00:1:{i}::1 as 65000;\n  \
+         ipv6 {{ import none; export where proto = \"anycast_vips6\"; }};\n  hold time 3; keepalive time 1;\n  \
+         connect retry time 1; error wait time 1,2; connect delay time 1;\n}}\n"
+    )
+}
+
+fn controller_config(lab: &Lab, node: &LabNode, bpffs: &Path) -> String {
+    let mut c = format!(
+        "[node]\nname = \"{name}\"\ninterfaces = [\"eth0\"]\nunderlay_v4 = \"{ul}\"\n\
+         max_frame = {frame}\nbpffs = \"{bpffs}\"\ncontrol_socket = \"{ctl}\"\n\n\
+         [cluster]\nhash_key = \"{HASH_KEY}\"\n\n",
+        name = node.name,
+        ul = node.underlay,
+        frame = UNDERLAY_MTU + 14,
+        bpffs = bpffs.join(&node.name).display(),
+        ctl = node.control.display(),
+    );
+    for i in 1..=lab.opts.nodes {
+        c.push_str(&format!(
+            "[[cluster.members]]\nname = \"node{i}\"\nid = {i}\nunderlay = \"10.1.{i}.2\"\n\
+             [cluster.members.health]\nkind = \"http\"\nport = {METRICS_PORT}\npath = \"/ready\"\n\
+             interval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n\n"
+        ));
+    }
+    c.push_str(&format!(
+        "[[services]]\nname = \"web\"\nvips = [\"{VIP_V4}/32\", \"{VIP_V6}/128\"]\ntcp_ports = [80]\n\n\
+         [bgp]\nbird_socket = \"{sock}\"\nprotocols = [\"anycast_vips\", \"anycast_vips6\"]\npoll_interval_ms = 200\n\n\
+         [metrics]\nlisten = \"{ul}:{METRICS_PORT}\"\n",
+        sock = node.bird_socket.display(),
+        ul = node.underlay,
+    ));
+    c
+}
+
+impl Lab {
+    /// Builds the whole lab and waits until the router has an ECMP route to the VIPs over
+    /// every node.
+    pub fn start(opts: LabOptions) -> Result<Self> {
+        let bin = Binaries::locate()?;
+        let dir = std::env::temp_dir().join(format!("cdn-lab-{}-{}", opts.tag, std::process::id()));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let client = Netns::new(&format!("{}c", opts.tag))?;
+        let router = Netns::new(&format!("{}r", opts.tag))?;
+        let mut lab = Lab {
+            router_bird_socket: dir.join("router-bird.ctl"),
+            opts,
+            dir,
+            bin,
+            client,
+            router,
+            router_bird: None,
+            router_xdp: None,
+            nodes: Vec::new(),
+            bpffs: None,
+        };
+        lab.build_network()?;
+        let peers: Vec<String> = (1..=lab.opts.nodes).map(|i| format!("n{i}")).collect();
+        lab.router_xdp = Some(attach_pass_programs(&lab.router, &peers)?);
+        lab.start_routing()?;
+        if lab.opts.steering {
+            lab.start_controllers()?;
+        }
+        lab.wait_for_routes(lab.opts.nodes, Duration::from_secs(30))?;
+        Ok(lab)
+    }
+
+    fn build_network(&mut self) -> Result<()> {
+        let (c, r) = (&self.client, &self.router);
+        run(
+            "ip",
+            &["link", "add", "eth0", "netns", c.name(), "type", "veth", "peer", "name", "client", "netns", r.name()],
+        )?;
+        c.sh(
+            "ip link set eth0 up; ip addr add 10.100.0.2/24 dev eth0; ip addr add fd00:100::2/64 dev eth0 nodad; \
+             ip route add default via 10.100.0.1; ip -6 route add default via fd00:100::1",
+        )?;
+        r.sh(
+            "ip link set client up; ip addr add 10.100.0.1/24 dev client; ip addr add fd00:100::1/64 dev client nodad; \
+             sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
+               net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 \
+               net.ipv4.fib_multipath_hash_policy=3 net.ipv4.fib_multipath_hash_fields=0x0037 \
+               net.ipv6.fib_multipath_hash_policy=3 net.ipv6.fib_multipath_hash_fields=0x0037",
+        )?;
+        for i in 1..=self.opts.nodes {
+            let ns = Netns::new(&format!("{}n{i}", self.opts.tag))?;
+            let peer = format!("n{i}");
+            run(
+                "ip",
+                &["link", "add", "eth0", "netns", ns.name(), "mtu", &UNDERLAY_MTU.to_string(), "type", "veth", "peer", "name", &peer, "netns", self.router.name(), "mtu", &UNDERLAY_MTU.to_string()],
+            )?;
+            self.router.sh(&format!(
+                "ip link set {peer} up; ip addr add 10.1.{i}.1/24 dev {peer}; ip addr add fd00:1:{i}::1/64 dev {peer} nodad; \
+                 sysctl -qw net.ipv4.conf.{peer}.rp_filter=0; ethtool -K {peer} gro on >/dev/null"
+            ))?;
+            ns.sh(&format!(
+                "ip link set eth0 up; ip addr add 10.1.{i}.2/24 dev eth0; ip addr add fd00:1:{i}::2/64 dev eth0 nodad; \
+                 ip route add default via 10.1.{i}.1; ip -6 route add default via fd00:1:{i}::1; \
+                 ip addr add {VIP_V4}/32 dev lo; ip addr add {VIP_V6}/128 dev lo; \
+                 sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0 \
+                   net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 \
+                   net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
+                   net.ipv4.conf.all.accept_local=1 net.ipv4.conf.eth0.accept_local=1; \
+                 ethtool -K eth0 gro on >/dev/null"
+            ))?;
+            let name = format!("node{i}");
+            self.nodes.push(LabNode {
+                ns,
+                index: i,
+                config: self.dir.join(format!("{name}.toml")),
+                control: self.dir.join(format!("{name}.sock")),
+                bird_socket: self.dir.join(format!("{name}-bird.ctl")),
+                underlay: format!("10.1.{i}.2"),
+                underlay_v6: format!("fd00:1:{i}::2"),
+                name,
+                bird: None,
+                httpd: None,
+                controller: None,
+            });
+        }
+        Ok(())
+    }
+
+    fn bird(&self, ns: &Netns, name: &str, config: &str, socket: &Path) -> Result<Proc> {
+        let conf = self.dir.join(format!("{name}-bird.conf"));
+        std::fs::write(&conf, config)?;
+        let pid = self.dir.join(format!("{name}-bird.pid"));
+        let log = self.dir.join(format!("{name}-bird.log"));
+        let conf_s = conf.to_string_lossy().into_owned();
+        let sock_s = socket.to_string_lossy().into_owned();
+        let pid_s = pid.to_string_lossy().into_owned();
+        spawn(
+            ns,
+            &format!("bird ({name})"),
+            Path::new("/usr/sbin/bird"),
+            &["-f", "-c", &conf_s, "-s", &sock_s, "-P", &pid_s],
+            &log,
+        )
+    }
+
+    fn start_routing(&mut self) -> Result<()> {
+        let router_bird = self.bird(
+            &self.router,
+            "router",
+            &router_bird_config(self.opts.nodes),
+            &self.router_bird_socket,
+        )?;
+        self.router_bird = Some(router_bird);
+        for i in 0..self.nodes.len() {
+            let node = &self.nodes[i];
+            let bird = self.bird(&node.ns, &node.name, &node_bird_config(node.index, self.opts.steering), &node.bird_socket)?;
+            let log = self.dir.join(format!("{}-httpd.log", node.name));
+            let size = self.opts.file_size.to_string();
+            let seed = self.opts.file_seed.to_string();
+            let httpd = spawn(
+                &node.ns,
+                &format!("httpd ({})", node.name),
+                &self.bin.httpd,
+                &["--size", &size, "--seed", &seed, "--listen", &format!("{VIP_V4}:80"), "--listen", &format!("[{VIP_V6}]:80")],
+                &log,
+            )?;
+            self.nodes[i].bird = Some(bird);
+            self.nodes[i].httpd = Some(httpd);
+        }
+        Ok(())
+    }
+
+    fn start_controllers(&mut self) -> Result<()> {
+        // A bpffs mounted here, in the host's mount namespace, so that pins survive a
+        // controller restart (`ip netns exec` gives each process a private /sys).
+        let bpffs = self.dir.join("bpffs");
+        std::fs::create_dir_all(&bpffs)?;
+        run("mount", &["-t", "bpf", "bpf", &bpffs.to_string_lossy()])?;
+        self.bpffs = Some(bpffs.clone());
+        for i in 0..self.nodes.len() {
+            let config = controller_config(self, &self.nodes[i], &bpffs);
+            std::fs::write(&self.nodes[i].config, config)?;
+            self.start_controller(i)?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts) node `i`'s controller (index into `nodes`).
+    pub fn start_controller(&mut self, i: usize) -> Result<()> {
+        let node = &self.nodes[i];
+        let log = self.dir.join(format!("{}-cdn-steer.log", node.name));
+        let config = node.config.to_string_lossy().into_owned();
+        let proc = spawn(
+            &node.ns,
+            &format!("cdn-steer ({})", node.name),
+            &self.bin.cdn_steer,
+            &["run", "--config", &config, "--shutdown-grace-ms", "300"],
+            &log,
+        )?;
+        self.nodes[i].controller = Some(proc);
+        Ok(())
+    }
+
+    /// `cdn-steer <args>` against node `i`'s daemon.
+    pub fn steer(&self, i: usize, args: &[&str]) -> Result<String> {
+        let node = &self.nodes[i];
+        let mut full: Vec<&str> = args.to_vec();
+        let config = node.config.to_string_lossy().into_owned();
+        full.extend_from_slice(&["--config", &config]);
+        let out = node
+            .ns
+            .command(&self.bin.cdn_steer.to_string_lossy())
+            .args(&full)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "cdn-steer {} on {}: {}",
+                args.join(" "),
+                node.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The daemon's status of node `i`, as JSON.
+    pub fn status(&self, i: usize) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.steer(i, &["status", "--json"])?)?)
+    }
+
+    /// Node `i`'s metrics, scraped over HTTP from the router (on the underlay).
+    pub fn scrape(&self, i: usize) -> Result<String> {
+        let url = format!("http://{}:{METRICS_PORT}/metrics", self.nodes[i].underlay);
+        let out = self.router.command("curl").args(["-sf", "--max-time", "5", &url]).output()?;
+        if !out.status.success() {
+            bail!("scraping {url} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `birdc` on the router.
+    pub fn router_birdc(&self, command: &str) -> Result<String> {
+        let sock = self.router_bird_socket.to_string_lossy().into_owned();
+        let mut args = vec!["-s", sock.as_str()];
+        args.extend(command.split_whitespace());
+        run("birdc", &args)
+    }
+
+    /// Withdraws node `i`'s routes at the router (its BGP sessions go down).
+    pub fn withdraw_at_router(&self, i: usize) -> Result<()> {
+        let n = self.nodes[i].index;
+        self.router_birdc(&format!("disable n{n}"))?;
+        self.router_birdc(&format!("disable n{n}v6"))?;
+        Ok(())
+    }
+
+    /// Brings node `i`'s BGP sessions at the router back.
+    pub fn restore_at_router(&self, i: usize) -> Result<()> {
+        let n = self.nodes[i].index;
+        self.router_birdc(&format!("enable n{n}"))?;
+        self.router_birdc(&format!("enable n{n}v6"))?;
+        Ok(())
+    }
+
+    /// The nodes (indices into `nodes`) the router's route to `vip` currently uses.
+    pub fn route_nodes(&self, vip: &str) -> Result<Vec<usize>> {
+        let v6 = vip.contains(':');
+        let out = self
+            .router
+            .ip(&[if v6 { "-6" } else { "-4" }, "route", "show", vip])?;
+        let mut nodes = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let via = if v6 { &node.underlay_v6 } else { &node.underlay };
+            if out.contains(&format!("via {via} ")) || out.contains(&format!("via inet6 {via} ")) {
+                nodes.push(i);
+            }
+        }
+        Ok(nodes)
+    }
+
+    /// Waits until the router's routes to both VIPs go over `count` nodes.
+    pub fn wait_for_routes(&self, count: usize, limit: Duration) -> Result<()> {
+        self.wait_until(limit, &format!("an ECMP route over {count} nodes"), || {
+            Ok(self.route_nodes(VIP_V4)?.len() == count && self.route_nodes(VIP_V6)?.len() == count)
+        })
+    }
+
+    /// Polls `check` every 50 ms until it is true or `limit` passes.
+    pub fn wait_until(&self, limit: Duration, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        let mut last_err = None;
+        while Instant::now() < deadline {
+            match check() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last_err = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "timed out after {limit:?} waiting for {what}{}\n{}",
+            last_err.map(|e| format!(" (last error: {e:#})")).unwrap_or_default(),
+            self.diagnostics()
+        )
+    }
+
+    /// Router routes and the tail of every log, for failure messages.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        if let Ok(r) = self.router.ip(&["route"]) {
+            out.push_str(&format!("router routes:\n{r}"));
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                    out.push_str(&format!("--- {}\n", p.display()));
+                    for l in tail.into_iter().rev() {
+                        out.push_str(l);
+                        out.push('\n');
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Path of the client namespace, for threads that join it.
+    pub fn client_netns_path(&self) -> String {
+        format!("/run/netns/{}", self.client.name())
+    }
+
+    pub fn vip(&self, v6: bool) -> IpAddr {
+        (if v6 { VIP_V6 } else { VIP_V4 }).parse().expect("lab VIP")
+    }
+
+    /// Stops node `i` entirely: controller, web server and BIRD (by pid).
+    pub fn stop_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.controller = None;
+        node.httpd = None;
+        node.bird = None;
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Processes first (by pid: only what the lab started), then namespaces, then mounts.
+        for node in &mut self.nodes {
+            node.controller = None;
+            node.httpd = None;
+            node.bird = None;
+        }
+        self.router_bird = None;
+        self.router_xdp = None;
+        self.nodes.clear();
+        if let Some(bpffs) = self.bpffs.take()
+            && let Err(e) = run("umount", &[&bpffs.to_string_lossy()])
+        {
+            eprintln!("cleanup: {e:#}");
+        }
+        if std::env::var_os("CDN_LAB_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! End to end, in the lab: real BIRD (router with ECMP over eBGP, one speaker per node), real
+//! `cdn-steer` on every node, real TCP downloads from a client, route changes made at the
+//! router. Each test counts downloads that complete with the right SHA-256 and resets.
+//!
+//! The labs are heavy (processes, 50 concurrent downloads), so the tests of this file run one
+//! at a time.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use cdn_tests::{
+    download::{self, Live, Outcome, Spec},
+    lab::{Lab, LabOptions, VIP_V4, VIP_V6},
+};
+
+static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn lab(tag: &str, steering: bool) -> Result<(std::sync::MutexGuard<'static, ()>, Lab)> {
+    let guard = ONE_LAB_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let lab = Lab::start(LabOptions {
+        steering,
+        tag: tag.into(),
+        file_size: 1_536 * 1024,
+        ..LabOptions::default()
+    })?;
+    Ok((guard, lab))
+}
+
+fn spec(lab: &Lab, v6: bool) -> Spec {
+    Spec {
+        vip: lab.vip(v6),
+        port: 80,
+        size: lab.opts.file_size,
+        seed: lab.opts.file_seed,
+        // ~10 s per download: long enough to live through several route changes.
+        rate: 150 * 1024,
+        timeout: Duration::from_secs(60),
+    }
+}
+
+/// Starts `count` downloads in the background.
+fn start_downloads(
+    lab: &Lab,
+    count: usize,
+    v6: bool,
+) -> (Arc<Live>, std::thread::JoinHandle<Vec<Outcome>>) {
+    let live = Arc::new(Live::default());
+    let path = lab.client_netns_path();
+    let spec = spec(lab, v6);
+    let l = live.clone();
+    let handle = std::thread::spawn(move || download::run_all(&path, count, &spec, l));
+    (live, handle)
+}
+
+fn wait_connected(lab: &Lab, live: &Live, count: usize) -> Result<()> {
+    lab.wait_until(Duration::from_secs(20), "every download to connect", || {
+        Ok(live.ports.lock().map(|p| p.len()).unwrap_or(0) >= count)
+    })
+}
+
+/// Prints what the closing note needs: flows, resets, longest stall.
+fn report(name: &str, outcomes: &[Outcome], shifts: usize, started: Instant) {
+    let ok = outcomes.iter().filter(|o| o.ok).count();
+    let resets = outcomes.iter().filter(|o| o.reset).count();
+    let stall = outcomes
+        .iter()
+        .map(|o| o.longest_stall)
+        .max()
+        .unwrap_or_default();
+    println!(
+        "{name}: {} flows, {shifts} shifts, {ok} complete with correct sha256, {resets} reset, \
+         longest stall {:.2} s, {:.1} s",
+        outcomes.len(),
+        stall.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    for o in outcomes.iter().filter(|o| !o.ok).take(5) {
+        println!("  download {} (port {}): {:?}", o.id, o.client_port, o.error);
+    }
+}
+
+/// Withdraws and restores each node's routes at the router in turn, `rounds` times.
+fn shift_routes(lab: &Lab, rounds: usize) -> Result<usize> {
+    let n = lab.nodes.len();
+    for k in 0..rounds {
+        let i = k % n;
+        lab.withdraw_at_router(i)?;
+        lab.wait_for_routes(n - 1, Duration::from_secs(10))?;
+        std::thread::sleep(Duration::from_millis(700));
+        lab.restore_at_router(i)?;
+        lab.wait_for_routes(n, Duration::from_secs(15))?;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Ok(rounds)
+}
+
+/// A counter's value from a node's metrics text.
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn steered_shift_test(tag: &str, v6: bool, flows: usize, rounds: usize) -> Result<()> {
+    let (_guard, lab) = lab(tag, true)?;
+    let started = Instant::now();
+    let (live, handle) = start_downloads(&lab, flows, v6);
+    wait_connected(&lab, &live, flows)?;
+    let shifts = shift_routes(&lab, rounds)?;
+    let outcomes = handle.join().map_err(|_| anyhow::anyhow!("download thread panicked"))?;
+    report(tag, &outcomes, shifts, started);
+
+    // Metrics, scraped over HTTP from every node: steering really happened, and what the nodes
+    // sent each other was received. Every steered packet is counted once where it was sent
+    // (forwarded, passed on) and once where it arrived (owner accept, last hop, passed on).
+    let mut sent = 0;
+    let mut received = 0;
+    let mut accepted_locally = 0;
+    for i in 0..lab.nodes.len() {
+        let text = lab.scrape(i)?;
+        let c = |reason: &str| metric(&text, &format!("cdn_steer_packets_total{{reason=\"{reason}\""));
+        sent += c("forwarded") + c("passed_on") + c("drain_pass_on");
+        received += c("owner_accept") + c("last_hop_accept") + c("passed_on") + c("drain_pass_on");
+        accepted_locally += c("local_accept");
+        ensure!(c("malformed") == 0 && c("spoofed") == 0 && c("loop_guard") == 0, "node {i}: unexpected drops\n{text}");
+    }
+    println!("{tag}: steered packets sent {sent}, received {received}, accepted where they arrived {accepted_locally}");
+    ensure!(sent > 0, "no packet was steered: the route changes did not move any flow");
+    ensure!(accepted_locally > 0, "no packet was accepted where it arrived");
+    ensure!(
+        received <= sent && received * 100 >= sent * 99,
+        "steered packets sent ({sent}) and received ({received}) disagree"
+    );
+    let failed: Vec<_> = outcomes.iter().filter(|o| !o.ok).collect();
+    ensure!(failed.is_empty(), "{} of {} downloads failed: {:?}\n{}", failed.len(), outcomes.len(), failed.first(), lab.diagnostics());
+    Ok(())
+}
+
+#[test]
+fn route_shifts_reset_no_steered_download_ipv4() -> Result<()> {
+    steered_shift_test("s4", false, 50, 6)
+}
+
+#[test]
+fn route_shifts_reset_no_steered_download_ipv6() -> Result<()> {
+    steered_shift_test("s6", true, 20, 3)
+}
+
+/// The negative control: the same shifts without steering reset downloads.
+#[test]
+fn without_steering_route_shifts_reset_downloads() -> Result<()> {
+    let (_guard, lab) = lab("nc", false)?;
+    let started = Instant::now();
+    let (live, handle) = start_downloads(&lab, 50, false);
+    wait_connected(&lab, &live, 50)?;
+    let shifts = shift_routes(&lab, 3)?;
+    let outcomes = handle.join().map_err(|_| anyhow::anyhow!("download thread panicked"))?;
+    report("no steering", &outcomes, shifts, started);
+    let resets = outcomes.iter().filter(|o| o.reset).count();
+    ensure!(resets > 0, "plain anycast reset no download: the test cannot tell steering works");
+    Ok(())
+}
+
+/// Owner of each download (by client port), asked from `node`'s live table.
+fn owners(lab: &Lab, node: usize, live: &Live, v6: bool) -> Result<BTreeMap<usize, String>> {
+    let client = if v6 { "[fd00:100::2]" } else { "10.100.0.2" };
+    let vip = if v6 { format!("[{VIP_V6}]") } else { VIP_V4.to_string() };
+    let ports = live.ports.lock().map(|p| p.clone()).unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for (id, port) in ports {
+        let text = lab.steer(node, &["lookup", &format!("{client}:{port}"), &format!("{vip}:80")])?;
+        let owner = text
+            .lines()
+            .find_map(|l| l.strip_prefix("owner: "))
+            .and_then(|l| l.split_whitespace().next())
+            .context("lookup printed no owner")?
+            .to_string();
+        out.insert(id, owner);
+    }
+    Ok(out)
+}
+
+#[test]
+fn draining_keeps_flows_sends_no_new_ones_and_withdraws() -> Result<()> {
+    let (_guard, lab) = lab("dr", true)?;
+    let started = Instant::now();
+    let (live, handle) = start_downloads(&lab, 30, false);
+    wait_connected(&lab, &live, 30)?;
+    let before = owners(&lab, 1, &live, false)?;
+    ensure!(before.values().any(|o| o == "node1"), "no download owned by node1 to drain");
+    lab.steer(0, &["drain"])?;
+    // Its routes go away at the router...
+    lab.wait_until(Duration::from_secs(10), "node1's routes withdrawn", || {
+        Ok(!lab.route_nodes(VIP_V4)?.contains(&0))
+    })?;
+    // ...and every node moves its buckets elsewhere (node1's /ready answers 503).
+    for i in 0..lab.nodes.len() {
+        lab.wait_until(Duration::from_secs(10), "node1 out of every table", || {
+            let s = lab.status(i)?;
+            Ok(s["members"]
+                .as_array()
+                .and_then(|m| m.iter().find(|m| m["name"] == "node1"))
+                .is_some_and(|m| m["buckets"] == 0))
+        })?;
+    }
+    // New connections during the drain land elsewhere.
+    let (live2, handle2) = start_downloads(&lab, 10, false);
+    wait_connected(&lab, &live2, 10)?;
+    let new_owners = owners(&lab, 1, &live2, false)?;
+    ensure!(
+        new_owners.values().all(|o| o != "node1"),
+        "a new connection went to the draining node: {new_owners:?}"
+    );
+    let outcomes = handle.join().map_err(|_| anyhow::anyhow!("download thread panicked"))?;
+    let outcomes2 = handle2.join().map_err(|_| anyhow::anyhow!("download thread panicked"))?;
+    report("drain (old flows)", &outcomes, 0, started);
+    report("drain (new flows)", &outcomes2, 0, started);
+    ensure!(outcomes.iter().chain(&outcomes2).all(|o| o.ok), "a download failed during the drain\n{}", lab.diagnostics());
+    lab.steer(0, &["undrain"])?;
+    lab.wait_for_routes(3, Duration::from_secs(15))?;
+    Ok(())
+}
+
+#[test]
+fn a_failed_member_leaves_the_table_and_the_others_flows_survive() -> Result<()> {
+    let (_guard, mut lab) = lab("mf", true)?;
+    let started = Instant::now();
+    let (live, handle) = start_downloads(&lab, 30, false);
+    wait_connected(&lab, &live, 30)?;
+    let before = owners(&lab, 0, &live, false)?;
+    let stopped_at = Instant::now();
+    lab.stop_node(2);
+    lab.wait_until(Duration::from_secs(5), "node3 marked down and out of node1's table", || {
+        let s = lab.status(0)?;
+        Ok(s["members"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["name"] == "node3"))
+            .is_some_and(|m| m["healthy"] == false && m["buckets"] == 0))
+    })?;
+    let left_table = stopped_at.elapsed();
+    lab.wait_until(Duration::from_secs(10), "node3's route withdrawn", || {
+        Ok(lab.route_nodes(VIP_V4)? == vec![0, 1])
+    })?;
+    let outcomes = handle.join().map_err(|_| anyhow::anyhow!("download thread panicked"))?;
+    report("member failure", &outcomes, 0, started);
+    println!("member failure: node3 left the table {:.2} s after it stopped", left_table.as_secs_f64());
+    for o in &outcomes {
+        let owner = before.get(&o.id).map(String::as_str).unwrap_or("?");
+        ensure!(o.ok || owner == "node3", "download {} owned by {owner} failed: {:?}", o.id, o.error);
+    }
+    Ok(())
+}
+
+#[test]
+fn route_changes_and_membership_changes_together() -> Result<()> {
+    let (_guard, lab) = lab("rm", true)?;
+    let started = Instant::now();
+    let (live, handle) = start_downloads(&lab, 40, false);
+    wait_connected(&lab, &live, 40)?;
+    // node2 leaves by drain while node1's routes flap; then node2 rejoins while node3's do.
+    lab.steer(1, &["drain"])?;
+    shift_routes(&lab, 1)?;
+    lab.steer(1, &["undrain"])?;
+    lab.withdraw_at_router(2)?;
+    lab.wait_for_routes(2, Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(700));
+    lab.restore_at_router(2)?;
+    lab.wait_for_routes(3, Duration::from_secs(15))?;
+    let outcomes = handle.join().map_err(|_| anyhow::anyhow!("download thread panicked"))?;
+    report("route + membership change", &outcomes, 2, started);
+    ensure!(outcomes.iter().all(|o| o.ok), "a download failed\n{}", lab.diagnostics());
+    ensure!(live.resets.load(Ordering::Relaxed) == 0, "resets seen");
+    Ok(())
+}
