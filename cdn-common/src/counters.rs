@@ -49,10 +49,13 @@ pub enum Counter {
     FibLookup,
     /// The controller has not marked the configuration ready: passed untouched.
     NotReady,
+    /// A new connection steered here although this node's own table names another owner: sent
+    /// on to that owner instead of being accepted.
+    SynRedirect,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::NonVipPass,
@@ -76,6 +79,7 @@ impl Counter {
         Counter::DrainPassOn,
         Counter::FibLookup,
         Counter::NotReady,
+        Counter::SynRedirect,
     ];
 
     /// Snake-case name, used as the `reason` label in metrics.
@@ -102,6 +106,7 @@ impl Counter {
             Counter::DrainPassOn => "drain_pass_on",
             Counter::FibLookup => "fib_lookup",
             Counter::NotReady => "not_ready",
+            Counter::SynRedirect => "syn_redirect",
         }
     }
 

@@ -34,7 +34,7 @@ use crate::{
     maps::{CONFIG, MEMBER_ADDRS, SERVICES_V4, SERVICES_V6, TABLE},
     packet::Frame,
     parse::{
-        Flow, IPPROTO_UDP, Kind, L2, dst_addr_off, parse_flow, parse_ip, parse_l2, peek_udp_dport,
+        Flow, IPPROTO_UDP, Kind, L2, TCP_ACK, TCP_SYN, dst_addr_off, parse_flow, parse_ip, parse_l2, peek_udp_dport,
         require_ip_header,
     },
     sockets::{Ownership, check},
@@ -233,6 +233,23 @@ fn flow_hash(cfg: &NodeConfig, frame: &Frame, flow: &Flow) -> Result<u64, Counte
     }
 }
 
+/// The flow's hash and its bucket's hops in this node's table.
+#[inline(always)]
+fn bucket_of(
+    cfg: &NodeConfig,
+    frame: &Frame,
+    flow: &Flow,
+    svc: &Service,
+) -> Result<(u64, [u16; 3]), Counter> {
+    if svc.table_size == 0 {
+        return Err(Counter::NoRoute);
+    }
+    let hash = flow_hash(cfg, frame, flow)?;
+    let index = svc.table_offset + (hash % svc.table_size as u64) as u32;
+    let hops = TABLE.get(index).ok_or(Counter::NoRoute)?.hops;
+    Ok((hash, hops))
+}
+
 #[inline(never)]
 fn ingress(ctx: &XdpContext, cfg: &NodeConfig, l2: u32, svc: &Service, out: &mut Encap) -> Packed {
     pack(try_ingress(ctx, cfg, l2_from_arg(l2), svc, out))
@@ -264,12 +281,7 @@ fn try_ingress(
             Counter::Forwarded
         }
     };
-    if svc.table_size == 0 {
-        return Err(Counter::NoRoute);
-    }
-    let hash = flow_hash(cfg, frame, &flow)?;
-    let index = svc.table_offset + (hash % svc.table_size as u64) as u32;
-    let hops = TABLE.get(index).ok_or(Counter::NoRoute)?.hops;
+    let (hash, hops) = bucket_of(cfg, frame, &flow, svc)?;
     if hops[0] == NO_MEMBER {
         return Err(Counter::NoRoute);
     }
@@ -358,8 +370,30 @@ fn try_owner_path(
     }
     let flow = parse_flow(frame, &ip)?;
     // The inner packet must be for one of our VIPs: we never deliver anything else.
-    if service(frame, ip.dst_off(), inner_v6).is_none() {
+    let Some(svc) = service(frame, ip.dst_off(), inner_v6) else {
         return Err(Counter::BadEncap);
+    };
+    // A new connection is taken only by the member that this node's own table names as the
+    // owner. Nodes whose health views differ for a moment (one saw a member flap, one just
+    // started) then still agree on where connections are made: the acceptor is always the
+    // owner in its own table, so every table later lists it as owner or previous owner.
+    if flow.kind == Kind::Tcp && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        let (_, own) = bucket_of(cfg, frame, &flow, &svc)?;
+        if own[0] != NO_MEMBER && own[0] != cfg.self_member {
+            if sh.hop_budget == 0 {
+                return Err(Counter::LoopGuard);
+            }
+            let e = Encap {
+                inner_off,
+                inner_len: ip.ip_len,
+                inner_v6,
+                target: own[0],
+                remaining: [own[1], own[2]],
+                budget: sh.hop_budget - 1,
+                entropy,
+            };
+            return Ok(encapsulate(out, e, Counter::SynRedirect));
+        }
     }
     let next = if sh.hop_count >= 1 {
         u16::from_be(sh.hops[0])

@@ -39,6 +39,7 @@ const DEFAULT_BIRD_SOCKET: &str = "/run/bird/bird.ctl";
 const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9465";
 const DEFAULT_WEIGHT: u32 = 100;
 const DEFAULT_HOP_BUDGET: u8 = 3;
+const DEFAULT_HISTORY_SYNC_MS: u32 = 5000;
 const DEFAULT_INTERVAL_MS: u32 = 1000;
 const DEFAULT_TIMEOUT_MS: u32 = 500;
 const DEFAULT_RISE: u32 = 2;
@@ -81,6 +82,8 @@ steer_port = 6080
 table_size = 65537
 # How many times a packet may be passed on between members before it is dropped.
 hop_budget = 3
+# How often to merge a healthy member's hop history into ours (through its `sync` endpoint).
+history_sync_ms = 5000
 
 [[cluster.members]]
 name = "node-a"
@@ -90,6 +93,9 @@ id = 0
 underlay = "10.0.0.1"
 # Relative share of new flows; 0 takes none (the member keeps serving its open flows).
 weight = 100
+# The member's controller endpoint ([metrics] listen on its node): a starting node copies the
+# hop history from a healthy member there. Recommended on every member.
+sync = "10.0.0.1:9465"
 # No [cluster.members.health]: a TCP connect to the first service TCP port (80 here).
 
 [[cluster.members]]
@@ -133,8 +139,9 @@ protocols = ["anycast_vips", "anycast_vips6"]
 poll_interval_ms = 1000
 
 [metrics]
-# Prometheus endpoint. Keep it on loopback or a management network.
-listen = "127.0.0.1:9465"
+# Prometheus endpoint, also /ready (for the members' health checks) and /table (for a starting
+# member's history sync). Keep it on the underlay or a management network, never public.
+listen = "10.0.0.1:9465"
 "#;
 
 // ---------------------------------------------------------------------------------------------
@@ -220,6 +227,11 @@ pub struct ClusterSettings {
     /// `hop_budget` (default 3): how many times a packet may be passed on from member to
     /// member; 1 to 8.
     pub hop_budget: u8,
+    /// `history_sync_ms` (default 5000; 0 = never): how often this node merges a healthy
+    /// member's hop history (through its `sync` endpoint) into its own. Nodes that saw a
+    /// membership change differently (one saw a member flap, one was starting) each know
+    /// owners the other does not; merging heals that within this interval.
+    pub history_sync: Option<Duration>,
     /// `[[cluster.members]]` (at least one): every member of the cluster, including ones that
     /// take no new flows.
     pub members: Vec<MemberSettings>,
@@ -244,6 +256,12 @@ pub struct MemberSettings {
     /// `[cluster.members.health]` (optional): how this node checks the member. Default: a TCP
     /// connect to the first TCP port of the first service that lists one.
     pub health: HealthCheck,
+    /// `sync` (optional): address and port of the member's controller HTTP endpoint (its
+    /// `[metrics] listen`). A starting controller copies the hop history of the steering
+    /// tables from a healthy member through it, so that it knows every member that may hold
+    /// a flow; without any, a node that starts while others run may send flows that began
+    /// during its absence to the wrong member.
+    pub sync: Option<SocketAddr>,
 }
 
 /// `[cluster.members.health]`: the health check of one member.
@@ -651,6 +669,7 @@ mod raw {
         pub steer_port: Option<u16>,
         pub table_size: Option<u32>,
         pub hop_budget: Option<u8>,
+        pub history_sync_ms: Option<u32>,
         #[serde(default)]
         pub members: Vec<Member>,
     }
@@ -663,6 +682,7 @@ mod raw {
         pub underlay: String,
         pub weight: Option<u32>,
         pub health: Option<Health>,
+        pub sync: Option<String>,
     }
 
     #[derive(Clone, Copy, Default, Deserialize)]
@@ -890,12 +910,17 @@ impl Checker {
             );
         }
 
+        let history_sync = match raw.history_sync_ms.unwrap_or(DEFAULT_HISTORY_SYNC_MS) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms.into())),
+        };
         let members = self.members(raw.members, node, families, services, vips);
         ClusterSettings {
             hash_key,
             steer_port,
             table_size,
             hop_budget,
+            history_sync,
             members,
         }
     }
@@ -989,12 +1014,16 @@ impl Checker {
                 );
             }
             let health = self.health(&at, m.health, default_port);
+            let sync = m.sync.as_deref().and_then(|text| {
+                self.parse_addr::<SocketAddr>(&format!("{at}.sync"), text, "an address and port")
+            });
             members.push(MemberSettings {
                 name: m.name,
                 id: m.id,
                 underlay: underlay.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
                 weight,
                 health,
+                sync,
             });
         }
 

@@ -43,6 +43,7 @@ use crate::{
     maglev::{self, MaglevMember},
     metrics,
     nexthop::Resolver,
+    sync,
     tables::{self, Tables},
 };
 
@@ -624,6 +625,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut monitor = HealthMonitor::start(core.health_targets());
     monitor.first_results(FIRST_HEALTH_WAIT).await;
     core.health = monitor.snapshot();
+    sync_history(&mut core).await;
     core.rebuild()?;
     core.ready = true;
     core.write_node_config()?;
@@ -666,6 +668,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let metrics_listener = metrics::bind(metrics_addr).await?;
     let metrics_task = {
         let ready_shared = shared.clone();
+        let table_shared = shared.clone();
         let shared = shared.clone();
         let source: metrics::SnapshotSource = Arc::new(move || {
             let core = shared.lock();
@@ -675,13 +678,32 @@ pub async fn run(opts: Options) -> Result<()> {
             })
         });
         let ready: metrics::ReadySource = Arc::new(move || ready_shared.lock().readiness());
+        let table: metrics::TableSource = Arc::new(move |service: &str| {
+            let core = table_shared.lock();
+            core.tables
+                .services()
+                .get(service)
+                .filter(|t| t.generation > 0)
+                .map(|t| (t.generation, sync::encode(t.buckets())))
+        });
         tokio::spawn(metrics::serve_with_ready(
             metrics_listener,
             source,
-            Some(ready),
+            metrics::Extra {
+                ready: Some(ready),
+                table: Some(table),
+            },
             stop_rx.clone(),
         ))
     };
+
+    // History gossip.
+    let gossip_task = shared
+        .lock()
+        .cfg
+        .cluster
+        .history_sync
+        .map(|every| tokio::spawn(gossip(shared.clone(), every)));
 
     // Next hops.
     let nexthop_task = {
@@ -784,10 +806,105 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     control_task.abort();
     metrics_task.abort();
+    if let Some(task) = gossip_task {
+        task.abort();
+    }
     let _ = nexthop_task.await;
     let _ = std::fs::remove_file(&control_path);
     drop(monitor);
     Ok(())
+}
+
+/// Takes over the hop history of a healthy member that runs already (the first one that
+/// answers for every service), merged with our own. Without one (a cold start of the whole
+/// cluster) our own pinned history is all there is.
+async fn sync_history(core: &mut Core) {
+    let self_id = core.self_id();
+    let size = core.cfg.cluster.table_size;
+    let peers: Vec<(String, SocketAddr)> = core
+        .cfg
+        .cluster
+        .members
+        .iter()
+        .filter(|m| m.id != self_id)
+        .filter(|m| core.health.get(&m.id).and_then(|h| h.healthy) == Some(true))
+        .filter_map(|m| m.sync.map(|addr| (m.name.clone(), addr)))
+        .collect();
+    let services: Vec<String> = core.cfg.services.iter().map(|s| s.name.clone()).collect();
+    'peers: for (name, addr) in peers {
+        let mut fetched = Vec::new();
+        for service in &services {
+            match sync::fetch(addr, service, size, Duration::from_secs(3)).await {
+                Ok(buckets) => fetched.push((service.clone(), buckets)),
+                Err(e) => {
+                    log::warn!("history sync from {name}: {e}");
+                    continue 'peers;
+                }
+            }
+        }
+        for (service, buckets) in fetched {
+            core.tables.seed(&service, buckets);
+        }
+        log::info!("hop history taken over from {name} ({addr})");
+        return;
+    }
+    log::info!("no running member to take the hop history from: starting from our own");
+}
+
+/// Every `every`, merges one healthy member's hop history into ours (members in turn), so
+/// that owners one node saw and another did not end up in both histories.
+async fn gossip(shared: Shared, every: Duration) {
+    let mut turn = 0usize;
+    loop {
+        tokio::time::sleep(every).await;
+        let (peer, services, size) = {
+            let core = shared.lock();
+            let self_id = core.self_id();
+            let peers: Vec<(String, SocketAddr)> = core
+                .cfg
+                .cluster
+                .members
+                .iter()
+                .filter(|m| m.id != self_id)
+                .filter(|m| core.health.get(&m.id).and_then(|h| h.healthy) == Some(true))
+                .filter_map(|m| m.sync.map(|addr| (m.name.clone(), addr)))
+                .collect();
+            if peers.is_empty() {
+                continue;
+            }
+            turn = turn.wrapping_add(1);
+            let services: Vec<String> = core.cfg.services.iter().map(|s| s.name.clone()).collect();
+            (peers[turn % peers.len()].clone(), services, core.cfg.cluster.table_size)
+        };
+        let mut tables = Vec::new();
+        for service in services {
+            match sync::fetch(peer.1, &service, size, Duration::from_secs(3)).await {
+                Ok(buckets) => tables.push((service, buckets)),
+                Err(e) => log::debug!("history gossip with {}: {e}", peer.0),
+            }
+        }
+        let shared = shared.clone();
+        let name = peer.0;
+        let result = tokio::task::spawn_blocking(move || {
+            let mut core = shared.lock();
+            let mut changed = false;
+            for (service, buckets) in &tables {
+                changed |= core.tables.absorb(service, buckets);
+            }
+            if changed {
+                log::info!("hop history: added owners known to {name}");
+                core.rebuild()
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::error!("table rebuild after history gossip failed: {e:#}"),
+            Err(e) => log::error!("history gossip task failed: {e}"),
+        }
+    }
 }
 
 fn empty_snapshot(core: &Core) -> metrics::Snapshot {

@@ -36,6 +36,31 @@ pub struct Summary {
     pub resized: bool,
 }
 
+/// Combines two histories of the same table, bucket by bucket: `primary`'s hops first, then
+/// those of `secondary` it lacks, as many as a bucket holds. Used when a starting node takes
+/// over a running member's history (`primary`) without forgetting its own (`secondary`).
+/// Tables of different sizes do not describe the same buckets: `primary` is returned as is.
+pub fn merge(primary: &[Bucket], secondary: &[Bucket]) -> Vec<Bucket> {
+    if primary.len() != secondary.len() {
+        return primary.to_vec();
+    }
+    primary
+        .iter()
+        .zip(secondary)
+        .map(|(p, s)| {
+            let mut out = Bucket::EMPTY;
+            let mut n = 0;
+            for hop in p.hops.iter().chain(&s.hops) {
+                if *hop != NO_MEMBER && !out.hops[..n].contains(hop) && n < MAX_HOPS {
+                    out.hops[n] = *hop;
+                    n += 1;
+                }
+            }
+            out
+        })
+        .collect()
+}
+
 /// Computes the buckets that follow `previous` when the table's owners become `new_owners`.
 ///
 /// `known(id)` tells whether `id` is still a member in the configuration; ids for which it is
@@ -125,6 +150,29 @@ pub fn per_member_share(table: &[Bucket]) -> BTreeMap<u16, u32> {
         }
     }
     shares
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    fn b(hops: &[u16]) -> Bucket {
+        let mut out = Bucket::EMPTY;
+        out.hops[..hops.len()].copy_from_slice(hops);
+        out
+    }
+
+    #[test]
+    fn merge_keeps_primary_order_and_adds_what_it_lacks() {
+        let primary = [b(&[1, 2]), b(&[3]), b(&[]), b(&[1, 2, 3])];
+        let secondary = [b(&[2, 4]), b(&[3, 1]), b(&[5]), b(&[4])];
+        assert_eq!(
+            merge(&primary, &secondary),
+            [b(&[1, 2, 4]), b(&[3, 1]), b(&[5]), b(&[1, 2, 3])]
+        );
+        // Different sizes: nothing to combine.
+        assert_eq!(merge(&primary, &secondary[..2]), primary);
+    }
 }
 
 #[cfg(test)]

@@ -15,3 +15,4 @@ pub mod nexthop;
 pub mod control;
 pub mod daemon;
 pub mod tables;
+pub mod sync;

@@ -512,20 +512,33 @@ pub type ReadySource = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// Serves `/metrics` (and an index at `/`) on `listener` until `shutdown` becomes `true` (or its
 /// sender is dropped). Never fails: client and per-scrape problems are logged and answered.
 pub async fn serve(listener: TcpListener, source: SnapshotSource, shutdown: watch::Receiver<bool>) {
-    serve_with_ready(listener, source, None, shutdown).await;
+    serve_with_ready(listener, source, Extra::default(), shutdown).await;
 }
 
-/// [`serve`], plus `/ready`: 200 while `ready` says so, 503 with the reason otherwise.
+/// A service's active table, encoded for `/table/<service>` (see `crate::sync`), with its
+/// generation; `None` for an unknown service.
+pub type TableSource = Arc<dyn Fn(&str) -> Option<(u32, Vec<u8>)> + Send + Sync>;
+
+/// The controller's endpoints besides `/metrics`.
+#[derive(Clone, Default)]
+pub struct Extra {
+    /// `/ready`: 200 while it says so, 503 with the reason otherwise.
+    pub ready: Option<ReadySource>,
+    /// `/table/<service>`: the hop history, for starting members.
+    pub table: Option<TableSource>,
+}
+
+/// [`serve`], plus the endpoints of `extra`.
 pub async fn serve_with_ready(
     listener: TcpListener,
     source: SnapshotSource,
-    ready: Option<ReadySource>,
+    extra: Extra,
     shutdown: watch::Receiver<bool>,
 ) {
     let handler = move |request: Request| {
         let source = Arc::clone(&source);
-        let ready = ready.clone();
-        async move { route(request, source, ready).await }
+        let extra = extra.clone();
+        async move { route(request, source, extra).await }
     };
     http::serve(listener, handler, shutdown).await;
 }
@@ -533,10 +546,26 @@ pub async fn serve_with_ready(
 const INDEX: &str = "<!DOCTYPE html>\n<html><head><title>cdn-steer</title></head>\n\
     <body><h1>cdn-steer</h1><p><a href=\"/metrics\">Metrics</a></p></body></html>\n";
 
-async fn route(request: Request, source: SnapshotSource, ready: Option<ReadySource>) -> Response {
+async fn route(request: Request, source: SnapshotSource, extra: Extra) -> Response {
+    if let (Some(service), true, Some(table)) = (
+        request.path.strip_prefix("/table/"),
+        request.is_get_or_head(),
+        extra.table.clone(),
+    ) {
+        let service = service.to_string();
+        return match tokio::task::spawn_blocking(move || table(&service)).await {
+            Ok(Some((generation, body))) => Response::new(200, "application/octet-stream", body)
+                .with_header("X-Table-Generation", generation.to_string()),
+            Ok(None) => Response::text(404, "no such service"),
+            Err(e) => {
+                warn!("table export failed: {e}");
+                Response::text(500, "table export failed")
+            }
+        };
+    }
     match (request.path.as_str(), request.is_get_or_head()) {
         ("/metrics", true) => scrape(&request, source).await,
-        ("/ready", true) => match ready {
+        ("/ready", true) => match extra.ready {
             Some(ready) => match tokio::task::spawn_blocking(move || ready()).await {
                 Ok(Ok(())) => Response::text(200, "ready"),
                 Ok(Err(reason)) => Response::text(503, &reason),

@@ -65,6 +65,9 @@ pub struct ServiceTable {
     pub halves: [Vec<Bucket>; 2],
     /// The VIP prefixes whose LPM entries point at this table.
     pub vips: Vec<Prefix>,
+    /// History to start the next update from instead of the active half (see
+    /// [`Tables::seed`]).
+    pub seed: Option<Vec<Bucket>>,
 }
 
 impl ServiceTable {
@@ -183,6 +186,7 @@ impl Tables {
                             generation: generation.max(1),
                             halves,
                             vips: svc.vips.clone(),
+                            seed: None,
                         },
                     );
                 }
@@ -228,6 +232,7 @@ impl Tables {
                     dp.read_buckets(half_offset(slot, 1, size), size)?,
                 ],
                 vips: Vec::new(),
+                seed: None,
             },
         );
         Ok(())
@@ -287,7 +292,9 @@ impl Tables {
             let Some(table) = self.services.get_mut(&svc.name) else {
                 continue;
             };
-            let (next, summary) = history::advance(table.buckets(), owners, cfg.known_ids());
+            let seed = table.seed.take();
+            let previous = seed.as_deref().unwrap_or(table.buckets());
+            let (next, summary) = history::advance(previous, owners, cfg.known_ids());
             report
                 .owner_changes
                 .insert(svc.name.clone(), summary.owner_changed);
@@ -335,6 +342,36 @@ impl Tables {
             );
         }
         Ok(report)
+    }
+
+    /// Makes `history` (a running member's table) the history the next update starts from for
+    /// `service`, with our own hops added where there is room. For a starting node: the
+    /// running member's view of who owned what is the better one. Returns false for an
+    /// unknown service.
+    pub fn seed(&mut self, service: &str, history: Vec<Bucket>) -> bool {
+        match self.services.get_mut(service) {
+            Some(table) => {
+                let own = table.buckets().to_vec();
+                table.seed = Some(history::merge(&history, &own));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Adds the hops of `peer` (another member's table) that our history of `service` lacks,
+    /// where there is room, for the next update. Returns whether anything would change.
+    pub fn absorb(&mut self, service: &str, peer: &[Bucket]) -> bool {
+        let Some(table) = self.services.get_mut(service) else {
+            return false;
+        };
+        let own = table.buckets();
+        let merged = history::merge(own, peer);
+        if merged == own {
+            return false;
+        }
+        table.seed = Some(merged);
+        true
     }
 
     /// The service (by name) whose VIPs contain `addr`, with its table.

@@ -39,8 +39,10 @@ pub struct Live {
     pub done: AtomicUsize,
     pub resets: AtomicUsize,
     pub failed: AtomicUsize,
-    /// (download id, client port) of every connection made so far.
+    /// (download id, client port) of every connection attempted so far.
     pub ports: std::sync::Mutex<Vec<(usize, u16)>>,
+    /// Connections established so far.
+    pub connected: AtomicUsize,
 }
 
 #[derive(Clone, Debug)]
@@ -138,12 +140,23 @@ pub fn download(id: usize, spec: &Spec, expected_sha: &str, live: &Live) -> Outc
         let addr = SocketAddr::new(spec.vip, spec.port);
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.set_recv_buffer_size(64 * 1024)?;
-        socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
-        let mut stream: TcpStream = socket.into();
-        outcome.client_port = stream.local_addr()?.port();
+        // Bind first, so that even a connection that never completes has a known port.
+        let any: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse().expect("literal")
+        } else {
+            "0.0.0.0:0".parse().expect("literal")
+        };
+        socket.bind(&any.into())?;
+        outcome.client_port = socket
+            .local_addr()?
+            .as_socket()
+            .map_or(0, |a| a.port());
         if let Ok(mut ports) = live.ports.lock() {
             ports.push((id, outcome.client_port));
         }
+        socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        live.connected.fetch_add(1, Ordering::Relaxed);
+        let mut stream: TcpStream = socket.into();
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
         write!(stream, "GET /file HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")?;
         let mut hasher = Sha256::new();

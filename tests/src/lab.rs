@@ -243,7 +243,7 @@ fn controller_config(lab: &Lab, node: &LabNode, bpffs: &Path) -> String {
     let mut c = format!(
         "[node]\nname = \"{name}\"\ninterfaces = [\"eth0\"]\nunderlay_v4 = \"{ul}\"\n\
          max_frame = {frame}\nbpffs = \"{bpffs}\"\ncontrol_socket = \"{ctl}\"\n\n\
-         [cluster]\nhash_key = \"{HASH_KEY}\"\n\n",
+         [cluster]\nhash_key = \"{HASH_KEY}\"\nhistory_sync_ms = 1000\n\n",
         name = node.name,
         ul = node.underlay,
         frame = UNDERLAY_MTU + 14,
@@ -253,6 +253,7 @@ fn controller_config(lab: &Lab, node: &LabNode, bpffs: &Path) -> String {
     for i in 1..=lab.opts.nodes {
         c.push_str(&format!(
             "[[cluster.members]]\nname = \"node{i}\"\nid = {i}\nunderlay = \"10.1.{i}.2\"\n\
+             sync = \"10.1.{i}.2:{METRICS_PORT}\"\n\
              [cluster.members.health]\nkind = \"http\"\nport = {METRICS_PORT}\npath = \"/ready\"\n\
              interval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n\n"
         ));
@@ -299,7 +300,25 @@ impl Lab {
             lab.start_controllers()?;
         }
         lab.wait_for_routes(lab.opts.nodes, Duration::from_secs(30))?;
+        if lab.opts.steering {
+            lab.wait_settled()?;
+        }
         Ok(lab)
+    }
+
+    /// Waits until every node sees every member healthy, then two history-gossip rounds, so
+    /// that what the nodes saw while starting one after another is merged everywhere.
+    pub fn wait_settled(&self) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            self.wait_until(Duration::from_secs(20), "every member healthy everywhere", || {
+                let s = self.status(i)?;
+                Ok(s["members"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().all(|m| m["healthy"] == true)))
+            })?;
+        }
+        std::thread::sleep(Duration::from_millis(2500));
+        Ok(())
     }
 
     fn build_network(&mut self) -> Result<()> {

@@ -351,6 +351,43 @@ fn owner_path_accepts_new_connections_and_decapsulates() -> Result<()> {
 }
 
 #[test]
+fn new_connections_are_taken_only_by_the_owner_in_this_nodes_own_table() -> Result<()> {
+    let mut s = Scenario::new()?;
+    for f in flows() {
+        let inner_frame = frame(&f, Tcp::SYN, Vlan::None, &[]);
+        let inner = ip_packet(&inner_frame, Vlan::None);
+        let input = steering_frame(member_addr(2), addr(UNDERLAY_V4), STEER_PORT, 2, &[4], inner)?;
+        // Our table says member 5 owns the flow (4 before it): the SYN goes there, whatever
+        // the sender's table said.
+        s.set_hops(&f, &[5, 4])?;
+        let run = s.run(&input)?;
+        assert_eq!((run.action, run.verdict()), (xdp::TX, Counter::SynRedirect));
+        let expected = expected_encap(&ExpectedEncap {
+            dst_mac: member_mac(5),
+            src_mac: NODE_MAC,
+            outer_src: addr(UNDERLAY_V6),
+            outer_dst: member_addr(5),
+            entropy: 0xc123,
+            steer_port: STEER_PORT,
+            budget: 1,
+            hops: &[4],
+            inner,
+        })?;
+        assert_eq!(run.out, expected);
+        // Our table agrees that we own it: accepted.
+        s.set_hops(&f, &[SELF_ID, 4])?;
+        let run = s.run(&input)?;
+        assert_eq!((run.action, run.verdict()), (xdp::PASS, Counter::OwnerAccept));
+        // Disagreement with no budget left: dropped (the client retries the SYN).
+        s.set_hops(&f, &[5])?;
+        let input = steering_frame(member_addr(2), addr(UNDERLAY_V4), STEER_PORT, 0, &[4], inner)?;
+        let run = s.run(&input)?;
+        assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::LoopGuard));
+    }
+    Ok(())
+}
+
+#[test]
 fn owner_path_passes_on_what_it_does_not_hold_and_the_last_hop_accepts() -> Result<()> {
     let mut s = Scenario::new()?;
     for f in flows() {

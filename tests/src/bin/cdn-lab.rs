@@ -186,7 +186,12 @@ fn demo(lab: &Lab, args: &Args) -> Result<()> {
                     if o.reset {
                         live.resets.fetch_add(1, Ordering::Relaxed);
                     }
-                    println!("    download {id} failed: {}", o.error.unwrap_or_default());
+                    println!(
+                        "    download {id} (client port {}) failed after {:.1} s: {}",
+                        o.client_port,
+                        o.elapsed.as_secs_f64(),
+                        o.error.unwrap_or_default()
+                    );
                 }
             }
         }));
