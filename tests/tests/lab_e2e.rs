@@ -286,14 +286,22 @@ fn route_changes_and_membership_changes_together() -> Result<()> {
     let (live, handle) = start_downloads(&lab, 40, false);
     wait_connected(&lab, &live, 40)?;
     // node2 leaves by drain while node1's routes flap; then node2 rejoins while node3's do.
+    let routes_are = |want: Vec<usize>, what: &str| {
+        lab.wait_until(Duration::from_secs(15), what, || Ok(lab.route_nodes(VIP_V4)? == want))
+    };
     lab.steer(1, &["drain"])?;
-    shift_routes(&lab, 1)?;
+    routes_are(vec![0, 2], "node2's routes withdrawn by its drain")?;
+    lab.withdraw_at_router(0)?;
+    routes_are(vec![2], "node1's routes withdrawn at the router")?;
+    std::thread::sleep(Duration::from_millis(700));
+    lab.restore_at_router(0)?;
+    routes_are(vec![0, 2], "node1's routes back")?;
     lab.steer(1, &["undrain"])?;
     lab.withdraw_at_router(2)?;
-    lab.wait_for_routes(2, Duration::from_secs(10))?;
+    routes_are(vec![0, 1], "node2 back after its undrain, node3 withdrawn")?;
     std::thread::sleep(Duration::from_millis(700));
     lab.restore_at_router(2)?;
-    lab.wait_for_routes(3, Duration::from_secs(15))?;
+    routes_are(vec![0, 1, 2], "every node's routes back")?;
     let outcomes = handle.join().map_err(|_| anyhow::anyhow!("download thread panicked"))?;
     report("route + membership change", &outcomes, 2, started);
     ensure!(outcomes.iter().all(|o| o.ok), "a download failed\n{}", lab.diagnostics());
