@@ -22,9 +22,8 @@ use cdn_common::{
     counters::Counter,
     hash::{flow_hash_v4, flow_hash_v6},
     maps::{
-        MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP,
-        SERVICE_UDP,
-        Service,
+        MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig, SERVICE_ALL_PORTS,
+        SERVICE_TCP, SERVICE_UDP, Service,
     },
     wire::{STEER_INNER_V6, STEER_MAX_REMAINING, STEER_VERSION, SteerHeader, entropy_port},
 };
@@ -34,8 +33,8 @@ use crate::{
     maps::{CONFIG, MEMBER_ADDRS, SERVICES_V4, SERVICES_V6, TABLE},
     packet::Frame,
     parse::{
-        Flow, IPPROTO_UDP, Kind, L2, TCP_ACK, TCP_SYN, dst_addr_off, parse_flow, parse_ip, parse_l2, peek_udp_dport,
-        require_ip_header,
+        Flow, IPPROTO_UDP, Kind, L2, TCP_ACK, TCP_SYN, dst_addr_off, parse_flow, parse_ip,
+        parse_l2, peek_udp_dport, require_ip_header,
     },
     sockets::{Ownership, check},
 };

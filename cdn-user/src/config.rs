@@ -1269,7 +1269,10 @@ impl Checker {
         let bird_socket = self.absolute("bgp.bird_socket", raw.bird_socket, DEFAULT_BIRD_SOCKET);
         let (field, protocols) = match (raw.protocol, raw.protocols) {
             (Some(_), Some(_)) => {
-                self.problem("bgp.protocol", "give either protocol or protocols, not both");
+                self.problem(
+                    "bgp.protocol",
+                    "give either protocol or protocols, not both",
+                );
                 ("bgp.protocols", Vec::new())
             }
             (Some(one), None) => ("bgp.protocol", vec![one]),

@@ -127,7 +127,11 @@ pub enum ControlError {
 }
 
 /// Sends one request to the daemon and returns its response.
-pub async fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Response, ControlError> {
+pub async fn call(
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Response, ControlError> {
     let exchange = async {
         let stream = UnixStream::connect(path)
             .await
@@ -171,7 +175,10 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// Answers requests with `handler` until the task is dropped.
-pub async fn serve(listener: UnixListener, handler: Arc<dyn Fn(Request) -> Response + Send + Sync>) {
+pub async fn serve(
+    listener: UnixListener,
+    handler: Arc<dyn Fn(Request) -> Response + Send + Sync>,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,

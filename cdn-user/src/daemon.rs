@@ -123,7 +123,9 @@ impl Core {
 
     fn write_node_config(&mut self) -> Result<()> {
         let cfg = self.node_config();
-        self.dp.write_config(&cfg).context("writing the node configuration")
+        self.dp
+            .write_config(&cfg)
+            .context("writing the node configuration")
     }
 
     /// Members (ids and underlay addresses) into the data plane; ids no longer configured are
@@ -171,8 +173,13 @@ impl Core {
         if members.is_empty() {
             log::warn!("no member is eligible for new flows; buckets keep their last owners");
         }
-        maglev::build_table_into(&members, self.cfg.cluster.hash_key, self.cfg.cluster.table_size, &mut owners)
-            .context("building the Maglev table")?;
+        maglev::build_table_into(
+            &members,
+            self.cfg.cluster.hash_key,
+            self.cfg.cluster.table_size,
+            &mut owners,
+        )
+        .context("building the Maglev table")?;
         if members.is_empty() {
             owners = vec![NO_MEMBER; self.cfg.cluster.table_size as usize];
         }
@@ -300,9 +307,13 @@ impl Core {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 flow_hash_v4(&key, v4_word(s.octets()), v4_word(d.octets()), ports, proto)
             }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                flow_hash_v6(&key, v6_words(s.octets()), v6_words(d.octets()), ports, proto)
-            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => flow_hash_v6(
+                &key,
+                v6_words(s.octets()),
+                v6_words(d.octets()),
+                ports,
+                proto,
+            ),
             _ => bail!("source and destination must be of the same address family"),
         };
         let Some((name, table)) = self.tables.service_for(dst.ip()) else {
@@ -506,7 +517,9 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Core> {
         // A panic while holding the lock leaves the maps as they were written so far; going
         // on is better than stopping the data plane's controller.
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -519,7 +532,10 @@ fn handle_request(shared: &Shared, rebuild: &Notify, request: Request) -> Respon
             let drain = matches!(request, Request::Drain);
             if core.draining == drain {
                 Ok(Response::Done {
-                    message: format!("already {}", if drain { "draining" } else { "not draining" }),
+                    message: format!(
+                        "already {}",
+                        if drain { "draining" } else { "not draining" }
+                    ),
                 })
             } else {
                 core.draining = drain;
@@ -555,9 +571,12 @@ pub async fn run(opts: Options) -> Result<()> {
         cfg.cluster.members.len(),
         cfg.services.len()
     );
-    if let Some(mounted) = dataplane::ensure_bpffs(&cfg.node.bpffs)
-        .with_context(|| format!("preparing the bpf filesystem at {}", cfg.node.bpffs.display()))?
-    {
+    if let Some(mounted) = dataplane::ensure_bpffs(&cfg.node.bpffs).with_context(|| {
+        format!(
+            "preparing the bpf filesystem at {}",
+            cfg.node.bpffs.display()
+        )
+    })? {
         log::info!("mounted a bpf filesystem on {}", mounted.display());
     }
     let (map_dir, link_dir) = pin_paths(&cfg);
@@ -586,7 +605,8 @@ pub async fn run(opts: Options) -> Result<()> {
     // data plane keeps steering while we start.
     let previous_flags = if restarted { dp.config()?.flags } else { 0 };
     let mut core = Core {
-        config_path: std::fs::canonicalize(&opts.config_path).unwrap_or_else(|_| opts.config_path.clone()),
+        config_path: std::fs::canonicalize(&opts.config_path)
+            .unwrap_or_else(|_| opts.config_path.clone()),
         dp,
         tables,
         attachments: Vec::new(),
@@ -612,12 +632,19 @@ pub async fn run(opts: Options) -> Result<()> {
             .with_context(|| format!("attaching to {interface}"))?;
         log::info!(
             "XDP {} on {} ({})",
-            if a.replaced { "program replaced in place" } else { "attached" },
+            if a.replaced {
+                "program replaced in place"
+            } else {
+                "attached"
+            },
             a.interface,
             a.mode
         );
         if generic {
-            log::warn!("{}: generic XDP mode, as configured: slower than native", a.interface);
+            log::warn!(
+                "{}: generic XDP mode, as configured: slower than native",
+                a.interface
+            );
         }
         core.attachments.push(a);
     }
@@ -651,7 +678,6 @@ pub async fn run(opts: Options) -> Result<()> {
     let shared = Shared(Arc::new(Mutex::new(core)));
     let rebuild = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
-
 
     // Control socket.
     let listener = control::bind(&control_path).await?;
@@ -874,7 +900,11 @@ async fn gossip(shared: Shared, every: Duration) {
             }
             turn = turn.wrapping_add(1);
             let services: Vec<String> = core.cfg.services.iter().map(|s| s.name.clone()).collect();
-            (peers[turn % peers.len()].clone(), services, core.cfg.cluster.table_size)
+            (
+                peers[turn % peers.len()].clone(),
+                services,
+                core.cfg.cluster.table_size,
+            )
         };
         let mut tables = Vec::new();
         for service in services {
@@ -955,12 +985,18 @@ fn refresh_next_hops(shared: &Shared, stop: &mut watch::Receiver<bool>) {
                     match result {
                         Ok(r) => {
                             if last_problem.remove(id).is_some() {
-                                log::info!("next hop of {name} resolved: {} via ifindex {}", r.via, r.ifindex);
+                                log::info!(
+                                    "next hop of {name} resolved: {} via ifindex {}",
+                                    r.via,
+                                    r.ifindex
+                                );
                             }
                             if !devices.contains(&r.ifindex) {
                                 match core.dp.add_device(r.ifindex) {
                                     Ok(()) => devices.push(r.ifindex),
-                                    Err(e) => log::warn!("redirect map, ifindex {}: {e}", r.ifindex),
+                                    Err(e) => {
+                                        log::warn!("redirect map, ifindex {}: {e}", r.ifindex)
+                                    }
                                 }
                             }
                             let hop = NextHop {
@@ -976,7 +1012,9 @@ fn refresh_next_hops(shared: &Shared, stop: &mut watch::Receiver<bool>) {
                         Err(e) => {
                             let text = e.to_string();
                             if last_problem.get(id) != Some(&text) {
-                                log::info!("next hop of {name} unresolved ({text}); the data plane falls back to the kernel");
+                                log::info!(
+                                    "next hop of {name} unresolved ({text}); the data plane falls back to the kernel"
+                                );
                                 last_problem.insert(*id, text);
                             }
                         }
@@ -1028,7 +1066,11 @@ pub fn check_summary(cfg: &Config) -> Result<String> {
         cfg.cluster.table_size,
         took.as_secs_f64() * 1000.0
     )?;
-    writeln!(out, "{:<6} {:<20} {:<40} {:>7} {:>9} {:>8}", "id", "member", "underlay", "weight", "buckets", "share")?;
+    writeln!(
+        out,
+        "{:<6} {:<20} {:<40} {:>7} {:>9} {:>8}",
+        "id", "member", "underlay", "weight", "buckets", "share"
+    )?;
     for m in &cfg.cluster.members {
         let n = share.get(&m.id).copied().unwrap_or(0);
         writeln!(
@@ -1047,7 +1089,11 @@ pub fn check_summary(cfg: &Config) -> Result<String> {
             out,
             "service {}: VIPs {} TCP {:?} UDP {:?}",
             s.name,
-            s.vips.iter().map(prefix_text).collect::<Vec<_>>().join(", "),
+            s.vips
+                .iter()
+                .map(prefix_text)
+                .collect::<Vec<_>>()
+                .join(", "),
             s.tcp_ports,
             s.udp_ports
         )?;

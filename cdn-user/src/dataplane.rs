@@ -196,14 +196,16 @@ impl DataPlane {
                 pinned: true,
             });
         }
-        let mode = if generic { XdpMode::Skb } else { XdpMode::Driver };
+        let mode = if generic {
+            XdpMode::Skb
+        } else {
+            XdpMode::Driver
+        };
         let id = program.attach(interface, mode).map_err(attach_err)?;
         let link = program.take_link(id).map_err(attach_err)?;
         let pinned = match FdLink::try_from(link) {
             Ok(fd_link) => {
-                fd_link
-                    .pin(link_pin)
-                    .map_err(|e| link_err(e.to_string()))?;
+                fd_link.pin(link_pin).map_err(|e| link_err(e.to_string()))?;
                 true
             }
             // Netlink attachment (no XDP links in this kernel): it outlives us by itself.
@@ -509,7 +511,10 @@ pub fn is_bpffs(dir: &Path) -> bool {
 pub fn ensure_bpffs(dir: &Path) -> std::io::Result<Option<PathBuf>> {
     // The nearest existing directory decides: a pin directory that does not exist yet on an
     // existing bpffs is simply created.
-    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     if is_bpffs(existing) {
         std::fs::create_dir_all(dir)?;
         return Ok(None);

@@ -4,6 +4,8 @@
 pub mod announce;
 pub mod bird;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod dataplane;
 pub mod ebpf_object;
 pub mod health;
@@ -12,7 +14,5 @@ pub mod http;
 pub mod maglev;
 pub mod metrics;
 pub mod nexthop;
-pub mod control;
-pub mod daemon;
-pub mod tables;
 pub mod sync;
+pub mod tables;

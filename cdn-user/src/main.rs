@@ -11,7 +11,11 @@ use cdn_user::{
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "cdn-steer", version, about = "XDP anycast steering: keeps every flow on the server that owns it")]
+#[command(
+    name = "cdn-steer",
+    version,
+    about = "XDP anycast steering: keeps every flow on the server that owns it"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -187,7 +191,11 @@ fn print_status(s: &StatusReport) {
             "  XDP on {} in {} mode{}",
             a.interface,
             a.mode,
-            if a.replaced { " (taken over from a previous run)" } else { "" }
+            if a.replaced {
+                " (taken over from a previous run)"
+            } else {
+                ""
+            }
         );
     }
     println!(
@@ -204,14 +212,21 @@ fn print_status(s: &StatusReport) {
                 Some(false) => "withdrawn",
                 None => "unknown",
             },
-            if b.bird_reachable { "reachable" } else { "UNREACHABLE" },
+            if b.bird_reachable {
+                "reachable"
+            } else {
+                "UNREACHABLE"
+            },
             b.last_error
                 .as_ref()
                 .map(|e| format!(" (last error: {e})"))
                 .unwrap_or_default()
         );
     }
-    println!("  reloads: {} ok, {} refused", s.reloads_ok, s.reloads_failed);
+    println!(
+        "  reloads: {} ok, {} refused",
+        s.reloads_ok, s.reloads_failed
+    );
     println!("services ({} buckets per table):", s.table_size);
     for svc in &s.services {
         println!(

@@ -43,7 +43,7 @@ pub fn encode(buckets: &[Bucket]) -> Vec<u8> {
 }
 
 pub fn decode(bytes: &[u8]) -> Option<Vec<Bucket>> {
-    if bytes.len() % BUCKET_BYTES != 0 {
+    if !bytes.len().is_multiple_of(BUCKET_BYTES) {
         return None;
     }
     Some(
@@ -94,9 +94,7 @@ pub async fn fetch(
     let head = String::from_utf8_lossy(&response[..end]);
     let status = head.split_whitespace().nth(1).unwrap_or("");
     if status != "200" {
-        return Err(bad(format!(
-            "HTTP status {status} for /table/{service}"
-        )));
+        return Err(bad(format!("HTTP status {status} for /table/{service}")));
     }
     let body = &response[end + 4..];
     let buckets = decode(body).ok_or_else(|| bad("body is not whole buckets".into()))?;

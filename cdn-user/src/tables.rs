@@ -19,9 +19,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use cdn_common::maps::{
-    Bucket, MAX_SERVICE_PORTS, SERVICE_TCP, SERVICE_UDP, Service,
-};
+use cdn_common::maps::{Bucket, MAX_SERVICE_PORTS, SERVICE_TCP, SERVICE_UDP, Service};
 use thiserror::Error;
 
 use crate::{
@@ -217,7 +215,12 @@ impl Tables {
     /// A service without a table yet: both halves are read back (a removed service may have
     /// left buckets there) so that updates write exactly what differs; none of it counts as
     /// history. Nothing points at the slot until the first update installs the LPM entries.
-    fn add_fresh(&mut self, dp: &DataPlane, svc: &ServiceSettings, slot: u32) -> Result<(), TableError> {
+    fn add_fresh(
+        &mut self,
+        dp: &DataPlane,
+        svc: &ServiceSettings,
+        slot: u32,
+    ) -> Result<(), TableError> {
         let size = self.size;
         log::info!("service {}: new table in slot {slot}", svc.name);
         self.services.insert(

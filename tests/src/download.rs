@@ -88,7 +88,10 @@ pub fn run_all(netns_path: &str, count: usize, spec: &Spec, live: Arc<Live>) -> 
     handles
         .into_iter()
         .enumerate()
-        .map(|(id, h)| h.join().unwrap_or_else(|_| failed(id, "download thread panicked".into())))
+        .map(|(id, h)| {
+            h.join()
+                .unwrap_or_else(|_| failed(id, "download thread panicked".into()))
+        })
         .collect()
 }
 
@@ -147,10 +150,7 @@ pub fn download(id: usize, spec: &Spec, expected_sha: &str, live: &Live) -> Outc
             "0.0.0.0:0".parse().expect("literal")
         };
         socket.bind(&any.into())?;
-        outcome.client_port = socket
-            .local_addr()?
-            .as_socket()
-            .map_or(0, |a| a.port());
+        outcome.client_port = socket.local_addr()?.as_socket().map_or(0, |a| a.port());
         if let Ok(mut ports) = live.ports.lock() {
             ports.push((id, outcome.client_port));
         }
@@ -158,7 +158,10 @@ pub fn download(id: usize, spec: &Spec, expected_sha: &str, live: &Live) -> Outc
         live.connected.fetch_add(1, Ordering::Relaxed);
         let mut stream: TcpStream = socket.into();
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        write!(stream, "GET /file HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")?;
+        write!(
+            stream,
+            "GET /file HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n"
+        )?;
         let mut hasher = Sha256::new();
         let mut head = Vec::new();
         let mut body_len = 0usize;
@@ -168,7 +171,10 @@ pub fn download(id: usize, spec: &Spec, expected_sha: &str, live: &Live) -> Outc
         let chunk_time = Duration::from_secs_f64(buf.len() as f64 / spec.rate as f64);
         loop {
             if started.elapsed() > spec.timeout {
-                return Err(std::io::Error::new(ErrorKind::TimedOut, "download timed out"));
+                return Err(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    "download timed out",
+                ));
             }
             let n = match stream.read(&mut buf) {
                 Ok(n) => n,

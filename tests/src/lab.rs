@@ -83,7 +83,11 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("{} (pid {}) did not exit within {wait:?}", self.name, self.child.id())
+        bail!(
+            "{} (pid {}) did not exit within {wait:?}",
+            self.name,
+            self.child.id()
+        )
     }
 }
 
@@ -209,7 +213,12 @@ fn router_bird_config(nodes: usize) -> String {
     for i in 1..=nodes {
         for (suffix, local, neighbor, channel) in [
             ("", format!("10.1.{i}.1"), format!("10.1.{i}.2"), "ipv4"),
-            ("v6", format!("fd00:1:{i}::1"), format!("fd00:1:{i}::2"), "ipv6"),
+            (
+                "v6",
+                format!("fd00:1:{i}::1"),
+                format!("fd00:1:{i}::2"),
+                "ipv6",
+            ),
         ] {
             c.push_str(&format!(
                 "protocol bgp n{i}{suffix} {{\n  local {local} as 65000;\n  neighbor {neighbor} as 65001;\n  \
@@ -310,12 +319,16 @@ impl Lab {
     /// that what the nodes saw while starting one after another is merged everywhere.
     pub fn wait_settled(&self) -> Result<()> {
         for i in 0..self.nodes.len() {
-            self.wait_until(Duration::from_secs(20), "every member healthy everywhere", || {
-                let s = self.status(i)?;
-                Ok(s["members"]
-                    .as_array()
-                    .is_some_and(|m| m.iter().all(|m| m["healthy"] == true)))
-            })?;
+            self.wait_until(
+                Duration::from_secs(20),
+                "every member healthy everywhere",
+                || {
+                    let s = self.status(i)?;
+                    Ok(s["members"]
+                        .as_array()
+                        .is_some_and(|m| m.iter().all(|m| m["healthy"] == true)))
+                },
+            )?;
         }
         std::thread::sleep(Duration::from_millis(2500));
         Ok(())
@@ -325,7 +338,20 @@ impl Lab {
         let (c, r) = (&self.client, &self.router);
         run(
             "ip",
-            &["link", "add", "eth0", "netns", c.name(), "type", "veth", "peer", "name", "client", "netns", r.name()],
+            &[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                c.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "client",
+                "netns",
+                r.name(),
+            ],
         )?;
         c.sh(
             "ip link set eth0 up; ip addr add 10.100.0.2/24 dev eth0; ip addr add fd00:100::2/64 dev eth0 nodad; \
@@ -343,7 +369,24 @@ impl Lab {
             let peer = format!("n{i}");
             run(
                 "ip",
-                &["link", "add", "eth0", "netns", ns.name(), "mtu", &UNDERLAY_MTU.to_string(), "type", "veth", "peer", "name", &peer, "netns", self.router.name(), "mtu", &UNDERLAY_MTU.to_string()],
+                &[
+                    "link",
+                    "add",
+                    "eth0",
+                    "netns",
+                    ns.name(),
+                    "mtu",
+                    &UNDERLAY_MTU.to_string(),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &peer,
+                    "netns",
+                    self.router.name(),
+                    "mtu",
+                    &UNDERLAY_MTU.to_string(),
+                ],
             )?;
             self.router.sh(&format!(
                 "ip link set {peer} up; ip addr add 10.1.{i}.1/24 dev {peer}; ip addr add fd00:1:{i}::1/64 dev {peer} nodad; \
@@ -404,7 +447,12 @@ impl Lab {
         self.router_bird = Some(router_bird);
         for i in 0..self.nodes.len() {
             let node = &self.nodes[i];
-            let bird = self.bird(&node.ns, &node.name, &node_bird_config(node.index, self.opts.steering), &node.bird_socket)?;
+            let bird = self.bird(
+                &node.ns,
+                &node.name,
+                &node_bird_config(node.index, self.opts.steering),
+                &node.bird_socket,
+            )?;
             let log = self.dir.join(format!("{}-httpd.log", node.name));
             let size = self.opts.file_size.to_string();
             let seed = self.opts.file_seed.to_string();
@@ -412,7 +460,16 @@ impl Lab {
                 &node.ns,
                 &format!("httpd ({})", node.name),
                 &self.bin.httpd,
-                &["--size", &size, "--seed", &seed, "--listen", &format!("{VIP_V4}:80"), "--listen", &format!("[{VIP_V6}]:80")],
+                &[
+                    "--size",
+                    &size,
+                    "--seed",
+                    &seed,
+                    "--listen",
+                    &format!("{VIP_V4}:80"),
+                    "--listen",
+                    &format!("[{VIP_V6}]:80"),
+                ],
                 &log,
             )?;
             self.nodes[i].bird = Some(bird);
@@ -476,15 +533,24 @@ impl Lab {
 
     /// The daemon's status of node `i`, as JSON.
     pub fn status(&self, i: usize) -> Result<serde_json::Value> {
-        Ok(serde_json::from_str(&self.steer(i, &["status", "--json"])?)?)
+        Ok(serde_json::from_str(
+            &self.steer(i, &["status", "--json"])?,
+        )?)
     }
 
     /// Node `i`'s metrics, scraped over HTTP from the router (on the underlay).
     pub fn scrape(&self, i: usize) -> Result<String> {
         let url = format!("http://{}:{METRICS_PORT}/metrics", self.nodes[i].underlay);
-        let out = self.router.command("curl").args(["-sf", "--max-time", "5", &url]).output()?;
+        let out = self
+            .router
+            .command("curl")
+            .args(["-sf", "--max-time", "5", &url])
+            .output()?;
         if !out.status.success() {
-            bail!("scraping {url} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "scraping {url} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -521,7 +587,11 @@ impl Lab {
             .ip(&[if v6 { "-6" } else { "-4" }, "route", "show", vip])?;
         let mut nodes = Vec::new();
         for (i, node) in self.nodes.iter().enumerate() {
-            let via = if v6 { &node.underlay_v6 } else { &node.underlay };
+            let via = if v6 {
+                &node.underlay_v6
+            } else {
+                &node.underlay
+            };
             if out.contains(&format!("via {via} ")) || out.contains(&format!("via inet6 {via} ")) {
                 nodes.push(i);
             }
@@ -532,12 +602,20 @@ impl Lab {
     /// Waits until the router's routes to both VIPs go over `count` nodes.
     pub fn wait_for_routes(&self, count: usize, limit: Duration) -> Result<()> {
         self.wait_until(limit, &format!("an ECMP route over {count} nodes"), || {
-            Ok(self.route_nodes(VIP_V4)?.len() == count && self.route_nodes(VIP_V6)?.len() == count)
+            Ok(
+                self.route_nodes(VIP_V4)?.len() == count
+                    && self.route_nodes(VIP_V6)?.len() == count,
+            )
         })
     }
 
     /// Polls `check` every 50 ms until it is true or `limit` passes.
-    pub fn wait_until(&self, limit: Duration, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    pub fn wait_until(
+        &self,
+        limit: Duration,
+        what: &str,
+        mut check: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
         let deadline = Instant::now() + limit;
         let mut last_err = None;
         while Instant::now() < deadline {
@@ -550,7 +628,9 @@ impl Lab {
         }
         bail!(
             "timed out after {limit:?} waiting for {what}{}\n{}",
-            last_err.map(|e| format!(" (last error: {e:#})")).unwrap_or_default(),
+            last_err
+                .map(|e| format!(" (last error: {e:#})"))
+                .unwrap_or_default(),
             self.diagnostics()
         )
     }

@@ -356,7 +356,14 @@ fn new_connections_are_taken_only_by_the_owner_in_this_nodes_own_table() -> Resu
     for f in flows() {
         let inner_frame = frame(&f, Tcp::SYN, Vlan::None, &[]);
         let inner = ip_packet(&inner_frame, Vlan::None);
-        let input = steering_frame(member_addr(2), addr(UNDERLAY_V4), STEER_PORT, 2, &[4], inner)?;
+        let input = steering_frame(
+            member_addr(2),
+            addr(UNDERLAY_V4),
+            STEER_PORT,
+            2,
+            &[4],
+            inner,
+        )?;
         // Our table says member 5 owns the flow (4 before it): the SYN goes there, whatever
         // the sender's table said.
         s.set_hops(&f, &[5, 4])?;
@@ -377,10 +384,20 @@ fn new_connections_are_taken_only_by_the_owner_in_this_nodes_own_table() -> Resu
         // Our table agrees that we own it: accepted.
         s.set_hops(&f, &[SELF_ID, 4])?;
         let run = s.run(&input)?;
-        assert_eq!((run.action, run.verdict()), (xdp::PASS, Counter::OwnerAccept));
+        assert_eq!(
+            (run.action, run.verdict()),
+            (xdp::PASS, Counter::OwnerAccept)
+        );
         // Disagreement with no budget left: dropped (the client retries the SYN).
         s.set_hops(&f, &[5])?;
-        let input = steering_frame(member_addr(2), addr(UNDERLAY_V4), STEER_PORT, 0, &[4], inner)?;
+        let input = steering_frame(
+            member_addr(2),
+            addr(UNDERLAY_V4),
+            STEER_PORT,
+            0,
+            &[4],
+            inner,
+        )?;
         let run = s.run(&input)?;
         assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::LoopGuard));
     }

@@ -6,8 +6,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, ensure};
 use cdn_common::{
-    maps::{Bucket, NO_MEMBER, NODE_READY, NextHop, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP,
-        Service,},
+    maps::{
+        Bucket, NO_MEMBER, NODE_READY, NextHop, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP,
+        SERVICE_UDP, Service,
+    },
     wire::entropy_port,
 };
 use cdn_tests::{

@@ -83,7 +83,10 @@ fn report(name: &str, outcomes: &[Outcome], shifts: usize, started: Instant) {
         started.elapsed().as_secs_f64()
     );
     for o in outcomes.iter().filter(|o| !o.ok).take(5) {
-        println!("  download {} (port {}): {:?}", o.id, o.client_port, o.error);
+        println!(
+            "  download {} (port {}): {:?}",
+            o.id, o.client_port, o.error
+        );
     }
 }
 
@@ -117,20 +120,49 @@ fn steered_shift_test(tag: &str, v6: bool, flows: usize, rounds: usize) -> Resul
     let (live, handle) = start_downloads(&lab, flows, v6);
     wait_connected(&lab, &live, flows)?;
     let shifts = shift_routes(&lab, rounds)?;
-    let outcomes = handle.join().map_err(|_| anyhow::anyhow!("download thread panicked"))?;
+    let outcomes = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("download thread panicked"))?;
     report(tag, &outcomes, shifts, started);
 
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.ok).collect();
     for o in &failed {
         for i in 0..lab.nodes.len() {
-            let client = if v6 { "[fd00:100::2]".to_string() } else { "10.100.0.2".to_string() };
-            let vip = if v6 { format!("[{VIP_V6}]") } else { VIP_V4.to_string() };
-            if let Ok(text) = lab.steer(i, &["lookup", &format!("{client}:{}", o.client_port), &format!("{vip}:80")]) {
-                println!("  port {} at node{}: {}", o.client_port, i + 1, text.replace('\n', " | "));
+            let client = if v6 {
+                "[fd00:100::2]".to_string()
+            } else {
+                "10.100.0.2".to_string()
+            };
+            let vip = if v6 {
+                format!("[{VIP_V6}]")
+            } else {
+                VIP_V4.to_string()
+            };
+            if let Ok(text) = lab.steer(
+                i,
+                &[
+                    "lookup",
+                    &format!("{client}:{}", o.client_port),
+                    &format!("{vip}:80"),
+                ],
+            ) {
+                println!(
+                    "  port {} at node{}: {}",
+                    o.client_port,
+                    i + 1,
+                    text.replace('\n', " | ")
+                );
             }
         }
     }
-    ensure!(failed.is_empty(), "{} of {} downloads failed: {:?}\n{}", failed.len(), outcomes.len(), failed.first(), lab.diagnostics());
+    ensure!(
+        failed.is_empty(),
+        "{} of {} downloads failed: {:?}\n{}",
+        failed.len(),
+        outcomes.len(),
+        failed.first(),
+        lab.diagnostics()
+    );
 
     // Metrics, scraped over HTTP from every node: steering really happened, and two
     // independent counts of what each node sent to other members agree.
@@ -139,7 +171,12 @@ fn steered_shift_test(tag: &str, v6: bool, flows: usize, rounds: usize) -> Resul
     let mut accepted_locally = 0;
     for i in 0..lab.nodes.len() {
         let text = lab.scrape(i)?;
-        let c = |reason: &str| metric(&text, &format!("cdn_steer_packets_total{{reason=\"{reason}\""));
+        let c = |reason: &str| {
+            metric(
+                &text,
+                &format!("cdn_steer_packets_total{{reason=\"{reason}\""),
+            )
+        };
         let node_sent = c("forwarded") + c("passed_on") + c("drain_pass_on") + c("syn_redirect");
         let per_member: u64 = text
             .lines()
@@ -154,13 +191,28 @@ fn steered_shift_test(tag: &str, v6: bool, flows: usize, rounds: usize) -> Resul
         sent += node_sent;
         arrived += c("owner_accept");
         accepted_locally += c("local_accept");
-        for bad in ["malformed", "spoofed", "loop_guard", "bad_encap", "no_route", "too_big"] {
+        for bad in [
+            "malformed",
+            "spoofed",
+            "loop_guard",
+            "bad_encap",
+            "no_route",
+            "too_big",
+        ] {
             ensure!(c(bad) == 0, "node {i}: {} packets dropped as {bad}", c(bad));
         }
     }
-    println!("{tag}: packets steered to other members {sent}, accepted by an owner {arrived}, accepted where they arrived {accepted_locally}");
-    ensure!(sent > 0 && arrived > 0, "no packet was steered: the route changes did not move any flow");
-    ensure!(accepted_locally > 0, "no packet was accepted where it arrived");
+    println!(
+        "{tag}: packets steered to other members {sent}, accepted by an owner {arrived}, accepted where they arrived {accepted_locally}"
+    );
+    ensure!(
+        sent > 0 && arrived > 0,
+        "no packet was steered: the route changes did not move any flow"
+    );
+    ensure!(
+        accepted_locally > 0,
+        "no packet was accepted where it arrived"
+    );
     Ok(())
 }
 
@@ -182,21 +234,33 @@ fn without_steering_route_shifts_reset_downloads() -> Result<()> {
     let (live, handle) = start_downloads(&lab, 50, false);
     wait_connected(&lab, &live, 50)?;
     let shifts = shift_routes(&lab, 3)?;
-    let outcomes = handle.join().map_err(|_| anyhow::anyhow!("download thread panicked"))?;
+    let outcomes = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("download thread panicked"))?;
     report("no steering", &outcomes, shifts, started);
     let resets = outcomes.iter().filter(|o| o.reset).count();
-    ensure!(resets > 0, "plain anycast reset no download: the test cannot tell steering works");
+    ensure!(
+        resets > 0,
+        "plain anycast reset no download: the test cannot tell steering works"
+    );
     Ok(())
 }
 
 /// Owner of each download (by client port), asked from `node`'s live table.
 fn owners(lab: &Lab, node: usize, live: &Live, v6: bool) -> Result<BTreeMap<usize, String>> {
     let client = if v6 { "[fd00:100::2]" } else { "10.100.0.2" };
-    let vip = if v6 { format!("[{VIP_V6}]") } else { VIP_V4.to_string() };
+    let vip = if v6 {
+        format!("[{VIP_V6}]")
+    } else {
+        VIP_V4.to_string()
+    };
     let ports = live.ports.lock().map(|p| p.clone()).unwrap_or_default();
     let mut out = BTreeMap::new();
     for (id, port) in ports {
-        let text = lab.steer(node, &["lookup", &format!("{client}:{port}"), &format!("{vip}:80")])?;
+        let text = lab.steer(
+            node,
+            &["lookup", &format!("{client}:{port}"), &format!("{vip}:80")],
+        )?;
         let owner = text
             .lines()
             .find_map(|l| l.strip_prefix("owner: "))
@@ -215,7 +279,10 @@ fn draining_keeps_flows_sends_no_new_ones_and_withdraws() -> Result<()> {
     let (live, handle) = start_downloads(&lab, 30, false);
     wait_connected(&lab, &live, 30)?;
     let before = owners(&lab, 1, &live, false)?;
-    ensure!(before.values().any(|o| o == "node1"), "no download owned by node1 to drain");
+    ensure!(
+        before.values().any(|o| o == "node1"),
+        "no download owned by node1 to drain"
+    );
     lab.steer(0, &["drain"])?;
     // Its routes go away at the router...
     lab.wait_until(Duration::from_secs(10), "node1's routes withdrawn", || {
@@ -239,11 +306,19 @@ fn draining_keeps_flows_sends_no_new_ones_and_withdraws() -> Result<()> {
         new_owners.values().all(|o| o != "node1"),
         "a new connection went to the draining node: {new_owners:?}"
     );
-    let outcomes = handle.join().map_err(|_| anyhow::anyhow!("download thread panicked"))?;
-    let outcomes2 = handle2.join().map_err(|_| anyhow::anyhow!("download thread panicked"))?;
+    let outcomes = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("download thread panicked"))?;
+    let outcomes2 = handle2
+        .join()
+        .map_err(|_| anyhow::anyhow!("download thread panicked"))?;
     report("drain (old flows)", &outcomes, 0, started);
     report("drain (new flows)", &outcomes2, 0, started);
-    ensure!(outcomes.iter().chain(&outcomes2).all(|o| o.ok), "a download failed during the drain\n{}", lab.diagnostics());
+    ensure!(
+        outcomes.iter().chain(&outcomes2).all(|o| o.ok),
+        "a download failed during the drain\n{}",
+        lab.diagnostics()
+    );
     lab.steer(0, &["undrain"])?;
     lab.wait_for_routes(3, Duration::from_secs(15))?;
     Ok(())
@@ -258,23 +333,37 @@ fn a_failed_member_leaves_the_table_and_the_others_flows_survive() -> Result<()>
     let before = owners(&lab, 0, &live, false)?;
     let stopped_at = Instant::now();
     lab.stop_node(2);
-    lab.wait_until(Duration::from_secs(5), "node3 marked down and out of node1's table", || {
-        let s = lab.status(0)?;
-        Ok(s["members"]
-            .as_array()
-            .and_then(|m| m.iter().find(|m| m["name"] == "node3"))
-            .is_some_and(|m| m["healthy"] == false && m["buckets"] == 0))
-    })?;
+    lab.wait_until(
+        Duration::from_secs(5),
+        "node3 marked down and out of node1's table",
+        || {
+            let s = lab.status(0)?;
+            Ok(s["members"]
+                .as_array()
+                .and_then(|m| m.iter().find(|m| m["name"] == "node3"))
+                .is_some_and(|m| m["healthy"] == false && m["buckets"] == 0))
+        },
+    )?;
     let left_table = stopped_at.elapsed();
     lab.wait_until(Duration::from_secs(10), "node3's route withdrawn", || {
         Ok(lab.route_nodes(VIP_V4)? == vec![0, 1])
     })?;
-    let outcomes = handle.join().map_err(|_| anyhow::anyhow!("download thread panicked"))?;
+    let outcomes = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("download thread panicked"))?;
     report("member failure", &outcomes, 0, started);
-    println!("member failure: node3 left the table {:.2} s after it stopped", left_table.as_secs_f64());
+    println!(
+        "member failure: node3 left the table {:.2} s after it stopped",
+        left_table.as_secs_f64()
+    );
     for o in &outcomes {
         let owner = before.get(&o.id).map(String::as_str).unwrap_or("?");
-        ensure!(o.ok || owner == "node3", "download {} owned by {owner} failed: {:?}", o.id, o.error);
+        ensure!(
+            o.ok || owner == "node3",
+            "download {} owned by {owner} failed: {:?}",
+            o.id,
+            o.error
+        );
     }
     Ok(())
 }
@@ -287,7 +376,9 @@ fn route_changes_and_membership_changes_together() -> Result<()> {
     wait_connected(&lab, &live, 40)?;
     // node2 leaves by drain while node1's routes flap; then node2 rejoins while node3's do.
     let routes_are = |want: Vec<usize>, what: &str| {
-        lab.wait_until(Duration::from_secs(15), what, || Ok(lab.route_nodes(VIP_V4)? == want))
+        lab.wait_until(Duration::from_secs(15), what, || {
+            Ok(lab.route_nodes(VIP_V4)? == want)
+        })
     };
     lab.steer(1, &["drain"])?;
     routes_are(vec![0, 2], "node2's routes withdrawn by its drain")?;
@@ -302,9 +393,15 @@ fn route_changes_and_membership_changes_together() -> Result<()> {
     std::thread::sleep(Duration::from_millis(700));
     lab.restore_at_router(2)?;
     routes_are(vec![0, 1, 2], "every node's routes back")?;
-    let outcomes = handle.join().map_err(|_| anyhow::anyhow!("download thread panicked"))?;
+    let outcomes = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("download thread panicked"))?;
     report("route + membership change", &outcomes, 2, started);
-    ensure!(outcomes.iter().all(|o| o.ok), "a download failed\n{}", lab.diagnostics());
+    ensure!(
+        outcomes.iter().all(|o| o.ok),
+        "a download failed\n{}",
+        lab.diagnostics()
+    );
     ensure!(live.resets.load(Ordering::Relaxed) == 0, "resets seen");
     Ok(())
 }

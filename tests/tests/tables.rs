@@ -81,7 +81,11 @@ fn owners(cfg: &Config, ids: &[u16]) -> Result<Vec<u16>> {
             weight: m.weight,
         })
         .collect();
-    Ok(maglev::build_table(&members, cfg.cluster.hash_key, cfg.cluster.table_size)?)
+    Ok(maglev::build_table(
+        &members,
+        cfg.cluster.hash_key,
+        cfg.cluster.table_size,
+    )?)
 }
 
 fn load(cfg: &Config, pins: Option<PathBuf>) -> Result<DataPlane> {
@@ -96,7 +100,10 @@ fn live_table(dp: &DataPlane, vip: &str, len: u8) -> Result<(u32, Vec<Bucket>)> 
     let entry = dp
         .service(vip.parse()?, len)?
         .with_context(|| format!("no LPM entry for {vip}"))?;
-    Ok((entry.generation, dp.read_buckets(entry.table_offset, entry.table_size)?))
+    Ok((
+        entry.generation,
+        dp.read_buckets(entry.table_offset, entry.table_size)?,
+    ))
 }
 
 #[test]
@@ -113,7 +120,10 @@ fn swaps_keep_history_and_survive_a_restart() -> Result<()> {
     let (generation, first) = live_table(&dp, "192.0.2.1", 32)?;
     ensure!(generation == 1, "first generation is {generation}");
     for (b, o) in first.iter().zip(&all) {
-        ensure!(b.hops == [*o, NO_MEMBER, NO_MEMBER], "fresh bucket {b:?}, owner {o}");
+        ensure!(
+            b.hops == [*o, NO_MEMBER, NO_MEMBER],
+            "fresh bucket {b:?}, owner {o}"
+        );
     }
 
     // Member 2 stops taking new flows: its buckets move, and it stays their previous owner.
@@ -124,13 +134,22 @@ fn swaps_keep_history_and_survive_a_restart() -> Result<()> {
     let mut moved = 0;
     for ((b, old), new) in second.iter().zip(&all).zip(&without_b) {
         if old == new {
-            ensure!(b.hops == [*new, NO_MEMBER, NO_MEMBER], "unchanged bucket rewritten: {b:?}");
+            ensure!(
+                b.hops == [*new, NO_MEMBER, NO_MEMBER],
+                "unchanged bucket rewritten: {b:?}"
+            );
         } else {
-            ensure!(b.hops == [*new, *old, NO_MEMBER], "moved bucket {b:?}: {old} -> {new}");
+            ensure!(
+                b.hops == [*new, *old, NO_MEMBER],
+                "moved bucket {b:?}: {old} -> {new}"
+            );
             moved += 1;
         }
     }
-    ensure!(moved > 300, "removing one of three members moved only {moved} buckets");
+    ensure!(
+        moved > 300,
+        "removing one of three members moved only {moved} buckets"
+    );
 
     // And back: the third generation is written into the half the first one used.
     t.update(&mut dp, &cfg, &all)?;
@@ -144,7 +163,10 @@ fn swaps_keep_history_and_survive_a_restart() -> Result<()> {
     // Every VIP of a service, and every service, sees a complete table.
     ensure!(live_table(&dp, "2001:db8::1", 128)?.1 == third);
     let (_, dns) = live_table(&dp, "198.51.100.0", 24)?;
-    ensure!(dns == third, "services fed the same owners hold the same table");
+    ensure!(
+        dns == third,
+        "services fed the same owners hold the same table"
+    );
 
     // A restart: new program, same pinned maps. The tables and their history are found again.
     drop(t);
@@ -152,11 +174,17 @@ fn swaps_keep_history_and_survive_a_restart() -> Result<()> {
     let mut dp = load(&cfg, Some(pins))?;
     let mut t = Tables::recover(&dp, &cfg)?;
     let web = &t.services()["web"];
-    ensure!(web.generation == 3 && web.buckets() == third.as_slice(), "recovered table differs");
+    ensure!(
+        web.generation == 3 && web.buckets() == third.as_slice(),
+        "recovered table differs"
+    );
     t.update(&mut dp, &cfg, &without_b)?;
     let (generation, fourth) = live_table(&dp, "192.0.2.1", 32)?;
     ensure!(generation == 4);
-    ensure!(fourth == second, "the same change after a restart gives the same table");
+    ensure!(
+        fourth == second,
+        "the same change after a restart gives the same table"
+    );
     Ok(())
 }
 
@@ -174,7 +202,11 @@ fn two_nodes_fed_the_same_events_hold_identical_tables() -> Result<()> {
     for ids in [&[1u16, 2, 3][..], &[1, 3], &[3], &[1, 2, 3]] {
         ta.update(&mut a, &cfg, &owners(&cfg, ids)?)?;
         tb.update(&mut b, &reordered, &owners(&reordered, ids)?)?;
-        for (vip, len) in [("192.0.2.1", 32), ("2001:db8::1", 128), ("198.51.100.0", 24)] {
+        for (vip, len) in [
+            ("192.0.2.1", 32),
+            ("2001:db8::1", 128),
+            ("198.51.100.0", 24),
+        ] {
             let (_, x) = live_table(&a, vip, len)?;
             let (_, y) = live_table(&b, vip, len)?;
             ensure!(x == y, "tables differ for {vip} after members {ids:?}");

@@ -58,6 +58,17 @@ pub fn run(options: &Options) -> Result<()> {
             )
         })?;
     }
+    // The lab tests run the binaries (cdn-steer, the lab's web server) as processes.
+    stages.run("build", || {
+        cmd::run(cmd::cargo().args([
+            "build",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "cdn-ebpf",
+            "--bins",
+        ]))
+    })?;
     stages.run("test", || cmd::run(&mut test_command(&options.args)))?;
     stages.report();
     Ok(())

@@ -76,8 +76,12 @@ fn serve(stream: TcpStream, body: &[u8]) -> std::io::Result<()> {
                 out.write_all(chunk)?;
             }
         }
-        "/health" => out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")?,
-        _ => out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?,
+        "/health" => {
+            out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")?
+        }
+        _ => out.write_all(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?,
     }
     out.flush()
 }

@@ -45,7 +45,9 @@ fn parse_args() -> Result<Args> {
         let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--nodes" => a.nodes = value()?.parse().context("--nodes")?,
-            "--duration" => a.duration = Duration::from_secs(value()?.parse().context("--duration (seconds)")?),
+            "--duration" => {
+                a.duration = Duration::from_secs(value()?.parse().context("--duration (seconds)")?)
+            }
             "--flows" => a.flows = value()?.parse().context("--flows")?,
             "--rate" => a.rate = value()?.parse::<usize>().context("--rate (KiB/s)")? * 1024,
             "--no-steering" => a.steering = false,
@@ -68,11 +70,14 @@ fn parse_args() -> Result<Args> {
     Ok(a)
 }
 
-/// One scripted step: at `at` seconds, do `what`.
+/// What a scripted step does to the lab.
+type Action = Box<dyn Fn(&Lab) -> Result<()>>;
+
+/// One scripted step: at `at` seconds, do `action`.
 struct Step {
     at: f64,
     label: String,
-    action: Box<dyn Fn(&Lab) -> Result<()>>,
+    action: Action,
 }
 
 fn script(nodes: usize, steering: bool) -> Vec<Step> {
@@ -125,7 +130,11 @@ fn main() -> Result<()> {
     println!(
         "bringing up the lab: client, router (BIRD, ECMP), {} nodes{}...",
         args.nodes,
-        if args.steering { " with cdn-steer" } else { " WITHOUT steering" }
+        if args.steering {
+            " with cdn-steer"
+        } else {
+            " WITHOUT steering"
+        }
     );
     let lab = Lab::start(LabOptions {
         nodes: args.nodes,
@@ -133,7 +142,10 @@ fn main() -> Result<()> {
         tag: "run".into(),
         ..LabOptions::default()
     })?;
-    println!("lab up; VIP {VIP_V4} is announced by every node. Logs in {}", lab.dir.display());
+    println!(
+        "lab up; VIP {VIP_V4} is announced by every node. Logs in {}",
+        lab.dir.display()
+    );
     let result = demo(&lab, &args);
     println!("tearing down the lab");
     drop(lab);
@@ -218,14 +230,21 @@ fn demo(lab: &Lab, args: &Args) -> Result<()> {
             last_view = Instant::now();
             let routes = lab
                 .route_nodes(VIP_V4)
-                .map(|r| r.iter().map(|i| format!("node{}", i + 1)).collect::<Vec<_>>().join(","))
+                .map(|r| {
+                    r.iter()
+                        .map(|i| format!("node{}", i + 1))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
                 .unwrap_or_else(|e| format!("? ({e})"));
             let mut per_node = Vec::new();
             for i in 0..lab.nodes.len() {
                 per_node.push(match lab.scrape(i) {
                     Ok(t) => format!(
                         "{}/{}",
-                        counter(&t, "local_accept") + counter(&t, "owner_accept") + counter(&t, "last_hop_accept"),
+                        counter(&t, "local_accept")
+                            + counter(&t, "owner_accept")
+                            + counter(&t, "last_hop_accept"),
                         counter(&t, "forwarded") + counter(&t, "passed_on")
                     ),
                     Err(_) => "-".into(),
