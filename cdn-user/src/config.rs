@@ -1494,7 +1494,7 @@ mod tests {
         assert_eq!(bgp.protocols, ["anycast_vips", "anycast_vips6"]);
         assert_eq!(
             config.metrics.listen,
-            "127.0.0.1:9465".parse().expect("valid")
+            "10.0.0.1:9465".parse().expect("valid")
         );
         assert_eq!(config.self_member().map(|m| m.id), Some(0));
         assert_eq!(config.member(2).map(|m| m.name.as_str()), Some("node-c"));
@@ -2108,11 +2108,11 @@ mod tests {
             "absolute",
         );
         assert_problem(
-            &example_with(&[("listen = \"127.0.0.1:9465\"", "listen = \"localhost\"")]),
+            &example_with(&[("listen = \"10.0.0.1:9465\"", "listen = \"localhost\"")]),
             "metrics.listen",
             "not an address:port",
         );
-        let text = example_with(&[("listen = \"127.0.0.1:9465\"", "listen = \"[::1]:9100\"")]);
+        let text = example_with(&[("listen = \"10.0.0.1:9465\"", "listen = \"[::1]:9100\"")]);
         let config = parse(&text).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config.metrics.listen, "[::1]:9100".parse().expect("valid"));
     }
