@@ -105,6 +105,34 @@ fn shift_routes(lab: &Lab, rounds: usize) -> Result<usize> {
     Ok(rounds)
 }
 
+/// `promtool check metrics` finds nothing to complain about in a scrape of a running node.
+fn promtool_accepts(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running promtool (Debian package prometheus)")?;
+    child
+        .stdin
+        .take()
+        .context("promtool stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}"
+    );
+    Ok(())
+}
+
 /// A counter's value from a node's metrics text.
 fn metric(text: &str, series: &str) -> u64 {
     text.lines()
@@ -171,6 +199,7 @@ fn steered_shift_test(tag: &str, v6: bool, flows: usize, rounds: usize) -> Resul
     let mut accepted_locally = 0;
     for i in 0..lab.nodes.len() {
         let text = lab.scrape(i)?;
+        promtool_accepts(&text)?;
         let c = |reason: &str| {
             metric(
                 &text,
@@ -403,5 +432,90 @@ fn route_changes_and_membership_changes_together() -> Result<()> {
         lab.diagnostics()
     );
     ensure!(live.resets.load(Ordering::Relaxed) == 0, "resets seen");
+    Ok(())
+}
+
+/// A controller killed with SIGKILL and started again: the data plane keeps forwarding with the
+/// pinned maps meanwhile, the new controller takes the program over in place and continues the
+/// tables' generations and history, and downloads through route changes survive all of it.
+/// Also: a bad configuration sent with SIGHUP is refused and the running table stays.
+#[test]
+fn controller_restart_and_reload_keep_traffic_flowing() -> Result<()> {
+    let (_guard, mut lab) = lab("rs", true)?;
+    let started = Instant::now();
+    let generation = |lab: &Lab| -> Result<u64> {
+        let s = lab.status(0)?;
+        s["services"][0]["generation"]
+            .as_u64()
+            .context("no generation in status")
+    };
+    let before = generation(&lab)?;
+    let (live, handle) = start_downloads(&lab, 30, false);
+    wait_connected(&lab, &live, 30)?;
+
+    // kill -9: the program stays attached and keeps steering.
+    let controller = lab.nodes[0]
+        .controller
+        .as_mut()
+        .context("node1 runs no controller")?;
+    controller.signal(libc::SIGKILL, Duration::from_secs(5))?;
+    let attached = lab.nodes[0].ns.ip(&["link", "show", "eth0"])?;
+    ensure!(
+        attached.contains("prog/xdp"),
+        "program detached when the controller died:\n{attached}"
+    );
+    // Route changes while node1 has no controller: its data plane steers on its own.
+    lab.withdraw_at_router(1)?;
+    lab.wait_for_routes(2, Duration::from_secs(10))?;
+    lab.restore_at_router(1)?;
+    lab.wait_for_routes(3, Duration::from_secs(15))?;
+
+    lab.start_controller(0)?;
+    lab.wait_until(
+        Duration::from_secs(15),
+        "the restarted controller ready",
+        || Ok(lab.status(0).is_ok_and(|s| s["ready"] == true)),
+    )?;
+    let s = lab.status(0)?;
+    ensure!(
+        s["attachments"][0]["replaced"] == true,
+        "the program was not replaced in place: {s}"
+    );
+    let after = generation(&lab)?;
+    ensure!(
+        after >= before,
+        "table generation went back from {before} to {after}: history lost"
+    );
+
+    // A bad configuration is refused; the table stays.
+    let config = lab.nodes[0].config.clone();
+    let good = std::fs::read_to_string(&config)?;
+    std::fs::write(&config, good.replace("hash_key", "hash_kye"))?;
+    let pid = lab.nodes[0]
+        .controller
+        .as_ref()
+        .context("no controller")?
+        .pid();
+    // SAFETY: SIGHUP to the controller process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    lab.wait_until(Duration::from_secs(5), "the bad reload refused", || {
+        Ok(lab.status(0)?["reloads_failed"] == 1)
+    })?;
+    ensure!(
+        generation(&lab)? == after,
+        "a refused reload changed the table"
+    );
+    std::fs::write(&config, &good)?;
+
+    shift_routes(&lab, 2)?;
+    let outcomes = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("download thread panicked"))?;
+    report("controller kill -9 and restart", &outcomes, 3, started);
+    ensure!(
+        outcomes.iter().all(|o| o.ok),
+        "a download failed\n{}",
+        lab.diagnostics()
+    );
     Ok(())
 }

@@ -275,5 +275,42 @@ fn run(args: &Args) -> Result<()> {
          cdn_steer itself against a bare XDP_PASS and cross-check the wrapper method)"
     );
     drop((client, server, listener));
+    maglev_build_time(args.rounds)?;
+    Ok(())
+}
+
+/// Time of a full Maglev table build for 64 equal members at the default size (the controller
+/// rebuilds on every membership change).
+fn maglev_build_time(rounds: usize) -> Result<()> {
+    use cdn_user::maglev::{MaglevMember, build_table_into};
+    let names: Vec<String> = (0..64).map(|i| format!("member-{i:02}")).collect();
+    let members: Vec<MaglevMember<'_>> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| MaglevMember {
+            id: i as u16,
+            name,
+            weight: 100,
+        })
+        .collect();
+    let mut table = Vec::new();
+    let mut samples = Vec::new();
+    for _ in 0..rounds.max(5) * 4 {
+        let started = Instant::now();
+        build_table_into(
+            &members,
+            [1, 2],
+            cdn_common::maps::DEFAULT_TABLE_SIZE,
+            &mut table,
+        )?;
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "Maglev table build, 64 members, M = {}: min {:.2} ms, median {:.2} ms",
+        cdn_common::maps::DEFAULT_TABLE_SIZE,
+        min,
+        median(&mut samples)
+    );
     Ok(())
 }
