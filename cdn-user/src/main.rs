@@ -84,7 +84,15 @@ enum Proto {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A client command piped into `head` should end quietly when the pipe closes, like any
+        // Unix tool, instead of panicking on the failed write. (The daemon keeps Rust's default,
+        // SIGPIPE ignored, so a closed socket is an error to handle, not the end of it.)
+        // SAFETY: setting a signal disposition to its default is always sound.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cdn-steer: {e:#}");
