@@ -91,6 +91,17 @@ pub struct Core {
     written_members: Vec<u16>,
 }
 
+/// One member as status and metrics show it.
+struct MemberRow<'a> {
+    settings: &'a config::MemberSettings,
+    is_self: bool,
+    health: Option<&'a MemberHealth>,
+    stats: cdn_common::maps::MemberStats,
+    /// Buckets it owns over every service, and their fraction of all buckets.
+    buckets: u64,
+    share: f64,
+}
+
 fn pin_paths(cfg: &Config) -> (PathBuf, PathBuf) {
     (cfg.node.bpffs.join("maps"), cfg.node.bpffs.join("links"))
 }
@@ -215,37 +226,69 @@ impl Core {
         self.ready && !self.draining && local_ok && !self.eligible().is_empty()
     }
 
-    fn status(&self) -> Result<StatusReport> {
-        let counters = self.dp.counters()?;
+    /// Healthy members (other than this node) whose history can be fetched: (name, endpoint).
+    fn sync_peers(&self) -> Vec<(String, SocketAddr)> {
+        let self_id = self.self_id();
+        self.cfg
+            .cluster
+            .members
+            .iter()
+            .filter(|m| m.id != self_id)
+            .filter(|m| self.health.get(&m.id).and_then(|h| h.healthy) == Some(true))
+            .filter_map(|m| m.sync.map(|addr| (m.name.clone(), addr)))
+            .collect()
+    }
+
+    /// What status and metrics show of every member.
+    fn member_rows(&self) -> Result<Vec<MemberRow<'_>>> {
         let share = self.tables.share();
         let total: u64 = share.values().sum();
         let self_id = self.self_id();
-        let mut members = Vec::new();
-        for m in &self.cfg.cluster.members {
-            let stats = self.dp.member_stats(m.id)?;
-            let h = self.health.get(&m.id);
-            let buckets = share.get(&m.id).copied().unwrap_or(0);
-            members.push(MemberStatus {
-                id: m.id,
-                name: m.name.clone(),
-                underlay: m.underlay.to_string(),
-                weight: m.weight,
-                is_self: m.id == self_id,
-                healthy: h.and_then(|h| h.healthy),
-                last_error: h.and_then(|h| h.last_error.clone()),
-                last_check_ms: h
+        self.cfg
+            .cluster
+            .members
+            .iter()
+            .map(|m| {
+                let buckets = share.get(&m.id).copied().unwrap_or(0);
+                Ok(MemberRow {
+                    settings: m,
+                    is_self: m.id == self_id,
+                    health: self.health.get(&m.id),
+                    stats: self.dp.member_stats(m.id)?,
+                    buckets,
+                    share: if total == 0 {
+                        0.0
+                    } else {
+                        buckets as f64 / total as f64
+                    },
+                })
+            })
+            .collect()
+    }
+
+    fn status(&self) -> Result<StatusReport> {
+        let counters = self.dp.counters()?;
+        let members = self
+            .member_rows()?
+            .into_iter()
+            .map(|r| MemberStatus {
+                id: r.settings.id,
+                name: r.settings.name.clone(),
+                underlay: r.settings.underlay.to_string(),
+                weight: r.settings.weight,
+                is_self: r.is_self,
+                healthy: r.health.and_then(|h| h.healthy),
+                last_error: r.health.and_then(|h| h.last_error.clone()),
+                last_check_ms: r
+                    .health
                     .and_then(|h| h.last_latency)
                     .map(|d| d.as_secs_f64() * 1000.0),
-                buckets,
-                share: if total == 0 {
-                    0.0
-                } else {
-                    buckets as f64 / total as f64
-                },
-                forwarded_packets: stats.packets,
-                forwarded_bytes: stats.bytes,
-            });
-        }
+                buckets: r.buckets,
+                share: r.share,
+                forwarded_packets: r.stats.packets,
+                forwarded_bytes: r.stats.bytes,
+            })
+            .collect();
         let services = self
             .tables
             .services()
@@ -353,29 +396,21 @@ impl Core {
 
     fn snapshot(&self) -> Result<metrics::Snapshot> {
         let counters = self.dp.counters()?;
-        let share = self.tables.share();
-        let total: u64 = share.values().sum();
-        let self_id = self.self_id();
-        let mut members = Vec::new();
-        for m in &self.cfg.cluster.members {
-            let stats = self.dp.member_stats(m.id)?;
-            let h = self.health.get(&m.id);
-            members.push(metrics::MemberMetrics {
-                id: m.id,
-                name: m.name.clone(),
-                healthy: h.and_then(|h| h.healthy),
-                last_check_latency: h.and_then(|h| h.last_latency),
-                packets: stats.packets,
-                bytes: stats.bytes,
-                bucket_share: if total == 0 {
-                    0.0
-                } else {
-                    share.get(&m.id).copied().unwrap_or(0) as f64 / total as f64
-                },
-                weight: m.weight,
-                is_self: m.id == self_id,
-            });
-        }
+        let members = self
+            .member_rows()?
+            .into_iter()
+            .map(|r| metrics::MemberMetrics {
+                id: r.settings.id,
+                name: r.settings.name.clone(),
+                healthy: r.health.and_then(|h| h.healthy),
+                last_check_latency: r.health.and_then(|h| h.last_latency),
+                packets: r.stats.packets,
+                bytes: r.stats.bytes,
+                bucket_share: r.share,
+                weight: r.settings.weight,
+                is_self: r.is_self,
+            })
+            .collect();
         Ok(metrics::Snapshot {
             counters,
             members,
@@ -430,34 +465,33 @@ impl Core {
     /// restart. On error the running configuration stays in force, untouched.
     fn reload(&mut self, new: Config) -> Result<()> {
         let old = &self.cfg;
-        let mut restart_only = Vec::new();
-        if new.node.name != old.node.name {
-            restart_only.push("node.name");
-        }
-        if new.node.interfaces != old.node.interfaces {
-            restart_only.push("node.interfaces");
-        }
-        if new.node.xdp_mode != old.node.xdp_mode {
-            restart_only.push("node.xdp_mode");
-        }
-        if new.node.bpffs != old.node.bpffs {
-            restart_only.push("node.bpffs");
-        }
-        if new.node.control_socket != old.node.control_socket {
-            restart_only.push("node.control_socket");
-        }
-        if new.node.steer_only != old.node.steer_only {
-            restart_only.push("node.steer_only");
-        }
-        if new.cluster.table_size != old.cluster.table_size {
-            restart_only.push("cluster.table_size");
-        }
-        if new.metrics != old.metrics {
-            restart_only.push("metrics");
-        }
-        if new.bgp != old.bgp {
-            restart_only.push("bgp");
-        }
+        let restart_only: Vec<&str> = [
+            ("node.name", new.node.name != old.node.name),
+            (
+                "node.interfaces",
+                new.node.interfaces != old.node.interfaces,
+            ),
+            ("node.xdp_mode", new.node.xdp_mode != old.node.xdp_mode),
+            ("node.bpffs", new.node.bpffs != old.node.bpffs),
+            (
+                "node.control_socket",
+                new.node.control_socket != old.node.control_socket,
+            ),
+            (
+                "node.steer_only",
+                new.node.steer_only != old.node.steer_only,
+            ),
+            (
+                "cluster.table_size",
+                new.cluster.table_size != old.cluster.table_size,
+            ),
+            ("metrics", new.metrics != old.metrics),
+            ("bgp", new.bgp != old.bgp),
+        ]
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(field, _)| field)
+        .collect();
         if !restart_only.is_empty() {
             bail!(
                 "these settings only change with a restart: {}",
@@ -845,17 +879,8 @@ pub async fn run(opts: Options) -> Result<()> {
 /// answers for every service), merged with our own. Without one (a cold start of the whole
 /// cluster) our own pinned history is all there is.
 async fn sync_history(core: &mut Core) {
-    let self_id = core.self_id();
     let size = core.cfg.cluster.table_size;
-    let peers: Vec<(String, SocketAddr)> = core
-        .cfg
-        .cluster
-        .members
-        .iter()
-        .filter(|m| m.id != self_id)
-        .filter(|m| core.health.get(&m.id).and_then(|h| h.healthy) == Some(true))
-        .filter_map(|m| m.sync.map(|addr| (m.name.clone(), addr)))
-        .collect();
+    let peers = core.sync_peers();
     let services: Vec<String> = core.cfg.services.iter().map(|s| s.name.clone()).collect();
     'peers: for (name, addr) in peers {
         let mut fetched = Vec::new();
@@ -885,16 +910,7 @@ async fn gossip(shared: Shared, every: Duration) {
         tokio::time::sleep(every).await;
         let (peer, services, size) = {
             let core = shared.lock();
-            let self_id = core.self_id();
-            let peers: Vec<(String, SocketAddr)> = core
-                .cfg
-                .cluster
-                .members
-                .iter()
-                .filter(|m| m.id != self_id)
-                .filter(|m| core.health.get(&m.id).and_then(|h| h.healthy) == Some(true))
-                .filter_map(|m| m.sync.map(|addr| (m.name.clone(), addr)))
-                .collect();
+            let peers = core.sync_peers();
             if peers.is_empty() {
                 continue;
             }
