@@ -43,6 +43,8 @@ pub struct Live {
     pub ports: std::sync::Mutex<Vec<(usize, u16)>>,
     /// Connections established so far.
     pub connected: AtomicUsize,
+    /// Set to make downloads in flight stop at their next read (Ctrl-C in the lab).
+    pub abort: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Debug)]

@@ -101,9 +101,13 @@ impl Drop for Proc {
 fn spawn(ns: &Netns, name: &str, program: &Path, args: &[&str], log: &Path) -> Result<Proc> {
     let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
+    use std::os::unix::process::CommandExt as _;
     let child = ns
         .command(&program.to_string_lossy())
         .args(args)
+        // Its own process group: Ctrl-C at the terminal reaches the lab, which stops its
+        // processes in order, not every process at once.
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)

@@ -264,7 +264,8 @@ fn demo(lab: &Lab, args: &Args) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     if STOP.load(Ordering::SeqCst) {
-        println!("interrupted: waiting for downloads in flight to stop");
+        println!("interrupted: stopping the downloads in flight");
+        live.abort.store(true, Ordering::SeqCst);
     } else {
         println!("time is up: letting the downloads in flight finish");
     }
