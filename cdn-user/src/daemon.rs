@@ -995,7 +995,7 @@ fn refresh_next_hops(shared: &Shared, stop: &mut watch::Receiver<bool>) {
         match resolver.resolve(&addrs) {
             Err(e) => log::warn!("next-hop refresh failed: {e}"),
             Ok(results) => {
-                let expires = monotonic_ns() + NEXT_HOP_TTL.as_nanos() as u64;
+                let expires = dataplane::monotonic_ns() + NEXT_HOP_TTL.as_nanos() as u64;
                 let mut core = shared.lock();
                 for ((id, name, _), (_, result)) in members.iter().zip(results) {
                     match result {
@@ -1040,17 +1040,6 @@ fn refresh_next_hops(shared: &Shared, stop: &mut watch::Receiver<bool>) {
         }
         std::thread::sleep(NEXT_HOP_REFRESH);
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock the data plane compares expiry times with.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `cdn-steer check`: what the configuration would build, with every member healthy.

@@ -71,7 +71,7 @@ pub fn run_all(netns_path: &str, count: usize, spec: &Spec, live: Arc<Live>) -> 
             let path = netns_path.to_string();
             std::thread::spawn(move || {
                 live.running.fetch_add(1, Ordering::Relaxed);
-                let outcome = match enter_netns(&path) {
+                let outcome = match crate::netns::join(&path) {
                     Ok(()) => download(id, &spec, &expected, &live),
                     Err(e) => failed(id, format!("joining the client namespace: {e}")),
                 };
@@ -108,16 +108,6 @@ fn failed(id: usize, error: String) -> Outcome {
         longest_stall: Duration::ZERO,
         elapsed: Duration::ZERO,
     }
-}
-
-fn enter_netns(path: &str) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path)?;
-    // SAFETY: setns on a namespace fd we hold open; it only affects the calling thread.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn is_reset(e: &std::io::Error) -> bool {

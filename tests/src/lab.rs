@@ -121,6 +121,17 @@ fn spawn(ns: &Netns, name: &str, program: &Path, args: &[&str], log: &Path) -> R
     })
 }
 
+/// The value of `cdn_steer_packets_total{reason="<reason>",...}` in a node's metrics text.
+pub fn packets_counter(metrics: &str, reason: &str) -> u64 {
+    let series = format!("cdn_steer_packets_total{{reason=\"{reason}\"");
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
 /// One anycast node.
 pub struct LabNode {
     pub ns: Netns,

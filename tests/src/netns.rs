@@ -29,6 +29,17 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Moves the calling thread into the network namespace at `path` (`/run/netns/<name>`):
+/// sockets it opens and BPF_PROG_TEST_RUN calls it makes live there from then on.
+pub fn join(path: &str) -> std::io::Result<()> {
+    let file = File::open(path)?;
+    // SAFETY: setns on a namespace fd we hold open; it only affects the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A network namespace that exists as long as this value.
 pub struct Netns {
     name: String,
@@ -75,14 +86,10 @@ impl Netns {
     /// BPF_PROG_TEST_RUN calls it makes live there).
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
         let path = format!("/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    // SAFETY: setns on a namespace fd we hold open; it only affects this thread.
-                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        bail!("setns: {}", std::io::Error::last_os_error());
-                    }
+                    join(&path).with_context(|| format!("joining {path}"))?;
                     Ok(f())
                 })
                 .join()

@@ -51,16 +51,7 @@ pub fn member_addr(id: u16) -> IpAddr {
     addr(a)
 }
 
-/// Nanoseconds of CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use cdn_user::dataplane::monotonic_ns;
 
 /// TCP 80 and 443, UDP 443.
 pub fn service(offset: u32) -> Service {

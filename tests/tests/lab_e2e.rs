@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use cdn_tests::{
     download::{self, Live, Outcome, Spec},
-    lab::{Lab, LabOptions, VIP_V4, VIP_V6},
+    lab::{Lab, LabOptions, VIP_V4, VIP_V6, packets_counter},
 };
 
 static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -133,15 +133,6 @@ fn promtool_accepts(text: &str) -> Result<()> {
     Ok(())
 }
 
-/// A counter's value from a node's metrics text.
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 fn steered_shift_test(tag: &str, v6: bool, flows: usize, rounds: usize) -> Result<()> {
     let (_guard, lab) = lab(tag, true)?;
     let started = Instant::now();
@@ -200,12 +191,7 @@ fn steered_shift_test(tag: &str, v6: bool, flows: usize, rounds: usize) -> Resul
     for i in 0..lab.nodes.len() {
         let text = lab.scrape(i)?;
         promtool_accepts(&text)?;
-        let c = |reason: &str| {
-            metric(
-                &text,
-                &format!("cdn_steer_packets_total{{reason=\"{reason}\""),
-            )
-        };
+        let c = |reason: &str| packets_counter(&text, reason);
         let node_sent = c("forwarded") + c("passed_on") + c("drain_pass_on") + c("syn_redirect");
         let per_member: u64 = text
             .lines()

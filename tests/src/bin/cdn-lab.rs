@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 use cdn_tests::{
     content,
     download::{self, Live, Spec},
-    lab::{Lab, LabOptions, VIP_V4},
+    lab::{Lab, LabOptions, VIP_V4, packets_counter},
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -111,15 +111,6 @@ fn script(nodes: usize, steering: bool) -> Vec<Step> {
     steps
 }
 
-fn counter(text: &str, reason: &str) -> u64 {
-    let series = format!("cdn_steer_packets_total{{reason=\"{reason}\"");
-    text.lines()
-        .find(|l| l.starts_with(&series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 fn main() -> Result<()> {
     let args = parse_args()?;
     // SAFETY: installs a handler that only stores to an atomic, which is async-signal-safe.
@@ -179,11 +170,12 @@ fn demo(lab: &Lab, args: &Args) -> Result<()> {
         );
         let deadline = args.duration;
         workers.push(std::thread::spawn(move || {
-            let f = std::fs::File::open(&path);
-            if let Ok(f) = &f {
-                use std::os::fd::AsRawFd;
-                // SAFETY: setns on a namespace fd we hold open; it affects only this thread.
-                unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            // Downloads only ever go to the VIP inside the lab: without the client
+            // namespace, this worker does nothing.
+            if let Err(e) = cdn_tests::netns::join(&path) {
+                println!("    download worker cannot join the client namespace: {e}");
+                live.failed.fetch_add(1, Ordering::Relaxed);
+                return;
             }
             while started.elapsed() < deadline && !STOP.load(Ordering::SeqCst) {
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
@@ -242,10 +234,10 @@ fn demo(lab: &Lab, args: &Args) -> Result<()> {
                 per_node.push(match lab.scrape(i) {
                     Ok(t) => format!(
                         "{}/{}",
-                        counter(&t, "local_accept")
-                            + counter(&t, "owner_accept")
-                            + counter(&t, "last_hop_accept"),
-                        counter(&t, "forwarded") + counter(&t, "passed_on")
+                        packets_counter(&t, "local_accept")
+                            + packets_counter(&t, "owner_accept")
+                            + packets_counter(&t, "last_hop_accept"),
+                        packets_counter(&t, "forwarded") + packets_counter(&t, "passed_on")
                     ),
                     Err(_) => "-".into(),
                 });
