@@ -1,18 +1,18 @@
 //! The cdn-steer controller as a library, so the integration tests drive the same code the
-//! daemon runs.
+//! daemon runs. One folder per concern:
+//!
+//! - [`dataplane`]: the kernel side: loading and pinning the XDP program and its maps, writing
+//!   the steering tables, keeping next hops fresh.
+//! - [`cluster`]: what every node computes alike: Maglev placement, hop history and its sync
+//!   between members, member health.
+//! - [`bgp`]: announcing and withdrawing the anycast prefix through BIRD.
+//! - [`operator`]: what an operator talks to: metrics, the control socket, the HTTP server.
+//! - [`config`]: the configuration file: schema, defaults, checks, example.
+//! - [`daemon`]: the orchestrator that starts the parts above and wires them together.
 
-pub mod announce;
-pub mod bird;
+pub mod bgp;
+pub mod cluster;
 pub mod config;
-pub mod control;
 pub mod daemon;
 pub mod dataplane;
-pub mod ebpf_object;
-pub mod health;
-pub mod history;
-pub mod http;
-pub mod maglev;
-pub mod metrics;
-pub mod nexthop;
-pub mod sync;
-pub mod tables;
+pub mod operator;

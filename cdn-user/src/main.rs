@@ -4,9 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use cdn_user::{
-    config,
-    control::{self, Request, Response, StatusReport},
-    daemon,
+    config, daemon,
+    operator::control::{self, Request, Response, StatusReport},
 };
 use clap::{Parser, Subcommand, ValueEnum};
 

@@ -203,7 +203,7 @@ pub struct Lab {
 /// Attaches the object's trivial XDP_PASS program, in native mode, to `interfaces` of `ns`.
 fn attach_pass_programs(ns: &Netns, interfaces: &[String]) -> Result<aya::Ebpf> {
     ns.enter(|| -> Result<aya::Ebpf> {
-        let mut ebpf = aya::Ebpf::load(cdn_user::ebpf_object::bytes())?;
+        let mut ebpf = aya::Ebpf::load(cdn_user::dataplane::object::bytes())?;
         let program: &mut aya::programs::Xdp = ebpf
             .program_mut(cdn_common::maps::BASELINE_PROGRAM_NAME)
             .context("no baseline program in the object")?

@@ -8,10 +8,12 @@ use anyhow::{Context as _, Result, ensure};
 use cdn_common::maps::{Bucket, NO_MEMBER};
 use cdn_tests::netns::run;
 use cdn_user::{
+    cluster::maglev::{self, MaglevMember},
     config::{self, Config},
-    dataplane::{DataPlane, LoadOptions},
-    maglev::{self, MaglevMember},
-    tables::{self, Tables},
+    dataplane::{
+        DataPlane, LoadOptions,
+        tables::{self, Tables},
+    },
 };
 
 const CONFIG: &str = r#"

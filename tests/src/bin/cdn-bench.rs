@@ -287,7 +287,7 @@ fn run(args: &Args) -> Result<()> {
 /// Time of a full Maglev table build for 64 equal members at the default size (the controller
 /// rebuilds on every membership change).
 fn maglev_build_time(rounds: usize) -> Result<()> {
-    use cdn_user::maglev::{MaglevMember, build_table_into};
+    use cdn_user::cluster::maglev::{MaglevMember, build_table_into};
     let names: Vec<String> = (0..64).map(|i| format!("member-{i:02}")).collect();
     let members: Vec<MaglevMember<'_>> = names
         .iter()

@@ -27,7 +27,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::http::{self, Request, Response};
+use crate::operator::http::{self, Request, Response};
 
 /// What the daemon knows at scrape time; everything the metrics show comes from here.
 #[derive(Clone, Debug)]
@@ -515,7 +515,7 @@ pub async fn serve(listener: TcpListener, source: SnapshotSource, shutdown: watc
     serve_with_ready(listener, source, Extra::default(), shutdown).await;
 }
 
-/// A service's active table, encoded for `/table/<service>` (see `crate::sync`), with its
+/// A service's active table, encoded for `/table/<service>` (see `crate::cluster::sync`), with its
 /// generation; `None` for an unknown service.
 pub type TableSource = Arc<dyn Fn(&str) -> Option<(u32, Vec<u8>)> + Send + Sync>;
 

@@ -23,9 +23,9 @@ use cdn_common::maps::{Bucket, MAX_SERVICE_PORTS, SERVICE_TCP, SERVICE_UDP, Serv
 use thiserror::Error;
 
 use crate::{
+    cluster::history,
     config::{Config, Prefix, ServiceSettings},
     dataplane::{DataPlane, DataPlaneError},
-    history,
 };
 
 /// Service slots the table map gets when it is first created: room to add services without

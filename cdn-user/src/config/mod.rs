@@ -21,7 +21,7 @@ use cdn_common::maps::{
 };
 use thiserror::Error;
 
-use crate::maglev::is_prime;
+use crate::cluster::maglev::is_prime;
 
 /// Largest accepted `cluster.table_size` (a prime): about a million buckets, 8 MB per table
 /// half in the kernel, is far more than even loads over [`MAX_MEMBERS`] members need.
@@ -356,7 +356,7 @@ impl Config {
     }
 
     /// Whether an id belongs to a configured member, as a lookup in a bitmap over the id space:
-    /// cheap enough to call for every hop of every bucket (see [`crate::history::advance`]),
+    /// cheap enough to call for every hop of every bucket (see [`crate::cluster::history::advance`]),
     /// where searching the member list each time would not be.
     pub fn known_ids(&self) -> impl Fn(u16) -> bool + use<> {
         let mut known = vec![false; MAX_MEMBERS as usize];

@@ -26,7 +26,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
-use crate::bird::{BirdClient, BirdError, ProtocolState, Toggle};
+use crate::bgp::bird::{BirdClient, BirdError, ProtocolState, Toggle};
 use crate::config::BgpSettings;
 
 /// Shortest poll interval accepted; shorter ones are raised to it so that a misconfiguration
@@ -414,8 +414,8 @@ mod tests {
     use log::Level;
 
     use super::*;
-    use crate::bird::logcap;
-    use crate::bird::testbird::{CONFIG, DEADLINE, TestBird, eventually, route_present};
+    use crate::bgp::bird::logcap;
+    use crate::bgp::bird::testbird::{CONFIG, DEADLINE, TestBird, eventually, route_present};
 
     const POLL: Duration = Duration::from_millis(100);
     const PROTOCOL: &str = "anycast_vips";

@@ -32,19 +32,25 @@ use tokio::{
 };
 
 use crate::{
-    announce::{AnnounceStatus, Announcer},
-    config::{self, Config},
-    control::{
-        self, AttachmentStatus, BgpStatus, LookupReport, MemberStatus, Request, Response,
-        ServiceStatus, StatusReport,
+    bgp::announce::{AnnounceStatus, Announcer},
+    cluster::{
+        health::{HealthMonitor, MemberHealth, Target},
+        maglev::{self, MaglevMember},
+        sync,
     },
-    dataplane::{self, Attachment, DataPlane, LoadOptions},
-    health::{HealthMonitor, MemberHealth, Target},
-    maglev::{self, MaglevMember},
-    metrics,
-    nexthop::Resolver,
-    sync,
-    tables::{self, Tables},
+    config::{self, Config},
+    dataplane::{
+        self, Attachment, DataPlane, LoadOptions,
+        nexthop::Resolver,
+        tables::{self, Tables},
+    },
+    operator::{
+        control::{
+            self, AttachmentStatus, BgpStatus, LookupReport, MemberStatus, Request, Response,
+            ServiceStatus, StatusReport,
+        },
+        metrics,
+    },
 };
 
 /// How long a next-hop entry stays valid without a refresh. Refreshes come every second; if

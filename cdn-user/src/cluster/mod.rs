@@ -1,0 +1,8 @@
+//! The cluster logic every node computes alike from the shared configuration: where flows go
+//! (Maglev), where they went before (hop history, and its sync between members), and which
+//! members can take them (health).
+
+pub mod health;
+pub mod history;
+pub mod maglev;
+pub mod sync;

@@ -1,0 +1,6 @@
+//! What operators and their tools talk to: Prometheus metrics and the peer endpoints over HTTP,
+//! and the control socket the CLI uses.
+
+pub mod control;
+pub mod http;
+pub mod metrics;
