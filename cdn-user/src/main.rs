@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use cdn_user::{
     config, daemon,
-    operator::control::{self, Request, Response, StatusReport},
+    operator::{
+        cli,
+        control::{self, Request, Response, StatusReport},
+    },
 };
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -108,7 +111,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 async fn ask(config: Option<PathBuf>, request: Request) -> Result<Response> {
-    let socket = daemon::control_socket_of(config.as_deref())?;
+    let socket = cli::control_socket_of(config.as_deref())?;
     let response = control::call(&socket, &request, Duration::from_secs(10)).await?;
     if let Response::Error { message } = &response {
         bail!("{message}");
@@ -131,7 +134,7 @@ fn run(cli: Cli) -> Result<()> {
         })),
         Command::Check { config } => {
             let cfg = config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
-            print!("{}", daemon::check_summary(&cfg)?);
+            print!("{}", cli::check_summary(&cfg)?);
             Ok(())
         }
         Command::Status { config, json } => {

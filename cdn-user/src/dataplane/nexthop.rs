@@ -14,11 +14,13 @@
 //! answers these requests from memory, so a plain blocking socket is the simplest correct
 //! client. A receive timeout bounds the wait should the kernel ever not answer.
 
+mod error;
+mod messages;
+
 use std::{
     collections::{HashMap, HashSet, hash_map::Entry},
-    fmt, io,
+    io,
     net::IpAddr,
-    os::fd::AsRawFd,
     time::Duration,
 };
 
@@ -29,9 +31,9 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    link::{LinkAttribute, LinkLayerType, LinkMessage},
-    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
+    link::{LinkAttribute, LinkMessage},
+    neighbour::NeighbourMessage,
+    route::{RouteAddress, RouteAttribute, RouteMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -61,242 +63,12 @@ const NUD_USABLE: u16 = libc::NUD_REACHABLE
     | libc::NUD_PERMANENT
     | libc::NUD_NOARP;
 
-/// One address of a [`Resolver::resolve`] call with its outcome.
-pub type Resolution = (IpAddr, Result<Resolved, ResolveError>);
-
-/// Where to send a member's packets: the data plane's next-hop entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Resolved {
-    /// Egress interface.
-    pub ifindex: u32,
-    /// The egress interface's MAC.
-    pub src_mac: [u8; 6],
-    /// The neighbour's MAC: the member's own if it is on-link, else its gateway's.
-    pub dst_mac: [u8; 6],
-    /// The neighbour's address: the gateway, or the member itself when on-link.
-    pub via: IpAddr,
-}
-
-/// Why the kernel has no usable route to an address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NoRouteReason {
-    /// No route matches (the kernel answered `ENETUNREACH`).
-    NoMatchingRoute,
-    /// An `unreachable` route matches (`EHOSTUNREACH`).
-    Unreachable,
-    /// A `blackhole` route matches (the kernel answers `EINVAL` for these).
-    Blackhole,
-    /// A `prohibit` route matches (`EACCES`).
-    Prohibit,
-    /// The address is one of this host's.
-    Local,
-    /// The address is a broadcast address.
-    Broadcast,
-    /// The address is a multicast address.
-    Multicast,
-    /// The address is an anycast address of this host.
-    Anycast,
-    /// The lookup ended at a `throw` route.
-    Throw,
-    /// The route names no output interface.
-    NoOutputInterface,
-    /// The next hop is neither IPv4 nor IPv6 (e.g. MPLS).
-    UnsupportedNextHop,
-    /// A route type this resolver does not forward over (the raw `RTN_*` value).
-    RouteType(u8),
-}
-
-impl fmt::Display for NoRouteReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::NoMatchingRoute => f.write_str("no route matches"),
-            Self::Unreachable => f.write_str("an unreachable route matches"),
-            Self::Blackhole => {
-                f.write_str("a blackhole route matches (the kernel answered EINVAL)")
-            }
-            Self::Prohibit => f.write_str("a prohibit route matches"),
-            Self::Local => f.write_str("the address is local to this host"),
-            Self::Broadcast => f.write_str("it is a broadcast address"),
-            Self::Multicast => f.write_str("it is a multicast address"),
-            Self::Anycast => f.write_str("it is an anycast address of this host"),
-            Self::Throw => f.write_str("the lookup ended at a throw route"),
-            Self::NoOutputInterface => f.write_str("the route has no output interface"),
-            Self::UnsupportedNextHop => f.write_str("the next hop is neither IPv4 nor IPv6"),
-            Self::RouteType(t) => write!(f, "the route is of type {t}, not unicast"),
-        }
-    }
-}
-
-/// A neighbour state (`NUD_*` bits), printed the way `ip neigh` does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NudState(pub u16);
-
-impl fmt::Display for NudState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(u16, &str); 8] = [
-            (libc::NUD_INCOMPLETE, "INCOMPLETE"),
-            (libc::NUD_REACHABLE, "REACHABLE"),
-            (libc::NUD_STALE, "STALE"),
-            (libc::NUD_DELAY, "DELAY"),
-            (libc::NUD_PROBE, "PROBE"),
-            (libc::NUD_FAILED, "FAILED"),
-            (libc::NUD_NOARP, "NOARP"),
-            (libc::NUD_PERMANENT, "PERMANENT"),
-        ];
-        if self.0 == libc::NUD_NONE {
-            return f.write_str("NONE");
-        }
-        let mut rest = self.0;
-        let mut first = true;
-        for (bit, name) in NAMES {
-            if rest & bit != 0 {
-                if !first {
-                    f.write_str("|")?;
-                }
-                f.write_str(name)?;
-                first = false;
-                rest &= !bit;
-            }
-        }
-        if rest != 0 {
-            if !first {
-                f.write_str("|")?;
-            }
-            write!(f, "{rest:#x}")?;
-        }
-        Ok(())
-    }
-}
-
-/// What is wrong with a neighbour entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NeighbourProblem {
-    /// The table has no entry: nothing has tried to reach the neighbour yet, or the entry was
-    /// garbage-collected.
-    NoEntry,
-    /// The entry is in a state without a usable address (INCOMPLETE, FAILED, NONE).
-    State(NudState),
-    /// The state is usable but the link-layer address is missing, not 6 bytes, all zero or a
-    /// group address.
-    BadLinkLayerAddress { state: NudState, lladdr: Vec<u8> },
-}
-
-impl fmt::Display for NeighbourProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::NoEntry => f.write_str("has no entry"),
-            Self::State(state) => write!(f, "is {state}"),
-            Self::BadLinkLayerAddress { state, lladdr } if lladdr.is_empty() => {
-                write!(f, "is {state} but has no link-layer address")
-            }
-            Self::BadLinkLayerAddress { state, lladdr } => write!(
-                f,
-                "is {state} with link-layer address {}, not a unicast Ethernet MAC",
-                fmt_lladdr(lladdr)
-            ),
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ResolveError {
-    #[error("no route to {addr}: {reason}")]
-    NoRoute { addr: IpAddr, reason: NoRouteReason },
-    #[error("neighbour {neighbour} on {ifname} {problem}{}", next_hop_for(.target, .neighbour))]
-    NeighbourUnresolved {
-        /// The address being resolved.
-        target: IpAddr,
-        /// The neighbour it is sent through: `target` itself or its gateway.
-        neighbour: IpAddr,
-        ifname: String,
-        ifindex: u32,
-        problem: NeighbourProblem,
-    },
-    #[error(
-        "{addr} is routed out of {ifname} (ifindex {ifindex}), which is not Ethernet: {detail}"
-    )]
-    NotEthernet {
-        addr: IpAddr,
-        ifname: String,
-        ifindex: u32,
-        detail: String,
-    },
-    /// The kernel refused a request (`NLMSG_ERROR`), or answered something undecodable.
-    #[error("netlink {request}: {source}")]
-    Netlink {
-        request: String,
-        #[source]
-        source: io::Error,
-    },
-    /// The socket itself failed.
-    #[error("netlink socket: {op}: {source}")]
-    Io {
-        op: String,
-        #[source]
-        source: io::Error,
-    },
-}
-
-fn next_hop_for(target: &IpAddr, neighbour: &IpAddr) -> String {
-    if target == neighbour {
-        String::new()
-    } else {
-        format!(" (next hop for {target})")
-    }
-}
-
-fn fmt_lladdr(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn io_error(op: impl Into<String>, source: io::Error) -> ResolveError {
-    ResolveError::Io {
-        op: op.into(),
-        source,
-    }
-}
-
-fn protocol_error(request: &str, detail: impl fmt::Display) -> ResolveError {
-    ResolveError::Netlink {
-        request: request.to_owned(),
-        source: io::Error::new(io::ErrorKind::InvalidData, detail.to_string()),
-    }
-}
-
-/// `io::Error` is not `Clone`; one failed link lookup is reported for every address using it.
-fn copy_io_error(e: &io::Error) -> io::Error {
-    match e.raw_os_error() {
-        Some(code) => io::Error::from_raw_os_error(code),
-        None => io::Error::new(e.kind(), e.to_string()),
-    }
-}
-
-/// The kernel's route to one address.
-#[derive(Debug)]
-struct Route {
-    oif: u32,
-    /// The gateway, or the address itself when on-link.
-    neighbour: IpAddr,
-}
-
-/// An egress interface.
-#[derive(Debug)]
-struct Link {
-    name: String,
-    link_type: LinkLayerType,
-    address: Vec<u8>,
-}
-
-/// A neighbour table entry.
-#[derive(Debug)]
-struct Neighbour {
-    state: u16,
-    lladdr: Option<Vec<u8>>,
-}
+pub use error::{NeighbourProblem, NoRouteReason, NudState, Resolution, ResolveError, Resolved};
+use error::{io_error, protocol_error};
+use messages::*;
+// The tests join namespaces by file descriptor.
+#[cfg(test)]
+use std::os::fd::AsRawFd;
 
 /// How one request/answer exchange went, when the kernel did not refuse it.
 #[derive(Debug, Default)]
@@ -685,211 +457,12 @@ impl Resolver {
     }
 }
 
-fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
-    };
-    // SAFETY: the fd is the socket's, open for the call; the option value is a timeval we own,
-    // passed with its exact size, which is what SO_RCVTIMEO expects.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// The first four bytes as a native-endian i32 (the error code of `NLMSG_ERROR`/`NLMSG_DONE`).
-fn leading_i32(payload: &[u8]) -> Option<i32> {
-    payload
-        .first_chunk::<4>()
-        .map(|bytes| i32::from_ne_bytes(*bytes))
-}
-
-/// Maps the kernel's refusal of a route lookup. For IPv4 and IPv6 alike the kernel answers a
-/// lookup that hits an unreachable/blackhole/prohibit route (or none) with an errno rather than
-/// with the route.
-fn route_refused(addr: IpAddr, what: &str, e: io::Error) -> ResolveError {
-    let reason = match e.raw_os_error() {
-        Some(libc::ENETUNREACH) => NoRouteReason::NoMatchingRoute,
-        Some(libc::EHOSTUNREACH) => NoRouteReason::Unreachable,
-        Some(libc::EINVAL) => NoRouteReason::Blackhole,
-        Some(libc::EACCES | libc::EPERM) => NoRouteReason::Prohibit,
-        _ => {
-            return ResolveError::Netlink {
-                request: what.to_owned(),
-                source: e,
-            };
-        }
-    };
-    ResolveError::NoRoute { addr, reason }
-}
-
-fn route_from_reply(addr: IpAddr, route: &RouteMessage) -> Result<Route, ResolveError> {
-    let no_route = |reason| ResolveError::NoRoute { addr, reason };
-    let reason = match route.header.kind {
-        RouteType::Unicast => None,
-        RouteType::Local => Some(NoRouteReason::Local),
-        RouteType::Broadcast => Some(NoRouteReason::Broadcast),
-        RouteType::Multicast => Some(NoRouteReason::Multicast),
-        RouteType::Anycast => Some(NoRouteReason::Anycast),
-        RouteType::BlackHole => Some(NoRouteReason::Blackhole),
-        RouteType::Unreachable => Some(NoRouteReason::Unreachable),
-        RouteType::Prohibit => Some(NoRouteReason::Prohibit),
-        RouteType::Throw => Some(NoRouteReason::Throw),
-        other => Some(NoRouteReason::RouteType(u8::from(other))),
-    };
-    if let Some(reason) = reason {
-        return Err(no_route(reason));
-    }
-    let mut oif = None;
-    // None: on-link. Some(None): a next hop we cannot use.
-    let mut gateway: Option<Option<IpAddr>> = None;
-    for attr in &route.attributes {
-        match attr {
-            RouteAttribute::Oif(index) => oif = Some(*index),
-            RouteAttribute::Gateway(a) => {
-                gateway = Some(match a {
-                    RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-                    RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-                    _ => None,
-                });
-            }
-            // An IPv4 route with an IPv6 next hop (RFC 5549) names it in RTA_VIA.
-            RouteAttribute::Via(via) => {
-                gateway = Some(match via {
-                    RouteVia::Inet(v4) => Some(IpAddr::V4(*v4)),
-                    RouteVia::Inet6(v6) => Some(IpAddr::V6(*v6)),
-                    _ => None,
-                });
-            }
-            _ => {}
-        }
-    }
-    let oif = oif.ok_or_else(|| no_route(NoRouteReason::NoOutputInterface))?;
-    let neighbour = match gateway {
-        None => addr,
-        Some(Some(gw)) => gw,
-        Some(None) => return Err(no_route(NoRouteReason::UnsupportedNextHop)),
-    };
-    Ok(Route { oif, neighbour })
-}
-
-/// The key and entry of an IPv4/IPv6 neighbour message; other families are of no use here.
-fn neighbour_entry(msg: NeighbourMessage) -> Option<((u32, IpAddr), Neighbour)> {
-    let mut dst = None;
-    let mut lladdr = None;
-    for attr in msg.attributes {
-        match attr {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                dst = Some(IpAddr::V4(v4));
-            }
-            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
-                dst = Some(IpAddr::V6(v6));
-            }
-            NeighbourAttribute::LinkLayerAddress(a) => lladdr = Some(a),
-            _ => {}
-        }
-    }
-    let entry = Neighbour {
-        state: u16::from(msg.header.state),
-        lladdr,
-    };
-    Some(((msg.header.ifindex, dst?), entry))
-}
-
-/// A MAC the data plane may put on a frame: six bytes, not all zero, not a group address.
-fn unicast_mac(bytes: &[u8]) -> Option<[u8; 6]> {
-    let mac: [u8; 6] = bytes.try_into().ok()?;
-    (mac != [0; 6] && mac[0] & 1 == 0).then_some(mac)
-}
-
-fn next_hop(
-    addr: IpAddr,
-    route: &Route,
-    links: &HashMap<u32, Result<Link, io::Error>>,
-    neighbours: &HashMap<(u32, IpAddr), Neighbour>,
-) -> Result<Resolved, ResolveError> {
-    let link = match links.get(&route.oif) {
-        Some(Ok(link)) => link,
-        Some(Err(e)) => {
-            return Err(ResolveError::Netlink {
-                request: format!("RTM_GETLINK ifindex {}", route.oif),
-                source: copy_io_error(e),
-            });
-        }
-        // resolve() looks up every interface a route names.
-        None => {
-            return Err(protocol_error(
-                &format!("RTM_GETLINK ifindex {}", route.oif),
-                "interface not looked up",
-            ));
-        }
-    };
-    let not_ethernet = |detail: String| ResolveError::NotEthernet {
-        addr,
-        ifname: link.name.clone(),
-        ifindex: route.oif,
-        detail,
-    };
-    if link.link_type != LinkLayerType::Ether {
-        return Err(not_ethernet(format!("link type {}", link.link_type)));
-    }
-    let src_mac = unicast_mac(&link.address).ok_or_else(|| {
-        not_ethernet(if link.address.is_empty() {
-            "it has no hardware address".to_owned()
-        } else {
-            format!(
-                "hardware address {} is not a unicast MAC",
-                fmt_lladdr(&link.address)
-            )
-        })
-    })?;
-
-    let unresolved = |problem| ResolveError::NeighbourUnresolved {
-        target: addr,
-        neighbour: route.neighbour,
-        ifname: link.name.clone(),
-        ifindex: route.oif,
-        problem,
-    };
-    let entry = neighbours
-        .get(&(route.oif, route.neighbour))
-        .ok_or_else(|| unresolved(NeighbourProblem::NoEntry))?;
-    if entry.state & NUD_USABLE == 0 {
-        return Err(unresolved(NeighbourProblem::State(NudState(entry.state))));
-    }
-    let lladdr = entry.lladdr.as_deref().unwrap_or_default();
-    let dst_mac = unicast_mac(lladdr).ok_or_else(|| {
-        unresolved(NeighbourProblem::BadLinkLayerAddress {
-            state: NudState(entry.state),
-            lladdr: lladdr.to_vec(),
-        })
-    })?;
-    Ok(Resolved {
-        ifindex: route.oif,
-        src_mac,
-        dst_mac,
-        via: route.neighbour,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
         fs::File,
         io::Write as _,
         net::{Ipv4Addr, Ipv6Addr},
-        os::fd::AsRawFd,
         process::{Command, Stdio},
         sync::atomic::{AtomicU32, Ordering},
     };

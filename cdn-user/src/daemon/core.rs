@@ -1,0 +1,213 @@
+//! The daemon's state, shared by its tasks, and what changes it: members and node settings
+//! written to the data plane, and the tables rebuilt from health and drain state.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, Result};
+use cdn_common::maps::{NO_MEMBER, NODE_DRAINING, NODE_READY, NextHop, NodeConfig};
+use tokio::sync::watch;
+
+use crate::{
+    bgp::announce::AnnounceStatus,
+    cluster::{
+        health::{MemberHealth, Target},
+        maglev::{self, MaglevMember},
+    },
+    config::Config,
+    dataplane::{Attachment, DataPlane, tables::Tables},
+};
+
+/// Everything the daemon's tasks share.
+pub(super) struct Core {
+    pub(super) cfg: Config,
+    pub(super) config_path: PathBuf,
+    pub(super) dp: DataPlane,
+    pub(super) tables: Tables,
+    pub(super) attachments: Vec<Attachment>,
+    pub(super) draining: bool,
+    pub(super) ready: bool,
+    pub(super) health: BTreeMap<u16, MemberHealth>,
+    /// One announcer status per BIRD protocol.
+    pub(super) bgp: Vec<(String, watch::Receiver<AnnounceStatus>)>,
+    pub(super) reloads_ok: u64,
+    pub(super) reloads_failed: u64,
+    pub(super) started: SystemTime,
+    pub(super) owners: Vec<u16>,
+    /// Ids written to the member maps, so removed members can be cleared.
+    pub(super) written_members: Vec<u16>,
+}
+
+pub(super) fn pin_paths(cfg: &Config) -> (PathBuf, PathBuf) {
+    (cfg.node.bpffs.join("maps"), cfg.node.bpffs.join("links"))
+}
+
+impl Core {
+    pub(super) fn self_id(&self) -> u16 {
+        self.cfg.self_member().map_or(NO_MEMBER, |m| m.id)
+    }
+
+    pub(super) fn node_config(&self) -> NodeConfig {
+        let mut flags = 0;
+        if self.ready {
+            flags |= NODE_READY;
+        }
+        if self.draining {
+            flags |= NODE_DRAINING;
+        }
+        NodeConfig {
+            hash_key: self.cfg.cluster.hash_key,
+            underlay_v4: self.cfg.node.underlay_v4.map_or([0; 4], |a| a.octets()),
+            underlay_v6: self.cfg.node.underlay_v6.map_or([0; 16], |a| a.octets()),
+            steer_port: self.cfg.cluster.steer_port,
+            self_member: self.self_id(),
+            flags,
+            hop_budget: self.cfg.cluster.hop_budget,
+            max_frame: self.cfg.node.max_frame,
+            ..NodeConfig::default()
+        }
+    }
+
+    pub(super) fn write_node_config(&mut self) -> Result<()> {
+        let cfg = self.node_config();
+        self.dp
+            .write_config(&cfg)
+            .context("writing the node configuration")
+    }
+
+    /// Members (ids and underlay addresses) into the data plane; ids no longer configured are
+    /// cleared, so they can neither receive packets nor vouch for steering packets.
+    pub(super) fn write_members(&mut self) -> Result<()> {
+        let mut ids = Vec::new();
+        for m in &self.cfg.cluster.members {
+            self.dp
+                .set_member(m.id, Some(m.underlay))
+                .with_context(|| format!("writing member {}", m.name))?;
+            ids.push(m.id);
+        }
+        for old in std::mem::take(&mut self.written_members) {
+            if !ids.contains(&old) {
+                self.dp.set_member(old, None)?;
+                self.dp.set_next_hop(old, &NextHop::default())?;
+            }
+        }
+        self.written_members = ids;
+        Ok(())
+    }
+
+    /// Members that may take new flows now.
+    pub(super) fn eligible(&self) -> Vec<MaglevMember<'_>> {
+        let self_id = self.self_id();
+        self.cfg
+            .cluster
+            .members
+            .iter()
+            .filter(|m| m.weight > 0)
+            .filter(|m| !(self.draining && m.id == self_id))
+            .filter(|m| self.health.get(&m.id).and_then(|h| h.healthy) == Some(true))
+            .map(|m| MaglevMember {
+                id: m.id,
+                name: &m.name,
+                weight: m.weight,
+            })
+            .collect()
+    }
+
+    /// Rebuilds the Maglev table from the current health and drain state and installs it.
+    pub(super) fn rebuild(&mut self) -> Result<()> {
+        let mut owners = std::mem::take(&mut self.owners);
+        let members = self.eligible();
+        if members.is_empty() {
+            log::warn!("no member is eligible for new flows; buckets keep their last owners");
+        }
+        maglev::build_table_into(
+            &members,
+            self.cfg.cluster.hash_key,
+            self.cfg.cluster.table_size,
+            &mut owners,
+        )
+        .context("building the Maglev table")?;
+        if members.is_empty() {
+            owners = vec![NO_MEMBER; self.cfg.cluster.table_size as usize];
+        }
+        let report = self
+            .tables
+            .update(&mut self.dp, &self.cfg, &owners)
+            .context("writing the steering tables")?;
+        if !report.swapped.is_empty() {
+            log::debug!("table update: {report:?}");
+        }
+        self.owners = owners;
+        Ok(())
+    }
+
+    /// Whether this node takes new flows, for other members' health checks: a drained node
+    /// answers "no", so it leaves every node's table while its own flows continue.
+    pub(super) fn readiness(&self) -> Result<(), String> {
+        if !self.ready {
+            return Err("data plane not ready".to_string());
+        }
+        if self.draining {
+            return Err("draining".to_string());
+        }
+        Ok(())
+    }
+
+    /// Whether the VIP routes should be announced from this node.
+    pub(super) fn announce_wanted(&self) -> bool {
+        let local_ok = match self.cfg.self_member() {
+            Some(me) => self.health.get(&me.id).and_then(|h| h.healthy) == Some(true),
+            None => true,
+        };
+        self.ready && !self.draining && local_ok && !self.eligible().is_empty()
+    }
+
+    /// Healthy members (other than this node) whose history can be fetched: (name, endpoint).
+    pub(super) fn sync_peers(&self) -> Vec<(String, SocketAddr)> {
+        let self_id = self.self_id();
+        self.cfg
+            .cluster
+            .members
+            .iter()
+            .filter(|m| m.id != self_id)
+            .filter(|m| self.health.get(&m.id).and_then(|h| h.healthy) == Some(true))
+            .filter_map(|m| m.sync.map(|addr| (m.name.clone(), addr)))
+            .collect()
+    }
+
+    pub(super) fn health_targets(&self) -> Vec<Target> {
+        health_targets(&self.cfg)
+    }
+}
+
+pub(super) fn health_targets(cfg: &Config) -> Vec<Target> {
+    cfg.cluster
+        .members
+        .iter()
+        .map(|m| Target {
+            member_id: m.id,
+            name: m.name.clone(),
+            addr: m.underlay,
+            check: m.health.clone(),
+        })
+        .collect()
+}
+
+/// The daemon's shared state.
+#[derive(Clone)]
+pub(super) struct Shared(pub(super) Arc<Mutex<Core>>);
+
+impl Shared {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock leaves the maps as they were written so far; going
+        // on is better than stopping the data plane's controller.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}

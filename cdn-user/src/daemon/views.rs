@@ -1,0 +1,316 @@
+//! What the daemon shows: the status report and lookups for the control socket, and the
+//! snapshot the metrics are encoded from. Both read one member report.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context as _, Result, bail};
+use cdn_common::{
+    counters::Counter,
+    hash::{PROTO_TCP, PROTO_UDP, flow_hash_v4, flow_hash_v6, ports_word, v4_word, v6_words},
+    maps::NO_MEMBER,
+};
+use tokio::sync::Notify;
+
+use super::core::{Core, Shared};
+use crate::{
+    bgp::announce::AnnounceStatus,
+    cluster::health::MemberHealth,
+    config,
+    operator::{
+        control::{
+            AttachmentStatus, BgpStatus, LookupReport, MemberStatus, Request, Response,
+            ServiceStatus, StatusReport,
+        },
+        metrics,
+    },
+};
+
+/// One member as status and metrics show it.
+struct MemberRow<'a> {
+    settings: &'a config::MemberSettings,
+    is_self: bool,
+    health: Option<&'a MemberHealth>,
+    stats: cdn_common::maps::MemberStats,
+    /// Buckets it owns over every service, and their fraction of all buckets.
+    buckets: u64,
+    share: f64,
+}
+
+impl Core {
+    /// What status and metrics show of every member.
+    fn member_rows(&self) -> Result<Vec<MemberRow<'_>>> {
+        let share = self.tables.share();
+        let total: u64 = share.values().sum();
+        let self_id = self.self_id();
+        self.cfg
+            .cluster
+            .members
+            .iter()
+            .map(|m| {
+                let buckets = share.get(&m.id).copied().unwrap_or(0);
+                Ok(MemberRow {
+                    settings: m,
+                    is_self: m.id == self_id,
+                    health: self.health.get(&m.id),
+                    stats: self.dp.member_stats(m.id)?,
+                    buckets,
+                    share: if total == 0 {
+                        0.0
+                    } else {
+                        buckets as f64 / total as f64
+                    },
+                })
+            })
+            .collect()
+    }
+
+    pub(super) fn status(&self) -> Result<StatusReport> {
+        let counters = self.dp.counters()?;
+        let members = self
+            .member_rows()?
+            .into_iter()
+            .map(|r| MemberStatus {
+                id: r.settings.id,
+                name: r.settings.name.clone(),
+                underlay: r.settings.underlay.to_string(),
+                weight: r.settings.weight,
+                is_self: r.is_self,
+                healthy: r.health.and_then(|h| h.healthy),
+                last_error: r.health.and_then(|h| h.last_error.clone()),
+                last_check_ms: r
+                    .health
+                    .and_then(|h| h.last_latency)
+                    .map(|d| d.as_secs_f64() * 1000.0),
+                buckets: r.buckets,
+                share: r.share,
+                forwarded_packets: r.stats.packets,
+                forwarded_bytes: r.stats.bytes,
+            })
+            .collect();
+        let services = self
+            .tables
+            .services()
+            .iter()
+            .map(|(name, t)| ServiceStatus {
+                name: name.clone(),
+                vips: t.vips.iter().map(ToString::to_string).collect(),
+                generation: t.generation,
+                slot: t.slot,
+                active_half: t.active,
+            })
+            .collect();
+        Ok(StatusReport {
+            node: self.cfg.node.name.clone(),
+            config_path: self.config_path.display().to_string(),
+            attachments: self
+                .attachments
+                .iter()
+                .map(|a| AttachmentStatus {
+                    interface: a.interface.clone(),
+                    mode: a.mode.to_string(),
+                    replaced: a.replaced,
+                })
+                .collect(),
+            ready: self.ready,
+            draining: self.draining,
+            table_size: self.tables.size(),
+            members,
+            services,
+            counters: Counter::ALL
+                .iter()
+                .map(|c| (c.name().to_string(), counters[*c as usize]))
+                .collect(),
+            bgp: self
+                .bgp
+                .iter()
+                .map(|(protocol, rx)| {
+                    let s = rx.borrow();
+                    BgpStatus {
+                        protocol: protocol.clone(),
+                        bird_reachable: s.bird_reachable,
+                        announced: s.announced,
+                        wanted: s.wanted,
+                        last_error: s.last_error.clone(),
+                    }
+                })
+                .collect(),
+            reloads_ok: self.reloads_ok,
+            reloads_failed: self.reloads_failed,
+        })
+    }
+
+    /// The owner and hops of a flow, read from the live maps with the data plane's hash.
+    pub(super) fn lookup(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        udp: bool,
+    ) -> Result<LookupReport> {
+        let proto = if udp { PROTO_UDP } else { PROTO_TCP };
+        let ports = ports_word(src.port(), dst.port());
+        let key = self.cfg.cluster.hash_key;
+        let hash = match (src.ip(), dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                flow_hash_v4(&key, v4_word(s.octets()), v4_word(d.octets()), ports, proto)
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => flow_hash_v6(
+                &key,
+                v6_words(s.octets()),
+                v6_words(d.octets()),
+                ports,
+                proto,
+            ),
+            _ => bail!("source and destination must be of the same address family"),
+        };
+        let Some((name, table)) = self.tables.service_for(dst.ip()) else {
+            bail!("{} is not in any service's VIP prefixes", dst.ip());
+        };
+        let vip = table
+            .vips
+            .iter()
+            .find(|v| v.contains(dst.ip()))
+            .context("service without the VIP")?;
+        let entry = self
+            .dp
+            .service(vip.addr(), vip.prefix_len())?
+            .context("the data plane has no entry for this VIP yet")?;
+        let bucket = (hash % u64::from(entry.table_size)) as u32;
+        let hops = self
+            .dp
+            .read_buckets(entry.table_offset + bucket, 1)?
+            .first()
+            .map(|b| b.hops)
+            .unwrap_or([NO_MEMBER; 3]);
+        Ok(LookupReport {
+            service: name.to_string(),
+            hash,
+            bucket,
+            table_generation: entry.generation,
+            hops: hops
+                .iter()
+                .filter(|h| **h != NO_MEMBER)
+                .map(|h| {
+                    let name = self.cfg.member(*h).map_or("(unknown)", |m| &m.name);
+                    (*h, name.to_string())
+                })
+                .collect(),
+        })
+    }
+
+    pub(super) fn snapshot(&self) -> Result<metrics::Snapshot> {
+        let counters = self.dp.counters()?;
+        let members = self
+            .member_rows()?
+            .into_iter()
+            .map(|r| metrics::MemberMetrics {
+                id: r.settings.id,
+                name: r.settings.name.clone(),
+                healthy: r.health.and_then(|h| h.healthy),
+                last_check_latency: r.health.and_then(|h| h.last_latency),
+                packets: r.stats.packets,
+                bytes: r.stats.bytes,
+                bucket_share: r.share,
+                weight: r.settings.weight,
+                is_self: r.is_self,
+            })
+            .collect();
+        Ok(metrics::Snapshot {
+            counters,
+            members,
+            services: self
+                .tables
+                .services()
+                .iter()
+                .map(|(name, t)| metrics::ServiceMetrics {
+                    name: name.clone(),
+                    table_generation: u64::from(t.generation),
+                    buckets: self.tables.size(),
+                })
+                .collect(),
+            draining: self.draining,
+            attach_mode: self
+                .attachments
+                .first()
+                .map_or("detached", |a| a.mode)
+                .to_string(),
+            interfaces: self.cfg.node.interfaces.clone(),
+            bgp: self.bgp_metrics(),
+            config_reloads_ok: self.reloads_ok,
+            config_reloads_failed: self.reloads_failed,
+            start_time: self.started,
+        })
+    }
+
+    /// The announcement over every BIRD protocol: announced only if all of them are.
+    pub(super) fn bgp_metrics(&self) -> Option<metrics::BgpMetrics> {
+        if self.bgp.is_empty() {
+            return None;
+        }
+        let all: Vec<AnnounceStatus> = self.bgp.iter().map(|(_, rx)| rx.borrow().clone()).collect();
+        let announced = all
+            .iter()
+            .map(|s| s.announced)
+            .collect::<Option<Vec<bool>>>()
+            .map(|v| v.iter().all(|a| *a));
+        Some(metrics::BgpMetrics {
+            bird_reachable: all.iter().all(|s| s.bird_reachable),
+            announced,
+            wanted: all.iter().all(|s| s.wanted),
+            transitions: all.iter().map(|s| s.transitions).sum(),
+        })
+    }
+}
+
+pub(super) fn empty_snapshot(core: &Core) -> metrics::Snapshot {
+    metrics::Snapshot {
+        counters: [0; Counter::COUNT as usize],
+        members: Vec::new(),
+        services: Vec::new(),
+        draining: core.draining,
+        attach_mode: "detached".to_string(),
+        interfaces: core.cfg.node.interfaces.clone(),
+        bgp: None,
+        config_reloads_ok: core.reloads_ok,
+        config_reloads_failed: core.reloads_failed,
+        start_time: core.started,
+    }
+}
+
+/// Answers one control-socket request.
+pub(super) fn handle_request(shared: &Shared, rebuild: &Notify, request: Request) -> Response {
+    let mut core = shared.lock();
+    let result = match request {
+        Request::Status => core.status().map(|s| Response::Status(Box::new(s))),
+        Request::Lookup { src, dst, udp } => core.lookup(src, dst, udp).map(Response::Lookup),
+        Request::Drain | Request::Undrain => {
+            let drain = matches!(request, Request::Drain);
+            if core.draining == drain {
+                Ok(Response::Done {
+                    message: format!(
+                        "already {}",
+                        if drain { "draining" } else { "not draining" }
+                    ),
+                })
+            } else {
+                core.draining = drain;
+                log::info!(
+                    "{}: {}",
+                    if drain { "drain" } else { "undrain" },
+                    if drain {
+                        "no new connections here; routes withdrawn; existing flows continue"
+                    } else {
+                        "taking new connections again"
+                    }
+                );
+                let r = core.write_node_config().and_then(|()| core.rebuild());
+                rebuild.notify_one();
+                r.map(|()| Response::Done {
+                    message: if drain { "draining" } else { "undrained" }.to_string(),
+                })
+            }
+        }
+    };
+    result.unwrap_or_else(|e| Response::Error {
+        message: format!("{e:#}"),
+    })
+}
