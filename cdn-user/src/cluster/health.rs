@@ -1,9 +1,10 @@
 //! Health checking of the cluster members.
 //!
-//! Every member is probed by its own tokio task at its underlay address: a TCP connect, or a
-//! minimal HTTP/1.1 `GET` whose status must be 2xx (written by hand: one request line and three
-//! headers do not justify an HTTP client dependency). A probe, connect included, never takes
-//! longer than the check's timeout, and the probes of one member never overlap.
+//! Every member is probed by its own tokio task at its underlay address: a TCP connect, or an
+//! HTTP/1.1 `GET` (with the client of `crate::operator::http`) whose status must be 2xx. A
+//! probe, connect included, never takes longer than the check's timeout, and the probes of one
+//! member never overlap. An HTTP probe reads the whole answer (up to [`MAX_ANSWER_BODY`]) before
+//! it closes, so that the member sees a clean close rather than a reset.
 //!
 //! The first result of a member decides its health at once, so that a freshly started
 //! controller does not wait `rise` intervals before it can steer anything. After that, `rise`
@@ -15,7 +16,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +23,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -31,10 +30,11 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use crate::config::{HealthCheck, HealthProbe};
+use crate::operator::http::{self, Failure, Get};
 
-/// Most bytes of an HTTP answer read while looking for the end of the status line. A real
-/// status line is a few dozen bytes; the cap only protects against a peer that streams junk.
-const MAX_RESPONSE_BYTES: u64 = 8 * 1024;
+/// Most bytes of an HTTP answer's body read. Only the status counts; the body is read so that
+/// the connection closes cleanly, and a longer one is left unread (the member then sees a reset).
+const MAX_ANSWER_BODY: usize = 64 * 1024;
 
 /// Shortest probe period used, whatever the target says: [`tokio::time::interval`] panics on a
 /// zero period, and probing in a busy loop would help nobody.
@@ -397,71 +397,49 @@ fn first_probe_delay(interval: Duration) -> Duration {
 }
 
 /// Why a probe failed. The `Display` text is what ends up in [`MemberHealth::last_error`] and
-/// in the logs.
+/// in the logs (with the member's name, so without its address).
 #[derive(Debug, Error)]
 enum ProbeError {
-    /// The TCP connection could not be established.
-    #[error("{}", describe_io(.0))]
-    Connect(#[source] io::Error),
-    /// The HTTP request could not be sent or the answer not read.
-    #[error("HTTP exchange failed: {}", describe_io(.0))]
-    Exchange(#[source] io::Error),
-    /// The probe, connect included, took longer than the timeout.
-    #[error("timeout after {0:?}")]
-    Timeout(Duration),
-    /// The peer closed the connection before a whole status line.
-    #[error("connection closed before the HTTP status line")]
-    Closed,
-    /// No line end within [`MAX_RESPONSE_BYTES`].
-    #[error("no HTTP status line in the first {MAX_RESPONSE_BYTES} bytes")]
-    TooLong,
-    /// The first line is not `HTTP/1.x NNN …`.
-    #[error("malformed HTTP status line {0:?}")]
-    Malformed(String),
+    /// No connection, no answer in time, or not an HTTP answer.
+    #[error(transparent)]
+    Client(#[from] Failure),
     /// A status other than 2xx.
     #[error("HTTP {0}")]
     Status(u16),
-    /// The path or host would not make a valid request (the configuration checks prevent it;
-    /// a hand-built [`Target`] might not).
-    #[error("invalid HTTP {0}: must be non-empty, without whitespace or control characters")]
-    InvalidRequest(&'static str),
-}
-
-/// Short text of a socket error: the well-known kinds by name ("connection refused", not
-/// "Connection refused (os error 111)"), the rest in full.
-fn describe_io(error: &io::Error) -> String {
-    use io::ErrorKind::*;
-    match error.kind() {
-        kind @ (ConnectionRefused | ConnectionReset | ConnectionAborted | HostUnreachable
-        | NetworkUnreachable | NetworkDown | AddrNotAvailable | TimedOut | BrokenPipe
-        | NotConnected) => kind.to_string(),
-        _ => error.to_string(),
-    }
 }
 
 /// Probes `addr` once, within `timeout`.
 async fn probe(addr: SocketAddr, probe: &HealthProbe, timeout: Duration) -> Result<(), ProbeError> {
-    let attempt = async {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(ProbeError::Connect)?;
-        match probe {
+    match probe {
+        HealthProbe::Tcp => {
             // An established connection is all a TCP check asks for; dropping it closes it.
-            HealthProbe::Tcp => Ok(()),
-            HealthProbe::Http { path, host } => {
-                let host = host.clone().unwrap_or_else(|| default_host(addr));
-                let status = http_get(stream, path, &host).await?;
-                if (200..300).contains(&status) {
-                    Ok(())
-                } else {
-                    Err(ProbeError::Status(status))
-                }
+            tokio::time::timeout(timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| Failure::Timeout(timeout))?
+                .map_err(Failure::Connect)?;
+            Ok(())
+        }
+        HealthProbe::Http { path, host } => {
+            let host = host.clone().unwrap_or_else(|| default_host(addr));
+            let request = Get {
+                path,
+                host: &host,
+                user_agent: USER_AGENT,
+                body_limit: MAX_ANSWER_BODY,
+            };
+            let answer = http::get(addr, &request, timeout)
+                .await
+                .map_err(|e| e.failure)?;
+            if let Err(e) = &answer.body {
+                debug!("health probe: body of the answer not read whole: {e}");
+            }
+            if answer.status.is_success() {
+                Ok(())
+            } else {
+                Err(ProbeError::Status(answer.status.as_u16()))
             }
         }
-    };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .unwrap_or(Err(ProbeError::Timeout(timeout)))
+    }
 }
 
 /// The `Host` header for a member without a configured one: its address, bracketed if IPv6,
@@ -474,71 +452,6 @@ fn default_host(addr: SocketAddr) -> String {
     }
 }
 
-/// Whether `text` can go into a request line or header as it is.
-fn is_token_safe(text: &str) -> bool {
-    !text.is_empty() && !text.chars().any(|c| c.is_whitespace() || c.is_control())
-}
-
-/// Sends `GET path` on `stream` and returns the status code of the answer.
-async fn http_get(mut stream: TcpStream, path: &str, host: &str) -> Result<u16, ProbeError> {
-    // Refuse rather than let a stray CR/LF inject headers or split the request.
-    if !is_token_safe(path) {
-        return Err(ProbeError::InvalidRequest("path"));
-    }
-    if !is_token_safe(host) {
-        return Err(ProbeError::InvalidRequest("host"));
-    }
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(ProbeError::Exchange)?;
-
-    // Only the status line matters; `take` caps what a misbehaving peer can make us buffer.
-    let mut reader = BufReader::new(stream.take(MAX_RESPONSE_BYTES));
-    let mut line = Vec::new();
-    reader
-        .read_until(b'\n', &mut line)
-        .await
-        .map_err(ProbeError::Exchange)?;
-    if line.last() != Some(&b'\n') {
-        return Err(if line.len() as u64 >= MAX_RESPONSE_BYTES {
-            ProbeError::TooLong
-        } else {
-            ProbeError::Closed
-        });
-    }
-    parse_status_line(&line)
-}
-
-/// The status code of an HTTP/1.x status line (`HTTP/1.1 200 OK\r\n`).
-fn parse_status_line(line: &[u8]) -> Result<u16, ProbeError> {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let malformed = || {
-        // Enough of the line to recognise it in a log, not a whole junk answer.
-        let shown = &line[..line.len().min(64)];
-        ProbeError::Malformed(String::from_utf8_lossy(shown).into_owned())
-    };
-    let Some(rest) = line.strip_prefix(b"HTTP/1.") else {
-        return Err(malformed());
-    };
-    match rest {
-        [minor, b' ', digits @ ..] if minor.is_ascii_digit() && digits.len() >= 3 => {
-            let (code, tail) = digits.split_at(3);
-            if !code.iter().all(u8::is_ascii_digit) || tail.first().is_some_and(|&b| b != b' ') {
-                return Err(malformed());
-            }
-            Ok(code
-                .iter()
-                .fold(0_u16, |status, digit| status * 10 + u16::from(digit - b'0')))
-        }
-        _ => Err(malformed()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,6 +459,7 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::AtomicUsize;
 
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     const INTERVAL: Duration = Duration::from_millis(50);
@@ -768,30 +682,6 @@ mod tests {
     // --- Pieces of the probe ---------------------------------------------------------------
 
     #[test]
-    fn status_lines_parse() {
-        let status = |line: &[u8]| parse_status_line(line).ok();
-        assert_eq!(status(b"HTTP/1.1 200 OK\r\n"), Some(200));
-        assert_eq!(status(b"HTTP/1.0 503 Service Unavailable\n"), Some(503));
-        assert_eq!(status(b"HTTP/1.1 204\r\n"), Some(204));
-        for bad in [
-            &b"HTTP/2 200 OK\r\n"[..],
-            b"HTTP/1.1 20 OK\r\n",
-            b"HTTP/1.1 2000 OK\r\n",
-            b"HTTP/1.1  200 OK\r\n",
-            b"HTTP/1.x 200 OK\r\n",
-            b"http/1.1 200 OK\r\n",
-            b"SSH-2.0-OpenSSH_9.6\r\n",
-            b"",
-        ] {
-            assert!(
-                matches!(parse_status_line(bad), Err(ProbeError::Malformed(_))),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
-
-    #[test]
     fn default_host_header() {
         let host = |s: &str| default_host(s.parse().expect("socket address"));
         assert_eq!(host("10.0.0.2:80"), "10.0.0.2");
@@ -813,9 +703,11 @@ mod tests {
 
     #[test]
     fn socket_errors_read_short() {
-        let refused = ProbeError::Connect(io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        let refused = ProbeError::from(Failure::Connect(std::io::Error::from_raw_os_error(
+            libc::ECONNREFUSED,
+        )));
         assert_eq!(refused.to_string(), "connection refused");
-        let timeout = ProbeError::Timeout(Duration::from_millis(500));
+        let timeout = ProbeError::from(Failure::Timeout(Duration::from_millis(500)));
         assert_eq!(timeout.to_string(), "timeout after 500ms");
         assert_eq!(ProbeError::Status(500).to_string(), "HTTP 500");
     }
@@ -883,7 +775,7 @@ mod tests {
         let result = probe(addr, &HealthProbe::Tcp, TIMEOUT).await;
         let took = started.elapsed();
         assert!(
-            matches!(result, Err(ProbeError::Timeout(t)) if t == TIMEOUT),
+            matches!(result, Err(ProbeError::Client(Failure::Timeout(t))) if t == TIMEOUT),
             "{result:?}"
         );
         assert!(took < Duration::from_millis(500), "took {took:?}");
@@ -942,8 +834,103 @@ mod tests {
         assert_eq!(health.healthy, Some(false));
         assert_eq!(
             health.last_error.as_deref(),
-            Some("malformed HTTP status line \"SSH-2.0-OpenSSH_9.6\"")
+            Some("malformed HTTP answer: invalid HTTP version parsed")
         );
+    }
+
+    /// Serves `answer` as it is to every connection and shuts down its sending side, then reads
+    /// until the prober closes; the result of that read tells how it closed (`Ok(0)`: cleanly,
+    /// an error: with a reset).
+    fn serve_raw(
+        listener: TcpListener,
+        answer: &'static [u8],
+    ) -> Arc<Mutex<Vec<std::io::Result<usize>>>> {
+        let closes = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&closes);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let record = Arc::clone(&record);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0_u8; 512];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(len) => head.extend_from_slice(&buf[..len]),
+                        }
+                    }
+                    if stream.write_all(answer).await.is_err() || stream.shutdown().await.is_err() {
+                        return;
+                    }
+                    let end = tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await;
+                    if let Ok(end) = end {
+                        record.lock().expect("lock").push(end);
+                    }
+                });
+            }
+        });
+        closes
+    }
+
+    #[tokio::test]
+    async fn status_lines_are_judged_alike() {
+        let cases: [(&[u8], Result<u16, &str>); 10] = [
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", Ok(200)),
+            (b"HTTP/1.0 503 Service Unavailable\n\n", Ok(503)),
+            (b"HTTP/1.1 204\r\n\r\n", Ok(204)),
+            (b"HTTP/2 200 OK\r\n\r\n", Err("malformed")),
+            (b"HTTP/1.1 20 OK\r\n\r\n", Err("malformed")),
+            (b"HTTP/1.1 2000 OK\r\n\r\n", Err("malformed")),
+            (b"HTTP/1.1  200 OK\r\n\r\n", Err("malformed")),
+            (b"HTTP/1.x 200 OK\r\n\r\n", Err("malformed")),
+            (b"http/1.1 200 OK\r\n\r\n", Err("malformed")),
+            (b"", Err("closed before message completed")),
+        ];
+        for (answer, expected) in cases {
+            let (listener, addr) = listen().await;
+            serve_raw(listener, answer);
+            let result = probe(addr, &http("/"), PATIENCE).await;
+            let shown = String::from_utf8_lossy(answer);
+            match (expected, result) {
+                (Ok(200 | 204), Ok(())) => {}
+                (Ok(code), Err(ProbeError::Status(got))) => assert_eq!(code, got, "{shown:?}"),
+                (Err(part), Err(e)) => assert!(e.to_string().contains(part), "{shown:?}: {e}"),
+                (expected, result) => panic!("{shown:?}: {result:?}, expected {expected:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn probes_read_the_whole_answer_and_close_cleanly() {
+        const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n";
+        let mut answer = ANSWER.to_vec();
+        answer.resize(ANSWER.len() + 20_000, b'x');
+        let (listener, addr) = listen().await;
+        let closes = serve_raw(listener, answer.leak());
+        for _ in 0..3 {
+            assert!(probe(addr, &http("/"), PATIENCE).await.is_ok());
+        }
+        let deadline = Instant::now() + PATIENCE;
+        while closes.lock().expect("lock").len() < 3 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let closes = closes.lock().expect("lock");
+        assert_eq!(closes.len(), 3, "{closes:?}");
+        // A reset (an error here) would mean the prober closed with part of the answer unread.
+        assert!(closes.iter().all(|c| matches!(c, Ok(0))), "{closes:?}");
+    }
+
+    #[tokio::test]
+    async fn status_decides_even_with_a_body_over_the_cap() {
+        const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n";
+        let mut answer = ANSWER.to_vec();
+        answer.resize(ANSWER.len() + 1_000_000, b'x');
+        let (listener, addr) = listen().await;
+        serve_raw(listener, answer.leak());
+        let started = Instant::now();
+        assert!(probe(addr, &http("/"), PATIENCE).await.is_ok());
+        // It did not wait for the rest.
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[tokio::test]

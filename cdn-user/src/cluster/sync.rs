@@ -2,32 +2,40 @@
 //! member, so that it knows every member that may hold a flow, including flows that began
 //! while it was away or before it first started.
 //!
-//! Served by every controller at `GET /table/<service>` on its metrics endpoint: the active
-//! table, 6 bytes per bucket (three member ids, little-endian), with the table size and
-//! generation in headers.
+//! Served by every controller at `GET /table/<service>` on its HTTP endpoint ([`serve_table`]):
+//! the active table, 6 bytes per bucket (three member ids, little-endian), its length in
+//! `Content-Length` and its generation in `X-Table-Generation`; fetched with [`fetch`].
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use cdn_common::maps::{Bucket, MAX_HOPS};
+use hyper::StatusCode;
+use hyper::header::{HeaderName, HeaderValue};
+use log::warn;
 use thiserror::Error;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+
+use crate::operator::http::{self, ClientError, Get, Response};
 
 /// Bytes per bucket on the wire.
 pub const BUCKET_BYTES: usize = 2 * MAX_HOPS;
 
+/// The header with the generation of the table served.
+const GENERATION_HEADER: HeaderName = HeaderName::from_static("x-table-generation");
+/// The `User-Agent` of table fetches.
+const USER_AGENT: &str = "cdn-steer-sync";
+
+/// Why a table could not be taken from a peer; every variant names the peer.
 #[derive(Debug, Error)]
 pub enum SyncError {
-    #[error("{addr}: {source}")]
-    Io {
+    /// No answer, or not a readable one (the address is in the message).
+    #[error(transparent)]
+    Http(#[from] ClientError),
+    #[error("{addr}: HTTP status {status} for /table/{service}")]
+    Status {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        status: u16,
+        service: String,
     },
-    #[error("{addr}: no answer within {0:?}", .timeout)]
-    Timeout { addr: SocketAddr, timeout: Duration },
     #[error("{addr}: {reason}")]
     Bad { addr: SocketAddr, reason: String },
 }
@@ -60,44 +68,33 @@ pub fn decode(bytes: &[u8]) -> Option<Vec<Bucket>> {
     )
 }
 
-/// Fetches `service`'s table of `size` buckets from the controller at `addr`.
+/// Fetches `service`'s table of `size` buckets from the controller at `addr`, within `timeout`.
 pub async fn fetch(
     addr: SocketAddr,
     service: &str,
     size: u32,
     timeout: Duration,
 ) -> Result<Vec<Bucket>, SyncError> {
-    let io = |source| SyncError::Io { addr, source };
     let bad = |reason: String| SyncError::Bad { addr, reason };
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.map_err(io)?;
-        let request = format!(
-            "GET /table/{service} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: cdn-steer-sync\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.map_err(io)?;
-        let limit = size as usize * BUCKET_BYTES + 64 * 1024;
-        let mut response = Vec::new();
-        (&mut stream)
-            .take(limit as u64)
-            .read_to_end(&mut response)
-            .await
-            .map_err(io)?;
-        Ok(response)
+    let path = format!("/table/{service}");
+    let host = addr.to_string();
+    let request = Get {
+        path: &path,
+        host: &host,
+        user_agent: USER_AGENT,
+        // Exactly the table we expect: anything longer is wrong, however it ends.
+        body_limit: size as usize * BUCKET_BYTES,
     };
-    let response = tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| SyncError::Timeout { addr, timeout })??;
-    let end = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no complete HTTP head".into()))?;
-    let head = String::from_utf8_lossy(&response[..end]);
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
-        return Err(bad(format!("HTTP status {status} for /table/{service}")));
+    let answer = http::get(addr, &request, timeout).await?;
+    if answer.status != StatusCode::OK {
+        return Err(SyncError::Status {
+            addr,
+            status: answer.status.as_u16(),
+            service: service.to_owned(),
+        });
     }
-    let body = &response[end + 4..];
-    let buckets = decode(body).ok_or_else(|| bad("body is not whole buckets".into()))?;
+    let body = answer.body?;
+    let buckets = decode(&body).ok_or_else(|| bad("body is not whole buckets".into()))?;
     if buckets.len() != size as usize {
         return Err(bad(format!(
             "table of {} buckets, this node uses {size}",
@@ -107,9 +104,157 @@ pub async fn fetch(
     Ok(buckets)
 }
 
+/// A service's active table, encoded for `/table/<service>`, with its generation; `None` for an
+/// unknown service. Called on tokio's blocking pool, so it may take locks.
+pub type TableSource = Arc<dyn Fn(&str) -> Option<(u32, Vec<u8>)> + Send + Sync>;
+
+/// The answer to `GET /table/<service>`: the table from `source`, 404 for an unknown service.
+pub async fn serve_table(service: String, source: TableSource) -> Response {
+    match tokio::task::spawn_blocking(move || source(&service)).await {
+        Ok(Some((generation, body))) => {
+            let mut table = http::response(StatusCode::OK, "application/octet-stream", body);
+            table
+                .headers_mut()
+                .insert(GENERATION_HEADER, HeaderValue::from(generation));
+            table
+        }
+        Ok(None) => http::text(StatusCode::NOT_FOUND, "no such service"),
+        Err(e) => {
+            warn!("table export failed: {e}");
+            http::text(StatusCode::INTERNAL_SERVER_ERROR, "table export failed")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+
+    use crate::operator::http::Limits;
+
+    fn buckets(n: u16) -> Vec<Bucket> {
+        (0..n)
+            .map(|i| Bucket {
+                hops: [i, i + 1, u16::MAX],
+                _pad: 0,
+            })
+            .collect()
+    }
+
+    /// Serves `/table/<service>` from `source` (the way the daemon's HTTP endpoint routes it)
+    /// until the returned sender is dropped.
+    async fn peer(source: TableSource) -> (SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = watch::channel(false);
+        let handler = move |request: http::Request| {
+            let source = Arc::clone(&source);
+            async move {
+                match request.uri.path().strip_prefix("/table/") {
+                    Some(service) => serve_table(service.to_owned(), source).await,
+                    None => http::text(StatusCode::NOT_FOUND, "not found"),
+                }
+            }
+        };
+        tokio::spawn(http::serve_with(
+            listener,
+            Limits::DEFAULT,
+            handler,
+            stopped,
+        ));
+        (addr, stop)
+    }
+
+    /// A peer with table `web` of `n` buckets (generation 9), and a table `odd` whose body is
+    /// not whole buckets.
+    async fn peer_with_web(n: u16) -> (SocketAddr, watch::Sender<bool>) {
+        peer(Arc::new(move |service: &str| match service {
+            "web" => Some((9, encode(&buckets(n)))),
+            "odd" => Some((1, vec![1, 2, 3, 4, 5, 6, 7])),
+            _ => None,
+        }))
+        .await
+    }
+
+    const PATIENCE: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn fetch_takes_a_served_table() {
+        let (addr, _stop) = peer_with_web(5).await;
+        assert_eq!(fetch(addr, "web", 5, PATIENCE).await.unwrap(), buckets(5));
+
+        // What the route sends besides the table.
+        let request = Get {
+            path: "/table/web",
+            host: "peer",
+            user_agent: USER_AGENT,
+            body_limit: 1024,
+        };
+        let answer = http::get(addr, &request, PATIENCE).await.unwrap();
+        assert_eq!(answer.headers.get(GENERATION_HEADER).unwrap(), "9");
+        assert_eq!(
+            answer.headers.get("content-type").unwrap(),
+            "application/octet-stream"
+        );
+    }
+
+    #[tokio::test]
+    async fn fetch_refuses_what_is_not_the_expected_table() {
+        let (addr, _stop) = peer_with_web(5).await;
+        let peer = addr.to_string();
+
+        let e = fetch(addr, "mail", 5, PATIENCE).await.unwrap_err();
+        assert!(matches!(&e, SyncError::Status { status: 404, .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!("{peer}: HTTP status 404 for /table/mail")
+        );
+
+        // Larger than this node's table: refused before it is read whole.
+        let e = fetch(addr, "web", 4, PATIENCE).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{peer}: answer body larger than 24 bytes")
+        );
+        let e = fetch(addr, "web", 6, PATIENCE).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{peer}: table of 5 buckets, this node uses 6")
+        );
+        let e = fetch(addr, "odd", 2, PATIENCE).await.unwrap_err();
+        assert_eq!(e.to_string(), format!("{peer}: body is not whole buckets"));
+    }
+
+    #[tokio::test]
+    async fn fetch_gives_up_on_silent_and_absent_peers() {
+        let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let silent_addr = silent.local_addr().expect("local addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = silent.accept().await {
+                held.push(stream);
+            }
+        });
+        let limit = Duration::from_millis(100);
+        let e = fetch(silent_addr, "web", 5, limit).await.unwrap_err();
+        assert_eq!(e.to_string(), format!("{silent_addr}: timeout after 100ms"));
+
+        let (absent_addr, stop) = peer_with_web(5).await;
+        drop(stop);
+        // The server stops accepting once told; wait until its port is closed.
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let e = loop {
+            let e = fetch(absent_addr, "web", 5, PATIENCE).await.unwrap_err();
+            if e.to_string().contains("refused") || tokio::time::Instant::now() > deadline {
+                break e;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(e.to_string(), format!("{absent_addr}: connection refused"));
+    }
 
     #[test]
     fn encoding_round_trips() {

@@ -40,7 +40,7 @@ use crate::{
     cluster::{health::HealthMonitor, sync},
     config,
     dataplane::DataPlane,
-    operator::{control, metrics},
+    operator::{control, http},
 };
 
 /// Table rebuilds are at least this far apart, so that a burst of health changes makes one
@@ -108,20 +108,20 @@ pub async fn run(opts: Options) -> Result<()> {
     };
 
     // Metrics.
-    let metrics_listener = metrics::bind(metrics_addr).await?;
+    let metrics_listener = http::bind(metrics_addr).await?;
     let metrics_task = {
         let ready_shared = shared.clone();
         let table_shared = shared.clone();
         let shared = shared.clone();
-        let source: metrics::SnapshotSource = Arc::new(move || {
+        let source: http::SnapshotSource = Arc::new(move || {
             let core = shared.lock();
             core.snapshot().unwrap_or_else(|e| {
                 log::warn!("metrics snapshot: {e:#}");
                 views::empty_snapshot(&core)
             })
         });
-        let ready: metrics::ReadySource = Arc::new(move || ready_shared.lock().readiness());
-        let table: metrics::TableSource = Arc::new(move |service: &str| {
+        let ready: http::ReadySource = Arc::new(move || ready_shared.lock().readiness());
+        let table: sync::TableSource = Arc::new(move |service: &str| {
             let core = table_shared.lock();
             core.tables
                 .services()
@@ -129,10 +129,10 @@ pub async fn run(opts: Options) -> Result<()> {
                 .filter(|t| t.generation > 0)
                 .map(|t| (t.generation, sync::encode(t.buckets())))
         });
-        tokio::spawn(metrics::serve_with_ready(
+        tokio::spawn(http::serve(
             metrics_listener,
-            source,
-            metrics::Extra {
+            http::Endpoints {
+                metrics: source,
                 ready: Some(ready),
                 table: Some(table),
             },

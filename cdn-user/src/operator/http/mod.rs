@@ -1,0 +1,1048 @@
+//! The controller's HTTP, on hyper's HTTP/1.1: the server of the operator and peer endpoints
+//! (`/metrics`, `/ready`, `/table/<service>`, an index page), and the one client the health
+//! probes and the history sync both use.
+//!
+//! Everything that arrives from the network is treated as hostile, because the port may be
+//! reachable by anything on the management network. The server reads one request per
+//! connection and closes (no keep-alive, request bodies are never read); the request head is
+//! capped at [`MAX_HEAD`] bytes and must arrive within [`Limits::head_timeout`], the client must
+//! take the response within [`Limits::write_timeout`], and at most [`Limits::max_connections`]
+//! connections are served at once. Every per-connection problem is logged at debug level and
+//! ends only that connection. The client is in [`client`].
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, StatusCode, Version};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use log::{debug, info, warn};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, timeout};
+
+use crate::cluster::sync::{self, TableSource};
+use crate::operator::metrics::{self, Format, Snapshot};
+
+mod client;
+pub use client::{Answer, ClientError, Failure, Get, get};
+
+/// Largest request head (request line and headers) accepted; larger ones get `431`.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// Time a client gets to send its complete request head; slower ones get `408`.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client gets to take the response off our hands.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once. Further clients wait in the listen backlog, so a flood of idle
+/// connections cannot make the controller allocate without bound.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Most bytes hyper buffers per connection, on either side (its minimum is 8 KiB).
+const MAX_BUF: usize = 16 * 1024;
+/// After the response, how long we keep reading (and discarding) what the client still sends.
+/// Closing a socket with unread input makes the kernel send a reset, which can destroy the
+/// response before the client has read it (e.g. a `POST` whose body we never read).
+const LINGER: Duration = Duration::from_secs(1);
+/// At most this much is discarded while lingering.
+const LINGER_MAX: usize = 64 * 1024;
+/// How long in-flight connections may finish after shutdown was signalled.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Pause after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The answer to a client that did not send its request head in time. hyper just closes such
+/// connections; telling the client why costs one write.
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
+    Content-Type: text/plain; charset=utf-8\r\nContent-Length: 16\r\nConnection: close\r\n\r\n\
+    request timeout\n";
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// The head of a request, as the handlers see it; the body is never read.
+pub type Request = hyper::http::request::Parts;
+/// A complete response; `Content-Length` and `Connection: close` are added when writing.
+pub type Response = hyper::Response<Full<Bytes>>;
+
+/// A response of `status` with `body` of type `content_type`.
+pub fn response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response {
+    let mut response = hyper::Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// A short plain-text response, for errors.
+pub fn text(status: StatusCode, message: &str) -> Response {
+    response(status, TEXT, format!("{message}\n"))
+}
+
+/// The server's protections; [`Limits::DEFAULT`] in the daemon, shorter ones in tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub head_timeout: Duration,
+    pub write_timeout: Duration,
+}
+
+impl Limits {
+    pub const DEFAULT: Limits = Limits {
+        max_connections: MAX_CONNECTIONS,
+        head_timeout: HEAD_TIMEOUT,
+        write_timeout: WRITE_TIMEOUT,
+    };
+}
+
+/// The listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for HTTP on {addr}: {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Binds the listener of the HTTP endpoints.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })
+}
+
+// --- The endpoints -------------------------------------------------------------------------
+
+/// Produces a [`Snapshot`] at scrape time. Called on tokio's blocking pool, so it may take
+/// locks or read BPF maps.
+pub type SnapshotSource = Arc<dyn Fn() -> Snapshot + Send + Sync>;
+
+/// Whether this node takes new flows: `Ok` or the reason it does not. Other members' health
+/// checks ask for it at `/ready`, which is how a drained node leaves their tables.
+pub type ReadySource = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// What the controller serves.
+#[derive(Clone)]
+pub struct Endpoints {
+    /// `/metrics`.
+    pub metrics: SnapshotSource,
+    /// `/ready`: 200 while it says so, 503 with the reason otherwise; 404 without it.
+    pub ready: Option<ReadySource>,
+    /// `/table/<service>`: the hop history, for starting members; 404 without it.
+    pub table: Option<TableSource>,
+}
+
+/// Serves `endpoints` on `listener` until `shutdown` becomes `true` (or its sender is dropped).
+/// Never fails: client and per-request problems are logged and answered.
+pub async fn serve(listener: TcpListener, endpoints: Endpoints, shutdown: watch::Receiver<bool>) {
+    let handler = move |request| route(request, endpoints.clone());
+    serve_with(listener, Limits::DEFAULT, handler, shutdown).await;
+}
+
+const INDEX: &str = "<!DOCTYPE html>\n<html><head><title>cdn-steer</title></head>\n\
+    <body><h1>cdn-steer</h1><p><a href=\"/metrics\">Metrics</a></p></body></html>\n";
+
+async fn route(request: Request, endpoints: Endpoints) -> Response {
+    // Every resource here is read-only.
+    let readable = request.method == Method::GET || request.method == Method::HEAD;
+    let path = request.uri.path();
+    if let (Some(service), true, Some(table)) =
+        (path.strip_prefix("/table/"), readable, endpoints.table)
+    {
+        return sync::serve_table(service.to_owned(), table).await;
+    }
+    match (path, readable) {
+        ("/metrics", true) => scrape(&request, endpoints.metrics).await,
+        ("/ready", true) => match endpoints.ready {
+            Some(ready) => match tokio::task::spawn_blocking(move || ready()).await {
+                Ok(Ok(())) => text(StatusCode::OK, "ready"),
+                Ok(Err(reason)) => text(StatusCode::SERVICE_UNAVAILABLE, &reason),
+                Err(e) => {
+                    warn!("readiness check failed: {e}");
+                    text(StatusCode::INTERNAL_SERVER_ERROR, "readiness check failed")
+                }
+            },
+            None => text(StatusCode::NOT_FOUND, "not found"),
+        },
+        ("/", true) => response(StatusCode::OK, "text/html; charset=utf-8", INDEX),
+        ("/metrics" | "/" | "/ready", false) => {
+            debug!("http: method {} not allowed", request.method);
+            let mut refused = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+            refused
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            refused
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+async fn scrape(request: &Request, source: SnapshotSource) -> Response {
+    // All `Accept` lines together, as RFC 9110 allows for list-valued headers.
+    let accept: Vec<&str> = request
+        .headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    let accept = accept.join(", ");
+    let format = Format::negotiate(Some(accept.as_str()).filter(|a| !a.is_empty()));
+    // The source may block (map reads, locks), so it runs off the async workers; a panic in it
+    // surfaces here as a join error instead of taking a worker down.
+    match tokio::task::spawn_blocking(move || metrics::render(source(), format)).await {
+        Ok(Ok(body)) => {
+            let mut scraped = response(StatusCode::OK, format.content_type(), body);
+            // The body depends on `Accept`; caches in between must know.
+            scraped
+                .headers_mut()
+                .insert(header::VARY, HeaderValue::from_static("Accept"));
+            scraped
+        }
+        // These are controller bugs, not client noise, hence louder than debug.
+        Ok(Err(e)) => {
+            warn!("metrics scrape failed: {e}");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode the metrics",
+            )
+        }
+        Err(e) => {
+            warn!("metrics scrape failed: the snapshot source failed: {e}");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot collect the metrics",
+            )
+        }
+    }
+}
+
+// --- The server ----------------------------------------------------------------------------
+
+/// Accepts connections on `listener` and answers each request with `handler` until `shutdown`
+/// becomes `true`. Per-connection errors are logged at debug level and never end the server. On
+/// shutdown, idle connections close at once and those in flight get [`SHUTDOWN_GRACE`] to
+/// finish before they are dropped.
+pub async fn serve_with<H, F>(
+    listener: TcpListener,
+    limits: Limits,
+    handler: H,
+    shutdown: watch::Receiver<bool>,
+) where
+    H: Fn(Request) -> F + Send + Sync + 'static,
+    F: Future<Output = Response> + Send + 'static,
+{
+    // Shared by all connections; an `Arc` also makes their services `Unpin`, which polling a
+    // connection without shutting it down requires.
+    let handler = Arc::new(handler);
+    match listener.local_addr() {
+        Ok(addr) => info!("serving HTTP on {addr}"),
+        Err(e) => debug!("http: listener has no local address: {e}"),
+    }
+    let limit = Arc::new(Semaphore::new(limits.max_connections));
+    let mut connections = JoinSet::new();
+    let stop = shutdown_signalled(shutdown.clone());
+    tokio::pin!(stop);
+
+    loop {
+        // Reap finished connections so the set does not grow with the number ever served.
+        while let Some(done) = connections.try_join_next() {
+            if let Err(e) = done {
+                debug!("http: connection task failed: {e}");
+            }
+        }
+        let permit = tokio::select! {
+            biased;
+            () = &mut stop => break,
+            permit = Arc::clone(&limit).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // The semaphore is never closed; if it were, there is nothing left to serve.
+                Err(_closed) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    debug!("http: accept failed: {e}");
+                    if needs_backoff(&e) {
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                    continue;
+                }
+            },
+        };
+        let handler = Arc::clone(&handler);
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            serve_connection(stream, peer, limits, handler, shutdown).await;
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    let drain = async { while connections.join_next().await.is_some() {} };
+    if timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        debug!("http: dropping connections still open after {SHUTDOWN_GRACE:?}");
+    }
+    // Dropping the set aborts whatever is left.
+}
+
+/// hyper's settings for one server connection.
+fn server_builder(limits: Limits) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout)
+        .max_header_size(MAX_HEAD)
+        .max_buf_size(MAX_BUF)
+        .keep_alive(false)
+        // A client may shut down its sending side once the request is out; it still gets
+        // its answer.
+        .half_close(true)
+        // The header spelling the hand-written server had, for eyes reading raw answers.
+        .title_case_headers(true);
+    builder
+}
+
+type Answering = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+/// Serves one connection: one request, one response, close.
+async fn serve_connection<H, F>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    limits: Limits,
+    handler: Arc<H>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    H: Fn(Request) -> F + Send + Sync + 'static,
+    F: Future<Output = Response> + Send + 'static,
+{
+    // Told when the response is ready: from then on the client has `write_timeout` to take it.
+    let responded = Arc::new(Notify::new());
+    let service = {
+        let responded = Arc::clone(&responded);
+        hyper::service::service_fn(move |request: hyper::Request<Incoming>| -> Answering {
+            let handler = Arc::clone(&handler);
+            let responded = Arc::clone(&responded);
+            Box::pin(async move {
+                let (request, _unread_body) = request.into_parts();
+                let mut response = match refuse(&request) {
+                    Some(refusal) => refusal,
+                    None => handler(request).await,
+                };
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                responded.notify_one();
+                Ok(response)
+            })
+        })
+    };
+    let mut conn = server_builder(limits).serve_connection(TokioIo::new(stream), service);
+
+    let mut write_deadline = None;
+    let mut stopping = false;
+    let served = loop {
+        let write_expired = async {
+            match write_deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break Some(result),
+            () = responded.notified(), if write_deadline.is_none() => {
+                write_deadline = Some(Instant::now() + limits.write_timeout);
+            }
+            _ = shutdown.wait_for(|stop| *stop), if !stopping => {
+                // An idle connection ends now; a request in progress is still answered.
+                stopping = true;
+                Pin::new(&mut conn).graceful_shutdown();
+            }
+            () = write_expired => break None,
+        }
+    };
+
+    // What we still write ourselves, and whether the client got an answer at all.
+    let (answer, answered) = match served {
+        None => {
+            let took = limits.write_timeout;
+            debug!("http: {peer}: client did not take the response within {took:?}");
+            return;
+        }
+        // Without a response: the client closed without asking, or shutdown closed it idle.
+        Some(Ok(())) => (None, write_deadline.is_some()),
+        Some(Err(e)) if e.is_timeout() => {
+            let took = limits.head_timeout;
+            debug!("http: {peer}: no complete request within {took:?}");
+            (Some(REQUEST_TIMEOUT), true)
+        }
+        // hyper has answered these itself (400, 431).
+        Some(Err(e)) if e.is_parse() => {
+            debug!("http: {peer}: {e}");
+            (None, true)
+        }
+        Some(Err(e)) => {
+            debug!("http: {peer}: {e}");
+            return;
+        }
+    };
+    let mut stream = conn.into_parts().io.into_inner();
+    let finish = async {
+        if let Some(answer) = answer {
+            stream.write_all(answer).await?;
+        }
+        stream.shutdown().await
+    };
+    match timeout(limits.write_timeout, finish).await {
+        Ok(Ok(())) if answered => linger(&mut stream).await,
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!("http: {peer}: write error: {e}"),
+        Err(_elapsed) => debug!("http: {peer}: client did not take the response in time"),
+    }
+}
+
+/// Answers to requests hyper accepts but no handler should see.
+fn refuse(request: &Request) -> Option<Response> {
+    // RFC 9112 section 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
+    let no_host =
+        request.version == Version::HTTP_11 && !request.headers.contains_key(header::HOST);
+    // Origin form (`/metrics`), absolute form (`http://host/metrics`, which has a path too) and
+    // asterisk form; not the authority form, which only `CONNECT` uses.
+    let path = request.uri.path();
+    let bad_target = !(path.starts_with('/') || path == "*");
+    if no_host || bad_target {
+        debug!("http: refusing {} {}", request.method, request.uri);
+        return Some(text(StatusCode::BAD_REQUEST, "bad request"));
+    }
+    None
+}
+
+/// Reads and discards until the client closes (or [`LINGER`] / [`LINGER_MAX`] run out), so
+/// closing does not reset the connection under a response the client has not read yet.
+async fn linger(stream: &mut TcpStream) {
+    let drain = async {
+        let mut chunk = [0u8; 4096];
+        let mut total = 0;
+        while total < LINGER_MAX {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    // Running out of time here is fine: the response has been sent.
+    let _ = timeout(LINGER, drain).await;
+}
+
+/// Resolves once `shutdown` holds `true`, or its sender is gone (then nobody could ever stop
+/// the server, and the daemon is going away anyway).
+async fn shutdown_signalled(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Errors after which retrying at once would only fail again (resource exhaustion), as opposed
+/// to a client that reset its connection before we accepted it.
+fn needs_backoff(e: &io::Error) -> bool {
+    !matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream as StdTcpStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Instant as StdInstant, UNIX_EPOCH};
+
+    use cdn_common::counters::Counter;
+
+    use crate::operator::metrics::{MemberMetrics, ServiceMetrics};
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            counters: [3; Counter::COUNT as usize],
+            members: vec![MemberMetrics {
+                id: 1,
+                name: "node-a".into(),
+                healthy: Some(true),
+                last_check_latency: Some(Duration::from_millis(2)),
+                packets: 7,
+                bytes: 7000,
+                bucket_share: 1.0,
+                weight: 100,
+                is_self: true,
+            }],
+            services: vec![ServiceMetrics {
+                name: "web".into(),
+                table_generation: 3,
+                buckets: 251,
+            }],
+            draining: false,
+            attach_mode: "native".into(),
+            interfaces: vec!["eth0".into()],
+            bgp: None,
+            config_reloads_ok: 1,
+            config_reloads_failed: 0,
+            start_time: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        }
+    }
+
+    fn endpoints() -> Endpoints {
+        Endpoints {
+            metrics: Arc::new(snapshot),
+            ready: None,
+            table: None,
+        }
+    }
+
+    /// A server on 127.0.0.1:0 in a thread with its own runtime, so the tests can use plain
+    /// blocking sockets as clients.
+    struct TestServer {
+        addr: SocketAddr,
+        stop: watch::Sender<bool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl TestServer {
+        fn start(endpoints: Endpoints) -> TestServer {
+            Self::with_limits(Limits::DEFAULT, endpoints)
+        }
+
+        fn with_limits(limits: Limits, endpoints: Endpoints) -> TestServer {
+            let (stop, stopped) = watch::channel(false);
+            let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+            let thread = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+                    addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                    let handler = move |request| route(request, endpoints.clone());
+                    serve_with(listener, limits, handler, stopped).await;
+                });
+            });
+            let addr = addr_rx.recv().unwrap();
+            TestServer {
+                addr,
+                stop,
+                thread: Some(thread),
+            }
+        }
+
+        /// Signals shutdown and waits for `serve` to return.
+        fn shut_down(mut self) -> Duration {
+            let started = StdInstant::now();
+            self.stop.send_replace(true);
+            if let Some(thread) = self.thread.take() {
+                thread.join().unwrap();
+            }
+            started.elapsed()
+        }
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            self.stop.send_replace(true);
+            if let Some(thread) = self.thread.take() {
+                // Do not hide the original failure behind a second panic.
+                let _ = thread.join();
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct Reply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Reply {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+
+        fn body(&self) -> &str {
+            std::str::from_utf8(&self.body).unwrap()
+        }
+    }
+
+    fn connect(addr: SocketAddr) -> StdTcpStream {
+        let stream = StdTcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        stream
+    }
+
+    /// Sends `raw` on a fresh connection and reads the response until the server closes.
+    fn exchange(addr: SocketAddr, raw: &[u8]) -> Reply {
+        let mut stream = connect(addr);
+        stream.write_all(raw).unwrap();
+        read_reply(&mut stream)
+    }
+
+    fn read_reply(stream: &mut StdTcpStream) -> Reply {
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).unwrap();
+        parse_reply(&response)
+    }
+
+    fn parse_reply(response: &[u8]) -> Reply {
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(response)));
+        let head = std::str::from_utf8(&response[..split]).unwrap();
+        let body = response[split + 4..].to_vec();
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap();
+        let status = status_line
+            .strip_prefix("HTTP/1.")
+            .and_then(|s| s.get(2..5))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("status line {status_line:?}"));
+        let headers = lines
+            .map(|l| {
+                let (n, v) = l.split_once(": ").unwrap();
+                (n.to_owned(), v.to_owned())
+            })
+            .collect();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Reply {
+        let accept = accept
+            .map(|a| format!("Accept: {a}\r\n"))
+            .unwrap_or_default();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{accept}\r\n");
+        exchange(addr, request.as_bytes())
+    }
+
+    #[test]
+    fn bind_names_the_address_on_failure() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let taken = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let addr = taken.local_addr().unwrap();
+            let err = bind(addr).await.unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains(&addr.to_string()) && message.contains("in use"),
+                "{message}"
+            );
+        });
+    }
+
+    #[test]
+    fn server_answers_scrapes_in_both_formats() {
+        let server = TestServer::start(endpoints());
+        let reply = get(
+            server.addr,
+            "/metrics",
+            Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+        );
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        );
+        assert_eq!(reply.header("connection"), Some("close"));
+        assert_eq!(reply.header("vary"), Some("Accept"));
+        assert_eq!(
+            reply.header("content-length"),
+            Some(reply.body.len().to_string().as_str())
+        );
+        assert_eq!(reply.body(), metrics::encode(&snapshot()).unwrap());
+
+        let reply = get(server.addr, "/metrics?debug=1", None);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(
+            reply.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8")
+        );
+        let text = metrics::encode_as(&snapshot(), Format::PrometheusText).unwrap();
+        assert_eq!(reply.body(), text);
+
+        // `Accept` split over two lines counts as one list.
+        let reply = exchange(
+            server.addr,
+            b"GET /metrics HTTP/1.1\r\nHost: t\r\nAccept: text/plain;q=0.5\r\n\
+              Accept: application/openmetrics-text\r\n\r\n",
+        );
+        assert!(reply.body().ends_with("# EOF\n"), "{reply:?}");
+
+        // HEAD: the same headers, no body.
+        let reply = exchange(server.addr, b"HEAD /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert!(reply.body.is_empty(), "{reply:?}");
+        let length: usize = reply.header("content-length").unwrap().parse().unwrap();
+        assert_eq!(length, text.len(), "{reply:?}");
+
+        // HTTP/1.0, absolute form, bare line ends.
+        let reply = exchange(server.addr, b"GET http://x:9465/metrics HTTP/1.0\n\n");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.body(), text);
+    }
+
+    #[test]
+    fn server_status_codes() {
+        let ready = Arc::new(AtomicBool::new(true));
+        let flag = Arc::clone(&ready);
+        let server = TestServer::start(Endpoints {
+            ready: Some(Arc::new(move || {
+                if flag.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err("draining".into())
+                }
+            })),
+            ..endpoints()
+        });
+        let addr = server.addr;
+
+        let index = get(addr, "/", None);
+        assert_eq!(index.status, 200, "{index:?}");
+        assert_eq!(
+            index.header("content-type"),
+            Some("text/html; charset=utf-8")
+        );
+        assert!(index.body().contains("href=\"/metrics\""), "{index:?}");
+
+        let up = get(addr, "/ready", None);
+        assert_eq!((up.status, up.body()), (200, "ready\n"));
+        ready.store(false, Ordering::SeqCst);
+        let down = get(addr, "/ready", None);
+        assert_eq!((down.status, down.body()), (503, "draining\n"));
+
+        assert_eq!(get(addr, "/nope", None).status, 404);
+        assert_eq!(get(addr, "/metrics/", None).status, 404);
+        // No table source: no tables.
+        assert_eq!(get(addr, "/table/web", None).status, 404);
+
+        let post = exchange(
+            addr,
+            b"POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello",
+        );
+        assert_eq!(post.status, 405, "{post:?}");
+        assert_eq!(post.header("allow"), Some("GET, HEAD"));
+        assert_eq!(
+            exchange(addr, b"DELETE / HTTP/1.1\r\nHost: t\r\n\r\n").status,
+            405
+        );
+
+        for garbage in [
+            &b"hello\r\n\r\n"[..],
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+            b"GET metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nHost : x\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nHost: t\r\nbroken header\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nA: b\r\n c\r\n\r\n",
+            // hyper knows HTTP/1.x only; it answers other versions as malformed.
+            b"GET /metrics HTTP/3.0\r\n\r\n",
+        ] {
+            let reply = exchange(addr, garbage);
+            assert_eq!(reply.status, 400, "{garbage:?} -> {reply:?}");
+        }
+
+        let mut huge = b"GET /metrics HTTP/1.1\r\nHost: t\r\nX-Pad: ".to_vec();
+        huge.resize(MAX_HEAD + 100, b'a');
+        huge.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(exchange(addr, &huge).status, 431);
+
+        // Still serving after all that.
+        assert_eq!(get(addr, "/metrics", None).status, 200);
+    }
+
+    #[test]
+    fn server_answers_a_client_that_closed_its_sending_side() {
+        let server = TestServer::start(endpoints());
+        let mut stream = connect(server.addr);
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(read_reply(&mut stream).status, 200);
+    }
+
+    /// Limits short enough for tests.
+    const QUICK: Limits = Limits {
+        max_connections: 4,
+        head_timeout: Duration::from_millis(300),
+        write_timeout: Duration::from_millis(300),
+    };
+
+    #[test]
+    fn server_times_out_slow_clients() {
+        let server = TestServer::with_limits(QUICK, endpoints());
+        let started = StdInstant::now();
+        // A head without its final empty line, and a client that sends nothing at all.
+        let partial = exchange(server.addr, b"GET /metrics HTTP/1.1\r\nHost: t\r\n");
+        let elapsed = started.elapsed();
+        let silent = read_reply(&mut connect(server.addr));
+        for reply in [&partial, &silent] {
+            assert_eq!(reply.status, 408, "{reply:?}");
+            assert_eq!(reply.body(), "request timeout\n");
+            assert_eq!(reply.header("content-length"), Some("16"));
+        }
+        assert!(
+            elapsed >= QUICK.head_timeout - Duration::from_millis(50)
+                && elapsed < QUICK.head_timeout + Duration::from_secs(1),
+            "{elapsed:?}"
+        );
+        // With the default limits, the timeout is the documented one.
+        assert_eq!(Limits::DEFAULT.head_timeout, HEAD_TIMEOUT);
+    }
+
+    #[test]
+    fn server_serves_at_most_max_connections_at_once() {
+        let server = TestServer::with_limits(
+            Limits {
+                // Long enough that the idle connections hold their places for the whole test.
+                head_timeout: Duration::from_secs(30),
+                ..QUICK
+            },
+            endpoints(),
+        );
+        let addr = server.addr;
+        let mut idle: Vec<StdTcpStream> =
+            (0..QUICK.max_connections).map(|_| connect(addr)).collect();
+        // The next client is connected by the kernel but not served.
+        let mut waiting = connect(addr);
+        waiting
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        waiting
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let early = waiting.read(&mut byte);
+        assert!(
+            early
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+            "answered while {} connections were open: {early:?}",
+            QUICK.max_connections
+        );
+        // One idle connection goes away: its place is taken by the waiting client.
+        drop(idle.pop());
+        waiting
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        assert_eq!(read_reply(&mut waiting).status, 200);
+    }
+
+    #[test]
+    fn server_gives_up_on_clients_that_do_not_read() {
+        // A table far larger than the socket buffers, to a client that never reads.
+        const SIZE: usize = 64 * 1024 * 1024;
+        let server = TestServer::with_limits(
+            QUICK,
+            Endpoints {
+                table: Some(Arc::new(|_: &str| Some((1, vec![0u8; SIZE])))),
+                ..endpoints()
+            },
+        );
+        let mut stream = connect(server.addr);
+        stream
+            .write_all(b"GET /table/web HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        std::thread::sleep(QUICK.write_timeout * 4);
+        // The server has dropped the connection: what arrived is far less than the table.
+        let mut received = Vec::new();
+        let end = stream.read_to_end(&mut received);
+        assert!(received.len() < SIZE, "{} bytes, {end:?}", received.len());
+    }
+
+    #[test]
+    fn server_serves_many_clients_at_once() {
+        let server = TestServer::start(endpoints());
+        let addr = server.addr;
+        // Idle connections must not hold up the others.
+        let idle: Vec<StdTcpStream> = (0..8).map(|_| connect(addr)).collect();
+        let clients: Vec<_> = (0..40)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let path = if i % 4 == 0 { "/" } else { "/metrics" };
+                    get(addr, path, None).status
+                })
+            })
+            .collect();
+        for client in clients {
+            assert_eq!(client.join().unwrap(), 200);
+        }
+        drop(idle);
+    }
+
+    #[test]
+    fn server_survives_a_failing_source() {
+        let failed_once = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&failed_once);
+        let server = TestServer::start(Endpoints {
+            metrics: Arc::new(move || {
+                if !flag.swap(true, Ordering::SeqCst) {
+                    panic!("snapshot source failure (expected by the test)");
+                }
+                snapshot()
+            }),
+            ..endpoints()
+        });
+        assert_eq!(get(server.addr, "/metrics", None).status, 500);
+        assert!(failed_once.load(Ordering::SeqCst));
+        assert_eq!(get(server.addr, "/metrics", None).status, 200);
+    }
+
+    #[test]
+    fn server_stops_on_shutdown() {
+        let server = TestServer::start(endpoints());
+        let addr = server.addr;
+        assert_eq!(get(addr, "/", None).status, 200);
+        // An idle connection does not hold the shutdown up: it is closed without an answer.
+        let mut idle = connect(addr);
+        std::thread::sleep(Duration::from_millis(100));
+        let took = server.shut_down();
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert!(StdTcpStream::connect(addr).is_err(), "still accepting");
+        let mut rest = Vec::new();
+        assert_eq!(idle.read_to_end(&mut rest).unwrap(), 0);
+    }
+
+    // --- The client ------------------------------------------------------------------------
+
+    fn request(path: &str) -> Get<'_> {
+        Get {
+            path,
+            host: "peer",
+            user_agent: "cdn-steer-test",
+            body_limit: 64 * 1024,
+        }
+    }
+
+    #[tokio::test]
+    async fn client_reads_status_headers_and_body() {
+        let server = TestServer::start(endpoints());
+        let answer = super::get(server.addr, &request("/metrics"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(
+            answer.headers.get(header::CONTENT_TYPE).unwrap(),
+            Format::PrometheusText.content_type()
+        );
+        let text = metrics::encode_as(&snapshot(), Format::PrometheusText).unwrap();
+        assert_eq!(answer.body.unwrap(), text.as_bytes());
+
+        let missing = super::get(server.addr, &request("/nope"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn client_errors_name_the_peer() {
+        let server = TestServer::start(endpoints());
+        let small = Get {
+            body_limit: 100,
+            ..request("/metrics")
+        };
+        let answer = super::get(server.addr, &small, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let e = answer.body.unwrap_err();
+        assert!(matches!(e.failure, Failure::BodyTooLarge(100)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!("{}: answer body larger than 100 bytes", server.addr)
+        );
+
+        for (path, host, what) in [("/a b", "peer", "path"), ("/", "pe\r\ner", "host")] {
+            let bad = Get {
+                host,
+                ..request(path)
+            };
+            let e = super::get(server.addr, &bad, Duration::from_secs(5))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e.failure, Failure::InvalidRequest(w) if w == what),
+                "{e:?}"
+            );
+        }
+
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let e = super::get(addr, &request("/"), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), format!("{addr}: connection refused"));
+    }
+
+    #[tokio::test]
+    async fn client_times_out_in_the_head_and_in_the_body() {
+        // One server sends nothing, the other a head and half its body.
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        let half = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let half_addr = half.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                tokio::select! {
+                    Ok((stream, _)) = silent.accept() => held.push(stream),
+                    Ok((mut stream, _)) = half.accept() => {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+                            .await;
+                        held.push(stream);
+                    }
+                }
+            }
+        });
+        let limit = Duration::from_millis(200);
+        let started = Instant::now();
+        let e = super::get(silent_addr, &request("/"), limit)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e.failure, Failure::Timeout(t) if t == limit),
+            "{e:?}"
+        );
+        assert!(started.elapsed() < limit * 3, "{:?}", started.elapsed());
+
+        let answer = super::get(half_addr, &request("/"), limit).await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        let e = answer.body.unwrap_err();
+        assert!(matches!(e.failure, Failure::Timeout(_)), "{e:?}");
+    }
+}
