@@ -1,3 +1,4 @@
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -767,4 +768,169 @@ fn prefixes_parse_and_compare() {
     );
     assert!(matches!(e("0.0.0.1/0"), PrefixError::HostBitsSet { .. }));
     assert!(Prefix::new("10.1.2.3".parse().expect("ip"), 32).is_ok());
+}
+
+/// The keys serde accepts in the table at `table` (a [`FIELDS`] path prefix such as
+/// `cluster.members[]`, `""` for the top level), read from its error for an unknown key put
+/// into that table of the example.
+fn keys_serde_accepts(table: &str) -> BTreeSet<String> {
+    let header = match table.strip_suffix("[]") {
+        Some(array) => format!("[[{array}]]\n"),
+        None if table.is_empty() => String::new(),
+        None => format!("[{}]\n", table.replace("[]", "")),
+    };
+    assert!(EXAMPLE.contains(&header), "the example has no {header:?}");
+    let text = EXAMPLE.replacen(&header, &format!("{header}unknown_probe = 1\n"), 1);
+    let message = parse(&text).expect_err("unknown key").to_string();
+    let (_, expected) = message
+        .split_once("unknown field `unknown_probe`, expected ")
+        .unwrap_or_else(|| panic!("no list of expected keys in {message}"));
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Keys serde accepts that are another spelling of a key in [`FIELDS`].
+const ALIASES: &[&str] = &["bgp.protocol"];
+
+#[test]
+fn the_field_table_lists_exactly_the_keys_serde_accepts() {
+    // Every table that holds a key, with the keys and sub-tables FIELDS says it has.
+    let mut tables: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    tables.insert(String::new(), BTreeSet::new());
+    for field in FIELDS {
+        let segments: Vec<&str> = field.path.split('.').collect();
+        for depth in 0..segments.len() {
+            let table = segments[..depth].join(".");
+            let key = segments[depth].trim_end_matches("[]").to_owned();
+            tables.entry(table).or_default().insert(key);
+        }
+    }
+    assert!(tables.len() >= 8, "{tables:?}");
+    for (table, mut keys) in tables {
+        for alias in ALIASES {
+            if let Some((at, key)) = alias.rsplit_once('.')
+                && at == table
+            {
+                keys.insert(key.to_owned());
+            }
+        }
+        assert_eq!(keys_serde_accepts(&table), keys, "table {table:?}");
+    }
+}
+
+#[test]
+fn field_table_defaults_are_what_a_file_without_the_key_gets() {
+    for field in FIELDS {
+        if let WhenAbsent::Value(toml) = field.when_absent {
+            assert!(
+                toml::de::DeValue::parse(toml).is_ok(),
+                "{}: default {toml:?} is not a TOML value",
+                field.path
+            );
+        }
+    }
+    let control_socket = FIELDS
+        .iter()
+        .find(|f| f.path == "node.control_socket")
+        .map(|f| f.when_absent.describe());
+    assert_eq!(
+        control_socket,
+        Some(format!("`\"{DEFAULT_CONTROL_SOCKET}\"`"))
+    );
+
+    // Writing each default out changes nothing. (`defaults_apply` checks the values.)
+    for field in FIELDS {
+        let WhenAbsent::Value(toml) = field.when_absent else {
+            continue;
+        };
+        let (table, key) = field.path.rsplit_once('.').expect("a key in a table");
+        let header = match table.strip_suffix("[]") {
+            Some(array) => format!("[[{array}]]\n"),
+            None => format!("[{}]\n", table.replace("[]", "")),
+        };
+        // [bgp] is optional: compare with a [bgp] that leaves out everything it can.
+        let base = if table == "bgp" {
+            format!("{MINIMAL}[bgp]\nprotocols = [\"p\"]\n")
+        } else {
+            MINIMAL.to_owned()
+        };
+        // A service needs a port: the one port list it gives swaps sides to test its own default.
+        let base = if base.contains(&format!("\n{key} = ")) {
+            base.replace("udp_ports = [53]", "tcp_ports = [53]")
+        } else {
+            base
+        };
+        let written = base.replacen(&header, &format!("{header}{key} = {toml}\n"), 1);
+        assert_eq!(
+            parse(&written).unwrap_or_else(|e| panic!("{}: {e}", field.path)),
+            parse(&base).unwrap_or_else(|e| panic!("{e}")),
+            "{}: writing the default {toml} changes the configuration",
+            field.path
+        );
+    }
+}
+
+/// A configuration giving only what is required.
+const MINIMAL: &str = r#"[node]
+name = "n1"
+interfaces = ["eth1"]
+underlay_v6 = "fd00::1"
+[cluster]
+hash_key = "ffffffffffffffff0000000000000001"
+[[cluster.members]]
+name = "n1"
+id = 7
+underlay = "fd00::1"
+[cluster.members.health]
+port = 53
+[[services]]
+name = "dns"
+vips = ["2001:db8:53::/48"]
+udp_ports = [53]
+[metrics]
+"#;
+
+#[test]
+fn restart_only_changes_name_the_keys() {
+    let old = parse(EXAMPLE).unwrap_or_else(|e| panic!("{e}"));
+    let changed = |edits: &[(&str, &str)]| {
+        let new = parse(&example_with(edits)).unwrap_or_else(|e| panic!("{e}"));
+        restart_only_changes(&old, &new)
+    };
+    assert!(changed(&[]).is_empty());
+    // Live: weights, health checks, services.
+    assert!(changed(&[("weight = 50", "weight = 60"), ("rise = 2", "rise = 3")]).is_empty());
+    assert!(changed(&[("udp_ports = [443]", "udp_ports = [443, 53]")]).is_empty());
+    assert_eq!(
+        changed(&[
+            ("interfaces = [\"eth0\"]", "interfaces = [\"eth1\"]"),
+            ("table_size = 65537", "table_size = 65521"),
+            ("poll_interval_ms = 1000", "poll_interval_ms = 2000"),
+            ("listen = \"10.0.0.1:9465\"", "listen = \"10.0.0.1:9466\""),
+        ]),
+        [
+            "node.interfaces",
+            "cluster.table_size",
+            "bgp.poll_interval_ms",
+            "metrics.listen"
+        ]
+    );
+    // Dropping [bgp] changes each of its keys.
+    let start = EXAMPLE.find("# Optional: announce").expect("bgp");
+    let end = EXAMPLE.find("\n[metrics]").expect("metrics");
+    let without = format!("{}{}", &EXAMPLE[..start], &EXAMPLE[end..]);
+    let new = parse(&without).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        restart_only_changes(&old, &new),
+        [
+            "bgp.enabled",
+            "bgp.bird_socket",
+            "bgp.protocols",
+            "bgp.poll_interval_ms"
+        ]
+    );
 }
