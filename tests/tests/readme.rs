@@ -1,6 +1,9 @@
-//! The README stays true: its configuration example is the one the code documents and checks.
+//! The README stays true: its configuration example is the one the code documents and checks,
+//! and its table of keys is the code's table of keys.
 
-use cdn_user::config;
+use std::collections::BTreeMap;
+
+use cdn_user::config::{self, FIELDS};
 
 const README: &str = include_str!("../../README.md");
 
@@ -15,7 +18,63 @@ fn readme_configuration_example_is_the_checked_example() {
     assert_eq!(
         example,
         config::EXAMPLE,
-        "README example differs from config::EXAMPLE"
+        "README example differs from cdn-user/src/config/example.toml"
     );
     config::parse(example).expect("the README example is a valid configuration");
+}
+
+/// The README's table of keys: key → (default, on reload).
+fn readme_keys() -> BTreeMap<String, (String, String)> {
+    const HEADER: &str = "| key | default | on reload | meaning |\n|---|---|---|---|\n";
+    let start = README
+        .find(HEADER)
+        .expect("the README has the table of keys")
+        + HEADER.len();
+    let mut keys = BTreeMap::new();
+    for line in README[start..].lines().take_while(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = line.trim_matches('|').split(" | ").map(str::trim).collect();
+        let [key, default, reload, _meaning] = cells[..] else {
+            panic!("README table row without four cells: {line}");
+        };
+        let key = key
+            .strip_prefix('`')
+            .and_then(|k| k.strip_suffix('`'))
+            .unwrap_or_else(|| panic!("README table key not in backquotes: {line}"));
+        let previous = keys.insert(key.to_owned(), (default.to_owned(), reload.to_owned()));
+        assert!(previous.is_none(), "README lists {key} twice");
+    }
+    keys
+}
+
+#[test]
+fn readme_table_of_keys_is_the_schema() {
+    let mut readme = readme_keys();
+    let mut wrong = Vec::new();
+    for field in FIELDS {
+        let default = field.when_absent.describe();
+        let reload = if field.restart_only() {
+            "restart"
+        } else {
+            "live"
+        };
+        match readme.remove(field.path) {
+            None => wrong.push(format!(
+                "missing row: | `{}` | {default} | {reload} | … |",
+                field.path
+            )),
+            Some(row) if row != (default.clone(), reload.to_owned()) => wrong.push(format!(
+                "{}: README says default {}, {}; the code: {default}, {reload}",
+                field.path, row.0, row.1
+            )),
+            Some(_) => {}
+        }
+    }
+    for key in readme.keys() {
+        wrong.push(format!("README documents {key}, which is not a key"));
+    }
+    assert!(
+        wrong.is_empty(),
+        "README table of keys:\n{}",
+        wrong.join("\n")
+    );
 }
