@@ -16,6 +16,27 @@ pub const MAX_SERVICE_PORTS: usize = 8;
 /// Default Maglev table size M: prime, large enough that one member's share is even to 1%.
 pub const DEFAULT_TABLE_SIZE: u32 = 65537;
 
+/// Whether `n` is prime, as every table size must be (deterministic trial division; `n < 2^32`
+/// needs at most 2^15 steps). The configuration checks sizes with it before Maglev builds a
+/// table of that size.
+pub const fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n.is_multiple_of(2) {
+        return n == 2;
+    }
+    let n = n as u64;
+    let mut d = 3u64;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
 /// Hops kept per bucket: the current owner and two previous owners.
 pub const MAX_HOPS: usize = 3;
 

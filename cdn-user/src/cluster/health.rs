@@ -1,7 +1,7 @@
 //! Health checking of the cluster members.
 //!
 //! Every member is probed by its own tokio task at its underlay address: a TCP connect, or an
-//! HTTP/1.1 `GET` (with the client of `crate::operator::http`) whose status must be 2xx. A
+//! HTTP/1.1 `GET` (with the client of `crate::cluster::peer_http`) whose status must be 2xx. A
 //! probe, connect included, never takes longer than the check's timeout, and the probes of one
 //! member never overlap. An HTTP probe reads the whole answer (up to [`MAX_ANSWER_BODY`]) before
 //! it closes, so that the member sees a clean close rather than a reset.
@@ -29,8 +29,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
+use crate::cluster::peer_http::{self as http, Failure, Get};
 use crate::config::{HealthCheck, HealthProbe};
-use crate::operator::http::{self, Failure, Get};
 
 /// Most bytes of an HTTP answer's body read. Only the status counts; the body is read so that
 /// the connection closes cleanly, and a longer one is left unread (the member then sees a reset).

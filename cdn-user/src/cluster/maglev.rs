@@ -42,6 +42,7 @@
 //! The build probes about M·ln M buckets in all, with no allocation per probe; a permutation
 //! is walked by one addition and a conditional subtraction per probe.
 
+pub use cdn_common::maps::is_prime;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::hash::Hasher as _;
@@ -85,25 +86,6 @@ pub enum MaglevError {
     DuplicateName(String),
     #[error("member id {0} appears more than once")]
     DuplicateId(u16),
-}
-
-/// Whether `n` is prime (deterministic trial division; `n < 2^32` needs at most 2^15 steps).
-pub fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    if n.is_multiple_of(2) {
-        return n == 2;
-    }
-    let n = u64::from(n);
-    let mut d = 3u64;
-    while d * d <= n {
-        if n % d == 0 {
-            return false;
-        }
-        d += 2;
-    }
-    true
 }
 
 /// The `(offset, skip)` pair that defines a member's permutation in a table of `size` buckets.

@@ -5,4 +5,5 @@
 pub mod health;
 pub mod history;
 pub mod maglev;
+pub mod peer_http;
 pub mod sync;

@@ -10,17 +10,17 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use cdn_common::maps::{Bucket, MAX_HOPS};
 use hyper::StatusCode;
-use hyper::header::{HeaderName, HeaderValue};
+use hyper::header::HeaderName;
 use log::warn;
 use thiserror::Error;
 
-use crate::operator::http::{self, ClientError, Get, Response};
+use crate::cluster::peer_http::{self as http, ClientError, Get};
 
 /// Bytes per bucket on the wire.
 pub const BUCKET_BYTES: usize = 2 * MAX_HOPS;
 
 /// The header with the generation of the table served.
-const GENERATION_HEADER: HeaderName = HeaderName::from_static("x-table-generation");
+pub const GENERATION_HEADER: HeaderName = HeaderName::from_static("x-table-generation");
 /// The `User-Agent` of table fetches.
 const USER_AGENT: &str = "cdn-steer-sync";
 
@@ -108,20 +108,25 @@ pub async fn fetch(
 /// unknown service. Called on tokio's blocking pool, so it may take locks.
 pub type TableSource = Arc<dyn Fn(&str) -> Option<(u32, Vec<u8>)> + Send + Sync>;
 
-/// The answer to `GET /table/<service>`: the table from `source`, 404 for an unknown service.
-pub async fn serve_table(service: String, source: TableSource) -> Response {
+/// What `GET /table/<service>` answers; the HTTP server turns it into a response.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TableAnswer {
+    /// The encoded table and its generation (sent as [`GENERATION_HEADER`]).
+    Table { generation: u32, body: Vec<u8> },
+    /// No service of that name (404).
+    UnknownService,
+    /// The export itself failed (500); logged here.
+    Failed,
+}
+
+/// The answer to `GET /table/<service>`: the table from `source`.
+pub async fn table_answer(service: String, source: TableSource) -> TableAnswer {
     match tokio::task::spawn_blocking(move || source(&service)).await {
-        Ok(Some((generation, body))) => {
-            let mut table = http::response(StatusCode::OK, "application/octet-stream", body);
-            table
-                .headers_mut()
-                .insert(GENERATION_HEADER, HeaderValue::from(generation));
-            table
-        }
-        Ok(None) => http::text(StatusCode::NOT_FOUND, "no such service"),
+        Ok(Some((generation, body))) => TableAnswer::Table { generation, body },
+        Ok(None) => TableAnswer::UnknownService,
         Err(e) => {
             warn!("table export failed: {e}");
-            http::text(StatusCode::INTERNAL_SERVER_ERROR, "table export failed")
+            TableAnswer::Failed
         }
     }
 }
@@ -133,7 +138,7 @@ mod tests {
     use tokio::net::TcpListener;
     use tokio::sync::watch;
 
-    use crate::operator::http::Limits;
+    use crate::operator::http::{self as server, Limits};
 
     fn buckets(n: u16) -> Vec<Bucket> {
         (0..n)
@@ -150,16 +155,18 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = watch::channel(false);
-        let handler = move |request: http::Request| {
+        let handler = move |request: server::Request| {
             let source = Arc::clone(&source);
             async move {
                 match request.uri.path().strip_prefix("/table/") {
-                    Some(service) => serve_table(service.to_owned(), source).await,
-                    None => http::text(StatusCode::NOT_FOUND, "not found"),
+                    Some(service) => {
+                        server::table_response(table_answer(service.to_owned(), source).await)
+                    }
+                    None => server::text(StatusCode::NOT_FOUND, "not found"),
                 }
             }
         };
-        tokio::spawn(http::serve_with(
+        tokio::spawn(server::serve_with(
             listener,
             Limits::DEFAULT,
             handler,

@@ -10,7 +10,7 @@ use cdn_common::maps::{MAX_MEMBERS, MAX_SERVICE_PORTS, MAX_SERVICES};
 
 use super::schema::{BgpSettings, Config, HealthCheck, HealthProbe, NodeSettings, ServiceSettings};
 use super::{Prefix, Problem};
-use crate::cluster::maglev::is_prime;
+use cdn_common::maps::is_prime;
 
 /// Largest accepted `cluster.table_size` (a prime): about a million buckets, 8 MB per table
 /// half in the kernel, is far more than even loads over [`MAX_MEMBERS`] members need.

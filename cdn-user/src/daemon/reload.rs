@@ -4,40 +4,14 @@
 use anyhow::{Result, bail};
 
 use super::core::Core;
-use crate::config::Config;
+use crate::config::{self, Config};
 
 impl Core {
     /// Applies a new configuration after checking that it changes nothing that needs a
     /// restart. On error the running configuration stays in force, untouched.
     pub(super) fn reload(&mut self, new: Config) -> Result<()> {
         let old = &self.cfg;
-        let restart_only: Vec<&str> = [
-            ("node.name", new.node.name != old.node.name),
-            (
-                "node.interfaces",
-                new.node.interfaces != old.node.interfaces,
-            ),
-            ("node.xdp_mode", new.node.xdp_mode != old.node.xdp_mode),
-            ("node.bpffs", new.node.bpffs != old.node.bpffs),
-            (
-                "node.control_socket",
-                new.node.control_socket != old.node.control_socket,
-            ),
-            (
-                "node.steer_only",
-                new.node.steer_only != old.node.steer_only,
-            ),
-            (
-                "cluster.table_size",
-                new.cluster.table_size != old.cluster.table_size,
-            ),
-            ("metrics", new.metrics != old.metrics),
-            ("bgp", new.bgp != old.bgp),
-        ]
-        .into_iter()
-        .filter(|(_, changed)| *changed)
-        .map(|(field, _)| field)
-        .collect();
+        let restart_only = config::restart_only_changes(old, &new);
         if !restart_only.is_empty() {
             bail!(
                 "these settings only change with a restart: {}",

@@ -8,7 +8,7 @@
 //! capped at [`MAX_HEAD`] bytes and must arrive within [`Limits::head_timeout`], the client must
 //! take the response within [`Limits::write_timeout`], and at most [`Limits::max_connections`]
 //! connections are served at once. Every per-connection problem is logged at debug level and
-//! ends only that connection. The client is in [`client`].
+//! ends only that connection. The client is [`crate::cluster::peer_http`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,9 +32,6 @@ use tokio::time::{Instant, timeout};
 
 use crate::cluster::sync::{self, TableSource};
 use crate::operator::metrics::{self, Format, Snapshot};
-
-mod client;
-pub use client::{Answer, ClientError, Failure, Get, get};
 
 /// Largest request head (request line and headers) accepted; larger ones get `431`.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -151,6 +148,21 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints, shutdown: watch:
 const INDEX: &str = "<!DOCTYPE html>\n<html><head><title>cdn-steer</title></head>\n\
     <body><h1>cdn-steer</h1><p><a href=\"/metrics\">Metrics</a></p></body></html>\n";
 
+/// The HTTP form of a `/table/<service>` answer.
+pub fn table_response(answer: sync::TableAnswer) -> Response {
+    match answer {
+        sync::TableAnswer::Table { generation, body } => {
+            let mut table = response(StatusCode::OK, "application/octet-stream", body);
+            table
+                .headers_mut()
+                .insert(sync::GENERATION_HEADER, HeaderValue::from(generation));
+            table
+        }
+        sync::TableAnswer::UnknownService => text(StatusCode::NOT_FOUND, "no such service"),
+        sync::TableAnswer::Failed => text(StatusCode::INTERNAL_SERVER_ERROR, "table export failed"),
+    }
+}
+
 async fn route(request: Request, endpoints: Endpoints) -> Response {
     // Every resource here is read-only.
     let readable = request.method == Method::GET || request.method == Method::HEAD;
@@ -158,7 +170,7 @@ async fn route(request: Request, endpoints: Endpoints) -> Response {
     if let (Some(service), true, Some(table)) =
         (path.strip_prefix("/table/"), readable, endpoints.table)
     {
-        return sync::serve_table(service.to_owned(), table).await;
+        return table_response(sync::table_answer(service.to_owned(), table).await);
     }
     match (path, readable) {
         ("/metrics", true) => scrape(&request, endpoints.metrics).await,
@@ -466,6 +478,7 @@ fn needs_backoff(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::peer_http::{Failure, Get};
     use std::io::{Read, Write};
     use std::net::TcpStream as StdTcpStream;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -951,9 +964,13 @@ mod tests {
     #[tokio::test]
     async fn client_reads_status_headers_and_body() {
         let server = TestServer::start(endpoints());
-        let answer = super::get(server.addr, &request("/metrics"), Duration::from_secs(5))
-            .await
-            .unwrap();
+        let answer = crate::cluster::peer_http::get(
+            server.addr,
+            &request("/metrics"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(
             answer.headers.get(header::CONTENT_TYPE).unwrap(),
@@ -962,9 +979,10 @@ mod tests {
         let text = metrics::encode_as(&snapshot(), Format::PrometheusText).unwrap();
         assert_eq!(answer.body.unwrap(), text.as_bytes());
 
-        let missing = super::get(server.addr, &request("/nope"), Duration::from_secs(5))
-            .await
-            .unwrap();
+        let missing =
+            crate::cluster::peer_http::get(server.addr, &request("/nope"), Duration::from_secs(5))
+                .await
+                .unwrap();
         assert_eq!(missing.status, StatusCode::NOT_FOUND);
     }
 
@@ -975,7 +993,7 @@ mod tests {
             body_limit: 100,
             ..request("/metrics")
         };
-        let answer = super::get(server.addr, &small, Duration::from_secs(5))
+        let answer = crate::cluster::peer_http::get(server.addr, &small, Duration::from_secs(5))
             .await
             .unwrap();
         let e = answer.body.unwrap_err();
@@ -990,7 +1008,7 @@ mod tests {
                 host,
                 ..request(path)
             };
-            let e = super::get(server.addr, &bad, Duration::from_secs(5))
+            let e = crate::cluster::peer_http::get(server.addr, &bad, Duration::from_secs(5))
                 .await
                 .unwrap_err();
             assert!(
@@ -1002,7 +1020,7 @@ mod tests {
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = closed.local_addr().unwrap();
         drop(closed);
-        let e = super::get(addr, &request("/"), Duration::from_secs(5))
+        let e = crate::cluster::peer_http::get(addr, &request("/"), Duration::from_secs(5))
             .await
             .unwrap_err();
         assert_eq!(e.to_string(), format!("{addr}: connection refused"));
@@ -1031,7 +1049,7 @@ mod tests {
         });
         let limit = Duration::from_millis(200);
         let started = Instant::now();
-        let e = super::get(silent_addr, &request("/"), limit)
+        let e = crate::cluster::peer_http::get(silent_addr, &request("/"), limit)
             .await
             .unwrap_err();
         assert!(
@@ -1040,7 +1058,9 @@ mod tests {
         );
         assert!(started.elapsed() < limit * 3, "{:?}", started.elapsed());
 
-        let answer = super::get(half_addr, &request("/"), limit).await.unwrap();
+        let answer = crate::cluster::peer_http::get(half_addr, &request("/"), limit)
+            .await
+            .unwrap();
         assert_eq!(answer.status, StatusCode::OK);
         let e = answer.body.unwrap_err();
         assert!(matches!(e.failure, Failure::Timeout(_)), "{e:?}");

@@ -1,4 +1,4 @@
-//! The one HTTP client of the controller: a single `GET` with `Connection: close`, used by the
+//! The one HTTP client of the controller, for talking to peers: a single `GET` with `Connection: close`, used by the
 //! health probes and the history sync. One timeout bounds the whole exchange, connect included;
 //! the answer's head and body are bounded by size; errors name the peer.
 
@@ -17,7 +17,8 @@ use log::debug;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 
-use super::MAX_BUF;
+/// Largest response head read (status line and headers).
+const MAX_BUF: usize = 16 * 1024;
 
 /// A `GET` request for [`get`].
 #[derive(Clone, Copy, Debug)]
