@@ -2,9 +2,13 @@
 //! member, so that it knows every member that may hold a flow, including flows that began
 //! while it was away or before it first started.
 //!
-//! Served by every controller at `GET /table/<service>` on its HTTP endpoint ([`serve_table`]):
-//! the active table, 6 bytes per bucket (three member ids, little-endian), its length in
-//! `Content-Length` and its generation in `X-Table-Generation`; fetched with [`fetch`].
+//! This module holds all of it:
+//! - the route: every controller serves `GET /table/<service>` on its HTTP endpoint
+//!   ([`table_answer`]): the active table, 6 bytes per bucket (three member ids,
+//!   little-endian), its length in `Content-Length` and its generation in
+//!   `X-Table-Generation`;
+//! - the client: [`fetch`] one table, [`fetch_all`] of a peer's tables;
+//! - the schedule: [`take_over`] once at start-up, then [`gossip`] with one peer in turn.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -102,6 +106,85 @@ pub async fn fetch(
         )));
     }
     Ok(buckets)
+}
+
+/// Time one table fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What to sync with, as the node sees it now.
+#[derive(Clone, Debug, Default)]
+pub struct SyncPlan {
+    /// Healthy members other than this node, with their endpoints: `(name, address)`.
+    pub peers: Vec<(String, SocketAddr)>,
+    /// Every configured service.
+    pub services: Vec<String>,
+    /// Buckets per table.
+    pub table_size: u32,
+}
+
+/// Every service's table from the peer at `addr`: all of them, or the first error.
+pub async fn fetch_all(
+    addr: SocketAddr,
+    services: &[String],
+    size: u32,
+) -> Result<Vec<(String, Vec<Bucket>)>, SyncError> {
+    let mut tables = Vec::with_capacity(services.len());
+    for service in services {
+        tables.push((
+            service.clone(),
+            fetch(addr, service, size, FETCH_TIMEOUT).await?,
+        ));
+    }
+    Ok(tables)
+}
+
+/// Start-up: the tables of the first peer that answers for every service, with its name.
+/// `None` when no peer does (a cold start of the whole cluster): our own pinned history is then
+/// all there is.
+pub async fn take_over(plan: &SyncPlan) -> Option<(String, Vec<(String, Vec<Bucket>)>)> {
+    for (name, addr) in &plan.peers {
+        match fetch_all(*addr, &plan.services, plan.table_size).await {
+            Ok(tables) => {
+                log::info!("hop history taken over from {name} ({addr})");
+                return Some((name.clone(), tables));
+            }
+            Err(e) => warn!("history sync from {name}: {e}"),
+        }
+    }
+    log::info!("no running member to take the hop history from: starting from our own");
+    None
+}
+
+/// Every `every`, fetches one peer's tables (peers in turn, as `plan` lists them at that
+/// moment) and hands what it got to `absorb` on the blocking pool, with the peer's name, so
+/// that owners one node saw and another did not end up in both histories. Runs until aborted.
+pub async fn gossip<P, A>(every: Duration, plan: P, absorb: A)
+where
+    P: Fn() -> SyncPlan,
+    A: Fn(&str, &[(String, Vec<Bucket>)]) + Clone + Send + 'static,
+{
+    let mut turn = 0usize;
+    loop {
+        tokio::time::sleep(every).await;
+        let plan = plan();
+        if plan.peers.is_empty() {
+            continue;
+        }
+        turn = turn.wrapping_add(1);
+        let (name, addr) = plan.peers[turn % plan.peers.len()].clone();
+        // Whatever tables came, even if some service failed: each is merged on its own.
+        let mut tables = Vec::new();
+        for service in &plan.services {
+            match fetch(addr, service, plan.table_size, FETCH_TIMEOUT).await {
+                Ok(buckets) => tables.push((service.clone(), buckets)),
+                Err(e) => log::debug!("history gossip with {name}: {e}"),
+            }
+        }
+        let absorb = absorb.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || absorb(&name, &tables)).await {
+            log::error!("history gossip task failed: {e}");
+        }
+    }
 }
 
 /// A service's active table, encoded for `/table/<service>`, with its generation; `None` for an
