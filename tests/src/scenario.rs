@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context as _, Result};
 use cdn_common::{
-    counters::Counter,
+    counters::{Action, Reason},
     maps::{Bucket, NO_MEMBER, NODE_READY, NextHop, NodeConfig, SERVICE_TCP, SERVICE_UDP, Service},
 };
 use cdn_user::dataplane::{DataPlane, LoadOptions};
@@ -87,19 +87,21 @@ pub fn node_config() -> NodeConfig {
 
 /// The outcome of one program run.
 pub struct Run {
+    /// The XDP action the program returned.
     pub action: u32,
     pub out: Vec<u8>,
-    /// Counters that moved, with how much.
-    pub counted: Vec<(Counter, u64)>,
+    /// (reason, action) counters that moved, with how much.
+    pub counted: Vec<(Reason, Action, u64)>,
 }
 
 impl Run {
-    /// The verdict counters that moved (there must be exactly one, by one).
-    pub fn verdict(&self) -> Counter {
+    /// The verdict's reason. Checks that exactly one verdict counter moved, by one, and that
+    /// it was counted with the action the program returned.
+    pub fn verdict(&self) -> Reason {
         let verdicts: Vec<_> = self
             .counted
             .iter()
-            .filter(|(c, _)| c.is_verdict())
+            .filter(|(r, _, _)| r.is_verdict())
             .collect();
         assert_eq!(
             verdicts.len(),
@@ -107,15 +109,37 @@ impl Run {
             "exactly one verdict counter per packet: {:?}",
             self.counted
         );
-        assert_eq!(verdicts[0].1, 1, "verdict counted once: {:?}", self.counted);
-        verdicts[0].0
+        let (reason, action, n) = *verdicts[0];
+        assert_eq!(n, 1, "verdict counted once: {:?}", self.counted);
+        assert_eq!(
+            action as u32, self.action,
+            "the action counted is the action returned: {:?}",
+            self.counted
+        );
+        assert!(
+            reason.allows(action),
+            "{} is not declared with action {}",
+            reason.name(),
+            action.name()
+        );
+        for (info, info_action, _) in self.counted.iter().filter(|(r, _, _)| !r.is_verdict()) {
+            assert_eq!(
+                *info_action,
+                action,
+                "{} counted with the packet's action",
+                info.name()
+            );
+        }
+        reason
     }
 
-    pub fn counted(&self, c: Counter) -> u64 {
+    /// How much the counters of `reason` moved, whatever the action.
+    pub fn counted(&self, reason: Reason) -> u64 {
         self.counted
             .iter()
-            .find(|(k, _)| *k == c)
-            .map_or(0, |(_, n)| *n)
+            .filter(|(r, _, _)| *r == reason)
+            .map(|(_, _, n)| n)
+            .sum()
     }
 }
 
@@ -181,12 +205,7 @@ impl Scenario {
         let before = self.dp.counters()?;
         let (action, out) = self.dp.test_run(frame)?;
         let after = self.dp.counters()?;
-        let counted = Counter::ALL
-            .iter()
-            .zip(before.iter().zip(after.iter()))
-            .filter(|(_, (b, a))| a != b)
-            .map(|(c, (b, a))| (*c, a - b))
-            .collect();
+        let counted = after.moved_since(&before).collect();
         Ok(Run {
             action,
             out,

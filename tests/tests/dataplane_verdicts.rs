@@ -3,7 +3,7 @@
 //! independently by etherparse.
 
 use anyhow::Result;
-use cdn_common::{counters::Counter, maps::NODE_DRAINING, wire::entropy_port};
+use cdn_common::{counters::Reason, maps::NODE_DRAINING, wire::entropy_port};
 use cdn_tests::{
     packets::{
         ExpectedEncap, Flow, NODE_MAC, Tcp, Vlan, decapsulated, expected_encap, frame,
@@ -45,7 +45,7 @@ fn non_vip_traffic_passes_untouched() -> Result<()> {
             let run = s.run(&input)?;
             assert_eq!(run.action, xdp::PASS, "{f:?} {vlan:?}");
             assert_eq!(run.out, input, "non-VIP packet modified");
-            assert_eq!(run.verdict(), Counter::NonVipPass);
+            assert_eq!(run.verdict(), Reason::NonVipPass);
         }
     }
     // Not IP at all (ARP).
@@ -53,10 +53,7 @@ fn non_vip_traffic_passes_untouched() -> Result<()> {
     arp.extend_from_slice(&[2, 0, 0, 0, 0, 9, 0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
     let run = s.run(&arp)?;
-    assert_eq!(
-        (run.action, run.verdict()),
-        (xdp::PASS, Counter::NonVipPass)
-    );
+    assert_eq!((run.action, run.verdict()), (xdp::PASS, Reason::NonVipPass));
     assert_eq!(run.out, arp);
     Ok(())
 }
@@ -69,7 +66,7 @@ fn nothing_is_steered_before_the_controller_marks_the_config_ready() -> Result<(
     s.set_hops(&f, &[2])?;
     let input = frame(&f, Tcp::ACK, Vlan::None, b"x");
     let run = s.run(&input)?;
-    assert_eq!((run.action, run.verdict()), (xdp::PASS, Counter::NotReady));
+    assert_eq!((run.action, run.verdict()), (xdp::PASS, Reason::NotReady));
     assert_eq!(run.out, input);
     Ok(())
 }
@@ -89,7 +86,7 @@ fn ingress_forwards_to_the_first_hop_with_the_rest_of_the_history() -> Result<()
                 let before = s.dp.member_stats(target)?;
                 let run = s.run(&input)?;
                 assert_eq!(run.action, xdp::TX, "{f:?} -> {target} {vlan:?}");
-                assert_eq!(run.verdict(), Counter::Forwarded);
+                assert_eq!(run.verdict(), Reason::Forwarded);
                 let expected = expected_encap(&ExpectedEncap {
                     dst_mac: member_mac(target),
                     src_mac: NODE_MAC,
@@ -121,7 +118,7 @@ fn ingress_accepts_locally_when_this_node_owns_new_connections() -> Result<()> {
             let run = s.run(&input)?;
             assert_eq!(
                 (run.action, run.verdict()),
-                (xdp::PASS, Counter::LocalAccept)
+                (xdp::PASS, Reason::LocalAccept)
             );
             assert_eq!(
                 run.out, input,
@@ -141,7 +138,7 @@ fn ingress_passes_flows_it_does_not_hold_to_the_previous_owner() -> Result<()> {
             // An ACK of a connection this node has no socket for.
             let input = frame(&f, Tcp::ACK, vlan, b"data");
             let run = s.run(&input)?;
-            assert_eq!((run.action, run.verdict()), (xdp::TX, Counter::PassedOn));
+            assert_eq!((run.action, run.verdict()), (xdp::TX, Reason::PassedOn));
             let expected = expected_encap(&ExpectedEncap {
                 dst_mac: member_mac(2),
                 src_mac: NODE_MAC,
@@ -161,7 +158,7 @@ fn ingress_passes_flows_it_does_not_hold_to_the_previous_owner() -> Result<()> {
         let run = s.run(&input)?;
         assert_eq!(
             (run.action, run.verdict()),
-            (xdp::PASS, Counter::LastHopAccept)
+            (xdp::PASS, Reason::LastHopAccept)
         );
         assert_eq!(run.out, input);
     }
@@ -176,7 +173,7 @@ fn a_draining_node_passes_new_connections_on_but_takes_them_as_last_hop() -> Res
         s.set_hops(&f, &[SELF_ID, 2])?;
         let input = frame(&f, Tcp::SYN, Vlan::None, &[]);
         let run = s.run(&input)?;
-        assert_eq!((run.action, run.verdict()), (xdp::TX, Counter::DrainPassOn));
+        assert_eq!((run.action, run.verdict()), (xdp::TX, Reason::DrainPassOn));
         let expected = expected_encap(&ExpectedEncap {
             dst_mac: member_mac(2),
             src_mac: NODE_MAC,
@@ -194,7 +191,7 @@ fn a_draining_node_passes_new_connections_on_but_takes_them_as_last_hop() -> Res
         let run = s.run(&input)?;
         assert_eq!(
             (run.action, run.verdict()),
-            (xdp::PASS, Counter::LocalAccept)
+            (xdp::PASS, Reason::LocalAccept)
         );
     }
     Ok(())
@@ -207,16 +204,16 @@ fn vip_traffic_outside_the_service_is_dropped() -> Result<()> {
         let f = Flow::tcp(src, 1234, vip, 22);
         s.set_hops(&f, &[2])?;
         let run = s.run(&frame(&f, Tcp::SYN, Vlan::None, &[]))?;
-        assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::PortMiss));
+        assert_eq!((run.action, run.verdict()), (xdp::DROP, Reason::PortMiss));
         let f = Flow::udp(src, 1234, vip, 53);
         s.set_hops(&f, &[2])?;
         let run = s.run(&frame(&f, Tcp::SYN, Vlan::None, b"q"))?;
-        assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::PortMiss));
+        assert_eq!((run.action, run.verdict()), (xdp::DROP, Reason::PortMiss));
         // Port 80 is served over TCP only.
         let f = Flow::udp(src, 1234, vip, 80);
         s.set_hops(&f, &[2])?;
         let run = s.run(&frame(&f, Tcp::SYN, Vlan::None, b"q"))?;
-        assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::PortMiss));
+        assert_eq!((run.action, run.verdict()), (xdp::DROP, Reason::PortMiss));
     }
     Ok(())
 }
@@ -227,7 +224,7 @@ fn empty_buckets_drop_rather_than_guess() -> Result<()> {
     for f in flows() {
         s.set_hops(&f, &[])?;
         let run = s.run(&frame(&f, Tcp::ACK, Vlan::None, b"x"))?;
-        assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::NoRoute));
+        assert_eq!((run.action, run.verdict()), (xdp::DROP, Reason::NoRoute));
     }
     Ok(())
 }
@@ -240,7 +237,7 @@ fn udp_flows_are_steered_like_tcp() -> Result<()> {
         s.set_hops(&f, &[4, 2])?;
         let input = frame(&f, Tcp::ACK, Vlan::Single(7), b"quic initial");
         let run = s.run(&input)?;
-        assert_eq!((run.action, run.verdict()), (xdp::TX, Counter::Forwarded));
+        assert_eq!((run.action, run.verdict()), (xdp::TX, Reason::Forwarded));
         let expected = expected_encap(&ExpectedEncap {
             dst_mac: member_mac(4),
             src_mac: NODE_MAC,
@@ -271,7 +268,7 @@ fn icmp_errors_reach_the_owner_of_the_flow_they_quote() -> Result<()> {
             let run = s.run(&input)?;
             assert_eq!(
                 (run.action, run.verdict()),
-                (xdp::TX, Counter::IcmpForwarded),
+                (xdp::TX, Reason::IcmpForwarded),
                 "{vlan:?}"
             );
             let expected = expected_encap(&ExpectedEncap {
@@ -318,7 +315,7 @@ fn echo_to_a_vip_is_answered_locally() -> Result<()> {
         .write(&mut v6, b"ping")?;
     for input in [v4, v6] {
         let run = s.run(&input)?;
-        assert_eq!((run.action, run.verdict()), (xdp::PASS, Counter::IcmpLocal));
+        assert_eq!((run.action, run.verdict()), (xdp::PASS, Reason::IcmpLocal));
         assert_eq!(run.out, input);
     }
     Ok(())
@@ -342,7 +339,7 @@ fn owner_path_accepts_new_connections_and_decapsulates() -> Result<()> {
             let run = s.run(&input)?;
             assert_eq!(
                 (run.action, run.verdict()),
-                (xdp::PASS, Counter::OwnerAccept)
+                (xdp::PASS, Reason::OwnerAccept)
             );
             assert_eq!(run.out, decapsulated(inner));
         }
@@ -368,7 +365,7 @@ fn new_connections_are_taken_only_by_the_owner_in_this_nodes_own_table() -> Resu
         // the sender's table said.
         s.set_hops(&f, &[5, 4])?;
         let run = s.run(&input)?;
-        assert_eq!((run.action, run.verdict()), (xdp::TX, Counter::SynRedirect));
+        assert_eq!((run.action, run.verdict()), (xdp::TX, Reason::SynRedirect));
         let expected = expected_encap(&ExpectedEncap {
             dst_mac: member_mac(5),
             src_mac: NODE_MAC,
@@ -386,7 +383,7 @@ fn new_connections_are_taken_only_by_the_owner_in_this_nodes_own_table() -> Resu
         let run = s.run(&input)?;
         assert_eq!(
             (run.action, run.verdict()),
-            (xdp::PASS, Counter::OwnerAccept)
+            (xdp::PASS, Reason::OwnerAccept)
         );
         // Disagreement with no budget left: dropped (the client retries the SYN).
         s.set_hops(&f, &[5])?;
@@ -399,7 +396,7 @@ fn new_connections_are_taken_only_by_the_owner_in_this_nodes_own_table() -> Resu
             inner,
         )?;
         let run = s.run(&input)?;
-        assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::LoopGuard));
+        assert_eq!((run.action, run.verdict()), (xdp::DROP, Reason::LoopGuard));
     }
     Ok(())
 }
@@ -420,7 +417,7 @@ fn owner_path_passes_on_what_it_does_not_hold_and_the_last_hop_accepts() -> Resu
             inner,
         )?;
         let run = s.run(&input)?;
-        assert_eq!((run.action, run.verdict()), (xdp::TX, Counter::PassedOn));
+        assert_eq!((run.action, run.verdict()), (xdp::TX, Reason::PassedOn));
         let expected = expected_encap(&ExpectedEncap {
             dst_mac: member_mac(5),
             src_mac: NODE_MAC,
@@ -440,7 +437,7 @@ fn owner_path_passes_on_what_it_does_not_hold_and_the_last_hop_accepts() -> Resu
         let run = s.run(&input)?;
         assert_eq!(
             (run.action, run.verdict()),
-            (xdp::PASS, Counter::LastHopAccept)
+            (xdp::PASS, Reason::LastHopAccept)
         );
         assert_eq!(run.out, decapsulated(inner));
 
@@ -454,7 +451,7 @@ fn owner_path_passes_on_what_it_does_not_hold_and_the_last_hop_accepts() -> Resu
             inner,
         )?;
         let run = s.run(&input)?;
-        assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::LoopGuard));
+        assert_eq!((run.action, run.verdict()), (xdp::DROP, Reason::LoopGuard));
     }
     Ok(())
 }
@@ -476,19 +473,19 @@ fn owner_path_rejects_strangers_bad_headers_and_foreign_inner_packets() -> Resul
         inner,
     )?;
     let run = s.run(&input)?;
-    assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::Spoofed));
+    assert_eq!((run.action, run.verdict()), (xdp::DROP, Reason::Spoofed));
 
     // Unknown version.
     let mut input = steering_frame(member_addr(2), addr(UNDERLAY_V4), STEER_PORT, 2, &[], inner)?;
     input[14 + 20 + 8] = 9;
     let run = s.run(&input)?;
-    assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::BadEncap));
+    assert_eq!((run.action, run.verdict()), (xdp::DROP, Reason::BadEncap));
 
     // More hops than the header can hold.
     let mut input = steering_frame(member_addr(2), addr(UNDERLAY_V4), STEER_PORT, 2, &[], inner)?;
     input[14 + 20 + 8 + 3] = 3;
     let run = s.run(&input)?;
-    assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::BadEncap));
+    assert_eq!((run.action, run.verdict()), (xdp::DROP, Reason::BadEncap));
 
     // An inner packet that is not for a VIP is never delivered.
     let other = frame(
@@ -506,7 +503,7 @@ fn owner_path_rejects_strangers_bad_headers_and_foreign_inner_packets() -> Resul
         ip_packet(&other, Vlan::None),
     )?;
     let run = s.run(&input)?;
-    assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::BadEncap));
+    assert_eq!((run.action, run.verdict()), (xdp::DROP, Reason::BadEncap));
     Ok(())
 }
 
@@ -520,7 +517,7 @@ fn fragments_to_a_vip_are_dropped_and_counted() -> Result<()> {
     input[14 + 6] |= 0x20;
     fix_ipv4_checksum(&mut input[14..34]);
     let run = s.run(&input)?;
-    assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::Fragment));
+    assert_eq!((run.action, run.verdict()), (xdp::DROP, Reason::Fragment));
 
     // IPv6: a fragment header in front of TCP.
     let f6 = flows()[1];
@@ -528,7 +525,7 @@ fn fragments_to_a_vip_are_dropped_and_counted() -> Result<()> {
     // Offset 0 with more-fragments set, identification 7.
     let with_frag = insert_ipv6_ext(&plain, 44, &[0, 1, 0, 0, 0, 7]);
     let run = s.run(&with_frag)?;
-    assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::Fragment));
+    assert_eq!((run.action, run.verdict()), (xdp::DROP, Reason::Fragment));
     Ok(())
 }
 
@@ -542,7 +539,7 @@ fn ipv6_extension_headers_are_walked() -> Result<()> {
     let once = insert_ipv6_ext(&plain, 60, &[1, 4, 0, 0, 0, 0]);
     let twice = insert_ipv6_ext(&once, 0, &[1, 4, 0, 0, 0, 0]);
     let run = s.run(&twice)?;
-    assert_eq!((run.action, run.verdict()), (xdp::TX, Counter::Forwarded));
+    assert_eq!((run.action, run.verdict()), (xdp::TX, Reason::Forwarded));
     let expected = expected_encap(&ExpectedEncap {
         dst_mac: member_mac(2),
         src_mac: NODE_MAC,
@@ -564,7 +561,7 @@ fn ipv6_extension_headers_are_walked() -> Result<()> {
     let run = s.run(&long)?;
     assert_eq!(
         (run.action, run.verdict()),
-        (xdp::DROP, Counter::Unsupported)
+        (xdp::DROP, Reason::Unsupported)
     );
     Ok(())
 }
@@ -579,7 +576,7 @@ fn unknown_protocols_to_a_vip_are_dropped() -> Result<()> {
     let run = s.run(&input)?;
     assert_eq!(
         (run.action, run.verdict()),
-        (xdp::DROP, Counter::Unsupported)
+        (xdp::DROP, Reason::Unsupported)
     );
     Ok(())
 }
@@ -593,10 +590,10 @@ fn frames_too_big_for_the_underlay_are_dropped_not_truncated() -> Result<()> {
     let encapsulated_len = (input.len() - 14 + 50) as u32;
     s.update_config(|c| c.max_frame = encapsulated_len - 1)?;
     let run = s.run(&input)?;
-    assert_eq!((run.action, run.verdict()), (xdp::DROP, Counter::TooBig));
+    assert_eq!((run.action, run.verdict()), (xdp::DROP, Reason::TooBig));
     s.update_config(|c| c.max_frame = encapsulated_len)?;
     let run = s.run(&input)?;
-    assert_eq!((run.action, run.verdict()), (xdp::TX, Counter::Forwarded));
+    assert_eq!((run.action, run.verdict()), (xdp::TX, Reason::Forwarded));
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use cdn_common::{
-    counters::Counter,
+    counters::PacketCounts,
     hash::{PROTO_TCP, PROTO_UDP, flow_hash_v4, flow_hash_v6, ports_word, v4_word, v6_words},
     maps::{MAX_MEMBERS, NO_MEMBER, NODE_DRAINING, NODE_READY, NextHop, NodeConfig},
 };
@@ -324,9 +324,9 @@ impl Core {
             table_size: self.tables.size(),
             members,
             services,
-            counters: Counter::ALL
-                .iter()
-                .map(|c| (c.name().to_string(), counters[*c as usize]))
+            counters: counters
+                .series()
+                .map(|(reason, action, n)| (format!("{}/{}", reason.name(), action.name()), n))
                 .collect(),
             bgp: self
                 .bgp
@@ -961,7 +961,7 @@ async fn gossip(shared: Shared, every: Duration) {
 
 fn empty_snapshot(core: &Core) -> metrics::Snapshot {
     metrics::Snapshot {
-        counters: [0; Counter::COUNT as usize],
+        counters: PacketCounts::default(),
         members: Vec::new(),
         services: Vec::new(),
         draining: core.draining,

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cdn_common::counters::Counter;
+use cdn_common::counters::PacketCounts;
 use log::{debug, warn};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -32,8 +32,8 @@ use crate::operator::http::{self, Request, Response};
 /// What the daemon knows at scrape time; everything the metrics show comes from here.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
-    /// Data-plane counters summed over all CPUs, indexed by `Counter as usize`.
-    pub counters: [u64; Counter::COUNT as usize],
+    /// Data-plane counters summed over all CPUs, per (reason, action).
+    pub counters: PacketCounts,
     /// Every configured member, this node included.
     pub members: Vec<MemberMetrics>,
     /// Every configured service.
@@ -243,9 +243,10 @@ fn openmetrics_to_prometheus(openmetrics: &str) -> String {
 struct SnapshotCollector(Snapshot);
 
 /// Help of the per-reason packet counters.
-const PACKETS_HELP: &str = "Packets handled by the XDP program, by reason, summed over CPUs. \
-     Series of kind verdict add up to the packets seen; series of kind info count events that \
-     come on top of a verdict.";
+const PACKETS_HELP: &str = "Packets handled by the XDP program, summed over CPUs, by reason (why) \
+     and action (the XDP action returned: pass, drop, tx, redirect, aborted). Every packet is \
+     counted in exactly one series of kind verdict, so those add up to the packets seen; series \
+     of kind info count events that come on top of a packet's verdict, with its action.";
 
 impl Collector for SnapshotCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
@@ -257,11 +258,14 @@ impl Collector for SnapshotCollector {
             "cdn_steer_packets",
             PACKETS_HELP,
             None,
-            Counter::ALL.iter().map(|&c| {
-                let kind = if c.is_verdict() { "verdict" } else { "info" };
+            s.counters.series().map(|(reason, action, n)| {
                 (
-                    [("reason", c.name()), ("kind", kind)],
-                    ConstCounter::new(s.counters[c as usize]),
+                    [
+                        ("reason", reason.name()),
+                        ("action", action.name()),
+                        ("kind", reason.kind().name()),
+                    ],
+                    ConstCounter::new(n),
                 )
             }),
         )?;
@@ -608,6 +612,7 @@ async fn scrape(request: &Request, source: SnapshotSource) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cdn_common::counters::{Action, Reason, counter_slot};
     use std::io::{Read, Write};
     use std::net::TcpStream;
     use std::process::{Command, Stdio};
@@ -615,11 +620,11 @@ mod tests {
     use std::time::Instant;
 
     fn snapshot() -> Snapshot {
-        let mut counters = [0; Counter::COUNT as usize];
-        for (i, c) in counters.iter_mut().enumerate() {
+        let mut counters = PacketCounts::default();
+        for (i, c) in counters.slots.iter_mut().enumerate() {
             *c = 100 + i as u64;
         }
-        counters[Counter::Forwarded as usize] = 7;
+        counters.set(Reason::Forwarded, Action::Tx, 7);
         Snapshot {
             counters,
             members: vec![
@@ -691,18 +696,21 @@ mod tests {
 
     /// Every sample of the test snapshot, in order; the same in both formats.
     fn expected_samples() -> Vec<String> {
-        let mut expected: Vec<String> = Counter::ALL
+        // Every pair is non-zero in the test snapshot, so every pair shows, in slot order.
+        let mut expected: Vec<String> = Reason::ALL
             .iter()
-            .map(|&c| {
-                let kind = if c.is_verdict() { "verdict" } else { "info" };
-                let value = if c == Counter::Forwarded {
+            .flat_map(|&r| Action::ALL.iter().map(move |&a| (r, a)))
+            .map(|(r, a)| {
+                let kind = if r.is_verdict() { "verdict" } else { "info" };
+                let value = if (r, a) == (Reason::Forwarded, Action::Tx) {
                     7
                 } else {
-                    100 + c as u64
+                    100 + u64::from(counter_slot(r, a))
                 };
                 format!(
-                    "cdn_steer_packets_total{{reason=\"{}\",kind=\"{kind}\"}} {value}",
-                    c.name()
+                    "cdn_steer_packets_total{{reason=\"{}\",action=\"{}\",kind=\"{kind}\"}} {value}",
+                    r.name(),
+                    a.name()
                 )
             })
             .collect();
