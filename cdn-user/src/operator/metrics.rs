@@ -830,6 +830,47 @@ mod tests {
     }
 
     #[test]
+    fn metrics_packets_show_every_possible_pair_even_at_zero_and_no_impossible_one() {
+        let mut s = snapshot();
+        s.counters = PacketCounts::default();
+        let text = encode(&s).unwrap();
+        let packets: Vec<&str> = samples(&text)
+            .into_iter()
+            .filter(|l| l.starts_with("cdn_steer_packets_total{"))
+            .collect();
+        for line in [
+            r#"cdn_steer_packets_total{reason="forwarded",action="tx",kind="verdict"} 0"#,
+            r#"cdn_steer_packets_total{reason="forwarded",action="redirect",kind="verdict"} 0"#,
+            r#"cdn_steer_packets_total{reason="malformed",action="drop",kind="verdict"} 0"#,
+            r#"cdn_steer_packets_total{reason="fib_miss",action="pass",kind="info"} 0"#,
+        ] {
+            assert!(packets.contains(&line), "{line}\n{text}");
+        }
+        // A reason that only ever drops has no series for the other actions.
+        assert!(
+            !packets
+                .iter()
+                .any(|l| l.contains(r#"reason="malformed",action="pass""#)),
+            "{text}"
+        );
+        let declared: usize = Reason::ALL
+            .iter()
+            .map(|r| r.actions().count_ones() as usize)
+            .sum();
+        assert_eq!(packets.len(), declared, "{text}");
+
+        // A pair outside the declaration still shows once it counts something.
+        s.counters.set(Reason::Malformed, Action::Pass, 3);
+        let text = encode(&s).unwrap();
+        assert!(
+            samples(&text).contains(
+                &r#"cdn_steer_packets_total{reason="malformed",action="pass",kind="verdict"} 3"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn metrics_format_follows_the_accept_header() {
         // What Prometheus 2.x sends.
         let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
