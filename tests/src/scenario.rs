@@ -95,42 +95,51 @@ pub struct Run {
 }
 
 impl Run {
-    /// The verdict's reason. Checks that exactly one verdict counter moved, by one, and that
-    /// it was counted with the action the program returned.
+    /// The verdict's reason. Panics unless exactly one verdict counter moved, by one, with
+    /// the action the program returned (see [`Run::try_verdict`]).
     pub fn verdict(&self) -> Reason {
+        match self.try_verdict() {
+            Ok(reason) => reason,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The verdict's reason, if exactly one verdict counter moved, by one, and it was counted
+    /// with the action the program returned (informational counters with that action too).
+    pub fn try_verdict(&self) -> Result<Reason> {
         let verdicts: Vec<_> = self
             .counted
             .iter()
             .filter(|(r, _, _)| r.is_verdict())
             .collect();
-        assert_eq!(
-            verdicts.len(),
-            1,
+        anyhow::ensure!(
+            verdicts.len() == 1,
             "exactly one verdict counter per packet: {:?}",
             self.counted
         );
         let (reason, action, n) = *verdicts[0];
-        assert_eq!(n, 1, "verdict counted once: {:?}", self.counted);
-        assert_eq!(
-            action as u32, self.action,
-            "the action counted is the action returned: {:?}",
+        anyhow::ensure!(n == 1, "verdict counted once: {:?}", self.counted);
+        anyhow::ensure!(
+            action as u32 == self.action,
+            "returned action {} but counted {:?}",
+            self.action,
             self.counted
         );
-        assert!(
+        anyhow::ensure!(
             reason.allows(action),
             "{} is not declared with action {}",
             reason.name(),
             action.name()
         );
         for (info, info_action, _) in self.counted.iter().filter(|(r, _, _)| !r.is_verdict()) {
-            assert_eq!(
-                *info_action,
-                action,
-                "{} counted with the packet's action",
-                info.name()
+            anyhow::ensure!(
+                *info_action == action,
+                "{} counted with another action than the packet's: {:?}",
+                info.name(),
+                self.counted
             );
         }
-        reason
+        Ok(reason)
     }
 
     /// How much the counters of `reason` moved, whatever the action.

@@ -621,7 +621,7 @@ fn run_case(s: &mut Scenario, case: &Case) -> Result<()> {
     };
     let run = s.run(&case.input)?;
     // Checks the action counted against the action returned, too.
-    let reason = run.verdict();
+    let reason = run.try_verdict()?;
     anyhow::ensure!(
         (run.action, reason) == (case.action, case.reason),
         "got ({}, {reason:?}), expected ({}, {:?})",
