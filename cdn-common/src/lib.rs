@@ -3,7 +3,8 @@
 //! - [`maps`]: the layout of every BPF map key and value, and the map names.
 //! - [`wire`]: the steering encapsulation header carried between nodes.
 //! - [`hash`]: the keyed flow hash; the kernel and userspace call the same function.
-//! - [`counters`]: the data plane's per-CPU counters, with their metric names.
+//! - [`counters`]: why (reason) and what (action) for every packet, and the per-CPU counters
+//!   indexed by the pair, with their metric names.
 //!
 //! All types are `#[repr(C)]`, contain no padding the compiler could fill with garbage (padding is
 //! explicit), and are plain data, so the userspace side can implement `aya::Pod` for them.

@@ -53,7 +53,9 @@ pub const MAP_MEMBERS: &str = "MEMBERS";
 pub const MAP_MEMBER_ADDRS: &str = "MEMBER_ADDRS";
 pub const MAP_NEXT_HOPS: &str = "NEXT_HOPS";
 pub const MAP_DEVICES: &str = "DEVICES";
-pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Indexed by (reason, action) since the verdict split; named anew so that a controller
+/// upgraded in place never reuses a pinned map of the old, per-reason layout.
+pub const MAP_COUNTERS: &str = "VERDICT_COUNTS";
 pub const MAP_MEMBER_STATS: &str = "MEMBER_STATS";
 
 /// Name of the XDP program in the object file.

@@ -21,7 +21,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-use crate::{maps::count_index, steer};
+use cdn_common::counters::Action;
+
+use crate::{steer, verdict};
 
 /// Save area size; frames up to 255 bytes can be saved.
 const SAVED_BYTES: usize = 256;
@@ -81,12 +83,14 @@ pub fn bench_steer(ctx: XdpContext) -> u32 {
     let Some(len) = save(&ctx) else {
         return xdp_action::XDP_ABORTED;
     };
-    let (action, reason) = steer::process(&ctx);
-    count_index(reason);
-    match restore(&ctx, len) {
-        Some(()) => action,
-        None => xdp_action::XDP_ABORTED,
-    }
+    let verdict = steer::process(&ctx);
+    // A frame that cannot be put back makes the run invalid: it is counted as aborted, like
+    // the action returned.
+    let verdict = match restore(&ctx, len) {
+        Some(()) => verdict,
+        None => verdict.with_action(Action::Aborted),
+    };
+    verdict::finish(verdict)
 }
 
 /// Nothing between `save` and `restore`: the harness's cost.

@@ -8,7 +8,7 @@
 //! packet at worst; it never drops it and never lets the client's connection be reset.
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams},
     helpers::generated::{
         bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head,
         bpf_xdp_adjust_tail,
@@ -16,19 +16,16 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use cdn_common::{
-    counters::Counter,
+    counters::{Action, Reason},
     maps::{FAMILY_V4, FAMILY_V6, NO_MEMBER, NodeConfig},
-    wire::{
-        ENCAP_LEN_V4, ENCAP_LEN_V6, ETH_HEADER_LEN, IPV4_HEADER_LEN, IPV6_HEADER_LEN, OUTER_TTL,
-        STEER_INNER_V6, STEER_VERSION, UDP_HEADER_LEN,
-    },
+    wire::{ENCAP_LEN_V4, ENCAP_LEN_V6, OUTER_TTL, STEER_INNER_V6, STEER_VERSION},
 };
 
 use crate::{
-    maps::{DEVICES, MEMBERS, NEXT_HOPS, count, count_member},
+    maps::{DEVICES, MEMBERS, NEXT_HOPS, count_member},
     packet::Frame,
-    parse::{ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP},
-    steer::{Packed, packed},
+    verdict::Verdict,
+    wire::{eth, ipv4, ipv6, load, proto, steer, store, udp},
 };
 
 const AF_INET: u8 = 2;
@@ -63,13 +60,6 @@ impl Encap {
     };
 }
 
-/// Stores `value` at `base + offset` with full-width stores (see `Frame::read` on alignment).
-#[inline(always)]
-unsafe fn put<T>(base: *mut u8, offset: usize, value: T) {
-    // SAFETY: callers pass offsets inside a region they bounds-checked as a whole.
-    unsafe { core::ptr::write(base.add(offset).cast::<T>(), value) }
-}
-
 /// 16 address bytes of a map value as four words. The fields this is used on sit at 4-byte
 /// aligned offsets of 8-byte aligned map values.
 #[inline(always)]
@@ -92,52 +82,63 @@ fn sum16(bytes: &[u8; 4]) -> u32 {
         + (u16::from_be_bytes([bytes[2], bytes[3]]) as u32)
 }
 
+/// Version 4, header length 5 words, type of service 0: the first two bytes of our IPv4 header.
+const IPV4_VER_IHL_TOS: u16 = 0x4500;
+
+/// Header checksum of the outer IPv4 header `try_encap_and_send` writes: every field but the
+/// length and the addresses is a constant.
 #[inline(always)]
 fn ipv4_checksum(total_len: u16, src: &[u8; 4], dst: &[u8; 4]) -> u16 {
-    let mut sum: u32 =
-        0x4500 + total_len as u32 + 0x4000 + ((OUTER_TTL as u32) << 8 | IPPROTO_UDP as u32);
+    let mut sum: u32 = IPV4_VER_IHL_TOS as u32
+        + total_len as u32
+        + ipv4::DONT_FRAGMENT as u32
+        + ((OUTER_TTL as u32) << 8 | proto::UDP as u32);
     sum += sum16(src) + sum16(dst);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
 }
 
-/// Wraps the inner packet for `e.target` and sends it. Returns the packed verdict: the action
-/// with `reason` on success, a drop with the failure's reason otherwise.
+/// Wraps the inner packet for `e.target` and sends it. Returns `pending` (the reason the path
+/// gave) with the action the transmission ended in, or a drop with the reason encapsulation
+/// failed: never the path's reason with a drop.
 ///
 /// A separate BPF function (it has three call sites), so it returns a scalar: see steer.rs.
 #[inline(never)]
-pub fn encap_and_send(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap, reason: u32) -> Packed {
-    match try_encap_and_send(ctx, cfg, e) {
-        Ok(action) => action as u64 | (reason as u64) << 32,
-        Err(reason) => packed(xdp_action::XDP_DROP, reason),
+pub fn encap_and_send(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap, pending: Verdict) -> Verdict {
+    match try_encap_and_send(ctx, cfg, e, pending) {
+        Ok(verdict) => verdict,
+        Err(reason) => Verdict::drop(reason),
     }
 }
 
 #[inline(always)]
-fn try_encap_and_send(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap) -> Result<u32, Counter> {
-    let member = MEMBERS.get(e.target as u32).ok_or(Counter::NoRoute)?;
+fn try_encap_and_send(
+    ctx: &XdpContext,
+    cfg: &NodeConfig,
+    e: &Encap,
+    pending: Verdict,
+) -> Result<Verdict, Reason> {
+    let member = MEMBERS.get(e.target as u32).ok_or(Reason::NoRoute)?;
     let family = member.family;
     let dst_addr = words(&member.addr);
     let outer_v6 = match family {
         FAMILY_V4 if cfg.underlay_v4 != [0; 4] => false,
         FAMILY_V6 if cfg.underlay_v6 != [0; 16] => true,
-        _ => return Err(Counter::NoRoute),
+        _ => return Err(Reason::NoRoute),
     };
     let outer_len = if outer_v6 { ENCAP_LEN_V6 } else { ENCAP_LEN_V4 };
     let frame_len = outer_len + e.inner_len;
     if cfg.max_frame != 0 && frame_len > cfg.max_frame as usize {
-        return Err(Counter::TooBig);
+        return Err(Reason::TooBig);
     }
     // Our own MAC, as the sender addressed it: needed if the kernel has to route the result.
-    let our_mac = Frame::new(ctx)
-        .read::<[u16; 3]>(0)
-        .ok_or(Counter::Malformed)?;
+    let our_mac = Frame::new(ctx).get(0, eth::DST).ok_or(Reason::Malformed)?;
 
     let delta = e.inner_off as i32 - outer_len as i32;
     // SAFETY: plain helper call on our context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
-        return Err(Counter::TooBig);
+        return Err(Reason::EncapFailed);
     }
     let mut frame = Frame::new(ctx);
     // Bytes after the inner packet (Ethernet padding of a short frame, or junk behind a packet
@@ -146,11 +147,11 @@ fn try_encap_and_send(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap) -> Result<u
     if excess > 0 {
         // SAFETY: plain helper call on our context; shrinks the frame by `excess` bytes.
         if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -excess) } != 0 {
-            return Err(Counter::Malformed);
+            return Err(Reason::EncapFailed);
         }
         frame = Frame::new(ctx);
     }
-    let udp_len = (UDP_HEADER_LEN + 8 + e.inner_len) as u16;
+    let udp_len = (udp::LEN + steer::LEN + e.inner_len) as u16;
     let steer_hops = [e.remaining[0].to_be(), e.remaining[1].to_be()];
     let hop_count = (e.remaining[0] != NO_MEMBER) as u8 + (e.remaining[1] != NO_MEMBER) as u8;
     let steer_flags = if e.inner_v6 { STEER_INNER_V6 } else { 0 };
@@ -158,64 +159,68 @@ fn try_encap_and_send(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap) -> Result<u
     let udp_off = if outer_v6 {
         let base = frame
             .at::<[u8; ENCAP_LEN_V6]>(0)
-            .ok_or(Counter::Malformed)?
+            .ok_or(Reason::EncapFailed)?
             .cast::<u8>();
         let label = (e.entropy as u32) & 0x000f_ffff;
-        // SAFETY: all offsets lie inside the ENCAP_LEN_V6 bytes checked above.
+        // SAFETY: every field lies inside the ENCAP_LEN_V6 bytes checked above.
         unsafe {
-            put(base, 12, ETH_P_IPV6.to_be());
-            put(base, 14, (0x6000_0000u32 | label).to_be());
-            put(base, 18, udp_len.to_be());
-            put(base, 20, IPPROTO_UDP);
-            put(base, 21, OUTER_TTL);
-            put(base, 22, words(&cfg.underlay_v6));
-            put(base, 38, dst_addr);
+            store(base, eth::ETHERTYPE, eth::TYPE_IPV6.to_be());
+            let ip = base.add(eth::LEN);
+            store(ip, ipv6::VER_TC_FLOW, (0x6000_0000u32 | label).to_be());
+            store(ip, ipv6::PAYLOAD_LEN, udp_len.to_be());
+            store(ip, ipv6::NEXT_HEADER, proto::UDP);
+            store(ip, ipv6::HOP_LIMIT, OUTER_TTL);
+            store(ip, ipv6::SRC, words(&cfg.underlay_v6));
+            store(ip, ipv6::DST, dst_addr);
         }
-        ETH_HEADER_LEN + IPV6_HEADER_LEN
+        eth::LEN + ipv6::LEN
     } else {
         let base = frame
             .at::<[u8; ENCAP_LEN_V4]>(0)
-            .ok_or(Counter::Malformed)?
+            .ok_or(Reason::EncapFailed)?
             .cast::<u8>();
-        let total = (IPV4_HEADER_LEN as u16) + udp_len;
+        let total = (ipv4::LEN as u16) + udp_len;
         let dst4 = dst_addr[0].to_ne_bytes();
         let csum = ipv4_checksum(total, &cfg.underlay_v4, &dst4);
-        // SAFETY: all offsets lie inside the ENCAP_LEN_V4 bytes checked above.
+        // SAFETY: every field lies inside the ENCAP_LEN_V4 bytes checked above.
         unsafe {
-            put(base, 12, ETH_P_IP.to_be());
-            put(base, 14, 0x0045u16); // version 4, IHL 5; TOS 0
-            put(base, 16, total.to_be());
-            put(base, 18, 0u16); // identification: DF is set, so unused
-            put(base, 20, 0x4000u16.to_be()); // don't fragment
-            put(base, 22, OUTER_TTL);
-            put(base, 23, IPPROTO_UDP);
-            put(base, 24, csum.to_be());
-            put(base, 26, u32::from_ne_bytes(cfg.underlay_v4));
-            put(base, 30, dst_addr[0]);
+            store(base, eth::ETHERTYPE, eth::TYPE_IPV4.to_be());
+            let ip = base.add(eth::LEN);
+            store(ip, ipv4::VER_IHL_TOS, IPV4_VER_IHL_TOS.to_be());
+            store(ip, ipv4::TOTAL_LEN, total.to_be());
+            store(ip, ipv4::IDENT, 0); // DF is set, so unused
+            store(ip, ipv4::FLAGS_FRAG, ipv4::DONT_FRAGMENT.to_be());
+            store(ip, ipv4::TTL, OUTER_TTL);
+            store(ip, ipv4::PROTO, proto::UDP);
+            store(ip, ipv4::CHECKSUM, csum.to_be());
+            store(ip, ipv4::SRC, u32::from_ne_bytes(cfg.underlay_v4));
+            store(ip, ipv4::DST, dst_addr[0]);
         }
-        ETH_HEADER_LEN + IPV4_HEADER_LEN
+        eth::LEN + ipv4::LEN
     };
     let base = frame
-        .at::<[u8; UDP_HEADER_LEN + 8]>(udp_off)
-        .ok_or(Counter::Malformed)?
+        .at::<[u8; udp::LEN + steer::LEN]>(udp_off)
+        .ok_or(Reason::EncapFailed)?
         .cast::<u8>();
-    // SAFETY: inside the 16 bytes checked above.
+    // SAFETY: every field lies inside the UDP and steering headers checked above.
     unsafe {
-        put(base, 0, e.entropy.to_be());
-        put(base, 2, cfg.steer_port.to_be());
-        put(base, 4, udp_len.to_be());
-        put(base, 6, 0u16); // zero checksum: see cdn_common::wire
-        put(base, 8, STEER_VERSION);
-        put(base, 9, steer_flags);
-        put(base, 10, e.budget);
-        put(base, 11, hop_count);
-        put(base, 12, steer_hops);
+        store(base, udp::SRC_PORT, e.entropy.to_be());
+        store(base, udp::DST_PORT, cfg.steer_port.to_be());
+        store(base, udp::LENGTH, udp_len.to_be());
+        store(base, udp::CHECKSUM, 0); // zero checksum: see cdn_common::wire
+        let sh = base.add(udp::LEN);
+        store(sh, steer::VERSION, STEER_VERSION);
+        store(sh, steer::FLAGS, steer_flags);
+        store(sh, steer::HOP_BUDGET, e.budget);
+        store(sh, steer::HOP_COUNT, hop_count);
+        store(sh, steer::HOPS, steer_hops);
     }
     count_member(e.target, frame_len as u64);
-    Ok(send(ctx, &frame, e, outer_v6, frame_len, our_mac))
+    send(ctx, &frame, e, outer_v6, frame_len, our_mac, pending)
 }
 
-/// Fills in the Ethernet addresses and transmits towards `e.target`.
+/// Fills in the Ethernet addresses and transmits towards `e.target`: `pending` with the
+/// action the transmission took.
 #[inline(always)]
 fn send(
     ctx: &XdpContext,
@@ -224,11 +229,12 @@ fn send(
     outer_v6: bool,
     frame_len: usize,
     our_mac: [u16; 3],
-) -> u32 {
-    let Some(eth) = frame.at::<[u8; 12]>(0) else {
-        return xdp_action::XDP_DROP;
-    };
-    let eth = eth.cast::<u8>();
+    pending: Verdict,
+) -> Result<Verdict, Reason> {
+    let macs = frame
+        .at::<[u8; 12]>(0)
+        .ok_or(Reason::EncapFailed)?
+        .cast::<u8>();
     // The coarse clock (a tick's resolution, same epoch as CLOCK_MONOTONIC) is plenty for
     // expiry times seconds away, and costs a fraction of `bpf_ktime_get_ns` (measured: the
     // precise clock added 20-40 ns to every forwarded packet in a VM).
@@ -241,31 +247,31 @@ fn send(
         let (dst, src, ifindex) = (mac(&nh.dst_mac), mac(&nh.src_mac), nh.ifindex);
         // SAFETY: inside the 12 bytes checked above.
         unsafe {
-            put(eth, 0, dst);
-            put(eth, 6, src);
+            store(macs, eth::DST, dst);
+            store(macs, eth::SRC, src);
         }
-        return transmit(ctx, ifindex);
+        return Ok(pending.with_action(transmit(ctx, ifindex)));
     }
-    count(Counter::FibLookup);
+    let pending = pending.with_info(Reason::FibLookup);
     // SAFETY: bpf_fib_lookup is a plain C struct of integers; all-zero is valid.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.l4_protocol = IPPROTO_UDP;
+    params.l4_protocol = proto::UDP;
     params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_1.tot_len = (frame_len - ETH_HEADER_LEN) as u16;
-    let Some(ip) = frame.at::<[u8; 40]>(ETH_HEADER_LEN) else {
-        return pass_to_kernel(eth, our_mac);
+    params.__bindgen_anon_1.tot_len = (frame_len - eth::LEN) as u16;
+    let Some(ip) = frame.at::<[u8; ipv6::LEN]>(eth::LEN) else {
+        return Ok(pass_to_kernel(macs, our_mac, pending));
     };
     let ip = ip.cast::<u8>();
-    // SAFETY: the addresses lie inside the 40 bytes checked above (IPv4: 12..20).
+    // SAFETY: the addresses lie inside the 40 bytes checked above (IPv4's end at 20).
     unsafe {
         if outer_v6 {
             params.family = AF_INET6;
-            params.__bindgen_anon_3.ipv6_src = core::ptr::read(ip.add(8).cast());
-            params.__bindgen_anon_4.ipv6_dst = core::ptr::read(ip.add(24).cast());
+            params.__bindgen_anon_3.ipv6_src = load(ip, ipv6::SRC);
+            params.__bindgen_anon_4.ipv6_dst = load(ip, ipv6::DST);
         } else {
             params.family = AF_INET;
-            params.__bindgen_anon_3.ipv4_src = core::ptr::read(ip.add(12).cast());
-            params.__bindgen_anon_4.ipv4_dst = core::ptr::read(ip.add(16).cast());
+            params.__bindgen_anon_3.ipv4_src = load(ip, ipv4::SRC);
+            params.__bindgen_anon_4.ipv4_dst = load(ip, ipv4::DST);
         }
     }
     // SAFETY: params lives on our stack and the size passed is its size.
@@ -278,64 +284,68 @@ fn send(
         )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return pass_to_kernel(eth, our_mac);
+        return Ok(pass_to_kernel(macs, our_mac, pending));
     }
     // SAFETY: inside the 12 bytes checked above.
     unsafe {
-        put(eth, 0, mac(&params.dmac));
-        put(eth, 6, mac(&params.smac));
+        store(macs, eth::DST, mac(&params.dmac));
+        store(macs, eth::SRC, mac(&params.smac));
     }
-    transmit(ctx, params.ifindex)
+    Ok(pending.with_action(transmit(ctx, params.ifindex)))
 }
 
 /// The kernel routes the encapsulated packet and resolves the neighbour itself. The frame must
 /// be addressed to our own MAC, or the stack would discard it as "for another host".
 #[inline(always)]
-fn pass_to_kernel(eth: *mut u8, our_mac: [u16; 3]) -> u32 {
-    count(Counter::FibMiss);
-    // SAFETY: `eth` points at 12 bounds-checked bytes.
+fn pass_to_kernel(macs: *mut u8, our_mac: [u16; 3], pending: Verdict) -> Verdict {
+    // SAFETY: `macs` points at 12 bounds-checked bytes.
     unsafe {
-        put(eth, 0, our_mac);
-        put(eth, 6, our_mac);
+        store(macs, eth::DST, our_mac);
+        store(macs, eth::SRC, our_mac);
     }
-    xdp_action::XDP_PASS
+    pending.with_info(Reason::FibMiss).with_action(Action::Pass)
 }
 
 #[inline(always)]
-fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
+fn transmit(ctx: &XdpContext, ifindex: u32) -> Action {
     if ifindex == ctx.ingress_ifindex() as u32 {
-        return xdp_action::XDP_TX;
+        return Action::Tx;
     }
     match DEVICES.redirect(ifindex, 0) {
-        Ok(action) => action,
+        // The helper returns XDP_REDIRECT exactly on success.
+        Ok(_) => Action::Redirect,
         // Not in the device map (e.g. an interface the controller has not seen yet).
-        // SAFETY: plain helper call.
-        Err(_) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+        // SAFETY: plain helper call; XDP_REDIRECT, or XDP_ABORTED for flags it rejects.
+        Err(_) => Action::from_xdp(unsafe { bpf_redirect(ifindex, 0) } as u32),
     }
 }
 
 /// Strips everything in front of the inner IP packet and gives it an Ethernet header with the
 /// outer frame's addresses, so the local stack accepts it as addressed to this host.
 #[inline(always)]
-pub fn decapsulate(ctx: &XdpContext, inner_off: usize, inner_v6: bool) -> Result<(), Counter> {
+pub fn decapsulate(ctx: &XdpContext, inner_off: usize, inner_v6: bool) -> Result<(), Reason> {
     let macs = Frame::new(ctx)
-        .read::<[u16; 6]>(0)
-        .ok_or(Counter::Malformed)?;
-    let delta = inner_off as i32 - ETH_HEADER_LEN as i32;
+        .get(0, eth::ADDRS)
+        .ok_or(Reason::Malformed)?;
+    let delta = inner_off as i32 - eth::LEN as i32;
     // SAFETY: plain helper call on our context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
-        return Err(Counter::Malformed);
+        return Err(Reason::Malformed);
     }
     let frame = Frame::new(ctx);
-    let eth = frame
-        .at::<[u8; 14]>(0)
-        .ok_or(Counter::Malformed)?
+    let hdr = frame
+        .at::<[u8; eth::LEN]>(0)
+        .ok_or(Reason::Malformed)?
         .cast::<u8>();
-    let ethertype = if inner_v6 { ETH_P_IPV6 } else { ETH_P_IP };
+    let ethertype = if inner_v6 {
+        eth::TYPE_IPV6
+    } else {
+        eth::TYPE_IPV4
+    };
     // SAFETY: inside the 14 bytes checked above.
     unsafe {
-        put(eth, 0, macs);
-        put(eth, 12, ethertype.to_be());
+        store(hdr, eth::ADDRS, macs);
+        store(hdr, eth::ETHERTYPE, ethertype.to_be());
     }
     Ok(())
 }

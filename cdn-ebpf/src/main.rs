@@ -10,14 +10,14 @@ mod packet;
 mod parse;
 mod sockets;
 mod steer;
+mod verdict;
+mod wire;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 
 #[xdp]
 pub fn cdn_steer(ctx: XdpContext) -> u32 {
-    let (action, reason) = steer::process(&ctx);
-    maps::count_index(reason);
-    action
+    verdict::finish(steer::process(&ctx))
 }
 
 /// Benchmark baseline: the cheapest possible XDP program. Timed beside `cdn_steer` in the same

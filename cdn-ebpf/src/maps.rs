@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
 };
 use cdn_common::{
-    counters::Counter,
+    counters::COUNTER_SLOTS,
     maps::{
         Bucket, MAX_MEMBERS, MAX_SERVICES, Member, MemberAddr, MemberStats, NextHop, NodeConfig,
         Service,
@@ -45,21 +45,18 @@ pub static NEXT_HOPS: Array<NextHop> = Array::with_max_entries(MAX_MEMBERS, 0);
 #[map(name = "DEVICES")]
 pub static DEVICES: DevMapHash = DevMapHash::with_max_entries(64, 0);
 
-/// One counter per verdict and reason, per CPU.
-#[map(name = "COUNTERS")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+/// One counter per (reason, action) pair, per CPU: see `cdn_common::counters`. Named
+/// `cdn_common::maps::MAP_COUNTERS`.
+#[map(name = "VERDICT_COUNTS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// Packets and bytes sent to each member, per CPU.
 #[map(name = "MEMBER_STATS")]
 pub static MEMBER_STATS: PerCpuArray<MemberStats> = PerCpuArray::with_max_entries(MAX_MEMBERS, 0);
 
+/// Bumps one slot of `COUNTERS`; only `verdict::finish` calls it.
 #[inline(always)]
-pub fn count(counter: Counter) {
-    count_index(counter as u32)
-}
-
-#[inline(always)]
-pub fn count_index(index: u32) {
+pub fn count_slot(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, and XDP runs with preemption disabled, so nobody else writes it.
         unsafe { *slot += 1 };
@@ -69,7 +66,7 @@ pub fn count_index(index: u32) {
 #[inline(always)]
 pub fn count_member(member: u16, bytes: u64) {
     if let Some(slot) = MEMBER_STATS.get_ptr_mut(member as u32) {
-        // SAFETY: as in `count`.
+        // SAFETY: as in `count_slot`.
         unsafe {
             (*slot).packets += 1;
             (*slot).bytes += bytes;

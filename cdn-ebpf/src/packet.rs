@@ -7,6 +7,8 @@
 
 use aya_ebpf::programs::XdpContext;
 
+use crate::wire::Field;
+
 /// Largest offset at which the program still looks for a header. Anything deeper is dropped as
 /// unsupported; keeping offsets below this lets the verifier bound every variable offset.
 pub const MAX_HEADER_OFFSET: usize = 512;
@@ -67,6 +69,12 @@ impl Frame {
     pub fn read<T: Copy>(&self, offset: usize) -> Option<T> {
         // SAFETY: `at` checked that the bytes lie inside the packet; see above on alignment.
         self.at::<T>(offset).map(|p| unsafe { core::ptr::read(p) })
+    }
+
+    /// Reads `field` of the header that starts at `header` (see [`Frame::read`]).
+    #[inline(always)]
+    pub fn get<T: Copy>(&self, header: usize, field: Field<T>) -> Option<T> {
+        self.read::<T>(header + field.off())
     }
 
     /// True if `len` bytes starting at `offset` lie inside the frame.

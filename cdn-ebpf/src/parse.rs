@@ -9,31 +9,15 @@
 //! and flows refer to their addresses by offset instead of copying them: the BPF stack is 512
 //! bytes for the whole call chain, and every copy would also cost time.
 
-use cdn_common::counters::Counter;
+use cdn_common::counters::Reason;
 
-use crate::packet::{Frame, MAX_HEADER_OFFSET};
-
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
-/// Pre-standard QinQ outer tag, still emitted by some switches.
-const ETH_P_QINQ_LEGACY: u16 = 0x9100;
-
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
-const IPPROTO_HOPOPTS: u8 = 0;
-const IPPROTO_ROUTING: u8 = 43;
-const IPPROTO_FRAGMENT: u8 = 44;
-const IPPROTO_DSTOPTS: u8 = 60;
+use crate::{
+    packet::{Frame, MAX_HEADER_OFFSET},
+    wire::{eth, icmp, ipv4, ipv6, load, proto, tcp, udp},
+};
 
 /// IPv6 extension headers skipped before giving up on a packet.
 const MAX_IPV6_EXT_HEADERS: usize = 4;
-
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_ACK: u8 = 0x10;
 
 /// Where the IP header starts and which family it is.
 #[derive(Clone, Copy)]
@@ -44,28 +28,37 @@ pub struct L2 {
 
 #[inline(always)]
 fn is_vlan(ethertype: u16) -> bool {
-    ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD || ethertype == ETH_P_QINQ_LEGACY
+    ethertype == eth::TYPE_8021Q
+        || ethertype == eth::TYPE_8021AD
+        || ethertype == eth::TYPE_QINQ_LEGACY
 }
 
 /// Walks Ethernet and up to two 802.1Q/802.1ad (or legacy 0x9100 QinQ) tags. `Ok(None)`: not IP, leave it alone.
 #[inline(always)]
-pub fn parse_l2(frame: &Frame) -> Result<Option<L2>, Counter> {
-    let mut ethertype = u16::from_be(frame.read::<u16>(12).ok_or(Counter::Malformed)?);
-    let mut off = 14;
+pub fn parse_l2(frame: &Frame) -> Result<Option<L2>, Reason> {
+    let ethertype_at = |off: usize| {
+        frame
+            .get(off, eth::vlan::ETHERTYPE)
+            .map(u16::from_be)
+            .ok_or(Reason::Malformed)
+    };
+    // Each tag (TCI, then the ethertype of what follows) sits where the previous header ends.
+    let mut off = eth::LEN;
+    let mut ethertype = u16::from_be(frame.get(0, eth::ETHERTYPE).ok_or(Reason::Malformed)?);
     if is_vlan(ethertype) {
-        ethertype = u16::from_be(frame.read::<u16>(16).ok_or(Counter::Malformed)?);
-        off = 18;
+        ethertype = ethertype_at(off)?;
+        off += eth::vlan::LEN;
         if is_vlan(ethertype) {
-            ethertype = u16::from_be(frame.read::<u16>(20).ok_or(Counter::Malformed)?);
-            off = 22;
+            ethertype = ethertype_at(off)?;
+            off += eth::vlan::LEN;
         }
     }
     Ok(match ethertype {
-        ETH_P_IP => Some(L2 {
+        eth::TYPE_IPV4 => Some(L2 {
             l3_off: off,
             v6: false,
         }),
-        ETH_P_IPV6 => Some(L2 {
+        eth::TYPE_IPV6 => Some(L2 {
             l3_off: off,
             v6: true,
         }),
@@ -73,26 +66,40 @@ pub fn parse_l2(frame: &Frame) -> Result<Option<L2>, Counter> {
     })
 }
 
+/// IPv4 header length in bytes, from the version/IHL byte.
+#[inline(always)]
+const fn ihl_bytes(ver_ihl: u8) -> usize {
+    (ver_ihl & 0x0f) as usize * 4
+}
+
 /// Offset of the source address in an IP header at `l3`.
 #[inline(always)]
 pub const fn src_addr_off(l3: usize, v6: bool) -> usize {
-    if v6 { l3 + 8 } else { l3 + 12 }
+    if v6 {
+        l3 + ipv6::SRC.off()
+    } else {
+        l3 + ipv4::SRC.off()
+    }
 }
 
 /// Offset of the destination address in an IP header at `l3`.
 #[inline(always)]
 pub const fn dst_addr_off(l3: usize, v6: bool) -> usize {
-    if v6 { l3 + 24 } else { l3 + 16 }
+    if v6 {
+        l3 + ipv6::DST.off()
+    } else {
+        l3 + ipv4::DST.off()
+    }
 }
 
 /// Requires the fixed IP header to be present, so that its addresses can be read.
 #[inline(always)]
-pub fn require_ip_header(frame: &Frame, l2: L2) -> Result<(), Counter> {
-    let len = if l2.v6 { 40 } else { 20 };
+pub fn require_ip_header(frame: &Frame, l2: L2) -> Result<(), Reason> {
+    let len = if l2.v6 { ipv6::LEN } else { ipv4::LEN };
     if frame.has(l2.l3_off, len) {
         Ok(())
     } else {
-        Err(Counter::Malformed)
+        Err(Reason::Malformed)
     }
 }
 
@@ -101,21 +108,27 @@ pub fn require_ip_header(frame: &Frame, l2: L2) -> Result<(), Counter> {
 /// caller validates the packet fully afterwards. A UDP packet too short for its header is
 /// malformed.
 #[inline(always)]
-pub fn peek_udp_dport(frame: &Frame, l2: L2) -> Result<Option<u16>, Counter> {
-    let (proto, l4) = if l2.v6 {
-        let h = frame.at::<[u8; 40]>(l2.l3_off).ok_or(Counter::Malformed)?;
+pub fn peek_udp_dport(frame: &Frame, l2: L2) -> Result<Option<u16>, Reason> {
+    let (next, l4) = if l2.v6 {
+        let h = frame
+            .at::<[u8; ipv6::LEN]>(l2.l3_off)
+            .ok_or(Reason::Malformed)?
+            .cast::<u8>();
         // SAFETY: inside the 40 bytes checked above.
-        (unsafe { (*h)[6] }, l2.l3_off + 40)
+        (unsafe { load(h, ipv6::NEXT_HEADER) }, l2.l3_off + ipv6::LEN)
     } else {
-        let h = frame.at::<[u8; 20]>(l2.l3_off).ok_or(Counter::Malformed)?;
+        let h = frame
+            .at::<[u8; ipv4::LEN]>(l2.l3_off)
+            .ok_or(Reason::Malformed)?
+            .cast::<u8>();
         // SAFETY: inside the 20 bytes checked above.
-        let (ver_ihl, proto) = unsafe { ((*h)[0], (*h)[9]) };
-        (proto, l2.l3_off + (ver_ihl & 0x0f) as usize * 4)
+        let (ver_ihl, next) = unsafe { (load(h, ipv4::VER_IHL), load(h, ipv4::PROTO)) };
+        (next, l2.l3_off + ihl_bytes(ver_ihl))
     };
-    if proto != IPPROTO_UDP {
+    if next != proto::UDP {
         return Ok(None);
     }
-    let port = frame.read::<u16>(l4 + 2).ok_or(Counter::Malformed)?;
+    let port = frame.get(l4, udp::DST_PORT).ok_or(Reason::Malformed)?;
     Ok(Some(u16::from_be(port)))
 }
 
@@ -145,9 +158,9 @@ impl Ip {
 /// Validates the IP header at `l3_off`: version, header and total lengths, fragments, and the
 /// IPv6 extension header chain.
 #[inline(always)]
-pub fn parse_ip(frame: &Frame, l3_off: usize, v6: bool) -> Result<Ip, Counter> {
+pub fn parse_ip(frame: &Frame, l3_off: usize, v6: bool) -> Result<Ip, Reason> {
     if l3_off > MAX_HEADER_OFFSET {
-        return Err(Counter::Unsupported);
+        return Err(Reason::Unsupported);
     }
     if v6 {
         parse_ipv6(frame, l3_off)
@@ -157,86 +170,87 @@ pub fn parse_ip(frame: &Frame, l3_off: usize, v6: bool) -> Result<Ip, Counter> {
 }
 
 #[inline(always)]
-fn parse_ipv4(frame: &Frame, l3: usize) -> Result<Ip, Counter> {
+fn parse_ipv4(frame: &Frame, l3: usize) -> Result<Ip, Reason> {
     let h = frame
-        .at::<[u8; 20]>(l3)
-        .ok_or(Counter::Malformed)?
+        .at::<[u8; ipv4::LEN]>(l3)
+        .ok_or(Reason::Malformed)?
         .cast::<u8>();
     // SAFETY: the 20 bytes at `h` are inside the packet (alignment: see `Frame::read`).
-    let (ver_ihl, total, frag, proto) = unsafe {
+    let (ver_ihl, total, frag, next) = unsafe {
         (
-            *h,
-            u16::from_be(core::ptr::read(h.add(2).cast::<u16>())) as usize,
-            u16::from_be(core::ptr::read(h.add(6).cast::<u16>())),
-            *h.add(9),
+            load(h, ipv4::VER_IHL),
+            u16::from_be(load(h, ipv4::TOTAL_LEN)) as usize,
+            u16::from_be(load(h, ipv4::FLAGS_FRAG)),
+            load(h, ipv4::PROTO),
         )
     };
     if ver_ihl >> 4 != 4 {
-        return Err(Counter::Malformed);
+        return Err(Reason::Malformed);
     }
-    let ihl = (ver_ihl & 0x0f) as usize * 4;
-    if ihl < 20 || total < ihl || l3 + total > frame.len() {
-        return Err(Counter::Malformed);
+    let ihl = ihl_bytes(ver_ihl);
+    if ihl < ipv4::LEN || total < ihl || l3 + total > frame.len() {
+        return Err(Reason::Malformed);
     }
     // More-fragments flag or a non-zero offset: a fragment.
-    if frag & 0x3fff != 0 {
-        return Err(Counter::Fragment);
+    if frag & ipv4::MORE_FRAGS_AND_OFFSET != 0 {
+        return Err(Reason::Fragment);
     }
     Ok(Ip {
         v6: false,
         l3_off: l3,
         ip_len: total,
         l4_off: l3 + ihl,
-        proto,
+        proto: next,
     })
 }
 
 #[inline(always)]
-fn parse_ipv6(frame: &Frame, l3: usize) -> Result<Ip, Counter> {
+fn parse_ipv6(frame: &Frame, l3: usize) -> Result<Ip, Reason> {
     let h = frame
-        .at::<[u8; 40]>(l3)
-        .ok_or(Counter::Malformed)?
+        .at::<[u8; ipv6::LEN]>(l3)
+        .ok_or(Reason::Malformed)?
         .cast::<u8>();
-    // SAFETY: the 40 bytes at `h` are inside the packet.
+    // SAFETY: the 40 bytes at `h` are inside the packet. The version is the high nibble of
+    // the first byte.
     let (ver, payload, mut next) = unsafe {
         (
             *h >> 4,
-            u16::from_be(core::ptr::read(h.add(4).cast::<u16>())) as usize,
-            *h.add(6),
+            u16::from_be(load(h, ipv6::PAYLOAD_LEN)) as usize,
+            load(h, ipv6::NEXT_HEADER),
         )
     };
     if ver != 6 {
-        return Err(Counter::Malformed);
+        return Err(Reason::Malformed);
     }
-    let total = 40 + payload;
+    let total = ipv6::LEN + payload;
     if l3 + total > frame.len() {
-        return Err(Counter::Malformed);
+        return Err(Reason::Malformed);
     }
-    let mut off = l3 + 40;
+    let mut off = l3 + ipv6::LEN;
     // Bounded walk: a fixed number of extension headers, each at a bounded offset.
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+            proto::HOPOPTS | proto::ROUTING | proto::DSTOPTS => {
                 let ext = frame
-                    .read::<u16>(off)
-                    .ok_or(Counter::Malformed)?
+                    .get(off, ipv6::ext::NEXT_AND_LEN)
+                    .ok_or(Reason::Malformed)?
                     .to_le_bytes();
                 next = ext[0];
-                off += (ext[1] as usize + 1) * 8;
+                off += (ext[1] as usize + 1) * ipv6::ext::LEN_UNIT;
                 if off > MAX_HEADER_OFFSET {
-                    return Err(Counter::Unsupported);
+                    return Err(Reason::Unsupported);
                 }
             }
-            IPPROTO_FRAGMENT => return Err(Counter::Fragment),
+            proto::FRAGMENT => return Err(Reason::Fragment),
             _ => break,
         }
     }
-    if matches!(next, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS) {
+    if matches!(next, proto::HOPOPTS | proto::ROUTING | proto::DSTOPTS) {
         // Chain longer than we walk.
-        return Err(Counter::Unsupported);
+        return Err(Reason::Unsupported);
     }
     if off > l3 + total {
-        return Err(Counter::Malformed);
+        return Err(Reason::Malformed);
     }
     Ok(Ip {
         v6: true,
@@ -282,10 +296,10 @@ impl Flow {
 
 /// Parses the transport header of a validated IP packet into the flow it belongs to.
 #[inline(always)]
-pub fn parse_flow(frame: &Frame, ip: &Ip) -> Result<Flow, Counter> {
+pub fn parse_flow(frame: &Frame, ip: &Ip) -> Result<Flow, Reason> {
     let l4 = ip.l4_off;
     if l4 > MAX_HEADER_OFFSET {
-        return Err(Counter::Unsupported);
+        return Err(Reason::Unsupported);
     }
     let l4_end = ip.l3_off + ip.ip_len;
     let mut flow = Flow {
@@ -298,62 +312,65 @@ pub fn parse_flow(frame: &Frame, ip: &Ip) -> Result<Flow, Counter> {
         ports: 0,
     };
     match ip.proto {
-        IPPROTO_TCP => {
+        proto::TCP => {
             let th = frame
-                .at::<[u8; 20]>(l4)
-                .ok_or(Counter::Malformed)?
+                .at::<[u8; tcp::LEN]>(l4)
+                .ok_or(Reason::Malformed)?
                 .cast::<u8>();
             // SAFETY: the 20 bytes at `th` are inside the packet.
             let (ports, doff, flags) = unsafe {
                 (
-                    core::ptr::read(th.cast::<u32>()),
-                    (*th.add(12) >> 4) as usize * 4,
-                    *th.add(13),
+                    load(th, tcp::PORTS),
+                    (load(th, tcp::DATA_OFF) >> 4) as usize * 4,
+                    load(th, tcp::FLAGS),
                 )
             };
-            if doff < 20 || l4 + doff > l4_end {
-                return Err(Counter::Malformed);
+            if doff < tcp::LEN || l4 + doff > l4_end {
+                return Err(Reason::Malformed);
             }
             flow.ports = ports;
             flow.tcp_flags = flags;
             Ok(flow)
         }
-        IPPROTO_UDP => {
+        proto::UDP => {
             let uh = frame
-                .at::<[u8; 8]>(l4)
-                .ok_or(Counter::Malformed)?
+                .at::<[u8; udp::LEN]>(l4)
+                .ok_or(Reason::Malformed)?
                 .cast::<u8>();
             // SAFETY: the 8 bytes at `uh` are inside the packet.
             let (ports, len) = unsafe {
                 (
-                    core::ptr::read(uh.cast::<u32>()),
-                    u16::from_be(core::ptr::read(uh.add(4).cast::<u16>())) as usize,
+                    load(uh, udp::PORTS),
+                    u16::from_be(load(uh, udp::LENGTH)) as usize,
                 )
             };
-            if len < 8 || l4 + len > l4_end {
-                return Err(Counter::Malformed);
+            if len < udp::LEN || l4 + len > l4_end {
+                return Err(Reason::Malformed);
             }
             flow.kind = Kind::Udp;
             flow.ports = ports;
             Ok(flow)
         }
-        IPPROTO_ICMP if !ip.v6 => parse_icmp(frame, ip, flow),
-        IPPROTO_ICMPV6 if ip.v6 => parse_icmp(frame, ip, flow),
-        _ => Err(Counter::Unsupported),
+        proto::ICMP if !ip.v6 => parse_icmp(frame, ip, flow),
+        proto::ICMPV6 if ip.v6 => parse_icmp(frame, ip, flow),
+        _ => Err(Reason::Unsupported),
     }
 }
 
 /// ICMP errors carry the start of the packet that caused them: a packet *from* the VIP. The flow
 /// they belong to is that packet's tuple reversed.
 #[inline(always)]
-fn parse_icmp(frame: &Frame, ip: &Ip, mut flow: Flow) -> Result<Flow, Counter> {
+fn parse_icmp(frame: &Frame, ip: &Ip, mut flow: Flow) -> Result<Flow, Reason> {
     let l4 = ip.l4_off;
-    if l4 + 8 > ip.l3_off + ip.ip_len {
-        return Err(Counter::Malformed);
+    if l4 + icmp::LEN > ip.l3_off + ip.ip_len {
+        return Err(Reason::Malformed);
     }
-    let header = frame.at::<[u8; 8]>(l4).ok_or(Counter::Malformed)?;
+    let header = frame
+        .at::<[u8; icmp::LEN]>(l4)
+        .ok_or(Reason::Malformed)?
+        .cast::<u8>();
     // SAFETY: inside the 8 bytes checked above.
-    let icmp_type = unsafe { (*header)[0] };
+    let icmp_type = unsafe { load(header, icmp::TYPE) };
     let is_error = if ip.v6 {
         // Destination unreachable, packet too big, time exceeded, parameter problem.
         (1..=4).contains(&icmp_type)
@@ -366,37 +383,38 @@ fn parse_icmp(frame: &Frame, ip: &Ip, mut flow: Flow) -> Result<Flow, Counter> {
     if !is_error {
         return Ok(flow);
     }
-    let quoted = l4 + 8;
-    let (proto, ports_off) = if ip.v6 {
+    let quoted = l4 + icmp::LEN;
+    let (quoted_proto, ports_off) = if ip.v6 {
         let h = frame
-            .at::<[u8; 40]>(quoted)
-            .ok_or(Counter::Malformed)?
+            .at::<[u8; ipv6::LEN]>(quoted)
+            .ok_or(Reason::Malformed)?
             .cast::<u8>();
         // SAFETY: the 40 bytes at `h` are inside the packet.
-        (unsafe { *h.add(6) }, quoted + 40)
+        (unsafe { load(h, ipv6::NEXT_HEADER) }, quoted + ipv6::LEN)
     } else {
         let h = frame
-            .at::<[u8; 20]>(quoted)
-            .ok_or(Counter::Malformed)?
+            .at::<[u8; ipv4::LEN]>(quoted)
+            .ok_or(Reason::Malformed)?
             .cast::<u8>();
         // SAFETY: the 20 bytes at `h` are inside the packet.
-        let (ver_ihl, proto) = unsafe { (*h, *h.add(9)) };
-        let ihl = (ver_ihl & 0x0f) as usize * 4;
-        if ver_ihl >> 4 != 4 || ihl < 20 {
-            return Err(Counter::Malformed);
+        let (ver_ihl, next) = unsafe { (load(h, ipv4::VER_IHL), load(h, ipv4::PROTO)) };
+        let ihl = ihl_bytes(ver_ihl);
+        if ver_ihl >> 4 != 4 || ihl < ipv4::LEN {
+            return Err(Reason::Malformed);
         }
-        (proto, quoted + ihl)
+        (next, quoted + ihl)
     };
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if quoted_proto != proto::TCP && quoted_proto != proto::UDP {
         // About a flow we do not steer (or behind extension headers): the local stack decides.
         return Ok(flow);
     }
     if ports_off > MAX_HEADER_OFFSET {
-        return Err(Counter::Unsupported);
+        return Err(Reason::Unsupported);
     }
-    let ports = frame.read::<u32>(ports_off).ok_or(Counter::Malformed)?;
+    // The quoted transport header starts with the ports, for TCP and UDP alike.
+    let ports = frame.get(ports_off, udp::PORTS).ok_or(Reason::Malformed)?;
     flow.kind = Kind::IcmpError;
-    flow.proto = proto;
+    flow.proto = quoted_proto;
     // The quoted packet went VIP -> client; the flow is client -> VIP.
     flow.src_off = dst_addr_off(quoted, ip.v6);
     flow.dst_off = src_addr_off(quoted, ip.v6);

@@ -17,14 +17,13 @@ use aya_ebpf::{
 
 use crate::{
     packet::Frame,
-    parse::{Flow, IPPROTO_TCP, Ip, Kind, TCP_ACK, TCP_SYN},
+    parse::{Flow, Ip, Kind},
+    wire::{ipv4, ipv6, proto, tcp},
 };
 
 /// Kernel socket states (include/net/tcp_states.h).
 const TCP_ESTABLISHED: u32 = 1;
 const TCP_LISTEN: u32 = 10;
-
-const TCP_HEADER_LEN: u32 = 20;
 
 /// Look sockets up in the namespace of the receiving device.
 const CURRENT_NETNS: u64 = u64::MAX;
@@ -70,7 +69,7 @@ fn check_inline(
 ) -> Ownership {
     match flow.kind {
         Kind::Tcp => {
-            if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            if flow.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN {
                 return if draining {
                     Ownership::Draining
                 } else {
@@ -81,7 +80,7 @@ fn check_inline(
         }
         Kind::Udp => udp_owned(ctx, frame, flow),
         Kind::IcmpError => {
-            if flow.proto == IPPROTO_TCP {
+            if flow.proto == proto::TCP {
                 tcp_owned(ctx, frame, flow, None)
             } else {
                 udp_owned(ctx, frame, flow)
@@ -108,7 +107,9 @@ fn tuple_of(frame: &Frame, flow: &Flow) -> Option<(bpf_sock_tuple, u32)> {
         t.daddr = daddr;
         t.sport = sport;
         t.dport = dport;
-        Some((tuple, 36))
+        // The helper is told which family by the size of the tuple it gets.
+        let size = core::mem::size_of_val(t) as u32;
+        Some((tuple, size))
     } else {
         let saddr = frame.read::<u32>(flow.src_off)?;
         let daddr = frame.read::<u32>(flow.dst_off)?;
@@ -118,7 +119,9 @@ fn tuple_of(frame: &Frame, flow: &Flow) -> Option<(bpf_sock_tuple, u32)> {
         t.daddr = daddr;
         t.sport = sport;
         t.dport = dport;
-        Some((tuple, 12))
+        // The helper is told which family by the size of the tuple it gets.
+        let size = core::mem::size_of_val(t) as u32;
+        Some((tuple, size))
     }
 }
 
@@ -157,18 +160,18 @@ fn tcp_owned(ctx: &XdpContext, frame: &Frame, flow: &Flow, ip: Option<&Ip>) -> O
 #[inline(always)]
 fn syncookie_ok(sk: *mut bpf_sock, frame: &Frame, ip: &Ip) -> bool {
     // The helper needs the fixed TCP header (20 bytes; aya's `tcphdr` binding is opaque).
-    let Some(th) = frame.at::<[u8; TCP_HEADER_LEN as usize]>(ip.l4_off) else {
+    let Some(th) = frame.at::<[u8; tcp::LEN]>(ip.l4_off) else {
         return false;
     };
     // The helper reads the fixed IP header only; check exactly the length we pass.
     let iph = if ip.v6 {
         frame
-            .at::<[u8; 40]>(ip.l3_off)
-            .map(|p| (p.cast::<u8>(), 40u32))
+            .at::<[u8; ipv6::LEN]>(ip.l3_off)
+            .map(|p| (p.cast::<u8>(), ipv6::LEN as u32))
     } else {
         frame
-            .at::<[u8; 20]>(ip.l3_off)
-            .map(|p| (p.cast::<u8>(), 20u32))
+            .at::<[u8; ipv4::LEN]>(ip.l3_off)
+            .map(|p| (p.cast::<u8>(), ipv4::LEN as u32))
     };
     let Some((iph, iph_len)) = iph else {
         return false;
@@ -180,7 +183,7 @@ fn syncookie_ok(sk: *mut bpf_sock, frame: &Frame, ip: &Ip) -> bool {
             iph.cast(),
             iph_len,
             th.cast::<tcphdr>(),
-            TCP_HEADER_LEN,
+            tcp::LEN as u32,
         )
     };
     rc == 0

@@ -11,15 +11,11 @@
 //!
 //! The two paths are separate BPF functions (`inline(never)`): each gets its own stack frame and
 //! only one of them is ever on the call chain, which keeps the chain under the 512-byte stack
-//! limit. BPF functions cannot return aggregates, so verdicts cross function boundaries packed
-//! in a u64 ([`Packed`]).
+//! limit. BPF functions cannot return aggregates; a [`Verdict`] is a scalar.
 
-use aya_ebpf::{
-    bindings::xdp_action, cty::c_void, helpers::generated::bpf_map_lookup_elem,
-    programs::XdpContext,
-};
+use aya_ebpf::{cty::c_void, helpers::generated::bpf_map_lookup_elem, programs::XdpContext};
 use cdn_common::{
-    counters::Counter,
+    counters::Reason,
     hash::{flow_hash_v4, flow_hash_v6},
     maps::{
         MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig, SERVICE_ALL_PORTS,
@@ -33,47 +29,37 @@ use crate::{
     maps::{CONFIG, MEMBER_ADDRS, SERVICES_V4, SERVICES_V6, TABLE},
     packet::Frame,
     parse::{
-        Flow, IPPROTO_UDP, Kind, L2, TCP_ACK, TCP_SYN, dst_addr_off, parse_flow, parse_ip,
-        parse_l2, peek_udp_dport, require_ip_header,
+        Flow, Kind, L2, dst_addr_off, parse_flow, parse_ip, parse_l2, peek_udp_dport,
+        require_ip_header,
     },
     sockets::{Ownership, check},
+    verdict::Verdict,
+    wire::{proto, steer, tcp, udp},
 };
 
-/// An XDP action (low half) and the index of the counter that records why (high half).
-pub type Packed = u64;
-
-const PASS: u32 = xdp_action::XDP_PASS;
-
-/// Pseudo action returned by the paths: "encapsulate as described in the `Encap` you gave me,
-/// and count the reason if that works". The encapsulation runs from the top-level function, so
-/// that its stack frame and the paths' frames are never on the call chain together.
-const ENCAPSULATE: u32 = 0xff;
-
+/// A path's result: its verdict, or the reason it drops the packet.
 #[inline(always)]
-pub fn packed(action: u32, reason: Counter) -> Packed {
-    action as u64 | (reason as u64) << 32
-}
-
-#[inline(always)]
-fn pack(result: Result<Packed, Counter>) -> Packed {
+fn settle(result: Result<Verdict, Reason>) -> Verdict {
     match result {
         Ok(verdict) => verdict,
-        Err(reason) => packed(xdp_action::XDP_DROP, reason),
+        Err(reason) => Verdict::drop(reason),
     }
 }
 
-/// Handles one packet; returns the action and the index of the counter to bump.
+/// Handles one packet: the final verdict, to be counted and returned by the caller.
 #[inline(always)]
-pub fn process(ctx: &XdpContext) -> (u32, u32) {
+pub fn process(ctx: &XdpContext) -> Verdict {
+    // The array has exactly one entry, so this cannot fail; if it ever did, the packet would
+    // pass untouched, which is what "not ready" means.
+    let Some(cfg) = CONFIG.get(0) else {
+        return Verdict::pass(Reason::NotReady);
+    };
     let mut encap = Encap::EMPTY;
-    let mut verdict = pack(try_process(ctx, &mut encap));
-    if verdict as u32 == ENCAPSULATE {
-        verdict = match CONFIG.get(0) {
-            Some(cfg) => encap_and_send(ctx, cfg, &encap, (verdict >> 32) as u32),
-            None => packed(xdp_action::XDP_DROP, Counter::NotReady),
-        };
+    let verdict = settle(try_process(ctx, cfg, &mut encap));
+    if verdict.is_encapsulate() {
+        return encap_and_send(ctx, cfg, &encap, verdict);
     }
-    (verdict as u32, (verdict >> 32) as u32)
+    verdict
 }
 
 /// Packs the IP header position into one argument (BPF functions take at most five).
@@ -90,23 +76,21 @@ const fn l2_from_arg(arg: u32) -> L2 {
     }
 }
 
+/// Asks `process` to encapsulate as `with` says, counting `reason` if that works.
 #[inline(always)]
-fn encapsulate(e: &mut Encap, with: Encap, reason: Counter) -> Packed {
+fn encapsulate(e: &mut Encap, with: Encap, reason: Reason) -> Verdict {
     *e = with;
-    packed(ENCAPSULATE, reason)
+    Verdict::encapsulate(reason)
 }
 
 #[inline(always)]
-fn try_process(ctx: &XdpContext, out: &mut Encap) -> Result<Packed, Counter> {
-    let Some(cfg) = CONFIG.get(0) else {
-        return Ok(packed(PASS, Counter::NotReady));
-    };
+fn try_process(ctx: &XdpContext, cfg: &NodeConfig, out: &mut Encap) -> Result<Verdict, Reason> {
     if cfg.flags & NODE_READY == 0 {
-        return Ok(packed(PASS, Counter::NotReady));
+        return Ok(Verdict::pass(Reason::NotReady));
     }
     let frame = Frame::new(ctx);
     let Some(l2) = parse_l2(&frame)? else {
-        return Ok(packed(PASS, Counter::NonVipPass));
+        return Ok(Verdict::pass(Reason::NonVipPass));
     };
     require_ip_header(&frame, l2)?;
     let dst_off = dst_addr_off(l2.l3_off, l2.v6);
@@ -114,11 +98,11 @@ fn try_process(ctx: &XdpContext, out: &mut Encap) -> Result<Packed, Counter> {
         if peek_udp_dport(&frame, l2)? == Some(cfg.steer_port) {
             return Ok(owner_path(ctx, cfg, l2_arg(l2), out));
         }
-        return Ok(packed(PASS, Counter::NonVipPass));
+        return Ok(Verdict::pass(Reason::NonVipPass));
     }
     match service(&frame, dst_off, l2.v6) {
         Some(svc) => Ok(ingress(ctx, cfg, l2_arg(l2), &svc, out)),
-        None => Ok(packed(PASS, Counter::NonVipPass)),
+        None => Ok(Verdict::pass(Reason::NonVipPass)),
     }
 }
 
@@ -183,7 +167,7 @@ fn lookup(map: *mut c_void, key: *const c_void) -> *mut c_void {
 /// Does the service list this flow's protocol and port?
 #[inline(always)]
 fn serves(svc: &Service, flow: &Flow) -> bool {
-    let (proto_flag, ports) = if flow.proto == IPPROTO_UDP {
+    let (proto_flag, ports) = if flow.proto == proto::UDP {
         (SERVICE_UDP, &svc.udp_ports)
     } else {
         (SERVICE_TCP, &svc.tcp_ports)
@@ -204,14 +188,14 @@ fn serves(svc: &Service, flow: &Flow) -> bool {
 }
 
 #[inline(always)]
-fn flow_hash(cfg: &NodeConfig, frame: &Frame, flow: &Flow) -> Result<u64, Counter> {
+fn flow_hash(cfg: &NodeConfig, frame: &Frame, flow: &Flow) -> Result<u64, Reason> {
     if flow.v6 {
         let src = frame
             .read::<[u64; 2]>(flow.src_off)
-            .ok_or(Counter::Malformed)?;
+            .ok_or(Reason::Malformed)?;
         let dst = frame
             .read::<[u64; 2]>(flow.dst_off)
-            .ok_or(Counter::Malformed)?;
+            .ok_or(Reason::Malformed)?;
         Ok(flow_hash_v6(
             &cfg.hash_key,
             src,
@@ -220,8 +204,8 @@ fn flow_hash(cfg: &NodeConfig, frame: &Frame, flow: &Flow) -> Result<u64, Counte
             flow.proto,
         ))
     } else {
-        let src = frame.read::<u32>(flow.src_off).ok_or(Counter::Malformed)?;
-        let dst = frame.read::<u32>(flow.dst_off).ok_or(Counter::Malformed)?;
+        let src = frame.read::<u32>(flow.src_off).ok_or(Reason::Malformed)?;
+        let dst = frame.read::<u32>(flow.dst_off).ok_or(Reason::Malformed)?;
         Ok(flow_hash_v4(
             &cfg.hash_key,
             src,
@@ -239,19 +223,19 @@ fn bucket_of(
     frame: &Frame,
     flow: &Flow,
     svc: &Service,
-) -> Result<(u64, [u16; 3]), Counter> {
+) -> Result<(u64, [u16; 3]), Reason> {
     if svc.table_size == 0 {
-        return Err(Counter::NoRoute);
+        return Err(Reason::NoRoute);
     }
     let hash = flow_hash(cfg, frame, flow)?;
     let index = svc.table_offset + (hash % svc.table_size as u64) as u32;
-    let hops = TABLE.get(index).ok_or(Counter::NoRoute)?.hops;
+    let hops = TABLE.get(index).ok_or(Reason::NoRoute)?.hops;
     Ok((hash, hops))
 }
 
 #[inline(never)]
-fn ingress(ctx: &XdpContext, cfg: &NodeConfig, l2: u32, svc: &Service, out: &mut Encap) -> Packed {
-    pack(try_ingress(ctx, cfg, l2_from_arg(l2), svc, out))
+fn ingress(ctx: &XdpContext, cfg: &NodeConfig, l2: u32, svc: &Service, out: &mut Encap) -> Verdict {
+    settle(try_ingress(ctx, cfg, l2_from_arg(l2), svc, out))
 }
 
 #[inline(always)]
@@ -261,28 +245,28 @@ fn try_ingress(
     l2: L2,
     svc: &Service,
     out: &mut Encap,
-) -> Result<Packed, Counter> {
+) -> Result<Verdict, Reason> {
     let frame = &Frame::new(ctx);
     let ip = parse_ip(frame, l2.l3_off, l2.v6)?;
     let flow = parse_flow(frame, &ip)?;
     let forwarded = match flow.kind {
-        Kind::IcmpLocal => return Ok(packed(PASS, Counter::IcmpLocal)),
+        Kind::IcmpLocal => return Ok(Verdict::pass(Reason::IcmpLocal)),
         Kind::IcmpError => {
             if !serves(svc, &flow) {
-                return Ok(packed(PASS, Counter::IcmpLocal));
+                return Ok(Verdict::pass(Reason::IcmpLocal));
             }
-            Counter::IcmpForwarded
+            Reason::IcmpForwarded
         }
         Kind::Tcp | Kind::Udp => {
             if !serves(svc, &flow) {
-                return Err(Counter::PortMiss);
+                return Err(Reason::PortMiss);
             }
-            Counter::Forwarded
+            Reason::Forwarded
         }
     };
     let (hash, hops) = bucket_of(cfg, frame, &flow, svc)?;
     if hops[0] == NO_MEMBER {
-        return Err(Counter::NoRoute);
+        return Err(Reason::NoRoute);
     }
     let mut e = Encap {
         inner_off: l2.l3_off,
@@ -300,15 +284,15 @@ fn try_ingress(
     let next = hops[1];
     let draining = cfg.flags & NODE_DRAINING != 0 && next != NO_MEMBER;
     let reason = match check(ctx, &flow, &ip, draining) {
-        Ownership::Ours => return Ok(packed(PASS, Counter::LocalAccept)),
-        Ownership::NotOurs => Counter::PassedOn,
-        Ownership::Draining => Counter::DrainPassOn,
+        Ownership::Ours => return Ok(Verdict::pass(Reason::LocalAccept)),
+        Ownership::NotOurs => Reason::PassedOn,
+        Ownership::Draining => Reason::DrainPassOn,
     };
     if next == NO_MEMBER {
-        return Ok(packed(PASS, Counter::LastHopAccept));
+        return Ok(Verdict::pass(Reason::LastHopAccept));
     }
     if cfg.hop_budget == 0 {
-        return Err(Counter::LoopGuard);
+        return Err(Reason::LoopGuard);
     }
     e.target = next;
     e.remaining = [hops[2], NO_MEMBER];
@@ -331,8 +315,8 @@ fn member_key(frame: &Frame, off: usize, v6: bool) -> Option<MemberAddr> {
 }
 
 #[inline(never)]
-fn owner_path(ctx: &XdpContext, cfg: &NodeConfig, l2: u32, out: &mut Encap) -> Packed {
-    pack(try_owner_path(ctx, cfg, l2_from_arg(l2), out))
+fn owner_path(ctx: &XdpContext, cfg: &NodeConfig, l2: u32, out: &mut Encap) -> Verdict {
+    settle(try_owner_path(ctx, cfg, l2_from_arg(l2), out))
 }
 
 #[inline(always)]
@@ -341,46 +325,46 @@ fn try_owner_path(
     cfg: &NodeConfig,
     l2: L2,
     out: &mut Encap,
-) -> Result<Packed, Counter> {
+) -> Result<Verdict, Reason> {
     let frame = &Frame::new(ctx);
     let outer = parse_ip(frame, l2.l3_off, l2.v6)?;
-    if outer.proto != IPPROTO_UDP {
-        return Ok(packed(PASS, Counter::NonVipPass));
+    if outer.proto != proto::UDP {
+        return Ok(Verdict::pass(Reason::NonVipPass));
     }
     // No open relay: only members may hand us packets to accept or pass on.
-    let source = member_key(frame, outer.src_off(), l2.v6).ok_or(Counter::Malformed)?;
+    let source = member_key(frame, outer.src_off(), l2.v6).ok_or(Reason::Malformed)?;
     if MEMBER_ADDRS.get_ptr(source).is_none() {
-        return Err(Counter::Spoofed);
+        return Err(Reason::Spoofed);
     }
     let udp_off = outer.l4_off;
-    let entropy = u16::from_be(frame.read::<u16>(udp_off).ok_or(Counter::Malformed)?);
-    let steer_off = udp_off + 8;
+    let entropy = u16::from_be(frame.get(udp_off, udp::SRC_PORT).ok_or(Reason::Malformed)?);
+    let steer_off = udp_off + udp::LEN;
     let sh = frame
         .read::<SteerHeader>(steer_off)
-        .ok_or(Counter::Malformed)?;
+        .ok_or(Reason::Malformed)?;
     if sh.version != STEER_VERSION || sh.hop_count as usize > STEER_MAX_REMAINING {
-        return Err(Counter::BadEncap);
+        return Err(Reason::BadEncap);
     }
-    let inner_off = steer_off + 8;
+    let inner_off = steer_off + steer::LEN;
     let inner_v6 = sh.flags & STEER_INNER_V6 != 0;
     let ip = parse_ip(frame, inner_off, inner_v6)?;
     if ip.l3_off + ip.ip_len > outer.l3_off + outer.ip_len {
-        return Err(Counter::Malformed);
+        return Err(Reason::Malformed);
     }
     let flow = parse_flow(frame, &ip)?;
     // The inner packet must be for one of our VIPs: we never deliver anything else.
     let Some(svc) = service(frame, ip.dst_off(), inner_v6) else {
-        return Err(Counter::BadEncap);
+        return Err(Reason::BadEncap);
     };
     // A new connection is taken only by the member that this node's own table names as the
     // owner. Nodes whose health views differ for a moment (one saw a member flap, one just
     // started) then still agree on where connections are made: the acceptor is always the
     // owner in its own table, so every table later lists it as owner or previous owner.
-    if flow.kind == Kind::Tcp && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    if flow.kind == Kind::Tcp && flow.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN {
         let (_, own) = bucket_of(cfg, frame, &flow, &svc)?;
         if own[0] != NO_MEMBER && own[0] != cfg.self_member {
             if sh.hop_budget == 0 {
-                return Err(Counter::LoopGuard);
+                return Err(Reason::LoopGuard);
             }
             let e = Encap {
                 inner_off,
@@ -391,7 +375,7 @@ fn try_owner_path(
                 budget: sh.hop_budget - 1,
                 entropy,
             };
-            return Ok(encapsulate(out, e, Counter::SynRedirect));
+            return Ok(encapsulate(out, e, Reason::SynRedirect));
         }
     }
     let next = if sh.hop_count >= 1 {
@@ -408,17 +392,17 @@ fn try_owner_path(
     let reason = match check(ctx, &flow, &ip, draining) {
         Ownership::Ours => {
             decapsulate(ctx, inner_off, inner_v6)?;
-            return Ok(packed(PASS, Counter::OwnerAccept));
+            return Ok(Verdict::pass(Reason::OwnerAccept));
         }
-        Ownership::NotOurs => Counter::PassedOn,
-        Ownership::Draining => Counter::DrainPassOn,
+        Ownership::NotOurs => Reason::PassedOn,
+        Ownership::Draining => Reason::DrainPassOn,
     };
     if next == NO_MEMBER {
         decapsulate(ctx, inner_off, inner_v6)?;
-        return Ok(packed(PASS, Counter::LastHopAccept));
+        return Ok(Verdict::pass(Reason::LastHopAccept));
     }
     if sh.hop_budget == 0 {
-        return Err(Counter::LoopGuard);
+        return Err(Reason::LoopGuard);
     }
     let e = Encap {
         inner_off,

@@ -280,8 +280,8 @@ fn print_status(s: &StatusReport) {
                 .unwrap_or_default()
         );
     }
-    println!("data plane counters (packets):");
+    println!("data plane counters (packets, reason/action):");
     for (name, n) in s.counters.iter().filter(|(_, n)| *n > 0) {
-        println!("  {name:<16} {n}");
+        println!("  {name:<26} {n}");
     }
 }

@@ -121,15 +121,17 @@ fn spawn(ns: &Netns, name: &str, program: &Path, args: &[&str], log: &Path) -> R
     })
 }
 
-/// The value of `cdn_steer_packets_total{reason="<reason>",...}` in a node's metrics text.
+/// The packets counted under `reason` in a node's metrics text: the sum of every
+/// `cdn_steer_packets_total{reason="<reason>",action=...}` series, whatever the action.
 pub fn packets_counter(metrics: &str, reason: &str) -> u64 {
-    let series = format!("cdn_steer_packets_total{{reason=\"{reason}\"");
+    let series = format!("cdn_steer_packets_total{{reason=\"{reason}\",");
     metrics
         .lines()
-        .find(|l| l.starts_with(&series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+        .filter(|l| l.starts_with(&series))
+        .filter_map(|l| l.rsplit(' ').next())
+        .filter_map(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
 
 /// One anycast node.

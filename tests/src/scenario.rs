@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context as _, Result};
 use cdn_common::{
-    counters::Counter,
+    counters::{Action, Reason},
     maps::{Bucket, NO_MEMBER, NODE_READY, NextHop, NodeConfig, SERVICE_TCP, SERVICE_UDP, Service},
 };
 use cdn_user::dataplane::{DataPlane, LoadOptions};
@@ -87,35 +87,68 @@ pub fn node_config() -> NodeConfig {
 
 /// The outcome of one program run.
 pub struct Run {
+    /// The XDP action the program returned.
     pub action: u32,
     pub out: Vec<u8>,
-    /// Counters that moved, with how much.
-    pub counted: Vec<(Counter, u64)>,
+    /// (reason, action) counters that moved, with how much.
+    pub counted: Vec<(Reason, Action, u64)>,
 }
 
 impl Run {
-    /// The verdict counters that moved (there must be exactly one, by one).
-    pub fn verdict(&self) -> Counter {
+    /// The verdict's reason. Panics unless exactly one verdict counter moved, by one, with
+    /// the action the program returned (see [`Run::try_verdict`]).
+    pub fn verdict(&self) -> Reason {
+        match self.try_verdict() {
+            Ok(reason) => reason,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The verdict's reason, if exactly one verdict counter moved, by one, and it was counted
+    /// with the action the program returned (informational counters with that action too).
+    pub fn try_verdict(&self) -> Result<Reason> {
         let verdicts: Vec<_> = self
             .counted
             .iter()
-            .filter(|(c, _)| c.is_verdict())
+            .filter(|(r, _, _)| r.is_verdict())
             .collect();
-        assert_eq!(
-            verdicts.len(),
-            1,
+        anyhow::ensure!(
+            verdicts.len() == 1,
             "exactly one verdict counter per packet: {:?}",
             self.counted
         );
-        assert_eq!(verdicts[0].1, 1, "verdict counted once: {:?}", self.counted);
-        verdicts[0].0
+        let (reason, action, n) = *verdicts[0];
+        anyhow::ensure!(n == 1, "verdict counted once: {:?}", self.counted);
+        anyhow::ensure!(
+            action as u32 == self.action,
+            "returned action {} but counted {:?}",
+            self.action,
+            self.counted
+        );
+        anyhow::ensure!(
+            reason.allows(action),
+            "{} is not declared with action {}",
+            reason.name(),
+            action.name()
+        );
+        for (info, info_action, _) in self.counted.iter().filter(|(r, _, _)| !r.is_verdict()) {
+            anyhow::ensure!(
+                *info_action == action,
+                "{} counted with another action than the packet's: {:?}",
+                info.name(),
+                self.counted
+            );
+        }
+        Ok(reason)
     }
 
-    pub fn counted(&self, c: Counter) -> u64 {
+    /// How much the counters of `reason` moved, whatever the action.
+    pub fn counted(&self, reason: Reason) -> u64 {
         self.counted
             .iter()
-            .find(|(k, _)| *k == c)
-            .map_or(0, |(_, n)| *n)
+            .filter(|(r, _, _)| *r == reason)
+            .map(|(_, _, n)| n)
+            .sum()
     }
 }
 
@@ -181,12 +214,7 @@ impl Scenario {
         let before = self.dp.counters()?;
         let (action, out) = self.dp.test_run(frame)?;
         let after = self.dp.counters()?;
-        let counted = Counter::ALL
-            .iter()
-            .zip(before.iter().zip(after.iter()))
-            .filter(|(_, (b, a))| a != b)
-            .map(|(c, (b, a))| (*c, a - b))
-            .collect();
+        let counted = after.moved_since(&before).collect();
         Ok(Run {
             action,
             out,

@@ -5,7 +5,7 @@
 
 use anyhow::{Result, ensure};
 use cdn_common::maps::Bucket;
-use cdn_common::{counters::Counter, wire::entropy_port};
+use cdn_common::{counters::Reason, wire::entropy_port};
 use cdn_tests::{
     packets::{
         ExpectedEncap, Flow, NODE_MAC, Tcp, Vlan, expected_encap, frame, icmp_too_big, ip_packet,
@@ -101,7 +101,7 @@ fn every_truncation_of_a_valid_packet_is_dropped_as_malformed() -> Result<()> {
         for len in 14..pkt.len() {
             let run = s.run(&pkt[..len])?;
             ensure!(
-                run.action == xdp::DROP && run.verdict() == Counter::Malformed,
+                run.action == xdp::DROP && run.verdict() == Reason::Malformed,
                 "truncated to {len} of {}: action {} verdict {:?}",
                 pkt.len(),
                 run.action,
@@ -230,7 +230,7 @@ fn mutated_packets_never_get_a_wrong_verdict() -> Result<()> {
         match oracle(&pkt) {
             Oracle::Forward { flow, ip } => {
                 ensure!(
-                    run.action == xdp::TX && verdict == Counter::Forwarded,
+                    run.action == xdp::TX && verdict == Reason::Forwarded,
                     "round {round}: well-formed {flow:?} got action {} {verdict:?}\n{pkt:02x?}",
                     run.action
                 );
@@ -255,13 +255,13 @@ fn mutated_packets_never_get_a_wrong_verdict() -> Result<()> {
             Oracle::Other => match run.action {
                 xdp::PASS => ensure!(
                     run.out == pkt
-                        || matches!(verdict, Counter::OwnerAccept | Counter::LastHopAccept),
+                        || matches!(verdict, Reason::OwnerAccept | Reason::LastHopAccept),
                     "round {round}: passed packet was modified ({verdict:?})"
                 ),
                 xdp::DROP => ensure!(
                     !matches!(
                         verdict,
-                        Counter::Forwarded | Counter::NonVipPass | Counter::LocalAccept
+                        Reason::Forwarded | Reason::NonVipPass | Reason::LocalAccept
                     ),
                     "round {round}: drop counted as {verdict:?}"
                 ),
@@ -270,7 +270,7 @@ fn mutated_packets_never_get_a_wrong_verdict() -> Result<()> {
                 xdp::TX => ensure!(
                     matches!(
                         verdict,
-                        Counter::IcmpForwarded | Counter::PassedOn | Counter::SynRedirect
+                        Reason::IcmpForwarded | Reason::PassedOn | Reason::SynRedirect
                     ),
                     "round {round}: forwarded a packet the oracle rejects ({verdict:?})\n{pkt:02x?}"
                 ),

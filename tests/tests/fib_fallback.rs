@@ -3,7 +3,7 @@
 //! (addressed to our own MAC so the stack routes it) instead of dropping it.
 
 use anyhow::Result;
-use cdn_common::{counters::Counter, maps::NextHop, wire::entropy_port};
+use cdn_common::{counters::Reason, maps::NextHop, wire::entropy_port};
 use cdn_tests::{
     netns::Netns,
     packets::{ExpectedEncap, Flow, NODE_MAC, Tcp, Vlan, expected_encap, frame, ip_packet},
@@ -65,10 +65,10 @@ fn fib_fallback_redirects_when_resolved_and_hands_to_the_kernel_when_not() -> Re
             let run = s.run(&input)?;
             assert_eq!(
                 (run.action, run.verdict()),
-                (xdp::REDIRECT, Counter::Forwarded)
+                (xdp::REDIRECT, Reason::Forwarded)
             );
-            assert_eq!(run.counted(Counter::FibLookup), 1);
-            assert_eq!(run.counted(Counter::FibMiss), 0);
+            assert_eq!(run.counted(Reason::FibLookup), 1);
+            assert_eq!(run.counted(Reason::FibMiss), 0);
             let expected = expected_encap(&ExpectedEncap {
                 dst_mac: NEIGH_MAC,
                 src_mac: v0_mac,
@@ -88,8 +88,8 @@ fn fib_fallback_redirects_when_resolved_and_hands_to_the_kernel_when_not() -> Re
 
         s.set_hops(&f, &[4])?;
         let run = s.run(&input)?;
-        assert_eq!((run.action, run.verdict()), (xdp::PASS, Counter::Forwarded));
-        assert_eq!(run.counted(Counter::FibMiss), 1);
+        assert_eq!((run.action, run.verdict()), (xdp::PASS, Reason::Forwarded));
+        assert_eq!(run.counted(Reason::FibMiss), 1);
         let expected = expected_encap(&ExpectedEncap {
             dst_mac: NODE_MAC,
             src_mac: NODE_MAC,
@@ -119,9 +119,9 @@ fn fib_fallback_redirects_when_resolved_and_hands_to_the_kernel_when_not() -> Re
         let run = s.run(&input)?;
         assert_eq!(
             (run.action, run.verdict()),
-            (xdp::REDIRECT, Counter::Forwarded)
+            (xdp::REDIRECT, Reason::Forwarded)
         );
-        assert_eq!(run.counted(Counter::FibLookup), 0);
+        assert_eq!(run.counted(Reason::FibLookup), 0);
         assert_eq!(&run.out[..6], &[2, 0, 0, 0, 0x44, 0x44]);
         Ok(())
     })?

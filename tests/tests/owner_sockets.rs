@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use cdn_common::counters::Counter;
+use cdn_common::counters::Reason;
 use cdn_tests::{
     netns::Netns,
     packets::{Flow, Tcp, Vlan, decapsulated, frame, ip_packet, steering_frame},
@@ -53,7 +53,7 @@ fn connect_from(client: &str, port: u16, vip: &str) -> Result<TcpStream> {
 }
 
 /// Runs an inner packet through the owner path: steered from member 2 with `[4]` left.
-fn owner_verdict(s: &mut Scenario, inner_frame: &[u8]) -> Result<(u32, Counter, Vec<u8>)> {
+fn owner_verdict(s: &mut Scenario, inner_frame: &[u8]) -> Result<(u32, Reason, Vec<u8>)> {
     let inner = ip_packet(inner_frame, Vlan::None);
     let input = steering_frame(
         member_addr(2),
@@ -85,7 +85,7 @@ fn established_and_time_wait_connections_are_found() -> Result<()> {
             let (action, verdict, out) = owner_verdict(&mut s, &inner)?;
             assert_eq!(
                 (action, verdict),
-                (xdp::PASS, Counter::OwnerAccept),
+                (xdp::PASS, Reason::OwnerAccept),
                 "{client}"
             );
             assert_eq!(out, decapsulated(ip_packet(&inner, Vlan::None)));
@@ -94,14 +94,14 @@ fn established_and_time_wait_connections_are_found() -> Result<()> {
             let unknown = Flow::tcp(client, 40101, vip, 443);
             let (action, verdict, _) =
                 owner_verdict(&mut s, &frame(&unknown, Tcp::ACK, Vlan::None, b"x"))?;
-            assert_eq!((action, verdict), (xdp::TX, Counter::PassedOn), "{client}");
+            assert_eq!((action, verdict), (xdp::TX, Reason::PassedOn), "{client}");
 
             // The ingress path finds the same socket when this node is the first hop.
             s.set_hops(&known, &[SELF_ID, 2])?;
             let run = s.run(&inner)?;
             assert_eq!(
                 (run.action, run.verdict()),
-                (xdp::PASS, Counter::LocalAccept)
+                (xdp::PASS, Reason::LocalAccept)
             );
 
             // The server closes first, so its side ends in TIME-WAIT: still ours.
@@ -113,7 +113,7 @@ fn established_and_time_wait_connections_are_found() -> Result<()> {
             let (action, verdict, _) = owner_verdict(&mut s, &inner)?;
             assert_eq!(
                 (action, verdict),
-                (xdp::PASS, Counter::OwnerAccept),
+                (xdp::PASS, Reason::OwnerAccept),
                 "time-wait socket of {client}"
             );
         }
@@ -153,14 +153,14 @@ fn only_connected_udp_sockets_claim_a_flow() -> Result<()> {
                 owner_verdict(&mut s, &frame(&f, Tcp::ACK, Vlan::None, b"q"))?;
             assert_eq!(
                 (action, verdict),
-                (xdp::PASS, Counter::OwnerAccept),
+                (xdp::PASS, Reason::OwnerAccept),
                 "{client}"
             );
 
             let f = Flow::udp(client, 5000, vip, 80);
             let (action, verdict, _) =
                 owner_verdict(&mut s, &frame(&f, Tcp::ACK, Vlan::None, b"q"))?;
-            assert_eq!((action, verdict), (xdp::TX, Counter::PassedOn), "{client}");
+            assert_eq!((action, verdict), (xdp::TX, Reason::PassedOn), "{client}");
             drop((connected, unconnected));
         }
         Ok(())
@@ -229,7 +229,7 @@ fn syn_cookie_handshakes_are_recognised() -> Result<()> {
         let (action, verdict, _) = owner_verdict(&mut s, &frame(&f, ack, Vlan::None, &[]))?;
         assert_eq!(
             (action, verdict),
-            (xdp::PASS, Counter::OwnerAccept),
+            (xdp::PASS, Reason::OwnerAccept),
             "valid cookie"
         );
 
@@ -240,7 +240,7 @@ fn syn_cookie_handshakes_are_recognised() -> Result<()> {
         let (action, verdict, _) = owner_verdict(&mut s, &frame(&f, forged, Vlan::None, &[]))?;
         assert_eq!(
             (action, verdict),
-            (xdp::TX, Counter::PassedOn),
+            (xdp::TX, Reason::PassedOn),
             "invalid cookie"
         );
         Ok(())

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, Result, bail};
 use cdn_common::{
-    counters::Counter,
+    counters::PacketCounts,
     hash::{PROTO_TCP, PROTO_UDP, flow_hash_v4, flow_hash_v6, ports_word, v4_word, v6_words},
     maps::NO_MEMBER,
 };
@@ -116,9 +116,9 @@ impl Core {
             table_size: self.tables.size(),
             members,
             services,
-            counters: Counter::ALL
-                .iter()
-                .map(|c| (c.name().to_string(), counters[*c as usize]))
+            counters: counters
+                .series()
+                .map(|(reason, action, n)| (format!("{}/{}", reason.name(), action.name()), n))
                 .collect(),
             bgp: self
                 .bgp
@@ -263,7 +263,7 @@ impl Core {
 
 pub(super) fn empty_snapshot(core: &Core) -> metrics::Snapshot {
     metrics::Snapshot {
-        counters: [0; Counter::COUNT as usize],
+        counters: PacketCounts::default(),
         members: Vec::new(),
         services: Vec::new(),
         draining: core.draining,

@@ -22,7 +22,7 @@ use aya::{
     },
 };
 use cdn_common::{
-    counters::Counter,
+    counters::{COUNTER_SLOTS, PacketCounts},
     maps::{
         self as m, Bucket, FAMILY_NONE, FAMILY_V4, FAMILY_V6, MAX_MEMBERS, Member, MemberAddr,
         MemberStats, NextHop, NodeConfig, Service,
@@ -406,15 +406,14 @@ impl DataPlane {
             .map_err(|e| DataPlaneError::Device(e.to_string()))
     }
 
-    /// Every counter, summed over CPUs, indexed by `Counter as usize`.
-    pub fn counters(&self) -> Result<[u64; Counter::COUNT as usize]> {
-        let mut out = [0u64; Counter::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let per_cpu: PerCpuValues<u64> = self
-                .counters
-                .get(&(i as u32), 0)
-                .map_err(map_err(m::MAP_COUNTERS))?;
-            *slot = per_cpu.iter().sum();
+    /// Every (reason, action) counter, summed over CPUs.
+    pub fn counters(&self) -> Result<PacketCounts> {
+        let mut out = PacketCounts::default();
+        for (i, slot) in (0..COUNTER_SLOTS).zip(out.slots.iter_mut()) {
+            let per_cpu: PerCpuValues<u64> =
+                self.counters.get(&i, 0).map_err(map_err(m::MAP_COUNTERS))?;
+            // Wrapping: a counter that wrapped on one CPU must not make the scrape fail.
+            *slot = per_cpu.iter().fold(0u64, |sum, n| sum.wrapping_add(*n));
         }
         Ok(out)
     }

@@ -47,7 +47,7 @@ pub struct StatusReport {
     pub table_size: u32,
     pub members: Vec<MemberStatus>,
     pub services: Vec<ServiceStatus>,
-    /// (reason, packets) for every data-plane counter, summed over CPUs.
+    /// ("reason/action", packets) for every data-plane counter, summed over CPUs.
     pub counters: Vec<(String, u64)>,
     /// One entry per BIRD protocol the controller drives.
     pub bgp: Vec<BgpStatus>,

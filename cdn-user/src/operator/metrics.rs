@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cdn_common::counters::Counter;
+use cdn_common::counters::PacketCounts;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -26,8 +26,8 @@ use prometheus_client::registry::{Registry, Unit};
 /// What the daemon knows at scrape time; everything the metrics show comes from here.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
-    /// Data-plane counters summed over all CPUs, indexed by `Counter as usize`.
-    pub counters: [u64; Counter::COUNT as usize],
+    /// Data-plane counters summed over all CPUs, per (reason, action).
+    pub counters: PacketCounts,
     /// Every configured member, this node included.
     pub members: Vec<MemberMetrics>,
     /// Every configured service.
@@ -231,9 +231,10 @@ fn openmetrics_to_prometheus(openmetrics: &str) -> String {
 struct SnapshotCollector(Snapshot);
 
 /// Help of the per-reason packet counters.
-const PACKETS_HELP: &str = "Packets handled by the XDP program, by reason, summed over CPUs. \
-     Series of kind verdict add up to the packets seen; series of kind info count events that \
-     come on top of a verdict.";
+const PACKETS_HELP: &str = "Packets handled by the XDP program, summed over CPUs, by reason (why) \
+     and action (the XDP action returned: pass, drop, tx, redirect, aborted). Every packet is \
+     counted in exactly one series of kind verdict, so those add up to the packets seen; series \
+     of kind info count events that come on top of a packet's verdict, with its action.";
 
 impl Collector for SnapshotCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
@@ -245,11 +246,14 @@ impl Collector for SnapshotCollector {
             "cdn_steer_packets",
             PACKETS_HELP,
             None,
-            Counter::ALL.iter().map(|&c| {
-                let kind = if c.is_verdict() { "verdict" } else { "info" };
+            s.counters.series().map(|(reason, action, n)| {
                 (
-                    [("reason", c.name()), ("kind", kind)],
-                    ConstCounter::new(s.counters[c as usize]),
+                    [
+                        ("reason", reason.name()),
+                        ("action", action.name()),
+                        ("kind", reason.kind().name()),
+                    ],
+                    ConstCounter::new(n),
                 )
             }),
         )?;
@@ -485,15 +489,16 @@ fn single<M: EncodeMetric>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cdn_common::counters::{Action, Reason, counter_slot};
     use std::io::Write;
     use std::process::{Command, Stdio};
 
     fn snapshot() -> Snapshot {
-        let mut counters = [0; Counter::COUNT as usize];
-        for (i, c) in counters.iter_mut().enumerate() {
+        let mut counters = PacketCounts::default();
+        for (i, c) in counters.slots.iter_mut().enumerate() {
             *c = 100 + i as u64;
         }
-        counters[Counter::Forwarded as usize] = 7;
+        counters.set(Reason::Forwarded, Action::Tx, 7);
         Snapshot {
             counters,
             members: vec![
@@ -565,18 +570,21 @@ mod tests {
 
     /// Every sample of the test snapshot, in order; the same in both formats.
     fn expected_samples() -> Vec<String> {
-        let mut expected: Vec<String> = Counter::ALL
+        // Every pair is non-zero in the test snapshot, so every pair shows, in slot order.
+        let mut expected: Vec<String> = Reason::ALL
             .iter()
-            .map(|&c| {
-                let kind = if c.is_verdict() { "verdict" } else { "info" };
-                let value = if c == Counter::Forwarded {
+            .flat_map(|&r| Action::ALL.iter().map(move |&a| (r, a)))
+            .map(|(r, a)| {
+                let kind = if r.is_verdict() { "verdict" } else { "info" };
+                let value = if (r, a) == (Reason::Forwarded, Action::Tx) {
                     7
                 } else {
-                    100 + c as u64
+                    100 + u64::from(counter_slot(r, a))
                 };
                 format!(
-                    "cdn_steer_packets_total{{reason=\"{}\",kind=\"{kind}\"}} {value}",
-                    c.name()
+                    "cdn_steer_packets_total{{reason=\"{}\",action=\"{}\",kind=\"{kind}\"}} {value}",
+                    r.name(),
+                    a.name()
                 )
             })
             .collect();
@@ -693,6 +701,47 @@ mod tests {
         s.bgp = None;
         let text = encode(&s).unwrap();
         assert!(!text.contains("cdn_steer_bgp"), "{text}");
+    }
+
+    #[test]
+    fn metrics_packets_show_every_possible_pair_even_at_zero_and_no_impossible_one() {
+        let mut s = snapshot();
+        s.counters = PacketCounts::default();
+        let text = encode(&s).unwrap();
+        let packets: Vec<&str> = samples(&text)
+            .into_iter()
+            .filter(|l| l.starts_with("cdn_steer_packets_total{"))
+            .collect();
+        for line in [
+            r#"cdn_steer_packets_total{reason="forwarded",action="tx",kind="verdict"} 0"#,
+            r#"cdn_steer_packets_total{reason="forwarded",action="redirect",kind="verdict"} 0"#,
+            r#"cdn_steer_packets_total{reason="malformed",action="drop",kind="verdict"} 0"#,
+            r#"cdn_steer_packets_total{reason="fib_miss",action="pass",kind="info"} 0"#,
+        ] {
+            assert!(packets.contains(&line), "{line}\n{text}");
+        }
+        // A reason that only ever drops has no series for the other actions.
+        assert!(
+            !packets
+                .iter()
+                .any(|l| l.contains(r#"reason="malformed",action="pass""#)),
+            "{text}"
+        );
+        let declared: usize = Reason::ALL
+            .iter()
+            .map(|r| r.actions().count_ones() as usize)
+            .sum();
+        assert_eq!(packets.len(), declared, "{text}");
+
+        // A pair outside the declaration still shows once it counts something.
+        s.counters.set(Reason::Malformed, Action::Pass, 3);
+        let text = encode(&s).unwrap();
+        assert!(
+            samples(&text).contains(
+                &r#"cdn_steer_packets_total{reason="malformed",action="pass",kind="verdict"} 3"#
+            ),
+            "{text}"
+        );
     }
 
     #[test]

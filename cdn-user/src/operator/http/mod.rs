@@ -484,13 +484,13 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Instant as StdInstant, UNIX_EPOCH};
 
-    use cdn_common::counters::Counter;
+    use cdn_common::counters::PacketCounts;
 
     use crate::operator::metrics::{MemberMetrics, ServiceMetrics};
 
     fn snapshot() -> Snapshot {
         Snapshot {
-            counters: [3; Counter::COUNT as usize],
+            counters: PacketCounts::default(),
             members: vec![MemberMetrics {
                 id: 1,
                 name: "node-a".into(),

@@ -1,0 +1,106 @@
+//! The verdict on one packet: the action the program returns and the reason it is counted
+//! under, carried together from the path that decides to the one place that counts.
+//!
+//! BPF functions return scalars only, so a verdict is one `u64` (`repr(transparent)`):
+//!
+//! ```text
+//! bits 0..8    Action (the XDP return code)
+//! bits 8..16   Reason
+//! bit  16      encapsulation pending (see `Verdict::encapsulate`)
+//! bits 32..64  informational reasons that happened on the way, one bit per reason index
+//! ```
+
+use cdn_common::counters::{Action, COUNTER_SLOTS, Reason};
+
+use crate::maps::count_slot;
+
+const ACTION_MASK: u64 = 0xff;
+const REASON_SHIFT: u32 = 8;
+const ENCAP_PENDING: u64 = 1 << 16;
+const INFO_SHIFT: u32 = 32;
+
+const _: () = assert!(Reason::COUNT <= 32, "info reasons are a 32-bit mask");
+const _: () = assert!(Reason::COUNT <= 0xff && Action::COUNT <= 0xff);
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+#[must_use]
+pub struct Verdict(u64);
+
+impl Verdict {
+    #[inline(always)]
+    pub const fn new(action: Action, reason: Reason) -> Self {
+        Self(action as u64 | (reason as u64) << REASON_SHIFT)
+    }
+
+    #[inline(always)]
+    pub const fn pass(reason: Reason) -> Self {
+        Self::new(Action::Pass, reason)
+    }
+
+    #[inline(always)]
+    pub const fn drop(reason: Reason) -> Self {
+        Self::new(Action::Drop, reason)
+    }
+
+    /// A path's request to encapsulate the packet (as the `Encap` it filled in says) and to
+    /// count `reason` with the action the transmission ends in. Not a final verdict: the
+    /// top-level function runs the encapsulation, so that its stack frame and the paths'
+    /// frames are never on the call chain together.
+    #[inline(always)]
+    pub const fn encapsulate(reason: Reason) -> Self {
+        Self(ENCAP_PENDING | Self::drop(reason).0)
+    }
+
+    #[inline(always)]
+    pub const fn is_encapsulate(self) -> bool {
+        self.0 & ENCAP_PENDING != 0
+    }
+
+    /// The same reason (and informational reasons) with the action it ended in.
+    #[inline(always)]
+    pub const fn with_action(self, action: Action) -> Self {
+        Self(self.0 & !(ACTION_MASK | ENCAP_PENDING) | action as u64)
+    }
+
+    /// Records an informational reason, counted on top of the verdict.
+    #[inline(always)]
+    pub const fn with_info(self, info: Reason) -> Self {
+        Self(self.0 | 1 << (INFO_SHIFT + info as u32))
+    }
+
+    /// The XDP return code.
+    #[inline(always)]
+    pub const fn action(self) -> u32 {
+        (self.0 & ACTION_MASK) as u32
+    }
+
+    /// Slot of this verdict in `COUNTERS` (`cdn_common::counters::counter_slot`).
+    #[inline(always)]
+    const fn slot(self) -> u32 {
+        ((self.0 >> REASON_SHIFT) & 0xff) as u32 * Action::COUNT + self.action()
+    }
+}
+
+/// Counts the packet's verdict (and its informational reasons, with the same action) and
+/// returns the action: what is counted is by construction what the program returns. Every
+/// entry point ends here, once per packet.
+#[inline(always)]
+pub fn finish(v: Verdict) -> u32 {
+    let action = v.action();
+    count_slot(v.slot());
+    let info = v.0 >> INFO_SHIFT;
+    if info != 0 {
+        // Fixed trip count (the informational reasons), unrolled.
+        for r in Reason::INFO {
+            if info & 1 << r as u32 != 0 {
+                count_slot(r as u32 * Action::COUNT + action);
+            }
+        }
+    }
+    action
+}
+
+/// The verifier bounds map indices itself (an array lookup checks the index); this documents
+/// that every slot we can compute is inside the array.
+const _: () = assert!(Reason::COUNT * Action::COUNT == COUNTER_SLOTS);
