@@ -2,7 +2,7 @@
 //! file and log (`bird -f -c ... -s ... -P ...`), in a network namespace, stopped when dropped.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead, BufReader, Write as _},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -185,7 +185,7 @@ pub fn probe(socket: &Path, timeout: Duration) -> Result<()> {
 
 /// Reads one reply of BIRD's control protocol and returns the code and text of its last line.
 /// Lines are `DDDD-text` (more follow), `DDDD text` (the last) or ` text` (continuation).
-fn reply(reader: &mut impl std::io::BufRead) -> Result<(u16, String)> {
+fn reply(reader: &mut impl BufRead) -> Result<(u16, String)> {
     let mut line = String::new();
     loop {
         line.clear();

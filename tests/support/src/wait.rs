@@ -10,19 +10,21 @@ use anyhow::{Result, bail};
 /// How often the condition is checked.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Checks `check` until it returns true; fails after `limit`, with `what` and the last error
+/// Checks `check` until it returns true; fails after `limit`, with `what` and the latest error
 /// `check` returned (an error does not end the wait: the thing checked may not be up yet).
 pub fn until(limit: Duration, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + limit;
+    let mut latest_error = None;
     loop {
-        let last = check();
-        if matches!(last, Ok(true)) {
-            return Ok(());
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => latest_error = Some(e),
         }
         if Instant::now() >= deadline {
             bail!(
                 "timed out after {limit:?} waiting for {what}{}",
-                last_error(last)
+                describe(latest_error)
             );
         }
         std::thread::sleep(POLL);
@@ -36,26 +38,27 @@ where
     Fut: Future<Output = Result<bool>>,
 {
     let deadline = tokio::time::Instant::now() + limit;
+    let mut latest_error = None;
     loop {
-        let last = check().await;
-        if matches!(last, Ok(true)) {
-            return Ok(());
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => latest_error = Some(e),
         }
         if tokio::time::Instant::now() >= deadline {
             bail!(
                 "timed out after {limit:?} waiting for {what}{}",
-                last_error(last)
+                describe(latest_error)
             );
         }
         tokio::time::sleep(POLL).await;
     }
 }
 
-fn last_error(last: Result<bool>) -> String {
-    match last {
-        Err(e) => format!(" (last check failed: {e:#})"),
-        Ok(_) => String::new(),
-    }
+fn describe(latest_error: Option<anyhow::Error>) -> String {
+    latest_error
+        .map(|e| format!(" (latest error: {e:#})"))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -65,7 +68,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn succeeds_once_true_and_fails_with_the_last_error() {
+    fn succeeds_once_true_and_fails_with_the_latest_error() {
         let mut n = 0;
         until(Duration::from_secs(5), "third check", || {
             n += 1;
@@ -74,15 +77,23 @@ mod tests {
         .expect("true on the third check");
         assert_eq!(n, 3);
 
+        // The latest error is kept even when later checks only return false.
         let started = Instant::now();
+        let mut n = 0;
         let e = until(Duration::from_millis(100), "never", || {
-            Err(anyhow!("not yet"))
+            n += 1;
+            match n {
+                1 => Err(anyhow!("first")),
+                2 => Err(anyhow!("second")),
+                _ => Ok(false),
+            }
         })
         .expect_err("never true");
         assert!(started.elapsed() >= Duration::from_millis(100));
+        assert!(n > 3, "{n} checks");
         assert_eq!(
             e.to_string(),
-            "timed out after 100ms waiting for never (last check failed: not yet)"
+            "timed out after 100ms waiting for never (latest error: second)"
         );
         let e = until(Duration::ZERO, "false", || Ok(false)).expect_err("false");
         assert_eq!(e.to_string(), "timed out after 0ns waiting for false");
@@ -107,7 +118,7 @@ mod tests {
             })
             .await
             .expect_err("never true");
-            assert!(e.to_string().ends_with("(last check failed: down)"), "{e}");
+            assert!(e.to_string().ends_with("(latest error: down)"), "{e}");
             Ok(())
         })
     }
