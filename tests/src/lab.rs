@@ -16,13 +16,17 @@
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
+use cdn_test_support::{
+    bird::{Bird, BirdFiles},
+    process::{Group, Process},
+    run, wait,
+};
 
-use crate::netns::{Netns, run};
+use crate::netns::Netns;
 
 pub const VIP_V4: &str = "192.0.2.1";
 pub const VIP_V6: &str = "2001:db8::1";
@@ -56,69 +60,13 @@ impl Default for LabOptions {
     }
 }
 
-/// A process the lab started; killed (by pid) when dropped.
-pub struct Proc {
-    pub name: String,
-    child: Child,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Sends `signal` and waits up to `wait` for the process to exit.
-    pub fn signal(&mut self, signal: i32, wait: Duration) -> Result<()> {
-        // SAFETY: kill(2) on the pid of a child we started and have not reaped.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
-            if !self.is_running() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bail!(
-            "{} (pid {}) did not exit within {wait:?}",
-            self.name,
-            self.child.id()
-        )
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(ns: &Netns, name: &str, program: &Path, args: &[&str], log: &Path) -> Result<Proc> {
-    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let err = out.try_clone()?;
-    use std::os::unix::process::CommandExt as _;
-    let child = ns
-        .command(&program.to_string_lossy())
-        .args(args)
-        // Its own process group: Ctrl-C at the terminal reaches the lab, which stops its
-        // processes in order, not every process at once.
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .env("RUST_LOG", "info")
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    Ok(Proc {
-        name: name.to_string(),
-        child,
-        log: log.to_path_buf(),
-    })
+/// Starts `program` in `ns`, its output going to `log`. Each process gets a process group of
+/// its own: Ctrl-C at the terminal reaches the lab, which stops its processes in order, not
+/// every process at once. Killed (by pid) when the returned value is dropped.
+fn spawn(ns: &Netns, name: &str, program: &Path, args: &[&str], log: &Path) -> Result<Process> {
+    let mut command = ns.command(&program.to_string_lossy());
+    command.args(args).env("RUST_LOG", "info");
+    Process::spawn(name, command, Group::Own, log)
 }
 
 /// The packets counted under `reason` in a node's metrics text: the sum of every
@@ -144,9 +92,9 @@ pub struct LabNode {
     pub config: PathBuf,
     pub control: PathBuf,
     pub bird_socket: PathBuf,
-    pub bird: Option<Proc>,
-    pub httpd: Option<Proc>,
-    pub controller: Option<Proc>,
+    pub bird: Option<Bird>,
+    pub httpd: Option<Process>,
+    pub controller: Option<Process>,
 }
 
 /// Paths of the programs the lab runs.
@@ -197,7 +145,7 @@ pub struct Lab {
     pub client: Netns,
     pub router: Netns,
     pub router_bird_socket: PathBuf,
-    router_bird: Option<Proc>,
+    router_bird: Option<Bird>,
     pub nodes: Vec<LabNode>,
     bpffs: Option<PathBuf>,
 }
@@ -307,7 +255,7 @@ impl Lab {
         let client = Netns::new(&format!("{}c", opts.tag))?;
         let router = Netns::new(&format!("{}r", opts.tag))?;
         let mut lab = Lab {
-            router_bird_socket: dir.join("router-bird.ctl"),
+            router_bird_socket: BirdFiles::new(&dir, "router").socket,
             opts,
             dir,
             bin,
@@ -425,7 +373,7 @@ impl Lab {
                 index: i,
                 config: self.dir.join(format!("{name}.toml")),
                 control: self.dir.join(format!("{name}.sock")),
-                bird_socket: self.dir.join(format!("{name}-bird.ctl")),
+                bird_socket: BirdFiles::new(&self.dir, &name).socket,
                 underlay: format!("10.1.{i}.2"),
                 underlay_v6: format!("fd00:1:{i}::2"),
                 name,
@@ -437,30 +385,14 @@ impl Lab {
         Ok(())
     }
 
-    fn bird(&self, ns: &Netns, name: &str, config: &str, socket: &Path) -> Result<Proc> {
-        let conf = self.dir.join(format!("{name}-bird.conf"));
-        std::fs::write(&conf, config)?;
-        let pid = self.dir.join(format!("{name}-bird.pid"));
-        let log = self.dir.join(format!("{name}-bird.log"));
-        let conf_s = conf.to_string_lossy().into_owned();
-        let sock_s = socket.to_string_lossy().into_owned();
-        let pid_s = pid.to_string_lossy().into_owned();
-        spawn(
-            ns,
-            &format!("bird ({name})"),
-            Path::new("/usr/sbin/bird"),
-            &["-f", "-c", &conf_s, "-s", &sock_s, "-P", &pid_s],
-            &log,
-        )
+    /// Starts BIRD in `ns`, with its files in the lab's directory; returns once it answers.
+    fn bird(&self, ns: &Netns, name: &str, config: &str) -> Result<Bird> {
+        Bird::start(ns, &self.dir, name, config, Group::Own)
     }
 
     fn start_routing(&mut self) -> Result<()> {
-        let router_bird = self.bird(
-            &self.router,
-            "router",
-            &router_bird_config(self.opts.nodes),
-            &self.router_bird_socket,
-        )?;
+        let router_bird =
+            self.bird(&self.router, "router", &router_bird_config(self.opts.nodes))?;
         self.router_bird = Some(router_bird);
         for i in 0..self.nodes.len() {
             let node = &self.nodes[i];
@@ -468,7 +400,6 @@ impl Lab {
                 &node.ns,
                 &node.name,
                 &node_bird_config(node.index, self.opts.steering),
-                &node.bird_socket,
             )?;
             let log = self.dir.join(format!("{}-httpd.log", node.name));
             let size = self.opts.file_size.to_string();
@@ -574,10 +505,10 @@ impl Lab {
 
     /// `birdc` on the router.
     pub fn router_birdc(&self, command: &str) -> Result<String> {
-        let sock = self.router_bird_socket.to_string_lossy().into_owned();
-        let mut args = vec!["-s", sock.as_str()];
-        args.extend(command.split_whitespace());
-        run("birdc", &args)
+        self.router_bird
+            .as_ref()
+            .context("the router's BIRD is not running")?
+            .birdc(command)
     }
 
     /// Withdraws node `i`'s routes at the router (its BGP sessions go down).
@@ -626,30 +557,15 @@ impl Lab {
         })
     }
 
-    /// Polls `check` every 50 ms until it is true or `limit` passes.
+    /// Polls `check` until it is true; fails after `limit` with the lab's diagnostics.
     pub fn wait_until(
         &self,
         limit: Duration,
         what: &str,
-        mut check: impl FnMut() -> Result<bool>,
+        check: impl FnMut() -> Result<bool>,
     ) -> Result<()> {
-        let deadline = Instant::now() + limit;
-        let mut last_err = None;
-        while Instant::now() < deadline {
-            match check() {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => last_err = Some(e),
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!(
-            "timed out after {limit:?} waiting for {what}{}\n{}",
-            last_err
-                .map(|e| format!(" (last error: {e:#})"))
-                .unwrap_or_default(),
-            self.diagnostics()
-        )
+        wait::until(limit, what, check)
+            .map_err(|e| anyhow::anyhow!("{e:#}\n{}", self.diagnostics()))
     }
 
     /// Router routes and the tail of every log, for failure messages.
@@ -677,7 +593,7 @@ impl Lab {
 
     /// Path of the client namespace, for threads that join it.
     pub fn client_netns_path(&self) -> String {
-        format!("/run/netns/{}", self.client.name())
+        self.client.path()
     }
 
     pub fn vip(&self, v6: bool) -> IpAddr {

@@ -1,12 +1,17 @@
 //! Support code for cdn-steer's integration tests, benchmarks and lab: test frames, a data plane
-//! in a known state, and network namespaces that clean up after themselves.
+//! in a known state, and the lab. Network namespaces, commands and child processes come from
+//! `cdn-test-support`, shared with the controller's unit tests.
 
 pub mod content;
 pub mod download;
 pub mod lab;
-pub mod netns;
 pub mod packets;
 pub mod scenario;
+
+/// Network namespaces and commands (`cdn_tests::netns::{Netns, join, run}`).
+pub mod netns {
+    pub use cdn_test_support::{cmd::run, netns::*};
+}
 
 /// XDP actions, as the program returns them.
 pub mod xdp {

@@ -109,17 +109,3 @@ pub fn output(command: &mut Command) -> Result<Output> {
         .output()
         .with_context(|| format!("failed to start `{}`", describe(command)))
 }
-
-/// Runs `command` quietly and returns its stdout; fails, with its stderr, unless it succeeds.
-pub fn stdout(command: &mut Command) -> Result<String> {
-    let output = output(command)?;
-    if !output.status.success() {
-        bail!(
-            "`{}` failed with {}: {}",
-            describe(command),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}

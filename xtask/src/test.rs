@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
-use crate::{cmd, setup};
+use crate::{cmd, setup, toolchain};
 
 /// The machines this runs on have two cores. The integration tests build network namespaces,
 /// veths and BIRD instances and measure packet rates; running more at once only adds noise and
@@ -39,11 +39,12 @@ pub fn run(options: &Options) -> Result<()> {
                 "-D",
                 "warnings",
             ]))?;
+            let pinned = format!("+{}", toolchain::pin()?.name);
             cmd::run(
                 cmd::cargo()
                     .current_dir(cmd::workspace_root().join("cdn-ebpf"))
                     .args([
-                        "+nightly",
+                        pinned.as_str(),
                         "clippy",
                         "--release",
                         "--target",

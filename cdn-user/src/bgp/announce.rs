@@ -413,8 +413,9 @@ mod tests {
     use anyhow::{Context as _, Result, bail};
     use log::Level;
 
+    use cdn_test_support::logcap;
+
     use super::*;
-    use crate::bgp::bird::logcap;
     use crate::bgp::bird::testbird::{CONFIG, DEADLINE, TestBird, eventually, route_present};
 
     const POLL: Duration = Duration::from_millis(100);

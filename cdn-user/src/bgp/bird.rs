@@ -548,19 +548,19 @@ fn is_date(word: &str) -> bool {
             .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
 }
 
-/// A real BIRD for tests, shared with the announcer's tests.
+/// A real BIRD for tests, shared with the announcer's tests: `cdn-test-support`'s BIRD in a
+/// namespace and directory of its own, plus what these tests check through [`BirdClient`].
 #[cfg(test)]
 pub(crate) mod testbird {
-    use std::fs::{self, File};
     use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
-    use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Duration;
 
-    use anyhow::{Context as _, Result, bail};
-    use tokio::time::Instant;
+    use anyhow::{Context as _, Result};
+    use cdn_test_support::{Netns, bird::Bird, process::Group, scratch::ScratchDir};
 
     use super::BirdClient;
+
+    pub use cdn_test_support::wait::eventually;
 
     /// The configuration the tests use: one disabled static protocol with one route, and no
     /// kernel protocol, so even outside the namespace nothing would reach the host's routes.
@@ -569,170 +569,83 @@ protocol device {}
 protocol static anycast_vips { ipv4; disabled; route 192.0.2.0/24 blackhole; }
 ";
 
-    /// How long BIRD may take to start. Generous: the machine may be busy with other tests.
-    pub const START_DEADLINE: Duration = Duration::from_secs(15);
     /// How long a state change observed through BIRD or a status channel may take.
     pub const DEADLINE: Duration = Duration::from_secs(10);
 
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-
-    /// A BIRD process (`bird -f`) in a network namespace of its own, with its own
-    /// configuration, control socket and pid file in a temporary directory. Dropping it kills
-    /// the process, deletes the namespace and removes the directory, also when a test fails.
+    /// BIRD in a network namespace of its own, with its configuration, control socket and pid
+    /// file in a scratch directory. Dropping it stops BIRD, then deletes the namespace and
+    /// the directory, also when a test fails.
     pub struct TestBird {
-        netns: String,
-        dir: PathBuf,
-        child: Option<Child>,
+        // Fields drop in this order: the process before its namespace and directory.
+        bird: Option<Bird>,
+        _netns: Netns,
+        dir: ScratchDir,
+        socket: PathBuf,
     }
 
     impl TestBird {
         /// Writes `config`, creates the namespace and starts BIRD; returns once BIRD answers.
         pub async fn start(config: &str) -> Result<Self> {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let id = format!("{}-{n}", std::process::id());
-            let dir = std::env::temp_dir().join(format!("cdnt-bird-{id}"));
-            // Leftovers of a crashed earlier run with the same pid would only confuse BIRD.
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let mut bird = Self {
-                netns: String::new(),
+            let dir = ScratchDir::new("bird")?;
+            let netns = Netns::new("bird")?;
+            let config = config.to_owned();
+            let (dir, netns, bird) = tokio::task::spawn_blocking(move || {
+                let bird = Bird::start(&netns, dir.path(), "test", &config, Group::Inherit);
+                (dir, netns, bird)
+            })
+            .await?;
+            let bird = bird?;
+            Ok(Self {
+                socket: bird.socket().to_path_buf(),
+                bird: Some(bird),
+                _netns: netns,
                 dir,
-                child: None,
-            };
-            fs::write(bird.path("bird.conf"), config).context("writing bird.conf")?;
-            let netns = format!("cdnt-bird-{id}");
-            run("ip", &["netns", "add", &netns])?;
-            bird.netns = netns;
-            bird.restart().await?;
-            Ok(bird)
+            })
         }
 
         /// Starts BIRD again after [`TestBird::kill`], with the same configuration, socket and
-        /// pid file; returns once it answers.
+        /// pid file; returns once it answers. The wait runs off the runtime's thread, so the
+        /// tasks under test go on meanwhile.
         pub async fn restart(&mut self) -> Result<()> {
-            self.kill();
-            let log = File::create(self.path("bird.log")).context("creating bird.log")?;
-            let child = Command::new("ip")
-                .args(["netns", "exec", &self.netns, "bird", "-f", "-c"])
-                .arg(self.path("bird.conf"))
-                .arg("-s")
-                .arg(self.socket())
-                .arg("-P")
-                .arg(self.path("bird.pid"))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().context("duplicating the log file")?)
-                .stderr(log)
-                .spawn()
-                .context("starting bird")?;
-            // `ip netns exec` execs bird in place, so this child is BIRD itself.
-            self.child = Some(child);
-            self.wait_ready().await
+            let mut bird = self.bird.take().context("bird failed to restart before")?;
+            let (bird, restarted) = tokio::task::spawn_blocking(move || {
+                let restarted = bird.restart();
+                (bird, restarted)
+            })
+            .await?;
+            self.bird = Some(bird);
+            restarted
         }
 
-        /// Waits until BIRD answers on its socket. Waiting for the socket file is not enough:
-        /// a killed BIRD leaves it behind, and it exists before the configuration is loaded.
-        async fn wait_ready(&mut self) -> Result<()> {
-            let client = BirdClient::new(self.socket(), Duration::from_secs(2));
-            let deadline = Instant::now() + START_DEADLINE;
-            loop {
-                let error = match client.command("show status").await {
-                    Ok(_) => return Ok(()),
-                    Err(e) => e,
-                };
-                if let Some(child) = &mut self.child
-                    && let Some(status) = child.try_wait().context("checking on bird")?
-                {
-                    self.child = None;
-                    bail!("bird exited ({status}): {}", self.log());
-                }
-                if Instant::now() >= deadline {
-                    bail!(
-                        "bird not answering after {START_DEADLINE:?}: {error}; log: {}",
-                        self.log()
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        fn bird(&mut self) -> Result<&mut Bird> {
+            self.bird.as_mut().context("bird failed to restart before")
         }
 
-        /// Kills BIRD (SIGKILL, so it leaves its socket file behind as after a crash) and
-        /// reaps it. Does nothing if it is not running.
+        /// Kills BIRD with SIGKILL (it leaves its socket file behind, as after a crash).
         pub fn kill(&mut self) {
-            if let Some(mut child) = self.child.take() {
-                if let Err(e) = child.kill() {
-                    eprintln!("killing bird: {e}");
-                }
-                if let Err(e) = child.wait() {
-                    eprintln!("reaping bird: {e}");
-                }
+            if let Some(bird) = &mut self.bird {
+                bird.kill();
             }
         }
 
         /// Stops (`SIGSTOP`) or continues (`SIGCONT`) BIRD: a stopped BIRD still has its
         /// socket, whose backlog accepts connections, but never answers.
-        pub fn pause(&self, paused: bool) -> Result<()> {
-            let Some(child) = &self.child else {
-                bail!("bird is not running");
-            };
-            let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
-            let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
-            // SAFETY: kill(2) with the pid of our own unreaped child and a valid signal.
-            if unsafe { libc::kill(pid, signal) } != 0 {
-                bail!("kill: {}", std::io::Error::last_os_error());
-            }
-            Ok(())
+        pub fn pause(&mut self, paused: bool) -> Result<()> {
+            self.bird()?.pause(paused)
         }
 
-        pub fn socket(&self) -> PathBuf {
-            self.path("bird.ctl")
+        pub fn socket(&self) -> &Path {
+            &self.socket
         }
 
         /// A client with a short timeout for the tests.
         pub fn client(&self) -> BirdClient {
-            BirdClient::new(self.socket(), Duration::from_secs(2))
-        }
-
-        fn path(&self, file: &str) -> PathBuf {
-            self.dir.join(file)
-        }
-
-        fn log(&self) -> String {
-            fs::read_to_string(self.path("bird.log")).unwrap_or_default()
+            BirdClient::new(&self.socket, Duration::from_secs(2))
         }
 
         pub fn dir(&self) -> &Path {
-            &self.dir
+            self.dir.path()
         }
-    }
-
-    impl Drop for TestBird {
-        fn drop(&mut self) {
-            self.kill();
-            if !self.netns.is_empty()
-                && let Err(e) = run("ip", &["netns", "del", &self.netns])
-            {
-                eprintln!("cleanup: {e:#}");
-            }
-            if let Err(e) = fs::remove_dir_all(&self.dir) {
-                eprintln!("cleanup: removing {}: {e}", self.dir.display());
-            }
-        }
-    }
-
-    fn run(cmd: &str, args: &[&str]) -> Result<()> {
-        let out = Command::new(cmd)
-            .args(args)
-            .output()
-            .with_context(|| format!("running {cmd}"))?;
-        if !out.status.success() {
-            bail!(
-                "{cmd} {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
     }
 
     /// Whether BIRD's table holds the test route of `anycast_vips`.
@@ -742,94 +655,6 @@ protocol static anycast_vips { ipv4; disabled; route 192.0.2.0/24 blackhole; }
             .lines()
             .iter()
             .any(|l| l.text.trim_start().starts_with("192.0.2.0/24")))
-    }
-
-    /// Polls `check` until it returns true, failing after `deadline`.
-    pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F) -> Result<()>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<bool>>,
-    {
-        let until = Instant::now() + deadline;
-        loop {
-            let last = check().await;
-            if matches!(last, Ok(true)) {
-                return Ok(());
-            }
-            if Instant::now() >= until {
-                bail!("{what}: not within {deadline:?} (last check: {last:?})");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-/// Captures log records per thread, so a test can check what was logged. `#[tokio::test]`
-/// runs the test and every task it spawns on its own thread, so records from tests running in
-/// parallel do not mix.
-#[cfg(test)]
-pub(crate) mod logcap {
-    use std::cell::RefCell;
-    use std::sync::OnceLock;
-
-    use log::{Level, Log, Metadata, Record};
-
-    thread_local! {
-        static RECORDS: RefCell<Option<Vec<(Level, String)>>> = const { RefCell::new(None) };
-    }
-
-    struct Capture;
-
-    impl Log for Capture {
-        fn enabled(&self, _: &Metadata<'_>) -> bool {
-            true
-        }
-
-        fn log(&self, record: &Record<'_>) {
-            let message = record.args().to_string();
-            // Also print it: the test harness shows it when the test fails.
-            eprintln!("{} {}: {message}", record.level(), record.target());
-            RECORDS.with(|r| {
-                if let Some(records) = r.borrow_mut().as_mut() {
-                    records.push((record.level(), message));
-                }
-            });
-        }
-
-        fn flush(&self) {}
-    }
-
-    static INSTALLED: OnceLock<bool> = OnceLock::new();
-
-    /// Starts capturing on this thread. Returns false if another logger was installed first,
-    /// in which case nothing is captured and log checks must be skipped.
-    pub fn start() -> bool {
-        let installed = *INSTALLED.get_or_init(|| {
-            static LOGGER: Capture = Capture;
-            let ok = log::set_logger(&LOGGER).is_ok();
-            if ok {
-                log::set_max_level(log::LevelFilter::Trace);
-            }
-            ok
-        });
-        if installed {
-            RECORDS.with(|r| *r.borrow_mut() = Some(Vec::new()));
-        } else {
-            eprintln!("another logger is installed: skipping the checks of log records");
-        }
-        installed
-    }
-
-    /// Records captured on this thread so far with `level`, containing `text`.
-    pub fn matching(level: Level, text: &str) -> Vec<String> {
-        RECORDS.with(|r| {
-            r.borrow()
-                .iter()
-                .flatten()
-                .filter(|(l, m)| *l == level && m.contains(text))
-                .map(|(_, m)| m.clone())
-                .collect()
-        })
     }
 }
 

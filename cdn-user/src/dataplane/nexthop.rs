@@ -66,9 +66,6 @@ const NUD_USABLE: u16 = libc::NUD_REACHABLE
 pub use error::{NeighbourProblem, NoRouteReason, NudState, Resolution, ResolveError, Resolved};
 use error::{io_error, protocol_error};
 use messages::*;
-// The tests join namespaces by file descriptor.
-#[cfg(test)]
-use std::os::fd::AsRawFd;
 
 /// How one request/answer exchange went, when the kernel did not refuse it.
 #[derive(Debug, Default)]
@@ -459,17 +456,11 @@ impl Resolver {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        fs::File,
-        io::Write as _,
-        net::{Ipv4Addr, Ipv6Addr},
-        process::{Command, Stdio},
-        sync::atomic::{AtomicU32, Ordering},
-    };
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use cdn_test_support::Netns;
 
     use super::*;
-
-    static NEXT_NS: AtomicU32 = AtomicU32::new(0);
 
     const A0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
     const MEMBER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -478,104 +469,28 @@ mod tests {
     const GW6_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0xfe];
     const LL_GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0xfe];
 
-    fn run(program: &str, args: &[&str], stdin: Option<&str>) -> String {
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {program}: {e}"));
-        if let Some(input) = stdin
-            && let Some(mut pipe) = child.stdin.take()
-        {
-            pipe.write_all(input.as_bytes()).expect("writing stdin");
-        }
-        let out = child.wait_with_output().expect("waiting for the command");
-        assert!(
-            out.status.success(),
-            "{program} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// A network namespace deleted on drop, also when the test panics.
-    struct Netns {
-        name: String,
-    }
-
-    impl Netns {
-        fn new() -> Self {
-            let name = format!(
-                "cdnt-nh-{}-{}",
-                std::process::id(),
-                NEXT_NS.fetch_add(1, Ordering::Relaxed)
-            );
-            run("ip", &["netns", "add", &name], None);
-            let ns = Self { name };
-            ns.ip("link set lo up");
-            ns
-        }
-
-        /// `ip -n NS <args>`; args split on whitespace.
-        fn ip(&self, args: &str) -> String {
-            let mut full = vec!["-n", self.name.as_str()];
-            full.extend(args.split_whitespace());
-            run("ip", &full, None)
-        }
-
-        /// Many `ip` commands at once (`ip -batch`).
-        fn ip_batch(&self, commands: &str) {
-            run("ip", &["-n", &self.name, "-batch", "-"], Some(commands));
-        }
-
-        fn ifindex(&self, dev: &str) -> u32 {
-            // "7: a0@a1: <BROADCAST,..." -> 7
-            let out = self.ip(&format!("-o link show dev {dev}"));
-            out.split(':')
-                .next()
-                .and_then(|n| n.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no ifindex in {out:?}"))
-        }
-
-        /// Runs `f` on a thread that has joined the namespace.
-        fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-            let path = format!("/run/netns/{}", self.name);
-            let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-            std::thread::scope(|scope| {
-                scope
-                    .spawn(|| {
-                        // SAFETY: setns on a namespace fd we hold open; it only moves this
-                        // thread, which ends with the scope.
-                        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                        assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
-                        f()
-                    })
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
+    /// Runs `ip` commands (one a line) in `ns`, failing the test if one fails.
+    fn ip_batch(ns: &Netns, commands: &str) {
+        if let Err(e) = ns.ip_batch(commands) {
+            panic!("{e:#}");
         }
     }
 
-    impl Drop for Netns {
-        fn drop(&mut self) {
-            let status = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .status();
-            if !matches!(status, Ok(s) if s.success()) {
-                eprintln!("cleanup: deleting netns {} failed: {status:?}", self.name);
-            }
-        }
+    fn ifindex(ns: &Netns, dev: &str) -> u32 {
+        ns.ifindex(dev).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Runs `f` on a thread that has joined `ns`.
+    fn enter<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+        ns.enter(f).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// The lab: a0 (10.77.0.1/24, fd77::1/64) with its peer a1, members 10.77.0.2 and fd77::2
     /// on-link, 10.88.0.0/16 via 10.77.0.254 and fd88::/32 via fd77::fe, all neighbours static.
     fn lab() -> Netns {
-        let ns = Netns::new();
-        ns.ip_batch(
+        let ns = Netns::new("nh").unwrap_or_else(|e| panic!("{e:#}"));
+        ip_batch(
+            &ns,
             "link add a0 address 02:00:00:00:aa:01 type veth peer name a1
              link set a0 up
              link set a1 up
@@ -598,7 +513,7 @@ mod tests {
 
     /// Resolves `addrs` with a fresh resolver inside `ns`.
     fn resolve_in(ns: &Netns, addrs: &[IpAddr]) -> Vec<Resolution> {
-        ns.enter(|| {
+        enter(ns, || {
             Resolver::new()
                 .expect("resolver")
                 .resolve(addrs)
@@ -623,7 +538,7 @@ mod tests {
     #[test]
     fn on_link_and_gatewayed_members_ipv4_and_ipv6() {
         let ns = lab();
-        let a0 = ns.ifindex("a0");
+        let a0 = ifindex(&ns, "a0");
         let addrs = [
             ip("10.77.0.2"),
             ip("10.88.3.4"),
@@ -659,7 +574,8 @@ mod tests {
     #[test]
     fn link_local_ipv6_gateway() {
         let ns = lab();
-        ns.ip_batch(
+        ip_batch(
+            &ns,
             "route add fd66::/32 via fe80::1 dev a0
              neigh replace fe80::1 lladdr 02:00:00:00:02:fe dev a0 nud permanent
             ",
@@ -668,13 +584,14 @@ mod tests {
         let r = expect_ok(&results, 0);
         assert_eq!(r.via, ip("fe80::1"));
         assert_eq!(r.dst_mac, LL_GW_MAC);
-        assert_eq!(r.ifindex, ns.ifindex("a0"));
+        assert_eq!(r.ifindex, ifindex(&ns, "a0"));
     }
 
     #[test]
     fn unresolved_neighbours() {
         let ns = lab();
-        ns.ip_batch(
+        ip_batch(
+            &ns,
             "neigh replace 10.77.0.4 dev a0 nud incomplete
              neigh replace 10.77.0.5 dev a0 nud failed
              route add 10.89.0.0/16 via 10.77.0.253
@@ -691,7 +608,7 @@ mod tests {
             ip("10.77.0.7"), // STALE: usable
             ip("10.77.0.8"), // REACHABLE: usable
         ];
-        let a0 = ns.ifindex("a0");
+        let a0 = ifindex(&ns, "a0");
         let results = resolve_in(&ns, &addrs);
 
         let problem = |i: usize| match expect_err(&results, i) {
@@ -745,7 +662,8 @@ mod tests {
     #[test]
     fn no_route_reasons() {
         let ns = lab();
-        ns.ip_batch(
+        ip_batch(
+            &ns,
             "route add blackhole 10.99.0.0/16
              route add unreachable 10.98.0.0/16
              route add prohibit 10.97.0.0/16
@@ -790,7 +708,7 @@ mod tests {
     #[test]
     fn non_ethernet_egress() {
         let ns = lab();
-        ns.ip("route add 10.44.0.0/16 dev lo");
+        ip_batch(&ns, "route add 10.44.0.0/16 dev lo");
         let results = resolve_in(&ns, &[ip("10.44.0.1")]);
         match expect_err(&results, 0) {
             ResolveError::NotEthernet {
@@ -807,19 +725,25 @@ mod tests {
         let ns = lab();
         let member = ip("10.77.0.2");
         let gatewayed = ip("10.88.0.1");
-        ns.enter(|| {
+        enter(&ns, || {
             let mut resolver = Resolver::new().expect("resolver");
             let first = resolver.resolve(&[member, gatewayed]).expect("resolve");
             assert_eq!(expect_ok(&first, 0).dst_mac, MEMBER_MAC);
             assert_eq!(expect_ok(&first, 1).dst_mac, GW_MAC);
 
-            ns.ip("neigh replace 10.77.0.2 lladdr 02:00:00:00:00:22 dev a0 nud permanent");
-            ns.ip("neigh replace 10.77.0.254 lladdr 02:00:00:00:00:ef dev a0 nud permanent");
+            ip_batch(
+                &ns,
+                "neigh replace 10.77.0.2 lladdr 02:00:00:00:00:22 dev a0 nud permanent",
+            );
+            ip_batch(
+                &ns,
+                "neigh replace 10.77.0.254 lladdr 02:00:00:00:00:ef dev a0 nud permanent",
+            );
             let second = resolver.resolve(&[member, gatewayed]).expect("resolve");
             assert_eq!(expect_ok(&second, 0).dst_mac, [2, 0, 0, 0, 0, 0x22]);
             assert_eq!(expect_ok(&second, 1).dst_mac, [2, 0, 0, 0, 0, 0xef]);
 
-            ns.ip("neigh del 10.77.0.2 dev a0");
+            ip_batch(&ns, "neigh del 10.77.0.2 dev a0");
             let third = resolver.resolve(&[member]).expect("resolve");
             assert!(matches!(
                 third[0].1,
@@ -834,7 +758,10 @@ mod tests {
     #[test]
     fn multipath_route_resolves_to_one_of_its_next_hops() {
         let ns = lab();
-        ns.ip("route add 10.55.0.0/16 nexthop via 10.77.0.254 nexthop via 10.77.0.2");
+        ip_batch(
+            &ns,
+            "route add 10.55.0.0/16 nexthop via 10.77.0.254 nexthop via 10.77.0.2",
+        );
         let addrs: Vec<IpAddr> = (1..=64u8)
             .map(|i| IpAddr::V4(Ipv4Addr::new(10, 55, i, 7)))
             .collect();
@@ -874,8 +801,8 @@ mod tests {
                 i + 2
             ));
         }
-        ns.ip_batch(&batch);
-        let b0 = ns.ifindex("b0");
+        ip_batch(&ns, &batch);
+        let b0 = ifindex(&ns, "b0");
         let last = N + 1;
         let [hi, lo] = last.to_be_bytes();
         let addrs = [
@@ -884,7 +811,7 @@ mod tests {
             IpAddr::V6(Ipv6Addr::new(0xfd66, 1, 0, 0, 0, 0, 0, last)),
             ip("10.77.0.2"),
         ];
-        let (results, datagrams) = ns.enter(|| {
+        let (results, datagrams) = enter(&ns, || {
             let mut resolver = Resolver::new().expect("resolver");
             let results = resolver.resolve(&addrs).expect("resolve");
             (results, resolver.neighbour_datagrams)
@@ -910,9 +837,9 @@ mod tests {
                 i + 2
             ));
         }
-        ns.ip_batch(&batch);
-        let a0 = ns.ifindex("a0");
-        ns.enter(|| {
+        ip_batch(&ns, &batch);
+        let a0 = ifindex(&ns, "a0");
+        enter(&ns, || {
             let mut resolver = Resolver::new().expect("resolver");
             // Starts a dump and walks away after its first datagram, as an I/O error would.
             let abandon_dump = |resolver: &mut Resolver| {
