@@ -14,31 +14,18 @@ use tokio::sync::Notify;
 use super::core::{Core, Shared};
 use crate::{
     bgp::announce::AnnounceStatus,
-    cluster::health::MemberHealth,
-    config,
     operator::{
         control::{
-            AttachmentStatus, BgpStatus, LookupReport, MemberStatus, Request, Response,
+            AttachmentStatus, BgpStatus, LookupReport, MemberReport, Request, Response,
             ServiceStatus, StatusReport,
         },
         metrics,
     },
 };
 
-/// One member as status and metrics show it.
-struct MemberRow<'a> {
-    settings: &'a config::MemberSettings,
-    is_self: bool,
-    health: Option<&'a MemberHealth>,
-    stats: cdn_common::maps::MemberStats,
-    /// Buckets it owns over every service, and their fraction of all buckets.
-    buckets: u64,
-    share: f64,
-}
-
 impl Core {
-    /// What status and metrics show of every member.
-    fn member_rows(&self) -> Result<Vec<MemberRow<'_>>> {
+    /// Every member as status and metrics show it: the one member report.
+    fn member_reports(&self) -> Result<Vec<MemberReport>> {
         let share = self.tables.share();
         let total: u64 = share.values().sum();
         let self_id = self.self_id();
@@ -48,17 +35,27 @@ impl Core {
             .iter()
             .map(|m| {
                 let buckets = share.get(&m.id).copied().unwrap_or(0);
-                Ok(MemberRow {
-                    settings: m,
+                let health = self.health.get(&m.id);
+                let stats = self.dp.member_stats(m.id)?;
+                Ok(MemberReport {
+                    id: m.id,
+                    name: m.name.clone(),
+                    underlay: m.underlay.to_string(),
+                    weight: m.weight,
                     is_self: m.id == self_id,
-                    health: self.health.get(&m.id),
-                    stats: self.dp.member_stats(m.id)?,
+                    healthy: health.and_then(|h| h.healthy),
+                    last_error: health.and_then(|h| h.last_error.clone()),
+                    last_check_ms: health
+                        .and_then(|h| h.last_latency)
+                        .map(|d| d.as_secs_f64() * 1000.0),
                     buckets,
                     share: if total == 0 {
                         0.0
                     } else {
                         buckets as f64 / total as f64
                     },
+                    forwarded_packets: stats.packets,
+                    forwarded_bytes: stats.bytes,
                 })
             })
             .collect()
@@ -66,27 +63,7 @@ impl Core {
 
     pub(super) fn status(&self) -> Result<StatusReport> {
         let counters = self.dp.counters()?;
-        let members = self
-            .member_rows()?
-            .into_iter()
-            .map(|r| MemberStatus {
-                id: r.settings.id,
-                name: r.settings.name.clone(),
-                underlay: r.settings.underlay.to_string(),
-                weight: r.settings.weight,
-                is_self: r.is_self,
-                healthy: r.health.and_then(|h| h.healthy),
-                last_error: r.health.and_then(|h| h.last_error.clone()),
-                last_check_ms: r
-                    .health
-                    .and_then(|h| h.last_latency)
-                    .map(|d| d.as_secs_f64() * 1000.0),
-                buckets: r.buckets,
-                share: r.share,
-                forwarded_packets: r.stats.packets,
-                forwarded_bytes: r.stats.bytes,
-            })
-            .collect();
+        let members = self.member_reports()?;
         let services = self
             .tables
             .services()
@@ -199,21 +176,7 @@ impl Core {
 
     pub(super) fn snapshot(&self) -> Result<metrics::Snapshot> {
         let counters = self.dp.counters()?;
-        let members = self
-            .member_rows()?
-            .into_iter()
-            .map(|r| metrics::MemberMetrics {
-                id: r.settings.id,
-                name: r.settings.name.clone(),
-                healthy: r.health.and_then(|h| h.healthy),
-                last_check_latency: r.health.and_then(|h| h.last_latency),
-                packets: r.stats.packets,
-                bytes: r.stats.bytes,
-                bucket_share: r.share,
-                weight: r.settings.weight,
-                is_self: r.is_self,
-            })
-            .collect();
+        let members = self.member_reports()?;
         Ok(metrics::Snapshot {
             counters,
             members,

@@ -6,6 +6,8 @@
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
+
+pub use super::report::MemberReport;
 use thiserror::Error;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -45,7 +47,7 @@ pub struct StatusReport {
     pub ready: bool,
     pub draining: bool,
     pub table_size: u32,
-    pub members: Vec<MemberStatus>,
+    pub members: Vec<MemberReport>,
     pub services: Vec<ServiceStatus>,
     /// ("reason/action", packets) for every data-plane counter, summed over CPUs.
     pub counters: Vec<(String, u64)>,
@@ -60,24 +62,6 @@ pub struct AttachmentStatus {
     pub interface: String,
     pub mode: String,
     pub replaced: bool,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct MemberStatus {
-    pub id: u16,
-    pub name: String,
-    pub underlay: String,
-    pub weight: u32,
-    pub is_self: bool,
-    /// `None` until the first health check finished.
-    pub healthy: Option<bool>,
-    pub last_error: Option<String>,
-    pub last_check_ms: Option<f64>,
-    /// Buckets this member owns, over every service.
-    pub buckets: u64,
-    pub share: f64,
-    pub forwarded_packets: u64,
-    pub forwarded_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

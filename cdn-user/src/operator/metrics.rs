@@ -13,7 +13,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use super::report::MemberReport;
 
 use cdn_common::counters::PacketCounts;
 use prometheus_client::collector::Collector;
@@ -29,7 +31,7 @@ pub struct Snapshot {
     /// Data-plane counters summed over all CPUs, per (reason, action).
     pub counters: PacketCounts,
     /// Every configured member, this node included.
-    pub members: Vec<MemberMetrics>,
+    pub members: Vec<MemberReport>,
     /// Every configured service.
     pub services: Vec<ServiceMetrics>,
     /// Whether this node is draining (passes new connections on instead of accepting them).
@@ -46,30 +48,6 @@ pub struct Snapshot {
     pub config_reloads_failed: u64,
     /// When the controller started.
     pub start_time: SystemTime,
-}
-
-/// Per-member state.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MemberMetrics {
-    /// Member id from the configuration (the value the data plane uses).
-    pub id: u16,
-    /// Member name from the configuration; the `member` label.
-    pub name: String,
-    /// Result of the last health check; `None` while not checked yet (and for this node, if it
-    /// does not check itself).
-    pub healthy: Option<bool>,
-    /// How long the last health check took; `None` while not checked yet.
-    pub last_check_latency: Option<Duration>,
-    /// Client packets this node forwarded to the member (summed over CPUs).
-    pub packets: u64,
-    /// Bytes of those packets.
-    pub bytes: u64,
-    /// Fraction of the steering buckets the member owns, over all services together (0..=1).
-    pub bucket_share: f64,
-    /// Configured weight.
-    pub weight: u32,
-    /// Whether this member is this node.
-    pub is_self: bool,
 }
 
 /// Per-service state.
@@ -258,7 +236,7 @@ impl Collector for SnapshotCollector {
             }),
         )?;
 
-        let member = |m: &MemberMetrics| [("member", m.name.clone())];
+        let member = |m: &MemberReport| [("member", m.name.clone())];
         family(
             enc,
             "cdn_steer_member",
@@ -281,7 +259,7 @@ impl Collector for SnapshotCollector {
             None,
             s.members
                 .iter()
-                .map(|m| (member(m), ConstCounter::new(m.packets))),
+                .map(|m| (member(m), ConstCounter::new(m.forwarded_packets))),
         )?;
         family(
             enc,
@@ -290,7 +268,7 @@ impl Collector for SnapshotCollector {
             Some(&Unit::Bytes),
             s.members
                 .iter()
-                .map(|m| (member(m), ConstCounter::new(m.bytes))),
+                .map(|m| (member(m), ConstCounter::new(m.forwarded_bytes))),
         )?;
         family(
             enc,
@@ -318,8 +296,8 @@ impl Collector for SnapshotCollector {
             "Duration of the last health check of the member.",
             Some(&Unit::Seconds),
             s.members.iter().filter_map(|m| {
-                m.last_check_latency
-                    .map(|d| (member(m), ConstGauge::new(d.as_secs_f64())))
+                m.last_check_ms
+                    .map(|ms| (member(m), ConstGauge::new(ms / 1000.0)))
             }),
         )?;
         family(
@@ -329,7 +307,7 @@ impl Collector for SnapshotCollector {
             None,
             s.members
                 .iter()
-                .map(|m| (member(m), ConstGauge::new(m.bucket_share))),
+                .map(|m| (member(m), ConstGauge::new(m.share))),
         )?;
         family(
             enc,
@@ -502,39 +480,42 @@ mod tests {
         Snapshot {
             counters,
             members: vec![
-                MemberMetrics {
+                MemberReport {
                     id: 1,
                     name: "node-a".into(),
                     healthy: None,
-                    last_check_latency: None,
-                    packets: 0,
-                    bytes: 0,
-                    bucket_share: 0.5,
+                    last_check_ms: None,
+                    forwarded_packets: 0,
+                    forwarded_bytes: 0,
+                    share: 0.5,
                     weight: 100,
                     is_self: true,
+                    ..MemberReport::default()
                 },
-                MemberMetrics {
+                MemberReport {
                     id: 2,
                     name: "node-b".into(),
                     healthy: Some(true),
-                    last_check_latency: Some(Duration::from_micros(2500)),
-                    packets: 7,
-                    bytes: 7000,
-                    bucket_share: 0.25,
+                    last_check_ms: Some(2.5),
+                    forwarded_packets: 7,
+                    forwarded_bytes: 7000,
+                    share: 0.25,
                     weight: 50,
                     is_self: false,
+                    ..MemberReport::default()
                 },
-                MemberMetrics {
+                MemberReport {
                     id: 3,
                     // Label values come from the configuration: they must be escaped.
                     name: "node \"c\"\\".into(),
                     healthy: Some(false),
-                    last_check_latency: Some(Duration::from_secs(1)),
-                    packets: u64::MAX,
-                    bytes: 1,
-                    bucket_share: 0.25,
+                    last_check_ms: Some(1000.0),
+                    forwarded_packets: u64::MAX,
+                    forwarded_bytes: 1,
+                    share: 0.25,
                     weight: 50,
                     is_self: false,
+                    ..MemberReport::default()
                 },
             ],
             services: vec![
@@ -560,7 +541,7 @@ mod tests {
             }),
             config_reloads_ok: 2,
             config_reloads_failed: 1,
-            start_time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_500),
+            start_time: UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_500),
         }
     }
 

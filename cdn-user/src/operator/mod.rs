@@ -5,3 +5,4 @@ pub mod cli;
 pub mod control;
 pub mod http;
 pub mod metrics;
+pub mod report;

@@ -486,21 +486,22 @@ mod tests {
 
     use cdn_common::counters::PacketCounts;
 
-    use crate::operator::metrics::{MemberMetrics, ServiceMetrics};
+    use crate::operator::metrics::{MemberReport, ServiceMetrics};
 
     fn snapshot() -> Snapshot {
         Snapshot {
             counters: PacketCounts::default(),
-            members: vec![MemberMetrics {
+            members: vec![MemberReport {
                 id: 1,
                 name: "node-a".into(),
                 healthy: Some(true),
-                last_check_latency: Some(Duration::from_millis(2)),
-                packets: 7,
-                bytes: 7000,
-                bucket_share: 1.0,
+                last_check_ms: Some(2.0),
+                forwarded_packets: 7,
+                forwarded_bytes: 7000,
+                share: 1.0,
                 weight: 100,
                 is_self: true,
+                ..MemberReport::default()
             }],
             services: vec![ServiceMetrics {
                 name: "web".into(),

@@ -1,0 +1,34 @@
+//! The one report of a member: `status` (and its `--json`) shows it as it is, and the metrics
+//! are encoded from it. A field added here is in `status --json` at once; the metrics encode
+//! the fields they list (`operator::metrics`).
+
+use serde::{Deserialize, Serialize};
+
+/// One member as this node sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemberReport {
+    /// Member id from the configuration (the value the data plane uses).
+    pub id: u16,
+    /// Member name from the configuration; the `member` label of the metrics.
+    pub name: String,
+    /// Underlay address the member is steered to.
+    pub underlay: String,
+    /// Configured weight.
+    pub weight: u32,
+    /// Whether this member is this node.
+    pub is_self: bool,
+    /// Result of the last health check; `None` until the first one finished.
+    pub healthy: Option<bool>,
+    /// Why the last failed health check failed.
+    pub last_error: Option<String>,
+    /// How long the last health check took, in milliseconds; `None` until the first one.
+    pub last_check_ms: Option<f64>,
+    /// Steering buckets the member owns, over every service.
+    pub buckets: u64,
+    /// Those buckets as a fraction (0..=1) of all buckets of all services.
+    pub share: f64,
+    /// Client packets this node forwarded to the member (summed over CPUs).
+    pub forwarded_packets: u64,
+    /// Bytes of those packets.
+    pub forwarded_bytes: u64,
+}
