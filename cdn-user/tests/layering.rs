@@ -60,6 +60,40 @@ fn folders_only_use_the_layers_below_them() {
     assert!(uses.get("daemon").is_some_and(|u| u.len() >= 4), "{uses:?}");
 }
 
+/// The XDP program's modules (one file each) use each other without a cycle, so it reads
+/// top-down: entry, paths, then the pieces they are made of.
+#[test]
+fn the_xdp_program_has_no_import_cycle() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cdn-ebpf/src");
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for entry in fs::read_dir(&src).expect("readable cdn-ebpf/src") {
+        let path = entry.expect("directory entry").path();
+        let Some(module) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let text = fs::read_to_string(&path).expect("readable source file");
+        let uses = crate_paths(&text)
+            .into_iter()
+            .filter(|used| used != module)
+            .collect();
+        graph.insert(module.to_string(), uses);
+    }
+    assert!(
+        graph.contains_key("steer") && graph.contains_key("encap"),
+        "{graph:?}"
+    );
+    // Peel off modules that use nothing left; whatever remains lies on a cycle.
+    let mut left = graph.clone();
+    while let Some(leaf) = left
+        .iter()
+        .find(|(_, uses)| uses.iter().all(|u| !left.contains_key(u)))
+        .map(|(m, _)| m.clone())
+    {
+        left.remove(&leaf);
+    }
+    assert!(left.is_empty(), "modules on an import cycle: {left:?}");
+}
+
 #[test]
 fn the_scanner_sees_grouped_and_plain_paths() {
     let text = "use crate::{\n    bgp::announce::X,\n    cluster::{health::Y, sync},\n    config,\n};\n\
