@@ -122,6 +122,14 @@ pub const SERVICE_TCP: u32 = 1 << 0;
 pub const SERVICE_UDP: u32 = 1 << 1;
 /// `Service::flags`: every port of the served protocols, whatever the port lists say.
 pub const SERVICE_ALL_PORTS: u32 = 1 << 2;
+/// `Service::flags`, UDP placement (`udp_mode = "owner"`): a UDP flow is accepted by its
+/// current owner (`hops[0]` of its bucket) without a socket check, and never passed on.
+pub const SERVICE_UDP_OWNER: u32 = 1 << 3;
+/// `Service::flags`, UDP placement (`udp_mode = "local"`): a UDP flow is accepted by whichever
+/// node it lands on; nothing is steered.
+pub const SERVICE_UDP_LOCAL: u32 = 1 << 4;
+// Neither UDP placement flag: `udp_mode = "connected"`, the owner check finds connected
+// sockets along the bucket's hops, as for TCP.
 
 /// One Maglev bucket: `hops[0]` owns new flows, `hops[1..]` are previous owners, newest first.
 /// Unused slots hold [`NO_MEMBER`]. Eight bytes so that one store writes a whole bucket.
