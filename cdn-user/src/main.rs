@@ -179,6 +179,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
+            println!("accepted by: {}", r.accepted_by);
             Ok(())
         }
     }
@@ -240,11 +241,12 @@ fn print_status(s: &StatusReport) {
     println!("services ({} buckets per table):", s.table_size);
     for svc in &s.services {
         println!(
-            "  {:<16} generation {:<6} slot {} half {}  {}",
+            "  {:<16} generation {:<6} slot {} half {}  udp {:<9}  {}",
             svc.name,
             svc.generation,
             svc.slot,
             svc.active_half,
+            svc.udp_mode,
             svc.vips.join(", ")
         );
     }

@@ -32,6 +32,8 @@ pub const VIP_V4: &str = "192.0.2.1";
 pub const VIP_V6: &str = "2001:db8::1";
 pub const HASH_KEY: &str = "5ca1ab1e0ddba11cafef00d15ea5e000";
 pub const METRICS_PORT: u16 = 9465;
+/// The UDP port the lab's service serves when `LabOptions::udp_mode` is set.
+pub const UDP_PORT: u16 = 5353;
 /// Underlay MTU: room for the 50-byte encapsulation of a full 1500-byte client packet.
 pub const UNDERLAY_MTU: u32 = 1600;
 
@@ -46,6 +48,9 @@ pub struct LabOptions {
     pub file_seed: u64,
     /// Short name used in namespace names.
     pub tag: String,
+    /// Serve UDP on the VIPs' port [`UDP_PORT`] with this `udp_mode` (each node's web server
+    /// answers with its node name); `None`: no UDP service.
+    pub udp_mode: Option<&'static str>,
 }
 
 impl Default for LabOptions {
@@ -56,6 +61,7 @@ impl Default for LabOptions {
             file_size: 2 << 20,
             file_seed: 7,
             tag: "lab".into(),
+            udp_mode: None,
         }
     }
 }
@@ -233,11 +239,15 @@ fn controller_config(lab: &Lab, node: &LabNode, bpffs: &Path) -> String {
         ));
     }
     c.push_str(&format!(
-        "[[services]]\nname = \"web\"\nvips = [\"{VIP_V4}/32\", \"{VIP_V6}/128\"]\ntcp_ports = [80]\n\n\
+        "[[services]]\nname = \"web\"\nvips = [\"{VIP_V4}/32\", \"{VIP_V6}/128\"]\ntcp_ports = [80]\n{udp}\n\
          [bgp]\nbird_socket = \"{sock}\"\nprotocols = [\"anycast_vips\", \"anycast_vips6\"]\npoll_interval_ms = 200\n\n\
          [metrics]\nlisten = \"{ul}:{METRICS_PORT}\"\n",
         sock = node.bird_socket.display(),
         ul = node.underlay,
+        udp = match lab.opts.udp_mode {
+            Some(mode) => format!("udp_ports = [{UDP_PORT}]\nudp_mode = \"{mode}\"\n"),
+            None => String::new(),
+        },
     ));
     c
 }
@@ -404,6 +414,7 @@ impl Lab {
             let log = self.dir.join(format!("{}-httpd.log", node.name));
             let size = self.opts.file_size.to_string();
             let seed = self.opts.file_seed.to_string();
+            let name = node.name.clone();
             let httpd = spawn(
                 &node.ns,
                 &format!("httpd ({})", node.name),
@@ -417,6 +428,12 @@ impl Lab {
                     &format!("{VIP_V4}:80"),
                     "--listen",
                     &format!("[{VIP_V6}]:80"),
+                    "--udp",
+                    &format!("{VIP_V4}:{UDP_PORT}"),
+                    "--udp",
+                    &format!("[{VIP_V6}]:{UDP_PORT}"),
+                    "--name",
+                    &name,
                 ],
                 &log,
             )?;

@@ -7,6 +7,7 @@ pub mod download;
 pub mod lab;
 pub mod packets;
 pub mod scenario;
+pub mod udp_flows;
 
 /// Network namespaces and commands (`cdn_tests::netns::{Netns, join, run}`).
 pub mod netns {

@@ -30,8 +30,8 @@ pub use check::{HOP_BUDGET_RANGE, MAX_CLUSTER_TABLE_SIZE, MAX_IFNAME_LEN, MAX_WE
 pub use prefix::{Prefix, PrefixError};
 pub use schema::{
     BgpSettings, ClusterSettings, Config, DEFAULT_CONTROL_SOCKET, FIELDS, Field, HealthCheck,
-    HealthProbe, MemberSettings, MetricsSettings, NodeSettings, ServiceSettings, WhenAbsent,
-    XdpMode, restart_only_changes,
+    HealthProbe, MemberSettings, MetricsSettings, NodeSettings, ServiceSettings, UdpMode,
+    WhenAbsent, XdpMode, restart_only_changes,
 };
 
 /// A complete, valid configuration for the first node of a three-member cluster, every key

@@ -230,6 +230,38 @@ pub struct ServiceSettings {
     pub tcp_ports: Vec<u16>,
     /// UDP ports served; same rules as `tcp_ports`.
     pub udp_ports: Vec<u16>,
+    /// Who accepts a UDP flow (see [`UdpMode`]).
+    pub udp_mode: UdpMode,
+}
+
+/// Who accepts a UDP flow of a service. TCP always finds its connection by socket lookup.
+///
+/// The default is `owner`: most UDP servers (QUIC, DNS, syslog) serve from one unconnected
+/// socket, which `connected` cannot find, so under `connected` every such flow is passed along
+/// its bucket's history and funnels onto the last member listed there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UdpMode {
+    /// The flow's current owner accepts it, without a socket check; flows move only when the
+    /// owner changes. For unconnected servers that keep per-flow state.
+    #[default]
+    Owner,
+    /// Accepted wherever it lands; nothing is steered. For stateless request/response (DNS).
+    Local,
+    /// The owner check looks for a connected socket along the bucket's hops, as for TCP. For
+    /// servers that connect one socket per flow.
+    Connected,
+}
+
+impl UdpMode {
+    /// The name used in the configuration, status and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Owner => "owner",
+            Self::Local => "local",
+            Self::Connected => "connected",
+        }
+    }
 }
 
 /// `[bgp]`: route announcement through BIRD.
@@ -413,6 +445,7 @@ pub const FIELDS: &[Field] = &[
     field("services[].vips", Required).text(Text::Prefix),
     field("services[].tcp_ports", Value("[]")),
     field("services[].udp_ports", Value("[]")),
+    field("services[].udp_mode", Value("\"owner\"")),
     field("bgp.enabled", Value("true")).restart(|a, b| bgp_differs(a, b, |s| &s.enabled)),
     field("bgp.bird_socket", Value("\"/run/bird/bird.ctl\""))
         .restart(|a, b| bgp_differs(a, b, |s| &s.bird_socket)),

@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use super::core::{Core, Shared};
 use crate::{
     bgp::announce::AnnounceStatus,
+    config::UdpMode,
     operator::{
         control::{
             AttachmentStatus, BgpStatus, LookupReport, MemberReport, Request, Response,
@@ -24,6 +25,16 @@ use crate::{
 };
 
 impl Core {
+    /// The UDP placement of the service named `name` (the default for an unknown name, which
+    /// only a table of a service removed from the configuration can have).
+    fn udp_mode_of(&self, name: &str) -> UdpMode {
+        self.cfg
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .map_or(UdpMode::default(), |s| s.udp_mode)
+    }
+
     /// Every member as status and metrics show it: the one member report.
     fn member_reports(&self) -> Result<Vec<MemberReport>> {
         let share = self.tables.share();
@@ -74,6 +85,7 @@ impl Core {
                 generation: t.generation,
                 slot: t.slot,
                 active_half: t.active,
+                udp_mode: self.udp_mode_of(name).name().to_string(),
             })
             .collect();
         Ok(StatusReport {
@@ -158,7 +170,24 @@ impl Core {
             .first()
             .map(|b| b.hops)
             .unwrap_or([NO_MEMBER; 3]);
+        let owner = hops
+            .first()
+            .filter(|h| **h != NO_MEMBER)
+            .map(|h| self.cfg.member(*h).map_or("(unknown)", |m| &m.name));
+        let accepted_by = match (udp, self.udp_mode_of(name), owner) {
+            (true, UdpMode::Local, _) => "the node the packet lands on (udp_mode local)".into(),
+            (_, _, None) => "nobody: the bucket is empty".into(),
+            (true, UdpMode::Owner, Some(owner)) => format!("{owner}, the owner (udp_mode owner)"),
+            (true, UdpMode::Connected, Some(_)) => "the first hop with a connected socket for \
+                 the flow, else the last hop (udp_mode connected)"
+                .into(),
+            (false, _, Some(owner)) => format!(
+                "a new connection: {owner}, the owner; an established one: the hop whose socket \
+                 holds it"
+            ),
+        };
         Ok(LookupReport {
+            accepted_by,
             service: name.to_string(),
             hash,
             bucket,
@@ -188,6 +217,7 @@ impl Core {
                     name: name.clone(),
                     table_generation: u64::from(t.generation),
                     buckets: self.tables.size(),
+                    udp_mode: self.udp_mode_of(name).name().to_string(),
                 })
                 .collect(),
             draining: self.draining,

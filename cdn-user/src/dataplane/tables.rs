@@ -19,12 +19,15 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use cdn_common::maps::{Bucket, MAX_SERVICE_PORTS, SERVICE_TCP, SERVICE_UDP, Service};
+use cdn_common::maps::{
+    Bucket, MAX_SERVICE_PORTS, SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER,
+    Service,
+};
 use thiserror::Error;
 
 use crate::{
     cluster::history,
-    config::{Config, Prefix, ServiceSettings},
+    config::{Config, Prefix, ServiceSettings, UdpMode},
     dataplane::{DataPlane, DataPlaneError},
 };
 
@@ -123,6 +126,11 @@ fn service_entry(svc: &ServiceSettings, offset: u32, size: u32, generation: u32)
     if !svc.udp_ports.is_empty() {
         flags |= SERVICE_UDP;
     }
+    flags |= match svc.udp_mode {
+        UdpMode::Owner => SERVICE_UDP_OWNER,
+        UdpMode::Local => SERVICE_UDP_LOCAL,
+        UdpMode::Connected => 0,
+    };
     Service {
         table_offset: offset,
         table_size: size,

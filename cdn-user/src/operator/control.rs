@@ -71,6 +71,8 @@ pub struct ServiceStatus {
     pub generation: u32,
     pub slot: u32,
     pub active_half: u32,
+    /// Who accepts its UDP flows: `owner`, `local` or `connected`.
+    pub udp_mode: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -90,6 +92,8 @@ pub struct LookupReport {
     pub table_generation: u32,
     /// (member id, name) of each hop, current owner first.
     pub hops: Vec<(u16, String)>,
+    /// Which member accepts the flow, as the service's placement decides it.
+    pub accepted_by: String,
 }
 
 #[derive(Debug, Error)]

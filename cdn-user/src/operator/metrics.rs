@@ -59,6 +59,8 @@ pub struct ServiceMetrics {
     pub table_generation: u64,
     /// Buckets in the service's steering table.
     pub buckets: u32,
+    /// Who accepts its UDP flows: `owner`, `local` or `connected`.
+    pub udp_mode: String,
 }
 
 /// State of the BGP announcement through BIRD.
@@ -322,6 +324,19 @@ impl Collector for SnapshotCollector {
         let service = |v: &ServiceMetrics| [("service", v.name.clone())];
         family(
             enc,
+            "cdn_steer_service",
+            "Services, with the placement of their UDP flows (owner, local or connected).",
+            None,
+            s.services.iter().map(|v| {
+                let labels = [
+                    ("service", v.name.clone()),
+                    ("udp_mode", v.udp_mode.clone()),
+                ];
+                (NO_LABELS, Info::new(labels))
+            }),
+        )?;
+        family(
+            enc,
             "cdn_steer_table_generation",
             "Generation of the steering table last written to the data plane.",
             None,
@@ -523,11 +538,13 @@ mod tests {
                     name: "web".into(),
                     table_generation: 3,
                     buckets: 65537,
+                    udp_mode: "owner".into(),
                 },
                 ServiceMetrics {
                     name: "dns".into(),
                     table_generation: 12,
                     buckets: 251,
+                    udp_mode: "owner".into(),
                 },
             ],
             draining: false,

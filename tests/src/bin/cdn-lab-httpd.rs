@@ -1,11 +1,14 @@
 //! The lab's web server: serves `/file` (the deterministic content of `cdn_tests::content`)
-//! and `/health` on every address given, one thread per connection.
+//! and `/health` on every address given, one thread per connection. With `--udp`, it also
+//! answers every UDP datagram on that address with `--name`, from one unconnected socket, the
+//! way QUIC and DNS servers serve: the lab uses it to see which node accepted a UDP flow.
 //!
-//! `cdn-lab-httpd --size BYTES --seed N --listen ADDR:PORT [--listen ...]`
+//! `cdn-lab-httpd --size BYTES --seed N --listen ADDR:PORT [--listen ...] [--udp ADDR:PORT
+//! --name NAME] [--udp ...]`
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::Arc,
     time::Duration,
 };
@@ -17,6 +20,8 @@ fn main() -> Result<()> {
     let mut size = 4 << 20;
     let mut seed = 1;
     let mut listen: Vec<SocketAddr> = Vec::new();
+    let mut udp: Vec<SocketAddr> = Vec::new();
+    let mut name = String::from("cdn-lab-httpd");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
@@ -24,6 +29,8 @@ fn main() -> Result<()> {
             "--size" => size = value()?.parse().context("--size")?,
             "--seed" => seed = value()?.parse().context("--seed")?,
             "--listen" => listen.push(value()?.parse().context("--listen")?),
+            "--udp" => udp.push(value()?.parse().context("--udp")?),
+            "--name" => name = value()?,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -32,6 +39,13 @@ fn main() -> Result<()> {
     }
     let body = Arc::new(content::generate(size, seed));
     let mut threads = Vec::new();
+    for addr in udp {
+        let socket = UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || {
+            answer_udp(&socket, name.as_bytes())
+        }));
+    }
     for addr in listen {
         let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         let body = body.clone();
@@ -48,6 +62,17 @@ fn main() -> Result<()> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// Answers every datagram with `name`, to whoever sent it. Errors (a client gone, an ICMP
+/// error reported on the socket) concern one datagram only.
+fn answer_udp(socket: &UdpSocket, name: &[u8]) {
+    let mut buf = [0u8; 2048];
+    loop {
+        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(name, peer);
+        }
+    }
 }
 
 fn serve(stream: TcpStream, body: &[u8]) -> std::io::Result<()> {

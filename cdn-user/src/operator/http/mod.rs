@@ -507,6 +507,7 @@ mod tests {
                 name: "web".into(),
                 table_generation: 3,
                 buckets: 251,
+                udp_mode: "owner".into(),
             }],
             draining: false,
             attach_mode: "native".into(),
