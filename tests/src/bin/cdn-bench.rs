@@ -11,20 +11,21 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
 use cdn_common::maps::{
     BASELINE_PROGRAM_NAME, BENCH_BASELINE_PROGRAM_NAME, BENCH_PROGRAM_NAME, PROGRAM_NAME,
+    SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
 };
 use cdn_tests::{
     netns::Netns,
     packets::{Flow, Tcp, Vlan, frame, ip_packet, steering_frame},
     scenario::{
         CLIENT_V4, CLIENT_V6, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, VIP_V4, VIP_V6, addr,
-        member_addr,
+        member_addr, service,
     },
     xdp,
 };
@@ -137,6 +138,32 @@ fn run(args: &Args) -> Result<()> {
     (&client).write_all(b"x")?;
     server.read_exact(&mut [0u8; 1])?;
 
+    // An unconnected UDP server socket: in `connected` mode it proves nothing, so the owner
+    // check still passes such a flow on.
+    let udp_server = UdpSocket::bind(SocketAddr::new(addr(VIP_V4), 443))?;
+    // One VIP per other UDP placement mode, inside the scenario's prefix and sharing its table.
+    const VIP_UDP_OWNER: &str = "192.0.2.20";
+    const VIP_UDP_LOCAL: &str = "192.0.2.30";
+    for (vip, mode) in [
+        (VIP_UDP_OWNER, SERVICE_UDP_OWNER),
+        (VIP_UDP_LOCAL, SERVICE_UDP_LOCAL),
+    ] {
+        let base = service(0);
+        let svc = Service {
+            flags: base.flags | mode,
+            ..base
+        };
+        s.dp.set_service(addr(vip), 32, &svc)?;
+    }
+    let udp_connected = Flow::udp(CLIENT_V4, 42000, VIP_V4, 443);
+    let udp_owner_fwd = Flow::udp(CLIENT_V4, 42001, VIP_UDP_OWNER, 443);
+    let udp_owner_self = Flow::udp(CLIENT_V4, 42002, VIP_UDP_OWNER, 443);
+    let udp_local = Flow::udp(CLIENT_V4, 42003, VIP_UDP_LOCAL, 443);
+    s.set_hops(&udp_connected, &[SELF_ID, 2, 4])?;
+    s.set_hops(&udp_owner_fwd, &[2, 4])?;
+    s.set_hops(&udp_owner_self, &[SELF_ID, 2])?;
+    s.set_hops(&udp_local, &[2, 4])?;
+
     let fwd4 = Flow::tcp(CLIENT_V4, 40000, VIP_V4, 443);
     let fwd6 = Flow::tcp(CLIENT_V6, 40000, VIP_V6, 443);
     let local_syn = Flow::tcp(CLIENT_V4, 40001, VIP_V4, 443);
@@ -223,6 +250,36 @@ fn run(args: &Args) -> Result<()> {
         xdp::TX,
         &[Wrapped],
     );
+    add(
+        "UDP connected: first hop, unconnected sock",
+        plain(&udp_connected, Tcp::ACK),
+        xdp::TX,
+        &[Wrapped],
+    );
+    add(
+        "UDP owner: forward to owner",
+        plain(&udp_owner_fwd, Tcp::ACK),
+        xdp::TX,
+        &[Wrapped],
+    );
+    add(
+        "UDP owner: accept as owner",
+        plain(&udp_owner_self, Tcp::ACK),
+        xdp::PASS,
+        &[Direct, Wrapped],
+    );
+    add(
+        "UDP owner: steered, accept (decap)",
+        steered(&udp_owner_fwd, &[4])?,
+        xdp::PASS,
+        &[Wrapped],
+    );
+    add(
+        "UDP local: accept",
+        plain(&udp_local, Tcp::ACK),
+        xdp::PASS,
+        &[Direct, Wrapped],
+    );
     for p in &paths {
         let run = s.run(&p.frame)?;
         if run.action != p.action {
@@ -279,7 +336,7 @@ fn run(args: &Args) -> Result<()> {
         "(ns per packet; net = path minus its baseline in the same round; [direct] rows time\n\
          cdn_steer itself against a bare XDP_PASS and cross-check the wrapper method)"
     );
-    drop((client, server, listener));
+    drop((client, server, listener, udp_server));
     maglev_build_time(args.rounds)?;
     Ok(())
 }
