@@ -155,14 +155,6 @@ fn run(args: &Args) -> Result<()> {
         };
         s.dp.set_service(addr(vip), 32, &svc)?;
     }
-    let udp_connected = Flow::udp(CLIENT_V4, 42000, VIP_V4, 443);
-    let udp_owner_fwd = Flow::udp(CLIENT_V4, 42001, VIP_UDP_OWNER, 443);
-    let udp_owner_self = Flow::udp(CLIENT_V4, 42002, VIP_UDP_OWNER, 443);
-    let udp_local = Flow::udp(CLIENT_V4, 42003, VIP_UDP_LOCAL, 443);
-    s.set_hops(&udp_connected, &[SELF_ID, 2, 4])?;
-    s.set_hops(&udp_owner_fwd, &[2, 4])?;
-    s.set_hops(&udp_owner_self, &[SELF_ID, 2])?;
-    s.set_hops(&udp_local, &[2, 4])?;
 
     let fwd4 = Flow::tcp(CLIENT_V4, 40000, VIP_V4, 443);
     let fwd6 = Flow::tcp(CLIENT_V6, 40000, VIP_V6, 443);
@@ -173,6 +165,33 @@ fn run(args: &Args) -> Result<()> {
     s.set_hops(&fwd6, &[2, 4])?;
     s.set_hops(&local_syn, &[SELF_ID, 2])?;
     s.set_hops(&established, &[SELF_ID, 2])?;
+    // The scenario's table has few buckets: each UDP flow gets a source port whose bucket no
+    // other flow of the benchmark uses, so that every path sees its own hop list.
+    let mut used: Vec<u32> = [&fwd4, &local_syn, &established, &unknown]
+        .iter()
+        .map(|f| s.bucket_index(f))
+        .collect();
+    let mut udp_flow = |vip: &str| -> Result<Flow> {
+        (42000..43000)
+            .map(|sport| Flow::udp(CLIENT_V4, sport, vip, 443))
+            .find(|f| {
+                let b = s.bucket_index(f);
+                let free = !used.contains(&b);
+                if free {
+                    used.push(b);
+                }
+                free
+            })
+            .context("a free bucket for a UDP flow")
+    };
+    let udp_connected = udp_flow(VIP_V4)?;
+    let udp_owner_fwd = udp_flow(VIP_UDP_OWNER)?;
+    let udp_owner_self = udp_flow(VIP_UDP_OWNER)?;
+    let udp_local = udp_flow(VIP_UDP_LOCAL)?;
+    s.set_hops(&udp_connected, &[SELF_ID, 2, 4])?;
+    s.set_hops(&udp_owner_fwd, &[2, 4])?;
+    s.set_hops(&udp_owner_self, &[SELF_ID, 2])?;
+    s.set_hops(&udp_local, &[2, 4])?;
     let steered = |flow: &Flow, hops: &[u16]| -> Result<Vec<u8>> {
         let inner = padded(|n| {
             let f = frame(flow, Tcp::ACK, Vlan::None, &vec![0u8; n]);
