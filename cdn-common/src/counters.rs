@@ -186,6 +186,14 @@ reasons! {
     /// The frame could not be grown or trimmed for the encapsulation (the driver left too
     /// little headroom): dropped.
     EncapFailed = "encap_failed", Verdict, [Drop];
+    /// UDP to a service in `local` placement: accepted by the node it lands on, never steered.
+    /// Also a steering packet carrying such a flow (sent while tables or configurations
+    /// disagree, e.g. during a rollout): decapsulated and accepted, never passed on.
+    UdpLocalAccept = "udp_local_accept", Verdict, [Pass];
+    /// UDP to a service in `owner` placement, accepted here as the flow's current owner
+    /// (`hops[0]`) without a socket check: at ingress untouched, or decapsulated from the
+    /// steering packet another node sent. Never passed on.
+    UdpOwnerAccept = "udp_owner_accept", Verdict, [Pass];
 }
 
 impl Reason {

@@ -9,6 +9,11 @@
 //! that it comes from a member, the node accepts the inner packet if it owns the flow, or passes
 //! it on to the next hop it carries; the last hop always accepts.
 //!
+//! UDP flows follow their service's placement mode (`Service::flags`): *connected* (neither
+//! flag) is the owner check above, which only recognises connected sockets; *owner* sends a
+//! flow to its bucket's current owner alone, which accepts it without a socket check (at most
+//! one internal forward); *local* accepts it wherever it lands. TCP and ICMP ignore the mode.
+//!
 //! The two paths are separate BPF functions (`inline(never)`): each gets its own stack frame and
 //! only one of them is ever on the call chain, which keeps the chain under the 512-byte stack
 //! limit. BPF functions cannot return aggregates; a [`Verdict`] is a scalar.
@@ -19,7 +24,7 @@ use cdn_common::{
     hash::{flow_hash_v4, flow_hash_v6},
     maps::{
         MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig, SERVICE_ALL_PORTS,
-        SERVICE_TCP, SERVICE_UDP, Service,
+        SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
     },
     wire::{STEER_INNER_V6, STEER_MAX_REMAINING, STEER_VERSION, SteerHeader, entropy_port},
 };
@@ -261,9 +266,14 @@ fn try_ingress(
             if !serves(svc, &flow) {
                 return Err(Reason::PortMiss);
             }
+            // Before hashing: a local-mode flow needs no bucket.
+            if flow.kind == Kind::Udp && svc.flags & SERVICE_UDP_LOCAL != 0 {
+                return Ok(Verdict::pass(Reason::UdpLocalAccept));
+            }
             Reason::Forwarded
         }
     };
+    let udp_owner = flow.kind == Kind::Udp && svc.flags & SERVICE_UDP_OWNER != 0;
     let (hash, hops) = bucket_of(cfg, frame, &flow, svc)?;
     if hops[0] == NO_MEMBER {
         return Err(Reason::NoRoute);
@@ -278,7 +288,14 @@ fn try_ingress(
         entropy: entropy_port(hash),
     };
     if hops[0] != cfg.self_member {
+        if udp_owner {
+            // The owner accepts without looking further: no previous owner to carry.
+            e.remaining = [NO_MEMBER; 2];
+        }
         return Ok(encapsulate(out, e, forwarded));
+    }
+    if udp_owner {
+        return Ok(Verdict::pass(Reason::UdpOwnerAccept));
     }
     // We are the first hop: the owner check runs here, on the unmodified packet.
     let next = hops[1];
@@ -356,6 +373,23 @@ fn try_owner_path(
     let Some(svc) = service(frame, ip.dst_off(), inner_v6) else {
         return Err(Reason::BadEncap);
     };
+    // UDP placement other than `connected`: whoever receives the flow keeps it, whatever
+    // hops the header still lists. An `owner` sender only ever sends to the owner in its
+    // table; a `local` flow arrives only while configurations disagree (a rollout), and
+    // accepting it is what `local` means.
+    if flow.kind == Kind::Udp {
+        let reason = if svc.flags & SERVICE_UDP_LOCAL != 0 {
+            Some(Reason::UdpLocalAccept)
+        } else if svc.flags & SERVICE_UDP_OWNER != 0 {
+            Some(Reason::UdpOwnerAccept)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            decapsulate(ctx, inner_off, inner_v6)?;
+            return Ok(Verdict::pass(reason));
+        }
+    }
     // A new connection is taken only by the member that this node's own table names as the
     // owner. Nodes whose health views differ for a moment (one saw a member flap, one just
     // started) then still agree on where connections are made: the acceptor is always the

@@ -186,6 +186,19 @@ impl Scenario {
         Ok(Self { dp })
     }
 
+    /// Rewrites both services (the IPv4 and the IPv6 VIP prefix) with `flags` as their
+    /// `Service::flags`, e.g. to choose a UDP placement mode.
+    pub fn set_service_flags(&mut self, flags: u32) -> Result<()> {
+        for (prefix, len, offset) in [("192.0.2.0", 24, 0), ("2001:db8::", 64, TABLE_SIZE)] {
+            let svc = Service {
+                flags,
+                ..service(offset)
+            };
+            self.dp.set_service(addr(prefix), len, &svc)?;
+        }
+        Ok(())
+    }
+
     /// Index in `TABLE` of the bucket `flow` hashes to.
     pub fn bucket_index(&self, flow: &Flow) -> u32 {
         let offset = if flow.is_v6() { TABLE_SIZE } else { 0 };

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use anyhow::{Context as _, Result};
 use cdn_common::{
     counters::Reason,
-    maps::{NODE_DRAINING, NodeConfig},
+    maps::{NODE_DRAINING, NodeConfig, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER},
     wire::entropy_port,
 };
 use cdn_tests::{
@@ -20,7 +20,7 @@ use cdn_tests::{
     },
     scenario::{
         BUDGET, CLIENT_V4, CLIENT_V6, KEY, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, UNDERLAY_V6,
-        VIP_V4, VIP_V6, addr, member_addr, member_mac, node_config,
+        VIP_V4, VIP_V6, addr, member_addr, member_mac, node_config, service,
     },
     xdp,
 };
@@ -46,6 +46,8 @@ struct Case {
     /// The address family the case exercises (the inner packet's); `None`: not IP.
     v6: Option<bool>,
     config: NodeConfig,
+    /// `Service::flags` of both services for the run.
+    service_flags: u32,
     /// Buckets written before the run.
     hops: Vec<(Flow, Vec<u16>)>,
     input: Vec<u8>,
@@ -60,6 +62,7 @@ impl Case {
             name: name.into(),
             v6: Some(fam.v6),
             config: node_config(),
+            service_flags: service(0).flags,
             hops: Vec::new(),
             input,
             action: xdp::PASS,
@@ -75,6 +78,12 @@ impl Case {
 
     fn config(mut self, f: impl FnOnce(&mut NodeConfig)) -> Self {
         f(&mut self.config);
+        self
+    }
+
+    /// Adds a UDP placement flag to the services (none: `connected`).
+    fn udp_mode(mut self, flag: u32) -> Self {
+        self.service_flags |= flag;
         self
     }
 
@@ -609,9 +618,128 @@ fn owner_cases(t: &mut Vec<Case>) -> Result<()> {
     Ok(())
 }
 
+/// The UDP placement modes (`connected`, `owner`, `local`), at ingress and on the owner path.
+/// TCP ignores them.
+fn udp_mode_cases(t: &mut Vec<Case>) -> Result<()> {
+    const OWNER: u32 = SERVICE_UDP_OWNER;
+    const LOCAL: u32 = SERVICE_UDP_LOCAL;
+    for fam in Fam::BOTH {
+        let n = fam.name();
+        let u = fam.udp(5353, 443);
+        for vlan in [Vlan::None, Vlan::Single(7)] {
+            let input = frame(&u, Tcp::ACK, vlan, b"quic initial");
+            // Local: accepted where it lands, although the bucket names another member.
+            t.push(
+                Case::new(format!("UDP local {n} {vlan:?}"), fam, input.clone())
+                    .udp_mode(LOCAL)
+                    .hops(u, &[2, 4])
+                    .expect(xdp::PASS, Reason::UdpLocalAccept, Out::Unchanged),
+            );
+            // Owner, this node first: accepted without a socket (connected mode passes on).
+            t.push(
+                Case::new(format!("UDP owner self {n} {vlan:?}"), fam, input.clone())
+                    .udp_mode(OWNER)
+                    .hops(u, &[SELF_ID, 2, 4])
+                    .expect(xdp::PASS, Reason::UdpOwnerAccept, Out::Unchanged),
+            );
+            // Owner elsewhere: sent there carrying no further hop (2 is an IPv4 underlay,
+            // 3 an IPv6 one).
+            for (target, rest) in [(2u16, [4u16, 0]), (3, [5, 2])] {
+                let out = ingress_encap(&u, &input, vlan, target, &[], BUDGET)?;
+                t.push(
+                    Case::new(
+                        format!("UDP owner -> {target} {n} {vlan:?}"),
+                        fam,
+                        input.clone(),
+                    )
+                    .udp_mode(OWNER)
+                    .hops(u, &[target, rest[0], rest[1]])
+                    .expect(xdp::TX, Reason::Forwarded, out),
+                );
+            }
+            // Connected (unchanged): first hop here, no connected socket: passed on with the
+            // remaining hops.
+            let out = ingress_encap(&u, &input, vlan, 2, &[4], BUDGET - 1)?;
+            t.push(
+                Case::new(format!("UDP connected pass on {n} {vlan:?}"), fam, input)
+                    .hops(u, &[SELF_ID, 2, 4])
+                    .expect(xdp::TX, Reason::PassedOn, out),
+            );
+        }
+        // TCP ignores the UDP modes: still forwarded with every hop, or passed on.
+        let f = fam.flow();
+        for mode in [OWNER, LOCAL] {
+            let input = frame(&f, Tcp::ACK, Vlan::None, b"data");
+            let out = ingress_encap(&f, &input, Vlan::None, 2, &[4], BUDGET)?;
+            t.push(
+                Case::new(
+                    format!("TCP under UDP mode {mode:#x} {n}"),
+                    fam,
+                    input.clone(),
+                )
+                .udp_mode(mode)
+                .hops(f, &[2, 4])
+                .expect(xdp::TX, Reason::Forwarded, out),
+            );
+            let out = ingress_encap(&f, &input, Vlan::None, 2, &[4], BUDGET - 1)?;
+            t.push(
+                Case::new(
+                    format!("TCP pass on under UDP mode {mode:#x} {n}"),
+                    fam,
+                    input,
+                )
+                .udp_mode(mode)
+                .hops(f, &[SELF_ID, 2, 4])
+                .expect(xdp::TX, Reason::PassedOn, out),
+            );
+        }
+
+        let udp_frame = frame(&u, Tcp::ACK, Vlan::None, b"datagram");
+        let udp = ip_packet(&udp_frame, Vlan::None);
+        for outer in Fam::BOTH {
+            let m = format!("inner {n} outer {}", outer.name());
+            // Further hops listed, no socket, our table naming someone else: still accepted
+            // here, never passed on (a budget of 0 would not matter either).
+            for (mode, reason) in [
+                (OWNER, Reason::UdpOwnerAccept),
+                (LOCAL, Reason::UdpLocalAccept),
+            ] {
+                for budget in [2, 0] {
+                    t.push(
+                        Case::new(
+                            format!("steered UDP mode {mode:#x} budget {budget} {m}"),
+                            fam,
+                            steered(outer, budget, &[5, 4], udp)?,
+                        )
+                        .udp_mode(mode)
+                        .hops(u, &[5, 4])
+                        .expect(
+                            xdp::PASS,
+                            reason,
+                            Out::Frame(decapsulated(udp)),
+                        ),
+                    );
+                }
+            }
+            // Connected (unchanged): no connected socket here, so passed on.
+            t.push(
+                Case::new(
+                    format!("steered UDP connected {m}"),
+                    fam,
+                    steered(outer, 2, &[5, 4], udp)?,
+                )
+                .hops(u, &[SELF_ID, 5, 4])
+                .expect(xdp::TX, Reason::PassedOn, owner_encap(udp, 5, &[4], 1)?),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs one case; returns an error naming the case on any mismatch.
 fn run_case(s: &mut Scenario, case: &Case) -> Result<()> {
     s.dp.write_config(&case.config)?;
+    s.set_service_flags(case.service_flags)?;
     for (flow, hops) in &case.hops {
         s.set_hops(flow, hops)?;
     }
@@ -664,6 +792,7 @@ fn every_verdict_of_the_table() -> Result<()> {
     ingress_cases(&mut table)?;
     odd_packet_cases(&mut table)?;
     owner_cases(&mut table)?;
+    udp_mode_cases(&mut table)?;
 
     let mut s = Scenario::new()?;
     let mut seen = BTreeSet::new();

@@ -10,13 +10,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use cdn_common::counters::Reason;
+use cdn_common::{counters::Reason, maps::SERVICE_UDP_OWNER};
 use cdn_tests::{
     netns::Netns,
     packets::{Flow, Tcp, Vlan, decapsulated, frame, ip_packet, steering_frame},
     scenario::{
         CLIENT_V4, CLIENT_V6, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, VIP_V4, VIP_V6, addr,
-        member_addr,
+        member_addr, service,
     },
     xdp,
 };
@@ -162,6 +162,41 @@ fn only_connected_udp_sockets_claim_a_flow() -> Result<()> {
                 owner_verdict(&mut s, &frame(&f, Tcp::ACK, Vlan::None, b"q"))?;
             assert_eq!((action, verdict), (xdp::TX, Reason::PassedOn), "{client}");
             drop((connected, unconnected));
+        }
+        Ok(())
+    })?
+}
+
+/// Issue #13: a server with an unconnected UDP socket. In `connected` mode the flow is passed on
+/// (and settles on the last hop, whichever that is); in `owner` mode the node the header
+/// brings it to keeps it, although more hops are listed.
+#[test]
+fn owner_mode_keeps_flows_of_unconnected_udp_sockets() -> Result<()> {
+    let ns = lab()?;
+    ns.enter(|| -> Result<()> {
+        let mut s = Scenario::new()?;
+        for (client, vip) in [(CLIENT_V4, VIP_V4), (CLIENT_V6, VIP_V6)] {
+            let server = UdpSocket::bind(SocketAddr::new(addr(vip), 443))?;
+            let f = Flow::udp(client, 5001, vip, 443);
+            let inner_frame = frame(&f, Tcp::ACK, Vlan::None, b"quic");
+
+            s.set_service_flags(service(0).flags)?;
+            let (action, verdict, _) = owner_verdict(&mut s, &inner_frame)?;
+            assert_eq!((action, verdict), (xdp::TX, Reason::PassedOn), "{client}");
+
+            s.set_service_flags(service(0).flags | SERVICE_UDP_OWNER)?;
+            let (action, verdict, out) = owner_verdict(&mut s, &inner_frame)?;
+            assert_eq!(
+                (action, verdict),
+                (xdp::PASS, Reason::UdpOwnerAccept),
+                "{client}"
+            );
+            assert_eq!(
+                out,
+                decapsulated(ip_packet(&inner_frame, Vlan::None)),
+                "{client}"
+            );
+            drop(server);
         }
         Ok(())
     })?

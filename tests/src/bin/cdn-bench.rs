@@ -11,20 +11,21 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
 use cdn_common::maps::{
     BASELINE_PROGRAM_NAME, BENCH_BASELINE_PROGRAM_NAME, BENCH_PROGRAM_NAME, PROGRAM_NAME,
+    SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
 };
 use cdn_tests::{
     netns::Netns,
     packets::{Flow, Tcp, Vlan, frame, ip_packet, steering_frame},
     scenario::{
         CLIENT_V4, CLIENT_V6, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, VIP_V4, VIP_V6, addr,
-        member_addr,
+        member_addr, service,
     },
     xdp,
 };
@@ -137,6 +138,24 @@ fn run(args: &Args) -> Result<()> {
     (&client).write_all(b"x")?;
     server.read_exact(&mut [0u8; 1])?;
 
+    // An unconnected UDP server socket: in `connected` mode it proves nothing, so the owner
+    // check still passes such a flow on.
+    let udp_server = UdpSocket::bind(SocketAddr::new(addr(VIP_V4), 443))?;
+    // One VIP per other UDP placement mode, inside the scenario's prefix and sharing its table.
+    const VIP_UDP_OWNER: &str = "192.0.2.20";
+    const VIP_UDP_LOCAL: &str = "192.0.2.30";
+    for (vip, mode) in [
+        (VIP_UDP_OWNER, SERVICE_UDP_OWNER),
+        (VIP_UDP_LOCAL, SERVICE_UDP_LOCAL),
+    ] {
+        let base = service(0);
+        let svc = Service {
+            flags: base.flags | mode,
+            ..base
+        };
+        s.dp.set_service(addr(vip), 32, &svc)?;
+    }
+
     let fwd4 = Flow::tcp(CLIENT_V4, 40000, VIP_V4, 443);
     let fwd6 = Flow::tcp(CLIENT_V6, 40000, VIP_V6, 443);
     let local_syn = Flow::tcp(CLIENT_V4, 40001, VIP_V4, 443);
@@ -146,6 +165,33 @@ fn run(args: &Args) -> Result<()> {
     s.set_hops(&fwd6, &[2, 4])?;
     s.set_hops(&local_syn, &[SELF_ID, 2])?;
     s.set_hops(&established, &[SELF_ID, 2])?;
+    // The scenario's table has few buckets: each UDP flow gets a source port whose bucket no
+    // other flow of the benchmark uses, so that every path sees its own hop list.
+    let mut used: Vec<u32> = [&fwd4, &local_syn, &established, &unknown]
+        .iter()
+        .map(|f| s.bucket_index(f))
+        .collect();
+    let mut udp_flow = |vip: &str| -> Result<Flow> {
+        (42000..43000)
+            .map(|sport| Flow::udp(CLIENT_V4, sport, vip, 443))
+            .find(|f| {
+                let b = s.bucket_index(f);
+                let free = !used.contains(&b);
+                if free {
+                    used.push(b);
+                }
+                free
+            })
+            .context("a free bucket for a UDP flow")
+    };
+    let udp_connected = udp_flow(VIP_V4)?;
+    let udp_owner_fwd = udp_flow(VIP_UDP_OWNER)?;
+    let udp_owner_self = udp_flow(VIP_UDP_OWNER)?;
+    let udp_local = udp_flow(VIP_UDP_LOCAL)?;
+    s.set_hops(&udp_connected, &[SELF_ID, 2, 4])?;
+    s.set_hops(&udp_owner_fwd, &[2, 4])?;
+    s.set_hops(&udp_owner_self, &[SELF_ID, 2])?;
+    s.set_hops(&udp_local, &[2, 4])?;
     let steered = |flow: &Flow, hops: &[u16]| -> Result<Vec<u8>> {
         let inner = padded(|n| {
             let f = frame(flow, Tcp::ACK, Vlan::None, &vec![0u8; n]);
@@ -223,6 +269,36 @@ fn run(args: &Args) -> Result<()> {
         xdp::TX,
         &[Wrapped],
     );
+    add(
+        "UDP connected: first hop, unconnected sock",
+        plain(&udp_connected, Tcp::ACK),
+        xdp::TX,
+        &[Wrapped],
+    );
+    add(
+        "UDP owner: forward to owner",
+        plain(&udp_owner_fwd, Tcp::ACK),
+        xdp::TX,
+        &[Wrapped],
+    );
+    add(
+        "UDP owner: accept as owner",
+        plain(&udp_owner_self, Tcp::ACK),
+        xdp::PASS,
+        &[Direct, Wrapped],
+    );
+    add(
+        "UDP owner: steered, accept (decap)",
+        steered(&udp_owner_fwd, &[4])?,
+        xdp::PASS,
+        &[Wrapped],
+    );
+    add(
+        "UDP local: accept",
+        plain(&udp_local, Tcp::ACK),
+        xdp::PASS,
+        &[Direct, Wrapped],
+    );
     for p in &paths {
         let run = s.run(&p.frame)?;
         if run.action != p.action {
@@ -279,7 +355,7 @@ fn run(args: &Args) -> Result<()> {
         "(ns per packet; net = path minus its baseline in the same round; [direct] rows time\n\
          cdn_steer itself against a bare XDP_PASS and cross-check the wrapper method)"
     );
-    drop((client, server, listener));
+    drop((client, server, listener, udp_server));
     maglev_build_time(args.rounds)?;
     Ok(())
 }
