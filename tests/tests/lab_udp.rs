@@ -19,6 +19,10 @@ use cdn_tests::{
 const FLOWS: usize = 1000;
 /// How far a member's share of the flows may be from its share of the buckets.
 const SHARE_TOLERANCE: f64 = 0.05;
+/// Flows of live members that may move when a member leaves: Maglev itself moves a few
+/// buckets between the remaining members (README: at most about 0.5 % of the buckets beyond
+/// the leaving member's own); nothing else may move them.
+const MAGLEV_RESIDUAL: f64 = 0.01;
 
 static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -126,7 +130,7 @@ fn owner_mode_spreads_flows_by_share_and_a_stopped_member_moves_only_its_own() -
         stopped.elapsed().as_secs_f64()
     );
     ensure!(
-        moved_others == 0,
+        moved_others as f64 <= MAGLEV_RESIDUAL * FLOWS as f64,
         "{moved_others} flows of live members moved"
     );
     ensure!(moved_own > 0, "node3 owned no flow to move");
@@ -167,18 +171,28 @@ fn local_mode_accepts_every_flow_where_it_lands() -> Result<()> {
 /// The negative control: under `connected`, an unconnected server is never found, every hop
 /// passes the flow on, and the last hop of each bucket's history takes it. After a sequential
 /// start most histories end in the same member, which takes most flows instead of a third
-/// (measured here: 842 of 1,000).
+/// (measured here: 842 and 669 of 1,000 in two runs).
 #[test]
 fn connected_mode_funnels_unconnected_servers_onto_one_member() -> Result<()> {
     let (_guard, lab) = lab("uc", "connected")?;
     let flows = flows(&lab)?;
     let answers = ask_all(&flows)?;
     let seen = counts(&answers);
-    eprintln!("connected mode: answers {seen:?}");
-    let top = seen.values().copied().max().unwrap_or(0);
+    let shares = bucket_shares(&lab, 0)?;
+    eprintln!("connected mode: answers {seen:?}, bucket shares {shares:?}");
+    // The flows were passed along their buckets' histories...
+    let passed_on: u64 = counter_on_every_node(&lab, "passed_on")?.iter().sum();
+    ensure!(passed_on > 0, "nothing was passed on");
+    // ...and the answers do not follow the shares: one member takes far more than its own.
+    let worst = shares
+        .iter()
+        .map(|(member, share)| {
+            (*seen.get(member).unwrap_or(&0) as f64 / FLOWS as f64 - share).abs()
+        })
+        .fold(0.0, f64::max);
     ensure!(
-        top as f64 >= 0.6 * FLOWS as f64,
-        "expected a funnel onto one member, got {seen:?}"
+        worst > 0.15,
+        "expected a funnel, got {seen:?} for shares {shares:?}"
     );
     Ok(())
 }

@@ -614,6 +614,8 @@ mod tests {
                 r#"cdn_steer_member_weight{member="node-a"} 100"#,
                 r#"cdn_steer_member_weight{member="node-b"} 50"#,
                 &format!(r#"cdn_steer_member_weight{{member="{c}"}} 50"#),
+                r#"cdn_steer_service_info{service="web",udp_mode="owner"} 1"#,
+                r#"cdn_steer_service_info{service="dns",udp_mode="owner"} 1"#,
                 r#"cdn_steer_table_generation{service="web"} 3"#,
                 r#"cdn_steer_table_generation{service="dns"} 12"#,
                 r#"cdn_steer_table_buckets{service="web"} 65537"#,
