@@ -42,6 +42,14 @@ impl UdpFlows {
         Ok(Self { sockets, target })
     }
 
+    /// Each flow's client port, in order.
+    pub fn local_ports(&self) -> Result<Vec<u16>> {
+        self.sockets
+            .iter()
+            .map(|s| Ok(s.local_addr()?.port()))
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.sockets.len()
     }

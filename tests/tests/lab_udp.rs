@@ -17,6 +17,8 @@ use cdn_tests::{
 };
 
 const FLOWS: usize = 1000;
+/// The lab client's IPv4 address.
+const CLIENT_V4: &str = "10.100.0.2";
 /// How far a member's share of the flows may be from its share of the buckets.
 const SHARE_TOLERANCE: f64 = 0.05;
 /// Flows of live members that may move when a member leaves: Maglev itself moves a few
@@ -93,6 +95,25 @@ fn owner_mode_spreads_flows_by_share_and_a_stopped_member_moves_only_its_own() -
         ensure!(
             (got - share).abs() <= SHARE_TOLERANCE,
             "{member}: {got:.3} of the flows, {share:.3} of the buckets"
+        );
+    }
+    // `cdn-steer lookup` names the member that answered.
+    let ports = flows.local_ports()?;
+    for (port, answer) in ports.iter().zip(&before).take(20) {
+        let out = lab.steer(
+            0,
+            &[
+                "lookup",
+                &format!("{CLIENT_V4}:{port}"),
+                &format!("{VIP_V4}:{UDP_PORT}"),
+                "udp",
+            ],
+        )?;
+        ensure!(
+            out.contains(&format!(
+                "accepted by: {answer}, the owner (udp_mode owner)"
+            )),
+            "flow from port {port} answered by {answer}, lookup says:\n{out}"
         );
     }
     // Every accept was an owner accept: nothing passed along a history.
