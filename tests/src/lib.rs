@@ -2,6 +2,7 @@
 //! in a known state, and the lab. Network namespaces, commands and child processes come from
 //! `cdn-test-support`, shared with the controller's unit tests.
 
+pub mod bpf_interp;
 pub mod content;
 pub mod download;
 pub mod lab;

@@ -1,0 +1,273 @@
+//! The data plane and the paths of `cargo xtask bench` (`cdn-bench`), set up the same way, so
+//! that `cdn-insns` counts what the benchmark times and the cross-check test runs both the
+//! kernel and the interpreter over the same frames and maps.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+};
+
+use anyhow::{Context as _, Result};
+use cdn_common::maps::{PROGRAM_NAME, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service};
+
+use super::{
+    Env, Fib, KernelMaps, KernelSizes, Program, Proto, Socket, SocketTable,
+    helpers::{TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN},
+};
+use crate::{
+    netns::Netns,
+    packets::{Flow, Tcp, Vlan, frame, ip_packet, steering_frame},
+    scenario::{
+        CLIENT_V4, CLIENT_V6, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, VIP_V4, VIP_V6, addr,
+        member_addr, service,
+    },
+    xdp,
+};
+
+/// The addresses the benchmark's namespace gives its loopback: the VIPs and the clients.
+const ADDRESSES: [&str; 4] = [
+    "192.0.2.10/32",
+    "198.51.100.7/32",
+    "2001:db8::10/128",
+    "2001:db8:ffff::7/128",
+];
+
+/// One VIP per other UDP placement mode, inside the scenario's prefix.
+const VIP_UDP_OWNER: &str = "192.0.2.20";
+const VIP_UDP_LOCAL: &str = "192.0.2.30";
+
+pub struct BenchPath {
+    /// The row's name in `cargo xtask bench`.
+    pub name: &'static str,
+    pub frame: Vec<u8>,
+    /// The XDP action the benchmark expects.
+    pub action: u32,
+}
+
+/// The benchmark's data plane, its paths, and the sockets it holds open.
+pub struct Bench {
+    pub scenario: Scenario,
+    pub paths: Vec<BenchPath>,
+    /// The sockets above, as the interpreter's lookup helpers see them.
+    pub sockets: SocketTable,
+    _open: (TcpStream, TcpStream, TcpListener, UdpSocket),
+}
+
+/// Runs `f` in a fresh network namespace holding the benchmark's addresses.
+pub fn in_namespace<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let ns = Netns::new("insns")?;
+    for a in ADDRESSES {
+        ns.ip(&["addr", "add", a, "dev", "lo"])?;
+    }
+    ns.enter(f)?
+}
+
+/// Frames of a realistic size: 64 bytes of payload, rounded up to a multiple of 8.
+fn padded(build: impl Fn(usize) -> Vec<u8>) -> Vec<u8> {
+    let len = build(64).len();
+    build(64 + (8 - len % 8) % 8)
+}
+
+impl Bench {
+    /// Loads and configures the data plane as `cdn-bench` does. Call inside [`in_namespace`].
+    pub fn new() -> Result<Self> {
+        let mut s = Scenario::new()?;
+        // A real established connection for the socket-lookup paths.
+        let listener = TcpListener::bind(SocketAddr::new(addr(VIP_V4), 443))?;
+        let client = {
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            sock.bind(&SocketAddr::new(addr(CLIENT_V4), 41000).into())?;
+            sock.connect(&SocketAddr::new(addr(VIP_V4), 443).into())?;
+            TcpStream::from(sock)
+        };
+        let (mut server, _) = listener.accept()?;
+        (&client).write_all(b"x")?;
+        server.read_exact(&mut [0u8; 1])?;
+        // An unconnected UDP server socket, which proves no ownership.
+        let udp_server = UdpSocket::bind(SocketAddr::new(addr(VIP_V4), 443))?;
+        for (vip, mode) in [
+            (VIP_UDP_OWNER, SERVICE_UDP_OWNER),
+            (VIP_UDP_LOCAL, SERVICE_UDP_LOCAL),
+        ] {
+            let base = service(0);
+            let svc = Service {
+                flags: base.flags | mode,
+                ..base
+            };
+            s.dp.set_service(addr(vip), 32, &svc)?;
+        }
+        let sock = |proto, local, remote, state| Socket {
+            proto,
+            local,
+            remote,
+            state,
+        };
+        let sockets = SocketTable {
+            sockets: vec![
+                sock(Proto::Tcp, listener.local_addr()?, None, TCP_LISTEN),
+                sock(
+                    Proto::Tcp,
+                    server.local_addr()?,
+                    Some(server.peer_addr()?),
+                    TCP_ESTABLISHED,
+                ),
+                sock(
+                    Proto::Tcp,
+                    client.local_addr()?,
+                    Some(client.peer_addr()?),
+                    TCP_ESTABLISHED,
+                ),
+                sock(Proto::Udp, udp_server.local_addr()?, None, TCP_CLOSE),
+            ],
+            // The benchmark's ACKs carry no SYN cookie.
+            syncookies_valid: false,
+        };
+        let paths = paths(&mut s)?;
+        Ok(Self {
+            scenario: s,
+            paths,
+            sockets,
+            _open: (client, server, listener, udp_server),
+        })
+    }
+
+    /// The loaded `cdn_steer` program, linked and decoded from the embedded object, with its
+    /// kernel maps and the kernel's view of its size.
+    pub fn interpreter(&mut self) -> Result<(Program, KernelMaps, KernelSizes)> {
+        let program = Program::from_object(cdn_user::dataplane::object::bytes(), PROGRAM_NAME)?;
+        let info = self.scenario.dp.program()?.info()?;
+        let maps = KernelMaps::of_program(&info, &program)?;
+        Ok((program, maps, KernelSizes::of(&info)))
+    }
+
+    /// The surroundings of a run: the test run's loopback (ifindex 1 in a fresh namespace) and
+    /// no route to any member, as in the benchmark's namespace.
+    pub fn env<'a>(&'a self, maps: &'a KernelMaps) -> Env<'a> {
+        Env {
+            maps,
+            sockets: &self.sockets,
+            fib: Fib::Miss,
+            ingress_ifindex: 1,
+        }
+    }
+}
+
+fn paths(s: &mut Scenario) -> Result<Vec<BenchPath>> {
+    let fwd4 = Flow::tcp(CLIENT_V4, 40000, VIP_V4, 443);
+    let fwd6 = Flow::tcp(CLIENT_V6, 40000, VIP_V6, 443);
+    let local_syn = Flow::tcp(CLIENT_V4, 40001, VIP_V4, 443);
+    let established = Flow::tcp(CLIENT_V4, 41000, VIP_V4, 443);
+    let unknown = Flow::tcp(CLIENT_V4, 41001, VIP_V4, 443);
+    s.set_hops(&fwd4, &[2, 4])?;
+    s.set_hops(&fwd6, &[2, 4])?;
+    s.set_hops(&local_syn, &[SELF_ID, 2])?;
+    s.set_hops(&established, &[SELF_ID, 2])?;
+    // Each UDP flow gets a source port whose bucket no other flow uses, so every path sees its
+    // own hop list.
+    let mut used: Vec<u32> = [&fwd4, &local_syn, &established, &unknown]
+        .iter()
+        .map(|f| s.bucket_index(f))
+        .collect();
+    let mut udp_flow = |vip: &str| -> Result<Flow> {
+        (42000..43000)
+            .map(|sport| Flow::udp(CLIENT_V4, sport, vip, 443))
+            .find(|f| {
+                let b = s.bucket_index(f);
+                let free = !used.contains(&b);
+                if free {
+                    used.push(b);
+                }
+                free
+            })
+            .context("a free bucket for a UDP flow")
+    };
+    let udp_connected = udp_flow(VIP_V4)?;
+    let udp_owner_fwd = udp_flow(VIP_UDP_OWNER)?;
+    let udp_owner_self = udp_flow(VIP_UDP_OWNER)?;
+    let udp_local = udp_flow(VIP_UDP_LOCAL)?;
+    s.set_hops(&udp_connected, &[SELF_ID, 2, 4])?;
+    s.set_hops(&udp_owner_fwd, &[2, 4])?;
+    s.set_hops(&udp_owner_self, &[SELF_ID, 2])?;
+    s.set_hops(&udp_local, &[2, 4])?;
+    let steered = |flow: &Flow, hops: &[u16]| -> Result<Vec<u8>> {
+        let inner = padded(|n| {
+            let f = frame(flow, Tcp::ACK, Vlan::None, &vec![0u8; n]);
+            let mut framed = vec![0u8; 50];
+            framed.extend_from_slice(ip_packet(&f, Vlan::None));
+            framed
+        });
+        steering_frame(
+            member_addr(2),
+            addr(UNDERLAY_V4),
+            STEER_PORT,
+            2,
+            hops,
+            &inner[50..],
+        )
+    };
+    let plain = |flow: &Flow, tcp: Tcp| padded(|n| frame(flow, tcp, Vlan::None, &vec![0u8; n]));
+    let non_vip = Flow::tcp(CLIENT_V4, 1, "203.0.113.1", 443);
+    let path = |name, frame, action| BenchPath {
+        name,
+        frame,
+        action,
+    };
+    Ok(vec![
+        path("non-VIP pass", plain(&non_vip, Tcp::ACK), xdp::PASS),
+        path(
+            "ingress forward IPv4 (established flow)",
+            plain(&fwd4, Tcp::ACK),
+            xdp::TX,
+        ),
+        path(
+            "ingress forward IPv6 (established flow)",
+            plain(&fwd6, Tcp::ACK),
+            xdp::TX,
+        ),
+        path(
+            "ingress local accept (new SYN)",
+            plain(&local_syn, Tcp::SYN),
+            xdp::PASS,
+        ),
+        path(
+            "ingress local accept (socket lookup)",
+            plain(&established, Tcp::ACK),
+            xdp::PASS,
+        ),
+        path(
+            "owner accept (socket lookup, decap)",
+            steered(&established, &[4])?,
+            xdp::PASS,
+        ),
+        path(
+            "owner pass-on to next hop",
+            steered(&unknown, &[4])?,
+            xdp::TX,
+        ),
+        path(
+            "UDP connected: first hop, unconnected sock",
+            plain(&udp_connected, Tcp::ACK),
+            xdp::TX,
+        ),
+        path(
+            "UDP owner: forward to owner",
+            plain(&udp_owner_fwd, Tcp::ACK),
+            xdp::TX,
+        ),
+        path(
+            "UDP owner: accept as owner",
+            plain(&udp_owner_self, Tcp::ACK),
+            xdp::PASS,
+        ),
+        path(
+            "UDP owner: steered, accept (decap)",
+            steered(&udp_owner_fwd, &[4])?,
+            xdp::PASS,
+        ),
+        path(
+            "UDP local: accept",
+            plain(&udp_local, Tcp::ACK),
+            xdp::PASS,
+        ),
+    ])
+}
