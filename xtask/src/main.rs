@@ -41,8 +41,10 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, then run the cdn-bench benchmark; all arguments are passed through.
+    /// `--insns` runs cdn-insns instead: BPF instructions executed per path and the program's
+    /// size after the verifier (the other arguments go to cdn-insns).
     Bench {
-        /// Arguments for cdn-bench.
+        /// Arguments for cdn-bench (or, with `--insns`, for cdn-insns).
         // Hyphenated values are accepted so `cargo xtask bench --rounds 5` works without `--`
         // (only `-h`/`--help` as the first argument is taken by xtask; put `--` before it).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -85,9 +87,16 @@ fn run(task: Task) -> Result<()> {
             )
         }
         Task::Test { skip_lint, args } => test::run(&test::Options { skip_lint, args }),
-        Task::Bench { args } => {
+        Task::Bench { mut args } => {
             setup::run()?;
-            run_tests_bin("cdn-bench", &args)
+            let insns = args.len();
+            args.retain(|a| a != "--insns");
+            let bin = if args.len() < insns {
+                "cdn-insns"
+            } else {
+                "cdn-bench"
+            };
+            run_tests_bin(bin, &args)
         }
         Task::Run { args } => {
             setup::run()?;

@@ -9,8 +9,7 @@
 
 use anyhow::{Result, bail};
 use cdn_tests::bpf_interp::{
-    Program,
-    helpers,
+    Program, helpers,
     paths::{Bench, in_namespace},
 };
 
@@ -55,7 +54,11 @@ fn run(args: &Args) -> Result<()> {
     for (path, (action, kernel_frame)) in bench.paths.iter().zip(kernel) {
         let out = program.run(&env, &path.frame)?;
         if action != path.action {
-            bail!("{}: the kernel returned {action}, the benchmark expects {}", path.name, path.action);
+            bail!(
+                "{}: the kernel returned {action}, the benchmark expects {}",
+                path.name,
+                path.action
+            );
         }
         if out.action != action || out.frame != kernel_frame {
             bail!(
@@ -63,7 +66,11 @@ fn run(args: &Args) -> Result<()> {
                  frames {})",
                 path.name,
                 out.action,
-                if out.frame == kernel_frame { "equal" } else { "differ" }
+                if out.frame == kernel_frame {
+                    "equal"
+                } else {
+                    "differ"
+                }
             );
         }
         rows.push((path.name, out.counts));
@@ -76,7 +83,17 @@ fn run(args: &Args) -> Result<()> {
         let called: Vec<String> = c
             .helpers
             .iter()
-            .map(|(id, n)| format!("{}{}", helpers::name(*id), if *n > 1 { format!("×{n}") } else { String::new() }))
+            .map(|(id, n)| {
+                format!(
+                    "{}{}",
+                    helpers::name(*id),
+                    if *n > 1 {
+                        format!("×{n}")
+                    } else {
+                        String::new()
+                    }
+                )
+            })
             .collect();
         println!(
             "{:<44} {:>6} {:>8} {:>9}   {}",

@@ -70,7 +70,10 @@ pub enum Imm64 {
     /// A map, by its index in [`super::Program::maps`].
     Map(usize),
     /// A pointer `off` bytes into the value of a data-section map (`.rodata`, `.data`, `.bss`).
-    MapValue { map: usize, off: u32 },
+    MapValue {
+        map: usize,
+        off: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -85,8 +88,15 @@ pub enum Insn {
     },
     /// Byte order: `swap` false truncates to `bits` (to little endian on this little-endian
     /// machine), true reverses the low `bits` bits' bytes.
-    End { dst: u8, bits: u32, swap: bool },
-    LdImm64 { dst: u8, imm: Imm64 },
+    End {
+        dst: u8,
+        bits: u32,
+        swap: bool,
+    },
+    LdImm64 {
+        dst: u8,
+        imm: Imm64,
+    },
     /// The second slot of an `LD_IMM64`; never executed.
     Filler,
     Ldx {
@@ -117,7 +127,9 @@ pub enum Insn {
         off: i16,
     },
     /// Unconditional jump to an absolute instruction index.
-    Ja { target: usize },
+    Ja {
+        target: usize,
+    },
     Jmp {
         wide: bool,
         op: JmpOp,
@@ -264,11 +276,9 @@ fn decode_one(raw: &[bpf_insn], pc: usize) -> Result<Insn, InterpError> {
                 0x80 if class == JMP => {
                     return match src_raw {
                         0 => Ok(Insn::CallHelper(i.imm as u32)),
-                        PSEUDO_CALL => Ok(Insn::CallLocal(jump_target(
-                            pc,
-                            code,
-                            i64::from(i.imm),
-                        )?)),
+                        PSEUDO_CALL => {
+                            Ok(Insn::CallLocal(jump_target(pc, code, i64::from(i.imm))?))
+                        }
                         _ => Err(bad(pc, code, "call of a kfunc or unknown kind")),
                     };
                 }

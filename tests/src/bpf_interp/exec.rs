@@ -54,7 +54,11 @@ pub(super) struct Machine<'a> {
 }
 
 impl<'a> Machine<'a> {
-    pub(super) fn new(prog: &'a Program, env: &'a Env<'a>, frame: &[u8]) -> Result<Self, InterpError> {
+    pub(super) fn new(
+        prog: &'a Program,
+        env: &'a Env<'a>,
+        frame: &[u8],
+    ) -> Result<Self, InterpError> {
         let mut mem = Memory::new(frame, env.ingress_ifindex)?;
         // One region per map: a handle without bytes, or the bytes of a data section.
         let map_regions = prog
@@ -104,7 +108,9 @@ impl<'a> Machine<'a> {
             }
         }
         if !self.held.is_empty() {
-            return Err(InterpError::Limit("the program exits holding a socket reference"));
+            return Err(InterpError::Limit(
+                "the program exits holding a socket reference",
+            ));
         }
         Ok(Outcome {
             action: self.regs[0] as u32,
@@ -139,7 +145,11 @@ impl<'a> Machine<'a> {
             Insn::Alu { wide, op, dst, src } => {
                 let s = self.operand(wide, src);
                 let d = self.regs[dst as usize];
-                self.regs[dst as usize] = if wide { alu64(op, d, s) } else { alu32(op, d, s) };
+                self.regs[dst as usize] = if wide {
+                    alu64(op, d, s)
+                } else {
+                    alu32(op, d, s)
+                };
             }
             Insn::End { dst, bits, swap } => {
                 let v = self.regs[dst as usize];
@@ -172,11 +182,21 @@ impl<'a> Machine<'a> {
                 let v = self.mem.load(addr, size)?;
                 self.regs[dst as usize] = if signed { sign_extend(v, size * 8) } else { v };
             }
-            Insn::St { size, dst, off, imm } => {
+            Insn::St {
+                size,
+                dst,
+                off,
+                imm,
+            } => {
                 let addr = self.regs[dst as usize].wrapping_add(off as i64 as u64);
                 self.mem.store(addr, size, imm as i64 as u64)?;
             }
-            Insn::Stx { size, dst, src, off } => {
+            Insn::Stx {
+                size,
+                dst,
+                src,
+                off,
+            } => {
                 let addr = self.regs[dst as usize].wrapping_add(off as i64 as u64);
                 let v = self.regs[src as usize];
                 self.mem.store(addr, size, v)?;
@@ -253,10 +273,9 @@ impl<'a> Machine<'a> {
     }
 
     fn map_pointer(&self, map: usize, off: usize) -> Result<u64, InterpError> {
-        let region = *self
-            .map_regions
-            .get(map)
-            .ok_or(InterpError::Limit("LD_IMM64 of a map the object does not define"))?;
+        let region = *self.map_regions.get(map).ok_or(InterpError::Limit(
+            "LD_IMM64 of a map the object does not define",
+        ))?;
         Ok(self.mem.pointer(region, off))
     }
 

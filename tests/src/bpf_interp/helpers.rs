@@ -229,12 +229,21 @@ impl Machine<'_> {
 
     fn map_lookup(&mut self, handle: u64, key_ptr: u64) -> Result<u64, InterpError> {
         let map = self.map_of(MAP_LOOKUP_ELEM, handle)?;
-        let kmap = self.env.maps.0.get(map).and_then(Option::as_ref).ok_or_else(|| {
-            self.err(
-                MAP_LOOKUP_ELEM,
-                format!("map {} is not one of the loaded program's maps", self.prog.maps[map].name),
-            )
-        })?;
+        let kmap = self
+            .env
+            .maps
+            .0
+            .get(map)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| {
+                self.err(
+                    MAP_LOOKUP_ELEM,
+                    format!(
+                        "map {} is not one of the loaded program's maps",
+                        self.prog.maps[map].name
+                    ),
+                )
+            })?;
         let key = self.mem.read(key_ptr, kmap.key_size)?.to_vec();
         // One copy per (map, key) and run, so a value written through one lookup is seen by
         // the next. The copy is never written back: the kernel's maps stay as configured.
@@ -251,9 +260,13 @@ impl Machine<'_> {
 
     fn redirect_map(&mut self, handle: u64, key: u32, flags: u64) -> Result<u64, InterpError> {
         let map = self.map_of(REDIRECT_MAP, handle)?;
-        let kmap = self.env.maps.0.get(map).and_then(Option::as_ref).ok_or_else(|| {
-            self.err(REDIRECT_MAP, "map is not one of the loaded program's maps")
-        })?;
+        let kmap = self
+            .env
+            .maps
+            .0
+            .get(map)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| self.err(REDIRECT_MAP, "map is not one of the loaded program's maps"))?;
         // The low bits of the flags are the action on a miss; anything above XDP_TX aborts.
         if flags > XDP_TX {
             return Ok(XDP_ABORTED);
@@ -299,7 +312,13 @@ impl Machine<'_> {
         0
     }
 
-    fn fib_lookup(&mut self, ctx: u64, params: u64, len: u64, flags: u64) -> Result<u64, InterpError> {
+    fn fib_lookup(
+        &mut self,
+        ctx: u64,
+        params: u64,
+        len: u64,
+        flags: u64,
+    ) -> Result<u64, InterpError> {
         self.expect_ctx(FIB_LOOKUP, ctx)?;
         // struct bpf_fib_lookup is 64 bytes; ifindex at 8, smac at 52, dmac at 58.
         if len != 64 || flags != 0 {
@@ -340,7 +359,8 @@ impl Machine<'_> {
         let port = |at: usize| u16::from_be_bytes([t[at], t[at + 1]]);
         let (client, server) = match size {
             12 => {
-                let addr = |at: usize| IpAddr::V4(Ipv4Addr::new(t[at], t[at + 1], t[at + 2], t[at + 3]));
+                let addr =
+                    |at: usize| IpAddr::V4(Ipv4Addr::new(t[at], t[at + 1], t[at + 2], t[at + 3]));
                 (
                     SocketAddr::new(addr(0), port(8)),
                     SocketAddr::new(addr(4), port(10)),

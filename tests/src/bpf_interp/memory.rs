@@ -141,7 +141,9 @@ impl Memory {
         let (region, off, kind) = self.locate(addr).ok_or(oob("not a pointer"))?;
         let r = &self.regions[region];
         if !r.live {
-            return Err(oob("region no longer live (returned frame or released socket)"));
+            return Err(oob(
+                "region no longer live (returned frame or released socket)",
+            ));
         }
         if write && !r.writable {
             return Err(oob("region is read-only"));
@@ -187,7 +189,13 @@ impl Memory {
 
     /// The verifier rewrites loads of `xdp_md.data*` into loads of the real pointers; the
     /// other fields are plain 32-bit values.
-    fn load_ctx(&self, region: usize, off: i64, size: usize, addr: u64) -> Result<u64, InterpError> {
+    fn load_ctx(
+        &self,
+        region: usize,
+        off: i64,
+        size: usize,
+        addr: u64,
+    ) -> Result<u64, InterpError> {
         let bad = InterpError::Access {
             addr,
             len: size,

@@ -182,6 +182,17 @@ impl Program {
         })
     }
 
+    /// A program from raw instruction slots, without maps or calls to other objects: for
+    /// testing the interpreter itself.
+    pub fn from_raw(name: &str, raw: &[aya_obj::generated::bpf_insn]) -> Result<Self, InterpError> {
+        Ok(Self {
+            name: name.to_string(),
+            insns: decode::decode(raw)?,
+            maps: Vec::new(),
+            functions: vec![(0, name.to_string())],
+        })
+    }
+
     /// Instruction slots (an `LD_IMM64` takes two), as the object holds them after linking.
     pub fn len(&self) -> usize {
         self.insns.len()

@@ -264,10 +264,6 @@ fn paths(s: &mut Scenario) -> Result<Vec<BenchPath>> {
             steered(&udp_owner_fwd, &[4])?,
             xdp::PASS,
         ),
-        path(
-            "UDP local: accept",
-            plain(&udp_local, Tcp::ACK),
-            xdp::PASS,
-        ),
+        path("UDP local: accept", plain(&udp_local, Tcp::ACK), xdp::PASS),
     ])
 }
