@@ -60,16 +60,24 @@ impl<'a> Machine<'a> {
         frame: &[u8],
     ) -> Result<Self, InterpError> {
         let mut mem = Memory::new(frame, env.ingress_ifindex)?;
-        // One region per map: a handle without bytes, or the bytes of a data section.
-        let map_regions = prog
-            .maps
-            .iter()
-            .enumerate()
-            .map(|(i, m)| match &m.data {
-                Some(bytes) => mem.alloc(Kind::MapValue(i), bytes.clone(), m.writable),
+        // One region per map: a handle without bytes, or the bytes of a data section: as the
+        // kernel holds them now (the controller may have written a global), else as the
+        // object has them.
+        let mut map_regions = Vec::with_capacity(prog.maps.len());
+        for (i, m) in prog.maps.iter().enumerate() {
+            let region = match &m.data {
+                Some(bytes) => {
+                    let kernel = match env.maps.0.get(i).and_then(Option::as_ref) {
+                        Some(k) => k.lookup(&0u32.to_ne_bytes())?,
+                        None => None,
+                    };
+                    let bytes = kernel.unwrap_or_else(|| bytes.clone());
+                    mem.alloc(Kind::MapValue(i), bytes, m.writable)
+                }
                 None => mem.alloc(Kind::MapHandle(i), Vec::new(), false),
-            })
-            .collect();
+            };
+            map_regions.push(region);
+        }
         let mut regs = [0u64; 11];
         regs[1] = mem.pointer(mem.ctx, 0);
         let stack = mem.alloc(Kind::Stack(0), vec![0; STACK], true);

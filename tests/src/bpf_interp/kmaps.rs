@@ -94,8 +94,8 @@ impl KernelMap {
     }
 }
 
-/// The kernel maps behind each of a program's maps, in [`Program::maps`] order; `None` for data
-/// sections, which the interpreter serves from the object's bytes.
+/// The kernel maps behind each of a program's maps, in [`Program::maps`] order; `None` for a
+/// map the loaded program does not use.
 pub struct KernelMaps(pub Vec<Option<KernelMap>>);
 
 impl KernelMaps {
@@ -129,10 +129,6 @@ impl KernelMaps {
         }
         let mut out = Vec::new();
         for map in &program.maps {
-            if map.data.is_some() {
-                out.push(None);
-                continue;
-            }
             let short: String = map.name.chars().take(15).collect();
             let found = opened
                 .iter()

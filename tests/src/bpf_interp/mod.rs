@@ -69,8 +69,9 @@ pub enum InterpError {
 /// One map of the object.
 pub struct ObjMap {
     pub name: String,
-    /// The initial bytes of a data section (`.rodata*`, `.data`, `.bss`), which the interpreter
-    /// serves itself; `None` for a real map, looked up in the kernel.
+    /// The initial bytes of a data section (`.rodata*`, `.data`, `.bss`), which the program
+    /// addresses directly; the interpreter copies the kernel's current value of it at the start
+    /// of a run (these bytes if the loaded program does not use it). `None` for a real map.
     pub data: Option<Vec<u8>>,
     pub writable: bool,
 }
