@@ -40,9 +40,11 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up, then run the cdn-bench benchmark; all arguments are passed through.
+    /// Set up, then run the cdn-bench benchmark; all arguments are passed through. With
+    /// `--rate`, run the packet-rate benchmark cdn-rate instead (through veth pairs in native
+    /// XDP), with the other arguments passed through, e.g. `cargo xtask bench --rate --cpus 1`.
     Bench {
-        /// Arguments for cdn-bench.
+        /// Arguments for cdn-bench (or, after `--rate`, for cdn-rate).
         // Hyphenated values are accepted so `cargo xtask bench --rounds 5` works without `--`
         // (only `-h`/`--help` as the first argument is taken by xtask; put `--` before it).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -85,9 +87,11 @@ fn run(task: Task) -> Result<()> {
             )
         }
         Task::Test { skip_lint, args } => test::run(&test::Options { skip_lint, args }),
-        Task::Bench { args } => {
+        Task::Bench { mut args } => {
             setup::run()?;
-            run_tests_bin("cdn-bench", &args)
+            let rate = args.iter().any(|a| a == "--rate");
+            args.retain(|a| a != "--rate");
+            run_tests_bin(if rate { "cdn-rate" } else { "cdn-bench" }, &args)
         }
         Task::Run { args } => {
             setup::run()?;

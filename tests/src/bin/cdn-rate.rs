@@ -47,7 +47,7 @@ fn parse_args() -> Result<Args> {
             other => bail!("unknown argument {other:?} (try --help)"),
         }
     }
-    if args.rounds == 0 || !(args.seconds > 0.0) {
+    if args.rounds == 0 || !args.seconds.is_finite() || args.seconds <= 0.0 {
         bail!("--rounds and --seconds must be positive");
     }
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());

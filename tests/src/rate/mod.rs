@@ -29,8 +29,8 @@ use cdn_common::{
     maps::{
         BENCH_FRAME_BYTES, BENCH_GEN_IFINDEX, BENCH_GEN_LEN, BENCH_GEN_PROGRAM_NAME,
         BENCH_PASS_PROGRAM_NAME, BENCH_REDIRECT_PROGRAM_NAME, BENCH_SINK_PROGRAM_NAME,
-        BENCH_SLOT_BARE, BENCH_SLOT_GEN, BENCH_SLOT_SINK, BENCH_TX_PROGRAM_NAME,
-        MAP_BENCH_COUNTS, MAP_BENCH_DEVICES, MAP_BENCH_GEN_CONF, MAP_BENCH_GEN_FRAME,
+        BENCH_SLOT_BARE, BENCH_SLOT_GEN, BENCH_SLOT_SINK, BENCH_TX_PROGRAM_NAME, MAP_BENCH_COUNTS,
+        MAP_BENCH_DEVICES, MAP_BENCH_GEN_CONF, MAP_BENCH_GEN_FRAME,
     },
 };
 
@@ -87,6 +87,8 @@ impl Bare {
 pub struct Row {
     pub name: &'static str,
     pub frame: Vec<u8>,
+    /// `cdn_steer`'s verdict on the frame (with the bare program's action).
+    pub reason: Reason,
     pub bare: Bare,
 }
 
@@ -100,7 +102,8 @@ pub enum Subject {
 /// One measurement.
 #[derive(Debug)]
 pub struct Measured {
-    /// Packets the measured program handled with the row's action.
+    /// Packets the measured program handled with the row's action (and, for `cdn_steer`,
+    /// verdict).
     pub handled: u64,
     /// Packets the sinks received (forwarding rows).
     pub sunk: u64,
@@ -223,21 +226,25 @@ impl<'t> RateLab<'t> {
         let rows = vec![
             Row {
                 name: "established forward, XDP_TX",
+                reason: Reason::Forwarded,
                 frame: plain(&forward_tx)?,
                 bare: Bare::Tx,
             },
             Row {
                 name: "forward, redirect to another interface",
+                reason: Reason::Forwarded,
                 frame: plain(&forward_redirect)?,
                 bare: Bare::Redirect,
             },
             Row {
                 name: "owner accept (decapsulate, pass)",
+                reason: Reason::OwnerAccept,
                 frame: steered,
                 bare: Bare::Pass,
             },
             Row {
                 name: "non-VIP pass",
+                reason: Reason::NonVipPass,
                 frame: plain(&non_vip)?,
                 bare: Bare::Pass,
             },
@@ -332,8 +339,7 @@ impl<'t> RateLab<'t> {
         let mut stored = [0u8; BENCH_FRAME_BYTES];
         stored[..frame.len()].copy_from_slice(&frame);
         self.gen_frame.set(0, stored, 0)?;
-        self.gen_conf
-            .set(BENCH_GEN_LEN, frame.len() as u32, 0)?;
+        self.gen_conf.set(BENCH_GEN_LEN, frame.len() as u32, 0)?;
 
         let link = self.attach(row, subject)?;
         let result = self.run(row, subject, cpus, budget, &frame);
@@ -373,11 +379,11 @@ impl<'t> RateLab<'t> {
             .moved_since(&steer_before)
             .filter(|(r, _, _)| r.is_verdict())
             .collect();
-        let action = self.rows[row].bare.action();
+        let (reason, action) = (self.rows[row].reason, self.rows[row].bare.action());
         let handled = match subject {
             Subject::Steer => verdicts
                 .iter()
-                .filter(|(_, a, _)| *a == action)
+                .filter(|(r, a, _)| (*r, *a) == (reason, action))
                 .map(|(_, _, n)| n)
                 .sum(),
             Subject::Bare => self.count(BENCH_SLOT_BARE)? - bare_before,
@@ -413,9 +419,10 @@ impl<'t> RateLab<'t> {
             let all: u64 = m.verdicts.iter().map(|(_, _, n)| n).sum();
             if m.handled * 100 < all * 99 {
                 bail!(
-                    "{what}: {} of {all} packets took the row's action {:?}, verdicts {:?}",
+                    "{what}: {} of {all} packets got the row's verdict {} with {}, verdicts {:?}",
                     m.handled,
-                    r.bare.action(),
+                    r.reason.name(),
+                    r.bare.action().name(),
                     m.verdicts
                 );
             }

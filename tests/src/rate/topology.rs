@@ -23,7 +23,7 @@ use anyhow::{Context as _, Result};
 use crate::{
     netns::Netns,
     packets::NODE_MAC,
-    scenario::{CLIENT_V4, CLIENT_V6, UNDERLAY_V4, VIP_V4, VIP_V6},
+    scenario::{CLIENT_V4, UNDERLAY_V4, VIP_V4},
 };
 
 pub const GEN_DEV: &str = "gen0";
@@ -58,18 +58,25 @@ impl Topology {
             "link add {DUT_DEV} {queues} type veth peer name {GEN_DEV} {queues} netns {gen}\n\
              link add {OUT_DEV} {queues} type veth peer name {OUT_PEER_DEV} {queues}\n\
              link set {DUT_DEV} address {node_mac}\n\
-             link set {DUT_DEV} up\n\
-             link set {OUT_DEV} up\n\
-             link set {OUT_PEER_DEV} up\n\
              addr add {UNDERLAY_V4}/24 dev {DUT_DEV}\n\
              addr add {VIP_V4}/32 dev lo\n\
-             addr add {CLIENT_V4}/32 dev lo\n\
-             addr add {VIP_V6}/128 dev lo\n\
-             addr add {CLIENT_V6}/128 dev lo\n",
+             addr add {CLIENT_V4}/32 dev lo\n",
             gen = generator.name(),
             node_mac = mac(NODE_MAC),
         ))
         .context("creating the veth pairs")?;
+        // No IPv6 on the links: its neighbour discovery and router solicitations would be
+        // packets of their own in the measured programs' and the sinks' counts.
+        dut.sh(&format!(
+            "for d in {DUT_DEV} {OUT_DEV} {OUT_PEER_DEV}; do \
+             sysctl -qw net.ipv6.conf.$d.disable_ipv6=1; done"
+        ))?;
+        generator.sh(&format!(
+            "sysctl -qw net.ipv6.conf.{GEN_DEV}.disable_ipv6=1"
+        ))?;
+        dut.ip_batch(&format!(
+            "link set {DUT_DEV} up\nlink set {OUT_DEV} up\nlink set {OUT_PEER_DEV} up\n"
+        ))?;
         generator.ip(&["link", "set", GEN_DEV, "up"])?;
         // A decapsulated packet comes from a client address that is local here (the client
         // end of the benchmark's connection lives in this namespace): let the stack accept it
