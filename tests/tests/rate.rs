@@ -19,6 +19,7 @@ fn generated_frames_cross_the_veth_and_are_counted() -> Result<()> {
         let budget = Budget {
             duration: Duration::from_secs(10),
             frames: FRAMES,
+            stop: Default::default(),
         };
         for row in 0..lab.rows.len() {
             for subject in [Subject::Steer, Subject::Bare] {

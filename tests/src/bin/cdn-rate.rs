@@ -2,7 +2,10 @@
 //! the main paths of `cdn_steer`, each beside a bare program doing only the path's action,
 //! measured in the same round. See `cdn_tests::rate`.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{Arc, atomic::AtomicBool},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
 use cdn_tests::rate::{Budget, FRAME_LEN, Measured, RateLab, Subject, topology::Topology};
@@ -69,15 +72,22 @@ fn min(v: &[f64]) -> f64 {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    // Ctrl-C or a TERM ends the measurement under way with an error instead of the process,
+    // so the namespaces, links and programs are removed on the way out.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
+    }
     let topo = Topology::new()?;
-    topo.dut.enter(|| run(&args, &topo))?
+    topo.dut.enter(|| run(&args, &topo, stop))?
 }
 
-fn run(args: &Args, topo: &Topology) -> Result<()> {
+fn run(args: &Args, topo: &Topology, stop: Arc<AtomicBool>) -> Result<()> {
     let mut lab = RateLab::new(topo)?;
     let budget = Budget {
         duration: Duration::from_secs_f64(args.seconds),
         frames: u64::MAX,
+        stop,
     };
     let started = Instant::now();
     for &n in &args.sections {

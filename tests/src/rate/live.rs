@@ -9,6 +9,7 @@
 //! frames arrive instead of trusting the generator.
 
 use std::{
+    sync::atomic::Ordering,
     thread,
     time::{Duration, Instant},
 };
@@ -16,6 +17,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp};
 
+use super::Budget;
 use crate::netns::join;
 
 /// Frames per BPF_PROG_TEST_RUN call; the call takes a few tens of milliseconds at the rates
@@ -66,20 +68,21 @@ pub struct Sent {
 }
 
 /// Runs `generator` on `frame` from one thread per CPU in `cpus`, each in the namespace at
-/// `netns` and pinned to its CPU, with `ingress_ifindex` as the receiving interface, until
-/// `frames` frames per thread are done or `duration` has passed.
+/// `netns` and pinned to its CPU, with `ingress_ifindex` as the receiving interface, until the
+/// budget's frames per thread are done or its duration has passed. Fails soon after its
+/// `stop` is set (by a signal handler), so that the caller cleans up.
 pub fn generate(
     generator: &Xdp,
     netns: &str,
     ingress_ifindex: u32,
     frame: &[u8],
     cpus: &[usize],
-    duration: Duration,
-    frames: u64,
+    budget: &Budget,
 ) -> Result<Sent> {
+    let (frames, stop) = (budget.frames, &*budget.stop);
     let ctx = xdp_md(frame.len(), ingress_ifindex);
     let started = Instant::now();
-    let deadline = started + duration;
+    let deadline = started + budget.duration;
     let per_thread = thread::scope(|scope| {
         let threads: Vec<_> = cpus
             .iter()
@@ -90,6 +93,9 @@ pub fn generate(
                     pin_to(cpu)?;
                     let mut done = 0u64;
                     while done < frames && Instant::now() < deadline {
+                        if stop.load(Ordering::Relaxed) {
+                            bail!("interrupted");
+                        }
                         let repeat = (frames - done).min(u64::from(CHUNK)) as u32;
                         let opts = TestRunOptions {
                             data_in: Some(frame),

@@ -15,6 +15,7 @@ pub mod topology;
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
 
@@ -127,6 +128,9 @@ pub struct Budget {
     pub duration: Duration,
     /// Frames per generator thread at most.
     pub frames: u64,
+    /// Set (by a signal handler) to end the measurement with an error, so that everything is
+    /// cleaned up on the way out.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// Everything loaded and attached for the benchmark. Build it on a thread inside the device
@@ -368,8 +372,7 @@ impl<'t> RateLab<'t> {
             self.topo.gen_if,
             frame,
             cpus,
-            budget.duration,
-            budget.frames,
+            budget,
         )?;
         // Frames still queued on a veth when the generator returns are handled within
         // microseconds; they are not worth a term in the rate.
