@@ -68,6 +68,40 @@ pub const BENCH_PROGRAM_NAME: &str = "bench_steer";
 /// The same wrapper around nothing (benchmarks).
 pub const BENCH_BASELINE_PROGRAM_NAME: &str = "bench_baseline";
 
+// Packet-rate benchmark (`cargo xtask bench --rate`): a live-frames generator, bare programs
+// to compare `cdn_steer` with, and a sink for what comes back. None of them is ever attached by
+// the controller.
+/// Generator run by BPF_PROG_TEST_RUN in live-frames mode: writes the frame of
+/// [`MAP_BENCH_GEN_FRAME`] and redirects it out of the interface [`BENCH_GEN_IFINDEX`] names.
+pub const BENCH_GEN_PROGRAM_NAME: &str = "bench_gen";
+/// Bare XDP_TX (counts in [`BENCH_SLOT_BARE`]).
+pub const BENCH_TX_PROGRAM_NAME: &str = "bench_tx";
+/// Bare redirect through a devmap to the interface at index 0 of [`MAP_BENCH_DEVICES`]
+/// (counts in [`BENCH_SLOT_BARE`]).
+pub const BENCH_REDIRECT_PROGRAM_NAME: &str = "bench_redirect";
+/// Bare XDP_PASS (counts in [`BENCH_SLOT_BARE`]).
+pub const BENCH_PASS_PROGRAM_NAME: &str = "bench_pass";
+/// XDP_DROP that counts (in [`BENCH_SLOT_SINK`]): the receiving end of forwarded frames.
+pub const BENCH_SINK_PROGRAM_NAME: &str = "bench_sink";
+/// The generator's frame: `[u8; BENCH_FRAME_BYTES]`, one entry; its length is in
+/// [`MAP_BENCH_GEN_CONF`].
+pub const MAP_BENCH_GEN_FRAME: &str = "BENCH_GEN_FRAME";
+/// The generator's settings: `u32` entries indexed by `BENCH_GEN_*`.
+pub const MAP_BENCH_GEN_CONF: &str = "BENCH_GEN_CONF";
+pub const BENCH_GEN_IFINDEX: u32 = 0;
+pub const BENCH_GEN_LEN: u32 = 1;
+pub const BENCH_GEN_CONF_ENTRIES: u32 = 2;
+/// Largest frame the generator sends (its length must also stay below this).
+pub const BENCH_FRAME_BYTES: usize = 256;
+/// Devmap of the bare redirect program.
+pub const MAP_BENCH_DEVICES: &str = "BENCH_DEVICES";
+/// Per-CPU `u64` packet counts of the rate benchmark's programs, indexed by `BENCH_SLOT_*`.
+pub const MAP_BENCH_COUNTS: &str = "BENCH_COUNTS";
+pub const BENCH_SLOT_GEN: u32 = 0;
+pub const BENCH_SLOT_BARE: u32 = 1;
+pub const BENCH_SLOT_SINK: u32 = 2;
+pub const BENCH_SLOTS: u32 = 3;
+
 /// `NodeConfig::flags`: this node is draining: it takes no new TCP connections as owner.
 pub const NODE_DRAINING: u32 = 1 << 0;
 /// `NodeConfig::flags`: the controller has written a complete configuration. Until then the

@@ -7,6 +7,7 @@ pub mod content;
 pub mod download;
 pub mod lab;
 pub mod packets;
+pub mod rate;
 pub mod scenario;
 pub mod udp_flows;
 

@@ -40,11 +40,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up, then run the cdn-bench benchmark; all arguments are passed through.
-    /// `--insns` runs cdn-insns instead: BPF instructions executed per path and the program's
-    /// size after the verifier (the other arguments go to cdn-insns).
+    /// Set up, then run the cdn-bench benchmark; all arguments are passed through. With
+    /// `--rate`, run the packet-rate benchmark cdn-rate instead (through veth pairs in native
+    /// XDP), e.g. `cargo xtask bench --rate --cpus 1`; with `--insns`, run cdn-insns: BPF
+    /// instructions executed per path and the program's size after the verifier. The other
+    /// arguments go to the binary that runs.
     Bench {
-        /// Arguments for cdn-bench (or, with `--insns`, for cdn-insns).
+        /// Arguments for cdn-bench (or cdn-rate with `--rate`, cdn-insns with `--insns`).
         // Hyphenated values are accepted so `cargo xtask bench --rounds 5` works without `--`
         // (only `-h`/`--help` as the first argument is taken by xtask; put `--` before it).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -89,12 +91,16 @@ fn run(task: Task) -> Result<()> {
         Task::Test { skip_lint, args } => test::run(&test::Options { skip_lint, args }),
         Task::Bench { mut args } => {
             setup::run()?;
-            let insns = args.len();
-            args.retain(|a| a != "--insns");
-            let bin = if args.len() < insns {
-                "cdn-insns"
-            } else {
-                "cdn-bench"
+            let rate = args.iter().any(|a| a == "--rate");
+            let insns = args.iter().any(|a| a == "--insns");
+            if rate && insns {
+                anyhow::bail!("--rate and --insns are separate benchmarks: pick one");
+            }
+            args.retain(|a| a != "--rate" && a != "--insns");
+            let bin = match (rate, insns) {
+                (true, _) => "cdn-rate",
+                (_, true) => "cdn-insns",
+                _ => "cdn-bench",
             };
             run_tests_bin(bin, &args)
         }
