@@ -18,8 +18,8 @@ fn promtool(args: &[&str]) -> Result<String> {
         .current_dir(dir())
         .output()
         .context("running promtool (Debian package prometheus)")?;
-    let said = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     ensure!(
         out.status.success(),
         "promtool {} failed:\n{said}",
