@@ -151,6 +151,7 @@ fn status_names_the_peer_and_digest_that_differ() -> Result<()> {
             ]
     );
     let text = lab.steer(0, &["status"])?;
+    println!("{text}");
     ensure!(
         text.contains("peer node2") && text.contains("DISAGREES"),
         "{text}"

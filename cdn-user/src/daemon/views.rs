@@ -136,8 +136,9 @@ impl Core {
         })
     }
 
-    /// This node's digests, as `/digests` serves them. Hashing a table of 65,537 buckets
-    /// takes well under a millisecond, so they are computed when asked for, not kept.
+    /// This node's digests, as `/digests` serves them. Computed when asked for (a scrape, a
+    /// peer's `status`), not kept: a table of 65,537 buckets is 393 KB of SHA-256, and asking
+    /// is rare.
     pub(super) fn digests(&self) -> NodeDigests {
         NodeDigests {
             node: self.cfg.node.name.clone(),
