@@ -7,7 +7,7 @@ use cdn_user::{
     config, daemon,
     operator::{
         cli,
-        control::{self, Request, Response, StatusReport},
+        control::{self, DriftReport, Request, Response, StatusReport},
     },
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -282,8 +282,53 @@ fn print_status(s: &StatusReport) {
                 .unwrap_or_default()
         );
     }
+    if let Some(drift) = &s.drift {
+        print_drift(drift);
+    }
     println!("data plane counters (packets, reason/action):");
     for (name, n) in s.counters.iter().filter(|(_, n)| *n > 0) {
         println!("  {name:<26} {n}");
+    }
+}
+
+/// The digests and how the peers' compare: one line per peer, then one per disagreement.
+fn print_drift(d: &DriftReport) {
+    let tables: Vec<String> = d
+        .ours
+        .tables
+        .iter()
+        .map(|(service, digest)| format!("{service} {}", digest.short()))
+        .collect();
+    println!(
+        "digests: config {}, tables: {}",
+        d.ours.config.short(),
+        if tables.is_empty() {
+            "none".to_owned()
+        } else {
+            tables.join(", ")
+        }
+    );
+    for p in &d.peers {
+        let verdict = match (&p.digests, &p.error) {
+            (_, Some(error)) => format!("not asked: {error}"),
+            (Some(_), None) if d.disagreements.iter().any(|x| x.peer == p.member) => {
+                "DISAGREES".to_owned()
+            }
+            (Some(_), None) => "agrees".to_owned(),
+            (None, None) => "no answer".to_owned(),
+        };
+        println!("  peer {:<16} {:<24} {verdict}", p.member, p.address);
+    }
+    let short = |digest: &Option<cdn_user::config::Digest>| {
+        digest.map_or_else(|| "none".to_owned(), |d| d.short())
+    };
+    for x in &d.disagreements {
+        println!(
+            "  DRIFT: {} differs on {}: ours {}, theirs {}",
+            x.peer,
+            x.digest,
+            short(&x.ours),
+            short(&x.theirs)
+        );
     }
 }

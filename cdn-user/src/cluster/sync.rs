@@ -8,17 +8,22 @@
 //!   little-endian), its length in `Content-Length` and its generation in
 //!   `X-Table-Generation`;
 //! - the client: [`fetch`] one table, [`fetch_all`] of a peer's tables;
-//! - the schedule: [`take_over`] once at start-up, then [`gossip`] with one peer in turn.
+//! - the schedule: [`take_over`] once at start-up, then [`gossip`] with one peer in turn;
+//! - drift: every controller also serves `GET /digests` ([`NodeDigests`] as JSON: the digest of
+//!   its cluster configuration and of each service's table), which `status` fetches from the
+//!   peers ([`fetch_digests`]) and [`compare`]s with its own.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use cdn_common::maps::{Bucket, MAX_HOPS};
 use hyper::StatusCode;
 use hyper::header::HeaderName;
 use log::warn;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::cluster::peer_http::{self as http, ClientError, Get};
+use crate::config::{Digest, Records};
 
 /// Bytes per bucket on the wire.
 pub const BUCKET_BYTES: usize = 2 * MAX_HOPS;
@@ -40,6 +45,8 @@ pub enum SyncError {
         status: u16,
         service: String,
     },
+    #[error("{addr}: HTTP status {status} for {DIGESTS_PATH}")]
+    DigestStatus { addr: SocketAddr, status: u16 },
     #[error("{addr}: {reason}")]
     Bad { addr: SocketAddr, reason: String },
 }
@@ -214,6 +221,130 @@ pub async fn table_answer(service: String, source: TableSource) -> TableAnswer {
     }
 }
 
+// --- Drift: the digests nodes compare -------------------------------------------------------
+
+/// Path of the digests route.
+pub const DIGESTS_PATH: &str = "/digests";
+/// Largest `/digests` answer read: a few dozen services' digests fit many times over.
+const DIGESTS_LIMIT: usize = 64 * 1024;
+
+/// The digest of a steering table: every bucket's owner, then the other members its history
+/// lists, as a set. Two nodes whose tables send every flow to the same owner and know the same
+/// members that may hold it get the same digest. The order of the history is left out: nodes
+/// that learnt the same owners in another order (each merges a peer's history after its own,
+/// see [`crate::cluster::history::merge`]) keep different orders for good, and the data plane
+/// finds a flow along either.
+pub fn table_digest(buckets: &[Bucket]) -> Digest {
+    let mut bytes = Vec::with_capacity(buckets.len() * BUCKET_BYTES);
+    for bucket in buckets {
+        let mut hops = bucket.hops;
+        // Empty slots (`NO_MEMBER`, the largest id) stay last.
+        hops[1..].sort_unstable();
+        for hop in hops {
+            bytes.extend_from_slice(&hop.to_le_bytes());
+        }
+    }
+    let mut records = Records::new("cdn-steer steering table v1");
+    records.raw("buckets", &bytes);
+    records.finish()
+}
+
+/// What a node answers at `/digests`, as JSON.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDigests {
+    /// The node's name (`node.name`).
+    pub node: String,
+    /// Digest of its `[cluster]` and `[[services]]` ([`crate::config::cluster_digest`]).
+    pub config: Digest,
+    /// Per service whose table is installed: the [`table_digest`] of the active table.
+    pub tables: BTreeMap<String, Digest>,
+}
+
+/// This node's digests at the time of asking. Called on tokio's blocking pool, so it may take
+/// locks.
+pub type DigestSource = Arc<dyn Fn() -> NodeDigests + Send + Sync>;
+
+/// The body of the answer to `GET /digests`; `None` if the source failed (logged here).
+pub async fn digests_answer(source: DigestSource) -> Option<Vec<u8>> {
+    match tokio::task::spawn_blocking(move || serde_json::to_vec(&source())).await {
+        Ok(Ok(body)) => Some(body),
+        Ok(Err(e)) => {
+            warn!("digest export failed: {e}");
+            None
+        }
+        Err(e) => {
+            warn!("digest export failed: {e}");
+            None
+        }
+    }
+}
+
+/// The digests of the controller at `addr`, within `timeout`.
+pub async fn fetch_digests(addr: SocketAddr, timeout: Duration) -> Result<NodeDigests, SyncError> {
+    let host = addr.to_string();
+    let request = Get {
+        path: DIGESTS_PATH,
+        host: &host,
+        user_agent: USER_AGENT,
+        body_limit: DIGESTS_LIMIT,
+    };
+    let answer = http::get(addr, &request, timeout).await?;
+    if answer.status != StatusCode::OK {
+        return Err(SyncError::DigestStatus {
+            addr,
+            status: answer.status.as_u16(),
+        });
+    }
+    let body = answer.body?;
+    serde_json::from_slice(&body).map_err(|e| SyncError::Bad {
+        addr,
+        reason: format!("unreadable digests: {e}"),
+    })
+}
+
+/// One digest on which a peer and this node differ.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disagreement {
+    /// The peer's member name.
+    pub peer: String,
+    /// Which digest: `config`, or `table/<service>`.
+    pub digest: String,
+    /// Ours; `None` where we have no such table.
+    pub ours: Option<Digest>,
+    /// The peer's; `None` where it has no such table.
+    pub theirs: Option<Digest>,
+}
+
+/// Every digest on which `theirs` (the digests of member `peer`) differs from `ours`: the
+/// configuration first, then the tables by service name, a table only one of the two has
+/// included.
+pub fn compare(peer: &str, ours: &NodeDigests, theirs: &NodeDigests) -> Vec<Disagreement> {
+    let mut out = Vec::new();
+    if ours.config != theirs.config {
+        out.push(Disagreement {
+            peer: peer.to_owned(),
+            digest: "config".to_owned(),
+            ours: Some(ours.config),
+            theirs: Some(theirs.config),
+        });
+    }
+    let mut services: Vec<&String> = ours.tables.keys().chain(theirs.tables.keys()).collect();
+    services.sort();
+    services.dedup();
+    for service in services {
+        let (a, b) = (ours.tables.get(service), theirs.tables.get(service));
+        if a != b {
+            out.push(Disagreement {
+                peer: peer.to_owned(),
+                digest: format!("table/{service}"),
+                ours: a.copied(),
+                theirs: b.copied(),
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,5 +495,119 @@ mod tests {
         assert_eq!(&bytes[..6], &[1, 0, 2, 0, 0xff, 0xff]);
         assert_eq!(decode(&bytes), Some(buckets));
         assert_eq!(decode(&bytes[..5]), None);
+    }
+
+    fn bucket(hops: [u16; MAX_HOPS]) -> Bucket {
+        Bucket { hops, _pad: 0 }
+    }
+
+    #[test]
+    fn table_digest_covers_owners_and_history_sets_but_not_history_order() {
+        const NONE: u16 = u16::MAX;
+        let table = vec![
+            bucket([1, 2, 3]),
+            bucket([2, NONE, NONE]),
+            bucket([3, 1, NONE]),
+        ];
+        let base = table_digest(&table);
+        assert_eq!(table_digest(&table.clone()), base);
+
+        // The same members, learnt in another order.
+        let mut reordered = table.clone();
+        reordered[0] = bucket([1, 3, 2]);
+        assert_eq!(table_digest(&reordered), base);
+
+        let changes = [
+            // Another owner.
+            (0, bucket([2, 1, 3])),
+            // A member more in the history.
+            (1, bucket([2, 1, NONE])),
+            // A member less.
+            (2, bucket([3, NONE, NONE])),
+            // Another member.
+            (2, bucket([3, 4, NONE])),
+            (1, Bucket::EMPTY),
+        ];
+        for (i, changed) in changes {
+            let mut other = table.clone();
+            other[i] = changed;
+            assert_ne!(table_digest(&other), base, "bucket {i} -> {changed:?}");
+        }
+        // One bucket more or less is another table.
+        assert_ne!(table_digest(&table[..2]), base);
+        let mut longer = table.clone();
+        longer.push(Bucket::EMPTY);
+        assert_ne!(table_digest(&longer), base);
+    }
+
+    fn digests(node: &str, config: u8, tables: &[(&str, u8)]) -> NodeDigests {
+        NodeDigests {
+            node: node.to_owned(),
+            config: Digest([config; 32]),
+            tables: tables
+                .iter()
+                .map(|(s, d)| ((*s).to_owned(), Digest([*d; 32])))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn compare_names_every_digest_that_differs() {
+        let ours = digests("a", 1, &[("dns", 3), ("web", 2)]);
+        assert!(compare("b", &ours, &digests("b", 1, &[("dns", 3), ("web", 2)])).is_empty());
+
+        let theirs = digests("b", 9, &[("mail", 4), ("web", 5)]);
+        let found = compare("b", &ours, &theirs);
+        let summary: Vec<(&str, Option<u8>, Option<u8>)> = found
+            .iter()
+            .map(|d| {
+                assert_eq!(d.peer, "b");
+                (
+                    d.digest.as_str(),
+                    d.ours.map(|x| x.0[0]),
+                    d.theirs.map(|x| x.0[0]),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("config", Some(1), Some(9)),
+                ("table/dns", Some(3), None),
+                ("table/mail", None, Some(4)),
+                ("table/web", Some(2), Some(5)),
+            ]
+        );
+    }
+
+    /// Serves `/digests` the way the daemon's HTTP endpoint routes it.
+    async fn digests_peer(source: DigestSource) -> (SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = watch::channel(false);
+        let endpoints = server::Endpoints {
+            metrics: Arc::new(|| panic!("not scraped here")),
+            ready: None,
+            table: None,
+            digests: Some(source),
+        };
+        tokio::spawn(server::serve(listener, endpoints, stopped));
+        (addr, stop)
+    }
+
+    #[tokio::test]
+    async fn digests_are_fetched_from_the_route() {
+        let served = digests("node-b", 7, &[("web", 8)]);
+        let copy = served.clone();
+        let (addr, _stop) = digests_peer(Arc::new(move || copy.clone())).await;
+        assert_eq!(fetch_digests(addr, PATIENCE).await.unwrap(), served);
+
+        // A peer without the route (an older controller) is named with what it answered.
+        let (old, _stop_old) = peer_with_web(5).await;
+        let e = fetch_digests(old, PATIENCE).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{old}: HTTP status 404 for /digests")
+        );
     }
 }

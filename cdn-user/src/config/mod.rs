@@ -12,6 +12,7 @@
 //! steering table is computed independently on each node from them. `[node]` differs per node.
 
 mod check;
+mod digest;
 mod document;
 mod prefix;
 mod schema;
@@ -27,6 +28,7 @@ use thiserror::Error;
 use toml::de::DeTable;
 
 pub use check::{HOP_BUDGET_RANGE, MAX_CLUSTER_TABLE_SIZE, MAX_IFNAME_LEN, MAX_WEIGHT};
+pub use digest::{Digest, DigestParseError, Records, cluster_digest};
 pub use prefix::{Prefix, PrefixError};
 pub use schema::{
     BgpSettings, ClusterSettings, Config, DEFAULT_CONTROL_SOCKET, FIELDS, Field, HealthCheck,

@@ -112,6 +112,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let metrics_task = {
         let ready_shared = shared.clone();
         let table_shared = shared.clone();
+        let digests_shared = shared.clone();
         let shared = shared.clone();
         let source: http::SnapshotSource = Arc::new(move || {
             let core = shared.lock();
@@ -135,6 +136,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 metrics: source,
                 ready: Some(ready),
                 table: Some(table),
+                digests: Some(Arc::new(move || digests_shared.lock().digests())),
             },
             stop_rx.clone(),
         ))

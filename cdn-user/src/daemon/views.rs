@@ -2,6 +2,7 @@
 //! snapshot the metrics are encoded from. Both read one member report.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use cdn_common::{
@@ -9,20 +10,25 @@ use cdn_common::{
     hash::{PROTO_TCP, PROTO_UDP, flow_hash_v4, flow_hash_v6, ports_word, v4_word, v6_words},
     maps::NO_MEMBER,
 };
-use tokio::sync::Notify;
+use tokio::{sync::Notify, task::JoinSet};
 
 use super::core::{Core, Shared};
 use crate::{
     bgp::announce::AnnounceStatus,
-    config::UdpMode,
+    cluster::sync::{self, NodeDigests},
+    config::{UdpMode, cluster_digest},
     operator::{
         control::{
             AttachmentStatus, BgpStatus, LookupReport, MemberReport, Request, Response,
             ServiceStatus, StatusReport,
         },
         metrics,
+        report::{DriftReport, PeerDigests},
     },
 };
+
+/// Time `status` gives each peer to answer for its digests; all are asked at once.
+const DIGEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Core {
     /// The UDP placement of the service named `name` (the default for an unknown name, which
@@ -125,7 +131,39 @@ impl Core {
                 .collect(),
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
+            // Filled in by `status_with_drift`, once the lock is released.
+            drift: None,
         })
+    }
+
+    /// This node's digests, as `/digests` serves them. Computed when asked for (a scrape, a
+    /// peer's `status`), not kept: a table of 65,537 buckets is 393 KB of SHA-256, and asking
+    /// is rare.
+    pub(super) fn digests(&self) -> NodeDigests {
+        NodeDigests {
+            node: self.cfg.node.name.clone(),
+            config: cluster_digest(&self.cfg),
+            tables: self
+                .tables
+                .services()
+                .iter()
+                .filter(|(_, t)| t.generation > 0)
+                .map(|(name, t)| (name.clone(), sync::table_digest(t.buckets())))
+                .collect(),
+        }
+    }
+
+    /// Every other member whose digests can be asked for: (name, `sync` endpoint), whatever
+    /// its health (a member that cannot answer is shown as such).
+    fn digest_peers(&self) -> Vec<(String, SocketAddr)> {
+        let self_id = self.self_id();
+        self.cfg
+            .cluster
+            .members
+            .iter()
+            .filter(|m| m.id != self_id)
+            .filter_map(|m| m.sync.map(|addr| (m.name.clone(), addr)))
+            .collect()
     }
 
     /// The owner and hops of a flow, read from the live maps with the data plane's hash.
@@ -218,6 +256,7 @@ impl Core {
                     table_generation: u64::from(t.generation),
                     buckets: self.tables.size(),
                     udp_mode: self.udp_mode_of(name).name().to_string(),
+                    table_digest: sync::table_digest(t.buckets()),
                 })
                 .collect(),
             draining: self.draining,
@@ -228,6 +267,7 @@ impl Core {
                 .to_string(),
             interfaces: self.cfg.node.interfaces.clone(),
             bgp: self.bgp_metrics(),
+            config_digest: cluster_digest(&self.cfg),
             config_reloads_ok: self.reloads_ok,
             config_reloads_failed: self.reloads_failed,
             start_time: self.started,
@@ -263,16 +303,91 @@ pub(super) fn empty_snapshot(core: &Core) -> metrics::Snapshot {
         attach_mode: "detached".to_string(),
         interfaces: core.cfg.node.interfaces.clone(),
         bgp: None,
+        config_digest: cluster_digest(&core.cfg),
         config_reloads_ok: core.reloads_ok,
         config_reloads_failed: core.reloads_failed,
         start_time: core.started,
     }
 }
 
+/// Asks every peer for its digests, all at once, and compares them with `ours`. Runs on the
+/// blocking pool (the control socket's handlers do) without the core lock, so peers asking us
+/// in turn are answered meanwhile.
+fn drift_report(ours: NodeDigests, peers: Vec<(String, SocketAddr)>) -> DriftReport {
+    let count = peers.len();
+    let addrs: Vec<SocketAddr> = peers.iter().map(|(_, addr)| *addr).collect();
+    let ask = async move {
+        let mut asked = JoinSet::new();
+        for (index, addr) in addrs.into_iter().enumerate() {
+            asked.spawn(async move { (index, sync::fetch_digests(addr, DIGEST_TIMEOUT).await) });
+        }
+        let mut answers: Vec<Option<Result<NodeDigests, String>>> = vec![None; count];
+        while let Some(joined) = asked.join_next().await {
+            match joined {
+                Ok((index, answer)) => {
+                    if let Some(slot) = answers.get_mut(index) {
+                        *slot = Some(answer.map_err(|e| e.to_string()));
+                    }
+                }
+                Err(e) => log::warn!("digest fetch task failed: {e}"),
+            }
+        }
+        answers
+    };
+    let answers = match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => runtime.block_on(ask),
+        Err(e) => vec![Some(Err(format!("no runtime to ask with: {e}"))); count],
+    };
+    let mut report = DriftReport {
+        ours,
+        peers: Vec::with_capacity(peers.len()),
+        disagreements: Vec::new(),
+    };
+    for ((member, addr), answer) in peers.into_iter().zip(answers) {
+        let answer = answer.unwrap_or_else(|| Err("the fetch task failed".to_owned()));
+        if let Ok(theirs) = &answer {
+            report
+                .disagreements
+                .extend(sync::compare(&member, &report.ours, theirs));
+        }
+        let (digests, error) = match answer {
+            Ok(d) => (Some(d), None),
+            Err(e) => (None, Some(e)),
+        };
+        report.peers.push(PeerDigests {
+            member,
+            address: addr.to_string(),
+            digests,
+            error,
+        });
+    }
+    report
+}
+
+/// The status report with the comparison of digests: the report and our digests are taken
+/// under the lock, the peers are asked after it is released.
+fn status_with_drift(shared: &Shared) -> anyhow::Result<StatusReport> {
+    let (status, ours, peers) = {
+        let core = shared.lock();
+        (core.status(), core.digests(), core.digest_peers())
+    };
+    let mut status = status?;
+    status.drift = Some(drift_report(ours, peers));
+    Ok(status)
+}
+
 /// Answers one control-socket request.
 pub(super) fn handle_request(shared: &Shared, rebuild: &Notify, request: Request) -> Response {
+    if request == Request::Status {
+        return status_with_drift(shared)
+            .map(|s| Response::Status(Box::new(s)))
+            .unwrap_or_else(|e| Response::Error {
+                message: format!("{e:#}"),
+            });
+    }
     let mut core = shared.lock();
     let result = match request {
+        // Answered above, with the digests; this is the same report without them.
         Request::Status => core.status().map(|s| Response::Status(Box::new(s))),
         Request::Lookup { src, dst, udp } => core.lookup(src, dst, udp).map(Response::Lookup),
         Request::Drain | Request::Undrain => {

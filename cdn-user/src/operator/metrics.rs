@@ -17,6 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use super::report::MemberReport;
 
+use crate::config::Digest;
 use cdn_common::counters::PacketCounts;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -42,6 +43,8 @@ pub struct Snapshot {
     pub interfaces: Vec<String>,
     /// State of the BGP announcement; `None` when BGP integration is off.
     pub bgp: Option<BgpMetrics>,
+    /// Digest of the cluster-wide configuration in force (`[cluster]` and `[[services]]`).
+    pub config_digest: Digest,
     /// Configuration reloads that were applied.
     pub config_reloads_ok: u64,
     /// Configuration reloads that were refused (the previous configuration stayed in force).
@@ -61,6 +64,8 @@ pub struct ServiceMetrics {
     pub buckets: u32,
     /// Who accepts its UDP flows: `owner`, `local` or `connected`.
     pub udp_mode: String,
+    /// Digest of the active table (`crate::cluster::sync::table_digest`).
+    pub table_digest: Digest,
 }
 
 /// State of the BGP announcement through BIRD.
@@ -216,6 +221,24 @@ const PACKETS_HELP: &str = "Packets handled by the XDP program, summed over CPUs
      counted in exactly one series of kind verdict, so those add up to the packets seen; series \
      of kind info count events that come on top of a packet's verdict, with its action.";
 
+/// Help of the configuration digest.
+const CONFIG_DIGEST_HELP: &str = "First 48 bits of the SHA-256 digest of the cluster-wide \
+     configuration in force ([cluster] and [[services]], canonicalised): the same on every node \
+     of a cluster. `cdn-steer status` shows it in hex (12 digits) and compares it with the peers'.";
+
+/// Help of the table digests.
+const TABLE_DIGEST_HELP: &str = "First 48 bits of the SHA-256 digest of the service's active \
+     steering table (every bucket's owner and the set of its history hops): the same on every \
+     node once their health views and histories agree.";
+
+/// A digest as a gauge: its 48-bit prefix, an integer, which every Prometheus value (an f64)
+/// holds exactly. The full digest as a label instead would make a new series at every table
+/// change; this keeps one series and still compares across nodes with `count_values`.
+fn digest_gauge(digest: &Digest) -> ConstGauge<i64> {
+    // Below 2^48, so it fits.
+    ConstGauge::new(i64::try_from(digest.prefix()).unwrap_or(i64::MAX))
+}
+
 impl Collector for SnapshotCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let s = &self.0;
@@ -354,6 +377,16 @@ impl Collector for SnapshotCollector {
                 .map(|v| (service(v), ConstGauge::new(i64::from(v.buckets)))),
         )?;
 
+        family(
+            enc,
+            "cdn_steer_table_digest",
+            TABLE_DIGEST_HELP,
+            None,
+            s.services
+                .iter()
+                .map(|v| (service(v), digest_gauge(&v.table_digest))),
+        )?;
+
         single(
             enc,
             "cdn_steer_draining",
@@ -409,6 +442,13 @@ impl Collector for SnapshotCollector {
             )?;
         }
 
+        single(
+            enc,
+            "cdn_steer_config_digest",
+            CONFIG_DIGEST_HELP,
+            None,
+            digest_gauge(&s.config_digest),
+        )?;
         family(
             enc,
             "cdn_steer_config_reloads",
@@ -539,12 +579,14 @@ mod tests {
                     table_generation: 3,
                     buckets: 65537,
                     udp_mode: "owner".into(),
+                    table_digest: Digest([1; 32]),
                 },
                 ServiceMetrics {
                     name: "dns".into(),
                     table_generation: 12,
                     buckets: 251,
                     udp_mode: "owner".into(),
+                    table_digest: Digest([2; 32]),
                 },
             ],
             draining: false,
@@ -556,6 +598,7 @@ mod tests {
                 wanted: true,
                 transitions: 4,
             }),
+            config_digest: Digest([0xab; 32]),
             config_reloads_ok: 2,
             config_reloads_failed: 1,
             start_time: UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_500),
@@ -620,6 +663,9 @@ mod tests {
                 r#"cdn_steer_table_generation{service="dns"} 12"#,
                 r#"cdn_steer_table_buckets{service="web"} 65537"#,
                 r#"cdn_steer_table_buckets{service="dns"} 251"#,
+                // 0x010101010101 and 0x020202020202: the digests' first 48 bits.
+                r#"cdn_steer_table_digest{service="web"} 1103823438081"#,
+                r#"cdn_steer_table_digest{service="dns"} 2207646876162"#,
                 "cdn_steer_draining 0",
                 r#"cdn_steer_xdp_attached{interface="eth0",mode="native"} 1"#,
                 r#"cdn_steer_xdp_attached{interface="eth1",mode="native"} 1"#,
@@ -627,6 +673,8 @@ mod tests {
                 "cdn_steer_bgp_announced 1",
                 "cdn_steer_bgp_announce_wanted 1",
                 "cdn_steer_bgp_transitions_total 4",
+                // 0xabababababab
+                "cdn_steer_config_digest 188753807911851",
                 r#"cdn_steer_config_reloads_total{result="ok"} 2"#,
                 r#"cdn_steer_config_reloads_total{result="failed"} 1"#,
                 &format!(r#"cdn_steer_build_info{{version="{version}"}} 1"#),

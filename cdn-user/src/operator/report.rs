@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::cluster::sync::{Disagreement, NodeDigests};
+
 /// One member as this node sees it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MemberReport {
@@ -31,4 +33,29 @@ pub struct MemberReport {
     pub forwarded_packets: u64,
     /// Bytes of those packets.
     pub forwarded_bytes: u64,
+}
+
+/// How this node's digests compare with its peers' (`status`): whether every node runs the
+/// same cluster configuration and steers with the same tables.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftReport {
+    /// This node's digests.
+    pub ours: NodeDigests,
+    /// Every other member with a `sync` endpoint, with what it answered.
+    pub peers: Vec<PeerDigests>,
+    /// Every digest on which a peer that answered differs from this node; empty when all agree.
+    pub disagreements: Vec<Disagreement>,
+}
+
+/// What one peer answered at `/digests`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerDigests {
+    /// The member's name.
+    pub member: String,
+    /// Its `sync` endpoint.
+    pub address: String,
+    /// Its digests; `None` when it could not be asked.
+    pub digests: Option<NodeDigests>,
+    /// Why it could not be asked.
+    pub error: Option<String>,
 }

@@ -1,5 +1,5 @@
 //! The controller's HTTP, on hyper's HTTP/1.1: the server of the operator and peer endpoints
-//! (`/metrics`, `/ready`, `/table/<service>`, an index page), and the one client the health
+//! (`/metrics`, `/ready`, `/table/<service>`, `/digests`, an index page), and the one client the health
 //! probes and the history sync both use.
 //!
 //! Everything that arrives from the network is treated as hostile, because the port may be
@@ -30,7 +30,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
 
-use crate::cluster::sync::{self, TableSource};
+use crate::cluster::sync::{self, DigestSource, TableSource};
 use crate::operator::metrics::{self, Format, Snapshot};
 
 /// Largest request head (request line and headers) accepted; larger ones get `431`.
@@ -136,6 +136,9 @@ pub struct Endpoints {
     pub ready: Option<ReadySource>,
     /// `/table/<service>`: the hop history, for starting members; 404 without it.
     pub table: Option<TableSource>,
+    /// `/digests`: the digests of the configuration and the tables, which the peers' `status`
+    /// compares with theirs; 404 without it.
+    pub digests: Option<DigestSource>,
 }
 
 /// Serves `endpoints` on `listener` until `shutdown` becomes `true` (or its sender is dropped).
@@ -163,6 +166,14 @@ pub fn table_response(answer: sync::TableAnswer) -> Response {
     }
 }
 
+/// The HTTP form of a `/digests` answer: JSON, or 500 if the export failed.
+pub fn digests_response(answer: Option<Vec<u8>>) -> Response {
+    match answer {
+        Some(body) => response(StatusCode::OK, "application/json", body),
+        None => text(StatusCode::INTERNAL_SERVER_ERROR, "digest export failed"),
+    }
+}
+
 async fn route(request: Request, endpoints: Endpoints) -> Response {
     // Every resource here is read-only.
     let readable = request.method == Method::GET || request.method == Method::HEAD;
@@ -174,6 +185,10 @@ async fn route(request: Request, endpoints: Endpoints) -> Response {
     }
     match (path, readable) {
         ("/metrics", true) => scrape(&request, endpoints.metrics).await,
+        (sync::DIGESTS_PATH, true) => match endpoints.digests {
+            Some(digests) => digests_response(sync::digests_answer(digests).await),
+            None => text(StatusCode::NOT_FOUND, "not found"),
+        },
         ("/ready", true) => match endpoints.ready {
             Some(ready) => match tokio::task::spawn_blocking(move || ready()).await {
                 Ok(Ok(())) => text(StatusCode::OK, "ready"),
@@ -186,7 +201,7 @@ async fn route(request: Request, endpoints: Endpoints) -> Response {
             None => text(StatusCode::NOT_FOUND, "not found"),
         },
         ("/", true) => response(StatusCode::OK, "text/html; charset=utf-8", INDEX),
-        ("/metrics" | "/" | "/ready", false) => {
+        ("/metrics" | "/" | "/ready" | sync::DIGESTS_PATH, false) => {
             debug!("http: method {} not allowed", request.method);
             let mut refused = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
             refused
@@ -486,6 +501,7 @@ mod tests {
 
     use cdn_common::counters::PacketCounts;
 
+    use crate::config::Digest;
     use crate::operator::metrics::{MemberReport, ServiceMetrics};
 
     fn snapshot() -> Snapshot {
@@ -508,11 +524,13 @@ mod tests {
                 table_generation: 3,
                 buckets: 251,
                 udp_mode: "owner".into(),
+                table_digest: Digest([7; 32]),
             }],
             draining: false,
             attach_mode: "native".into(),
             interfaces: vec!["eth0".into()],
             bgp: None,
+            config_digest: Digest([9; 32]),
             config_reloads_ok: 1,
             config_reloads_failed: 0,
             start_time: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
@@ -524,6 +542,7 @@ mod tests {
             metrics: Arc::new(snapshot),
             ready: None,
             table: None,
+            digests: None,
         }
     }
 
@@ -763,6 +782,8 @@ mod tests {
         assert_eq!(get(addr, "/metrics/", None).status, 404);
         // No table source: no tables.
         assert_eq!(get(addr, "/table/web", None).status, 404);
+        // No digest source: no digests.
+        assert_eq!(get(addr, "/digests", None).status, 404);
 
         let post = exchange(
             addr,
