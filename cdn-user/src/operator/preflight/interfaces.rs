@@ -185,12 +185,9 @@ pub(super) fn check_mtu(cfg: &Config, links: &Links) -> Vec<Finding> {
                 format!(
                     "MTU {mtu} carries frames up to {carried} bytes, but max_frame is \
                      {max_frame}: encapsulated packets in between are sent and lost instead of \
-                     dropped and counted (too_big)"
+                     dropped and counted (too_big); or lower node.max_frame to {carried}"
                 ),
-                Some(format!(
-                    "ip link set dev {name} mtu {}, or set node.max_frame = {carried}",
-                    max_frame - eth
-                )),
+                Some(format!("ip link set dev {name} mtu {}", max_frame - eth)),
             ));
             continue;
         }
@@ -206,12 +203,17 @@ pub(super) fn check_mtu(cfg: &Config, links: &Links) -> Vec<Finding> {
                 Group::Mtu,
                 name,
                 format!(
-                    "{summary}; full-size {CLIENT_MTU}-byte client packets are dropped (too_big)"
+                    "{summary}; full-size {CLIENT_MTU}-byte client packets are dropped \
+                     (too_big)"
                 ),
-                Some(format!(
-                    "ip link set dev {name} mtu {} and set node.max_frame = {need}",
-                    need - eth
-                )),
+                Some(if carried < need {
+                    format!(
+                        "ip link set dev {name} mtu {} (and node.max_frame = {need})",
+                        need - eth
+                    )
+                } else {
+                    format!("set node.max_frame = {need}")
+                }),
             ));
         } else if max_frame == 0 {
             out.push(Finding::warning(
