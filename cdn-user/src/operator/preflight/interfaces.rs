@@ -231,3 +231,78 @@ pub(super) fn check_mtu(cfg: &Config, links: &Links) -> Vec<Finding> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::operator::preflight::Status;
+
+    fn config(max_frame: u32, v6: bool) -> Config {
+        let underlay_v6 = if v6 {
+            "underlay_v6 = \"fd00::1\"\n"
+        } else {
+            ""
+        };
+        crate::config::parse(&format!(
+            "[node]\nname = \"a\"\ninterfaces = [\"eth0\"]\nunderlay_v4 = \"10.0.0.1\"\n\
+             {underlay_v6}max_frame = {max_frame}\n\
+             [cluster]\nhash_key = \"00112233445566778899aabbccddeeff\"\n\
+             [[cluster.members]]\nname = \"a\"\nid = 0\nunderlay = \"10.0.0.1\"\n\
+             [[services]]\nname = \"web\"\nvips = [\"192.0.2.1/32\"]\ntcp_ports = [80]\n"
+        ))
+        .expect("valid configuration")
+    }
+
+    fn mtu_finding(mtu: u32, max_frame: u32, v6: bool) -> Finding {
+        let link = Link {
+            index: 2,
+            up: true,
+            lower_up: true,
+            mtu: Some(mtu),
+            xdp: XdpAttachment::None,
+        };
+        let links = Links(Ok(BTreeMap::from([("eth0".to_owned(), link)])));
+        let mut found = check_mtu(&config(max_frame, v6), &links);
+        assert_eq!(found.len(), 1, "{found:?}");
+        found.remove(0)
+    }
+
+    #[test]
+    fn mtu_against_max_frame_and_the_encapsulation() {
+        // The lab's setting: 1600 + 14 carries a 1500-byte client packet plus 50 bytes.
+        let f = mtu_finding(1600, 1614, false);
+        assert_eq!(f.status, Status::Ok, "{f:?}");
+        assert!(f.detail.contains("up to 1564 bytes"), "{f:?}");
+
+        // max_frame above what the interface carries: packets lost instead of counted.
+        let f = mtu_finding(1500, 1614, false);
+        assert_eq!(f.status, Status::Problem, "{f:?}");
+        assert_eq!(f.fix.as_deref(), Some("ip link set dev eth0 mtu 1600"));
+
+        // A standard 1500 underlay: full-size client packets cannot be encapsulated.
+        let f = mtu_finding(1500, 1514, false);
+        assert_eq!(f.status, Status::Warning, "{f:?}");
+        assert!(f.detail.contains("up to 1464 bytes"), "{f:?}");
+        assert_eq!(
+            f.fix.as_deref(),
+            Some("ip link set dev eth0 mtu 1536 (and node.max_frame = 1550)")
+        );
+
+        // The MTU is large enough, max_frame is what holds them back.
+        let f = mtu_finding(9000, 1514, false);
+        assert_eq!(f.status, Status::Warning, "{f:?}");
+        assert_eq!(f.fix.as_deref(), Some("set node.max_frame = 1550"));
+
+        // An IPv6 underlay adds 70 bytes, not 50.
+        let f = mtu_finding(1536, 1550, true);
+        assert_eq!(f.status, Status::Warning, "{f:?}");
+        assert!(f.detail.contains("up to 1480 bytes"), "{f:?}");
+
+        // Unchecked: fits, but a larger one would be lost unseen.
+        let f = mtu_finding(1600, 0, false);
+        assert_eq!(f.status, Status::Warning, "{f:?}");
+        assert_eq!(f.fix.as_deref(), Some("set node.max_frame = 1614"));
+    }
+}
