@@ -92,7 +92,8 @@ pub(super) fn check(cfg: &Config) -> Vec<Finding> {
 
 fn static_protocol(name: &str) -> String {
     format!(
-        "add `protocol static {name} {{ ipv4; disabled; route <VIP> blackhole; }}` (ipv6 for \
-         IPv6 VIPs) to BIRD's configuration and run `birdc configure` (README, BIRD)"
+        "add `protocol static {name} {{ ipv4; disabled; route <VIP> blackhole; }}` (ipv6 and \
+         IPv6 VIPs for that family) to BIRD's configuration, then `birdc configure` (README, \
+         \"BIRD\")"
     )
 }

@@ -185,7 +185,7 @@ pub(super) fn check_mtu(cfg: &Config, links: &Links) -> Vec<Finding> {
                 format!(
                     "MTU {mtu} carries frames up to {carried} bytes, but max_frame is \
                      {max_frame}: encapsulated packets in between are sent and lost instead of \
-                     dropped and counted (too_big); or lower node.max_frame to {carried}"
+                     dropped and counted (too_big); the other way out: node.max_frame = {carried}"
                 ),
                 Some(format!("ip link set dev {name} mtu {}", max_frame - eth)),
             ));
