@@ -265,8 +265,18 @@ fn a_bad_host_is_named_and_the_named_fixes_make_it_good() -> Result<()> {
         );
     }
 
-    // A VIP removed again is missed again: the check reads the state, it does not remember.
+    // The check reads the state, it does not remember: a VIP removed again is missed again,
+    // a stopped BIRD is found stopped. And the interface's settings combine with `all` as in
+    // the kernel: accept_local on in `all` is enough, arp_ignore takes the larger of the two,
+    // rp_filter on the interface alone still filters.
     ns.ip(&["addr", "del", "2001:db8::1/128", "dev", "lo"])?;
+    let bird_socket = bird.socket().display().to_string();
+    drop(bird);
+    ns.sh(
+        "sysctl -qw net.ipv4.conf.eth0.accept_local=0 net.ipv4.conf.all.accept_local=1 \
+         net.ipv4.conf.eth0.arp_ignore=0 net.ipv4.conf.all.arp_ignore=1 \
+         net.ipv4.conf.eth0.rp_filter=1",
+    )?;
     let (doc, code) = check(&ns, &good, &[])?;
     ensure!(code == 2);
     expect(
@@ -277,7 +287,28 @@ fn a_bad_host_is_named_and_the_named_fixes_make_it_good() -> Result<()> {
         Some("ip addr add 2001:db8::1/128 dev lo"),
     )?;
     expect(&doc, Part::Vips, "192.0.2.1/32", Good, None)?;
-    drop(bird);
+    ensure!(find(&doc, Part::Bird, &bird_socket)?.status == Problem);
+    expect(
+        &doc,
+        Part::Sysctl,
+        "net.ipv4.conf.eth0.accept_local",
+        Good,
+        None,
+    )?;
+    expect(
+        &doc,
+        Part::Sysctl,
+        "net.ipv4.conf.eth0.arp_ignore",
+        Good,
+        None,
+    )?;
+    expect(
+        &doc,
+        Part::Sysctl,
+        "net.ipv4.conf.eth0.rp_filter",
+        Problem,
+        Some("sysctl -w net.ipv4.conf.eth0.rp_filter=0"),
+    )?;
     Ok(())
 }
 
