@@ -124,8 +124,9 @@ enum CliError {
     /// `check` found the file refused or host problems, and its report said so already.
     #[error("check: {0:?}")]
     Checked(check::Verdict),
+    /// No answer on the control socket (missing, refused, timed out, broken off).
     #[error(transparent)]
-    Unreachable(ControlError),
+    Unreachable(#[from] ControlError),
     /// The daemon (or, offline, the configuration) refused the request.
     #[error("{0}")]
     Refused(String),
@@ -140,16 +141,6 @@ impl CliError {
             Self::Checked(verdict) => verdict.exit_code(),
             Self::Unreachable(_) => 3,
             Self::Refused(_) => 4,
-        }
-    }
-}
-
-impl From<ControlError> for CliError {
-    fn from(e: ControlError) -> Self {
-        match e {
-            // Bound by another daemon: not a client's error, but keep it apart from "absent".
-            ControlError::InUse { .. } => Self::Failed(e.into()),
-            _ => Self::Unreachable(e),
         }
     }
 }
