@@ -2,21 +2,34 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use cdn_user::{
     config, daemon,
     operator::{
-        cli,
-        control::{self, DriftReport, Request, Response, StatusReport},
+        check, cli,
+        control::{self, ControlError, DriftReport, Request, Response, StatusReport},
+        lookup,
     },
 };
 use clap::{Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+/// The exit codes, for `--help` and the README (which lists the same).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0   success (check: the file is valid and the host has no problem; warnings allowed)
+  1   configuration error (the file is refused), or another failure
+  2   host problem: check found the host not set up for the node (preflight)
+  3   the daemon is unreachable (no control socket, no answer)
+  4   the request was refused (by the daemon; for lookup --offline, by the configuration)
+  64  usage error (unknown command or option, bad argument)";
 
 #[derive(Parser)]
 #[command(
     name = "cdn-steer",
     version,
-    about = "XDP anycast steering: keeps every flow on the server that owns it"
+    about = "XDP anycast steering: keeps every flow on the server that owns it",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,10 +54,19 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         shutdown_grace_ms: u64,
     },
-    /// Validate a configuration and show the table it would build.
+    /// Validate a configuration, show the table it would build, and check this host for the
+    /// node it describes (sysctls, VIPs on lo, interfaces and XDP, MTU, bpffs, BIRD), naming
+    /// the fix of each problem.
+    #[command(after_help = EXIT_CODES)]
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Check the file only, not this host (e.g. on a laptop).
+        #[arg(long)]
+        no_host: bool,
+        /// Print the result as one JSON document (see the README, "Exit codes and JSON").
+        #[arg(long)]
+        json: bool,
     },
     /// Show the running daemon's state.
     Status {
@@ -65,7 +87,9 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Show which member owns a flow, with the data plane's hash and the live table.
+    /// Show which member owns a flow, with the data plane's hash and the live table (or,
+    /// with --offline, the table computed from the configuration).
+    #[command(after_help = EXIT_CODES)]
     Lookup {
         /// Client address and port, e.g. 198.51.100.7:40000 or [2001:db8::7]:40000.
         src: SocketAddr,
@@ -75,6 +99,13 @@ enum Command {
         proto: Proto,
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Compute the owner from the configuration alone, without a daemon: every member
+        /// healthy, no hop history. Needs --config.
+        #[arg(long, requires = "config")]
+        offline: bool,
+        /// Print the answer as one JSON document.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -84,9 +115,53 @@ enum Proto {
     Udp,
 }
 
+/// Why a command failed, each with its exit code.
+#[derive(Debug, Error)]
+enum CliError {
+    /// The configuration file was refused.
+    #[error("{0}")]
+    Config(String),
+    /// `check` found the file refused or host problems, and its report said so already.
+    #[error("check: {0:?}")]
+    Checked(check::Verdict),
+    /// No answer on the control socket (missing, refused, timed out, broken off).
+    #[error(transparent)]
+    Unreachable(#[from] ControlError),
+    /// The daemon (or, offline, the configuration) refused the request.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) | Self::Failed(_) => 1,
+            Self::Checked(verdict) => verdict.exit_code(),
+            Self::Unreachable(_) => 3,
+            Self::Refused(_) => 4,
+        }
+    }
+}
+
+/// Usage errors exit with 64 (`EX_USAGE`), not clap's 2, which means "host problem" here.
+const EXIT_USAGE: u8 = 64;
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version come this way too, on stdout, and are no error.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     if !matches!(cli.command, Command::Run { .. }) {
         // A client command piped into `head` should end quietly when the pipe closes, like any
         // Unix tool, instead of panicking on the failed write. (The daemon keeps Rust's default,
@@ -96,9 +171,10 @@ fn main() -> ExitCode {
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ CliError::Checked(_)) => ExitCode::from(e.exit_code()),
         Err(e) => {
             eprintln!("cdn-steer: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -110,40 +186,60 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn ask(config: Option<PathBuf>, request: Request) -> Result<Response> {
-    let socket = cli::control_socket_of(config.as_deref())?;
+async fn ask(config: Option<PathBuf>, request: Request) -> Result<Response, CliError> {
+    let socket = cli::control_socket_of(config.as_deref())
+        .map_err(|e| CliError::Config(format!("{e:#}")))?;
     let response = control::call(&socket, &request, Duration::from_secs(10)).await?;
-    if let Response::Error { message } = &response {
-        bail!("{message}");
+    if let Response::Error { message } = response {
+        return Err(CliError::Refused(message));
     }
     Ok(response)
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Run {
             config,
             keep_attached,
             reset_maps,
             shutdown_grace_ms,
-        } => runtime()?.block_on(daemon::run(daemon::Options {
+        } => Ok(runtime()?.block_on(daemon::run(daemon::Options {
             config_path: config,
             detach_on_exit: !keep_attached,
             reset_maps,
             shutdown_grace: Duration::from_millis(shutdown_grace_ms),
-        })),
-        Command::Check { config } => {
-            let cfg = config::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
-            print!("{}", cli::check_summary(&cfg)?);
-            Ok(())
+        }))?),
+        Command::Check {
+            config,
+            no_host,
+            json,
+        } => {
+            let doc = check::check(&config, !no_host);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&doc).map_err(anyhow::Error::from)?
+                );
+            } else if doc.verdict == check::Verdict::ConfigError {
+                eprint!("{}", check::render(&doc));
+            } else {
+                print!("{}", check::render(&doc));
+            }
+            match doc.verdict {
+                check::Verdict::Ok => Ok(()),
+                verdict => Err(CliError::Checked(verdict)),
+            }
         }
         Command::Status { config, json } => {
             let response = runtime()?.block_on(ask(config, Request::Status))?;
             let Response::Status(status) = response else {
-                bail!("unexpected answer from the daemon");
+                return Err(anyhow::anyhow!("unexpected answer from the daemon").into());
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).map_err(anyhow::Error::from)?
+                );
             } else {
                 print_status(&status);
             }
@@ -156,42 +252,47 @@ fn run(cli: Cli) -> Result<()> {
             dst,
             proto,
             config,
+            offline,
+            json,
         } => {
             let udp = matches!(proto, Proto::Udp);
-            let response = runtime()?.block_on(ask(config, Request::Lookup { src, dst, udp }))?;
-            let Response::Lookup(r) = response else {
-                bail!("unexpected answer from the daemon");
-            };
-            println!(
-                "{src} -> {dst} {}: service {}, hash {:#018x}, bucket {} (table generation {})",
-                if udp { "udp" } else { "tcp" },
-                r.service,
-                r.hash,
-                r.bucket,
-                r.table_generation
-            );
-            match r.hops.split_first() {
-                None => println!("no owner: the bucket is empty"),
-                Some(((id, name), rest)) => {
-                    println!("owner: {name} (id {id})");
-                    for (i, (id, name)) in rest.iter().enumerate() {
-                        println!("previous owner {}: {name} (id {id})", i + 1);
-                    }
+            let doc = match (offline, config) {
+                (true, Some(path)) => {
+                    let cfg = config::load(&path).map_err(|e| CliError::Config(e.to_string()))?;
+                    lookup::offline(&cfg, src, dst, udp).map_err(|e| match e {
+                        lookup::LookupError::Table(_) => CliError::Failed(e.into()),
+                        _ => CliError::Refused(e.to_string()),
+                    })?
                 }
+                (_, config) => {
+                    let response =
+                        runtime()?.block_on(ask(config, Request::Lookup { src, dst, udp }))?;
+                    let Response::Lookup(r) = response else {
+                        return Err(anyhow::anyhow!("unexpected answer from the daemon").into());
+                    };
+                    lookup::live(r, src, dst, udp)
+                }
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&doc).map_err(anyhow::Error::from)?
+                );
+            } else {
+                print!("{}", lookup::render(&doc));
             }
-            println!("accepted by: {}", r.accepted_by);
             Ok(())
         }
     }
 }
 
-fn done(response: Response) -> Result<()> {
+fn done(response: Response) -> Result<(), CliError> {
     match response {
         Response::Done { message } => {
             println!("{message}");
             Ok(())
         }
-        _ => bail!("unexpected answer from the daemon"),
+        _ => Err(anyhow::anyhow!("unexpected answer from the daemon").into()),
     }
 }
 

@@ -1,80 +1,18 @@
 //! Helpers of the operator's CLI commands that read the configuration file themselves.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    time::Instant,
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use crate::{
-    cluster::maglev::{self, MaglevMember},
-    config::{self, Config},
-};
+use crate::config::{self, Config};
 
-/// `cdn-steer check`: what the configuration would build, with every member healthy.
+/// `cdn-steer check` without the host part: what the configuration would build, with every
+/// member healthy, as text.
 pub fn check_summary(cfg: &Config) -> Result<String> {
-    use std::fmt::Write as _;
-    let members: Vec<MaglevMember<'_>> = cfg
-        .cluster
-        .members
-        .iter()
-        .filter(|m| m.weight > 0)
-        .map(|m| MaglevMember {
-            id: m.id,
-            name: &m.name,
-            weight: m.weight,
-        })
-        .collect();
-    let started = Instant::now();
-    let table = maglev::build_table(&members, cfg.cluster.hash_key, cfg.cluster.table_size)?;
-    let took = started.elapsed();
-    let mut share: BTreeMap<u16, u32> = BTreeMap::new();
-    for id in &table {
-        *share.entry(*id).or_insert(0) += 1;
-    }
-    let mut out = String::new();
-    writeln!(out, "configuration OK: node {}", cfg.node.name)?;
-    writeln!(
-        out,
-        "table: {} buckets, built in {:.2} ms with every member healthy",
-        cfg.cluster.table_size,
-        took.as_secs_f64() * 1000.0
-    )?;
-    writeln!(
-        out,
-        "{:<6} {:<20} {:<40} {:>7} {:>9} {:>8}",
-        "id", "member", "underlay", "weight", "buckets", "share"
-    )?;
-    for m in &cfg.cluster.members {
-        let n = share.get(&m.id).copied().unwrap_or(0);
-        writeln!(
-            out,
-            "{:<6} {:<20} {:<40} {:>7} {:>9} {:>7.2}%",
-            m.id,
-            m.name,
-            m.underlay.to_string(),
-            m.weight,
-            n,
-            100.0 * f64::from(n) / f64::from(cfg.cluster.table_size)
-        )?;
-    }
-    for s in &cfg.services {
-        writeln!(
-            out,
-            "service {}: VIPs {} TCP {:?} UDP {:?}",
-            s.name,
-            s.vips
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-            s.tcp_ports,
-            s.udp_ports
-        )?;
-    }
-    Ok(out)
+    Ok(super::check::render_config(&super::check::summarize(
+        Path::new(""),
+        cfg,
+    )))
 }
 
 /// The control socket path of a configuration file, for the CLI's client commands.

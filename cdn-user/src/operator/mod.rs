@@ -1,8 +1,12 @@
 //! What operators and their tools talk to: Prometheus metrics and the peer endpoints over HTTP,
-//! and the control socket the CLI uses.
+//! the control socket the CLI uses, and what the CLI computes itself: `check` (the file, then
+//! the host's `preflight`) and `lookup --offline`.
 
+pub mod check;
 pub mod cli;
 pub mod control;
 pub mod http;
+pub mod lookup;
 pub mod metrics;
+pub mod preflight;
 pub mod report;

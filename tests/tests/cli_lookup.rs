@@ -1,0 +1,236 @@
+//! `cdn-steer lookup --offline` against the live daemon: with every member healthy, the owner
+//! computed from the configuration alone is the one the daemon's tables hold, for TCP and UDP
+//! flows to IPv4 and IPv6 VIPs. Also the exit codes of the client commands: 3 when no daemon
+//! answers, 4 when it refuses the request, 64 for a usage error.
+
+use std::{
+    net::{IpAddr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::Output,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use cdn_test_support::{
+    Netns,
+    process::{Group, Process},
+    run,
+    scratch::ScratchDir,
+    wait,
+};
+use cdn_user::operator::lookup::{LookupDocument, OFFLINE_ASSUMPTION, Source};
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+
+fn cdn_steer() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("cdn-steer"))
+        .find(|p| p.is_file())
+        .context("cdn-steer not built (cargo build --release -p cdn-user --bin cdn-steer)")
+}
+
+/// A bpf filesystem mounted on a directory, unmounted when dropped.
+struct BpfMount(PathBuf);
+
+impl BpfMount {
+    fn new(at: &Path) -> Result<Self> {
+        std::fs::create_dir_all(at)?;
+        run("mount", &["-t", "bpf", "bpf", &at.to_string_lossy()])?;
+        Ok(Self(at.to_owned()))
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        if let Err(e) = run("umount", &[&self.0.to_string_lossy()]) {
+            eprintln!("cleanup: {e:#}");
+        }
+    }
+}
+
+const MEMBERS: [(&str, &str); 3] = [("a", "10.9.0.1"), ("b", "10.9.0.2"), ("c", "10.9.0.3")];
+const VIP_V4: &str = "192.0.2.1";
+const VIP_V6: &str = "2001:db8::1";
+
+fn config(bpffs: &Path, socket: &Path) -> String {
+    let mut c = format!(
+        "[node]\nname = \"a\"\ninterfaces = [\"eth0\"]\nunderlay_v4 = \"10.9.0.1\"\n\
+         bpffs = \"{}\"\ncontrol_socket = \"{}\"\n\n\
+         [cluster]\nhash_key = \"0f1e2d3c4b5a69788796a5b4c3d2e1f0\"\n\n",
+        bpffs.display(),
+        socket.display()
+    );
+    for (i, (name, underlay)) in MEMBERS.iter().enumerate() {
+        // Unequal weights, so that a table built from the wrong weights would differ.
+        c.push_str(&format!(
+            "[[cluster.members]]\nname = \"{name}\"\nid = {}\nunderlay = \"{underlay}\"\n\
+             weight = {}\n[cluster.members.health]\ninterval_ms = 100\ntimeout_ms = 50\n\
+             rise = 1\nfall = 3\n\n",
+            i + 3,
+            100 + 50 * i
+        ));
+    }
+    c.push_str(&format!(
+        "[[services]]\nname = \"web\"\nvips = [\"{VIP_V4}/32\"]\ntcp_ports = [80]\n\
+         udp_ports = [443]\n\n\
+         [[services]]\nname = \"web6\"\nvips = [\"{VIP_V6}/128\"]\ntcp_ports = [80]\n\
+         udp_ports = [443]\nudp_mode = \"local\"\n\n\
+         [metrics]\nlisten = \"10.9.0.1:9465\"\n"
+    ));
+    c
+}
+
+fn steer(ns: &Netns, args: &[&str]) -> Result<Output> {
+    Ok(ns
+        .command(&cdn_steer()?.to_string_lossy())
+        .args(args)
+        .output()?)
+}
+
+fn lookup(ns: &Netns, config: &str, flow: &[&str], offline: bool) -> Result<LookupDocument> {
+    let mut args = vec!["lookup"];
+    args.extend_from_slice(flow);
+    args.extend_from_slice(&["--config", config, "--json"]);
+    if offline {
+        args.push("--offline");
+    }
+    let out = steer(ns, &args)?;
+    ensure!(
+        out.status.success(),
+        "lookup {flow:?} (offline {offline}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[test]
+fn offline_owner_is_the_live_daemons_with_every_member_up() -> Result<()> {
+    let dir = ScratchDir::new("cli-lookup")?;
+    let ns = Netns::new("cli-lookup")?;
+    let mount = BpfMount::new(&dir.path().join("bpffs"))?;
+    ns.ip_batch(
+        "link add eth0 type veth peer name peer0\nlink set eth0 up\nlink set peer0 up\n\
+         addr add 10.9.0.1/24 dev eth0\naddr add 10.9.0.2/24 dev eth0\n\
+         addr add 10.9.0.3/24 dev eth0\n",
+    )?;
+    // Every member's health check (TCP connect to port 80 of its underlay) lands here.
+    let listener = ns.enter(|| TcpListener::bind("0.0.0.0:80"))??;
+    std::thread::spawn(move || for _ in listener.incoming() {});
+
+    let socket = dir.path().join("ctl.sock");
+    let cfg_path = dir.path().join("node.toml");
+    std::fs::write(&cfg_path, config(&mount.0.join("a"), &socket))?;
+    let cfg = cfg_path.to_string_lossy().into_owned();
+
+    // No daemon yet: unreachable is exit code 3.
+    let out = steer(&ns, &["status", "--config", &cfg])?;
+    ensure!(
+        out.status.code() == Some(3),
+        "status without a daemon: {out:?}"
+    );
+
+    let mut command = ns.command(&cdn_steer()?.to_string_lossy());
+    command.args(["run", "--config", &cfg, "--shutdown-grace-ms", "0"]);
+    let mut daemon = Process::spawn(
+        "cdn-steer",
+        command,
+        Group::Inherit,
+        &dir.path().join("d.log"),
+    )?;
+    let all_up = wait::until(
+        Duration::from_secs(20),
+        "every member healthy and in the table",
+        || {
+            let out = steer(&ns, &["status", "--json", "--config", &cfg])?;
+            if !out.status.success() {
+                return Ok(false);
+            }
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let members = status["members"].as_array().context("members")?;
+            Ok(members.len() == 3
+                && members
+                    .iter()
+                    .all(|m| m["healthy"] == true && m["share"].as_f64().is_some_and(|s| s > 0.0)))
+        },
+    );
+    if let Err(e) = all_up {
+        return Err(e.context(daemon.log_text()));
+    }
+
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut owners = std::collections::BTreeSet::new();
+    for i in 0..120 {
+        let v6 = i % 2 == 1;
+        let src: SocketAddr = if v6 {
+            let ip: u128 =
+                0x2001_0db8_0100_0000_0000_0000_0000_0000 | u128::from(rng.random::<u32>());
+            SocketAddr::new(IpAddr::V6(ip.into()), rng.random_range(1024..65535))
+        } else {
+            SocketAddr::new(
+                IpAddr::V4(rng.random::<u32>().into()),
+                rng.random_range(1024..65535),
+            )
+        };
+        let dst: SocketAddr = if v6 {
+            format!("[{VIP_V6}]:443").parse()?
+        } else {
+            format!("{VIP_V4}:443").parse()?
+        };
+        let proto = if i % 4 < 2 { "tcp" } else { "udp" };
+        let (src, dst) = (src.to_string(), dst.to_string());
+        let flow = [src.as_str(), dst.as_str(), proto];
+        let live = lookup(&ns, &cfg, &flow, false)?;
+        let offline = lookup(&ns, &cfg, &flow, true)?;
+        ensure!(live.source == Source::Live && offline.source == Source::Offline);
+        ensure!(offline.assumption.as_deref() == Some(OFFLINE_ASSUMPTION));
+        ensure!(
+            (
+                &live.service,
+                live.hash,
+                live.bucket,
+                &live.owner,
+                &live.accepted_by
+            ) == (
+                &offline.service,
+                offline.hash,
+                offline.bucket,
+                &offline.owner,
+                &offline.accepted_by
+            ),
+            "flow {flow:?}: live {live:#?}\noffline {offline:#?}"
+        );
+        owners.insert(
+            live.owner
+                .context("an empty bucket with every member up")?
+                .name,
+        );
+    }
+    ensure!(owners.len() == 3, "120 flows reached only {owners:?}");
+
+    // The daemon refuses a lookup for an address that is no VIP: exit code 4, offline too.
+    for offline in [false, true] {
+        let mut args = vec![
+            "lookup",
+            "198.51.100.7:1000",
+            "192.0.2.99:443",
+            "--config",
+            &cfg,
+        ];
+        if offline {
+            args.push("--offline");
+        }
+        let out = steer(&ns, &args)?;
+        ensure!(
+            out.status.code() == Some(4),
+            "not a VIP (offline {offline}): {out:?}"
+        );
+    }
+    // A usage error is 64, not clap's 2 (which is "host problem" here).
+    let out = steer(&ns, &["lookup", "not-an-address", "192.0.2.1:443"])?;
+    ensure!(out.status.code() == Some(64), "usage error: {out:?}");
+
+    daemon.signal(libc::SIGTERM, Duration::from_secs(10))?;
+    Ok(())
+}
