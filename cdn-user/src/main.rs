@@ -8,6 +8,7 @@ use cdn_user::{
     operator::{
         cli,
         control::{self, Request, Response, StatusReport},
+        logging,
     },
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -65,6 +66,13 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Make the running daemon re-read its configuration file (as SIGHUP does) and say whether
+    /// it took it; exits non-zero with the reason when the daemon refused it.
+    Reload {
+        /// Configuration of the daemon (for its control socket path).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Show which member owns a flow, with the data plane's hash and the live table.
     Lookup {
         /// Client address and port, e.g. 198.51.100.7:40000 or [2001:db8::7]:40000.
@@ -85,7 +93,7 @@ enum Proto {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    logging::init();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run { .. }) {
         // A client command piped into `head` should end quietly when the pipe closes, like any
@@ -151,6 +159,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Drain { config } => done(runtime()?.block_on(ask(config, Request::Drain))?),
         Command::Undrain { config } => done(runtime()?.block_on(ask(config, Request::Undrain))?),
+        Command::Reload { config } => done(runtime()?.block_on(ask(config, Request::Reload))?),
         Command::Lookup {
             src,
             dst,
