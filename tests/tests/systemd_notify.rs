@@ -656,6 +656,9 @@ fn unit_passes_systemd_analyze_verify() -> Result<()> {
     // A mistake in the unit shows up (verify exits 0 for what it only ignores).
     let out = verify(&local.replace("WatchdogSec=10s", "WatchdogSec=ten"))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("Failed to parse") && stderr.contains("ten"), "{stderr}");
+    assert!(
+        stderr.contains("Failed to parse") && stderr.contains("ten"),
+        "{stderr}"
+    );
     Ok(())
 }

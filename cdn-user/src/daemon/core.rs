@@ -178,13 +178,13 @@ impl Core {
         if self.draining {
             return (false, "draining".into());
         }
-        if let Some(me) = self.cfg.self_member() {
-            if self.health.get(&me.id).and_then(|h| h.healthy) != Some(true) {
-                return (
-                    false,
-                    format!("this node's member {} is not healthy", me.name),
-                );
-            }
+        if let Some(me) = self.cfg.self_member()
+            && self.health.get(&me.id).and_then(|h| h.healthy) != Some(true)
+        {
+            return (
+                false,
+                format!("this node's member {} is not healthy", me.name),
+            );
         }
         if self.eligible().is_empty() {
             return (false, "no member is eligible for new flows".into());

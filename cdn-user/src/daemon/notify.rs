@@ -143,10 +143,10 @@ fn open(path: &OsStr) -> std::io::Result<(UnixDatagram, SocketAddr)> {
 /// parent that the service manager watches instead.
 fn ping_interval(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -> Option<Duration> {
     let usec: u64 = usec?.trim().parse().ok().filter(|u| *u > 0)?;
-    if let Some(pid) = pid {
-        if pid.trim().parse::<u32>().ok() != Some(own_pid) {
-            return None;
-        }
+    if let Some(pid) = pid
+        && pid.trim().parse::<u32>().ok() != Some(own_pid)
+    {
+        return None;
     }
     Some(Duration::from_micros(usec) / 2)
 }
