@@ -8,7 +8,7 @@ use cdn_user::{
     operator::{
         check, cli,
         control::{self, ControlError, DriftReport, Request, Response, StatusReport},
-        lookup,
+        logging, lookup,
     },
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -87,6 +87,13 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Make the running daemon re-read its configuration file (as SIGHUP does) and say whether
+    /// it took it; exits non-zero with the reason when the daemon refused it.
+    Reload {
+        /// Configuration of the daemon (for its control socket path).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Show which member owns a flow, with the data plane's hash and the live table (or,
     /// with --offline, the table computed from the configuration).
     #[command(after_help = EXIT_CODES)]
@@ -149,7 +156,7 @@ impl CliError {
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    logging::init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -247,6 +254,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Drain { config } => done(runtime()?.block_on(ask(config, Request::Drain))?),
         Command::Undrain { config } => done(runtime()?.block_on(ask(config, Request::Undrain))?),
+        Command::Reload { config } => done(runtime()?.block_on(ask(config, Request::Reload))?),
         Command::Lookup {
             src,
             dst,

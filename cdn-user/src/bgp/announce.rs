@@ -163,8 +163,9 @@ impl Announcer {
             match shared.client.set_enabled(&shared.protocol, false).await? {
                 Toggle::Changed => {
                     info!(
-                        "withdrawing VIPs: disabled BIRD protocol {} (controller shutting down)",
-                        shared.protocol
+                        protocol = shared.protocol.as_str(),
+                        reason = "controller shutting down";
+                        "withdrawing VIPs: BIRD protocol disabled"
                     );
                     shared.status.send_modify(|s| s.transitions += 1);
                 }
@@ -340,10 +341,10 @@ impl Worker {
         let toggle = client.set_enabled(protocol, want).await?;
         match (toggle, want) {
             (Toggle::Changed, true) => {
-                info!("announcing VIPs: enabled BIRD protocol {protocol} ({reason})");
+                info!(protocol = protocol.as_str(), reason = reason.as_str(); "announcing VIPs: BIRD protocol enabled");
             }
             (Toggle::Changed, false) => {
-                info!("withdrawing VIPs: disabled BIRD protocol {protocol} ({reason})");
+                info!(protocol = protocol.as_str(), reason = reason.as_str(); "withdrawing VIPs: BIRD protocol disabled");
             }
             // A protocol in `stop`/`flush` that is restarting: it already is as wanted.
             (Toggle::Unchanged, _) => debug!(
@@ -369,13 +370,13 @@ impl Worker {
         }
         match problem {
             Problem::Unreachable => warn!(
-                "BIRD unreachable, cannot {action} VIPs (state unknown); retrying every {:?}: \
-                 {error}",
-                self.poll
+                action, retry_every:? = self.poll, error:% = error;
+                "BIRD unreachable: cannot {action} VIPs, announcement state unknown"
             ),
             Problem::Failed(_) => warn!(
-                "cannot {action} VIPs through BIRD protocol {}; retrying every {:?}: {error}",
-                self.shared.protocol, self.poll
+                protocol = self.shared.protocol.as_str(), action, retry_every:? = self.poll,
+                error:% = error;
+                "cannot {action} VIPs through BIRD"
             ),
         }
         self.problem = Some(problem);
@@ -385,12 +386,12 @@ impl Worker {
     fn problem_solved(&mut self) {
         match self.problem.take() {
             Some(Problem::Unreachable) => info!(
-                "BIRD on {} is reachable again",
-                self.shared.client.socket().display()
+                socket:% = self.shared.client.socket().display();
+                "BIRD is reachable again"
             ),
             Some(Problem::Failed(_)) => info!(
-                "BIRD protocol {} can be controlled again",
-                self.shared.protocol
+                protocol = self.shared.protocol.as_str();
+                "BIRD protocol can be controlled again"
             ),
             None => {}
         }
@@ -502,15 +503,15 @@ mod tests {
 
         if logs {
             assert_eq!(
-                logcap::matching(Level::Info, "announcing VIPs: enabled BIRD protocol anycast_vips (wanted changed to announced)").len(),
+                logcap::matching(Level::Info, "announcing VIPs: BIRD protocol enabled protocol=anycast_vips reason=wanted changed to announced").len(),
                 1
             );
             assert_eq!(
-                logcap::matching(Level::Info, "withdrawing VIPs: disabled BIRD protocol anycast_vips (wanted changed to withdrawn)").len(),
+                logcap::matching(Level::Info, "withdrawing VIPs: BIRD protocol disabled protocol=anycast_vips reason=wanted changed to withdrawn").len(),
                 1
             );
             assert_eq!(
-                logcap::matching(Level::Info, "withdrawing VIPs: disabled BIRD protocol anycast_vips (drift: BIRD reports the protocol up)").len(),
+                logcap::matching(Level::Info, "withdrawing VIPs: BIRD protocol disabled protocol=anycast_vips reason=drift: BIRD reports the protocol up").len(),
                 1
             );
         }
@@ -569,7 +570,7 @@ mod tests {
             assert_eq!(
                 logcap::matching(
                     Level::Info,
-                    "enabled BIRD protocol anycast_vips (BIRD is back and reports the protocol down)"
+                    "BIRD protocol enabled protocol=anycast_vips reason=BIRD is back and reports the protocol down"
                 )
                 .len(),
                 1

@@ -271,7 +271,7 @@ impl HealthMonitor {
         });
         for (id, check) in &old {
             if !restarted(id) {
-                info!("health check of member {} stopped", check.target.name);
+                info!(member = check.target.name.as_str(), cause = "configuration reload"; "health check stopped");
             }
         }
         for (target, _) in to_start {
@@ -367,20 +367,21 @@ async fn run_checks(
     }
 }
 
-/// Logs a change of health: going down at warn, everything else at info.
+/// Logs a change of health with its cause: going down at warn (with the check's error),
+/// everything else at info. `checks` is the streak of equal results that made the change.
 fn log_transition(name: &str, transition: Transition, reason: Option<&str>, latency: Duration) {
-    let reason = reason.unwrap_or("unknown reason");
-    match (transition.healthy, transition.first) {
-        (true, true) => info!("member {name} is UP: first check succeeded in {latency:?}"),
-        (false, true) => warn!("member {name} is DOWN: first check failed: {reason}"),
-        (true, false) => info!(
-            "member {name} is UP after {} successful checks",
-            transition.streak
-        ),
-        (false, false) => warn!(
-            "member {name} is DOWN after {} failed checks: {reason}",
-            transition.streak
-        ),
+    let checks = transition.streak;
+    let latency_ms = (latency.as_secs_f64() * 10_000.0).round() / 10.0;
+    if transition.healthy {
+        let reason = if transition.first {
+            "first check succeeded"
+        } else {
+            "checks succeed again"
+        };
+        info!(member = name, checks, latency_ms, reason; "member up");
+    } else {
+        let reason = reason.unwrap_or("unknown reason");
+        warn!(member = name, checks, reason; "member down");
     }
 }
 

@@ -119,11 +119,12 @@ impl Core {
     }
 
     /// Rebuilds the Maglev table from the current health and drain state and installs it.
-    pub(super) fn rebuild(&mut self) -> Result<()> {
+    /// `cause` (why the inputs changed) goes into the log line of every table swapped.
+    pub(super) fn rebuild(&mut self, cause: &str) -> Result<()> {
         let mut owners = std::mem::take(&mut self.owners);
         let members = self.eligible();
         if members.is_empty() {
-            log::warn!("no member is eligible for new flows; buckets keep their last owners");
+            log::warn!(cause; "no member is eligible for new flows; buckets keep their last owners");
         }
         maglev::build_table_into(
             &members,
@@ -132,6 +133,7 @@ impl Core {
             &mut owners,
         )
         .context("building the Maglev table")?;
+        let eligible = members.len();
         if members.is_empty() {
             owners = vec![NO_MEMBER; self.cfg.cluster.table_size as usize];
         }
@@ -139,8 +141,18 @@ impl Core {
             .tables
             .update(&mut self.dp, &self.cfg, &owners)
             .context("writing the steering tables")?;
-        if !report.swapped.is_empty() {
-            log::debug!("table update: {report:?}");
+        for service in &report.swapped {
+            let generation = self
+                .tables
+                .services()
+                .get(service)
+                .map_or(0, |t| t.generation);
+            let owner_changes = report.owner_changes.get(service).copied().unwrap_or(0);
+            log::info!(
+                service = service.as_str(), generation, owner_changes,
+                eligible, cause;
+                "table swapped"
+            );
         }
         self.owners = owners;
         Ok(())
@@ -158,13 +170,61 @@ impl Core {
         Ok(())
     }
 
-    /// Whether the VIP routes should be announced from this node.
-    pub(super) fn announce_wanted(&self) -> bool {
-        let local_ok = match self.cfg.self_member() {
-            Some(me) => self.health.get(&me.id).and_then(|h| h.healthy) == Some(true),
-            None => true,
+    /// Whether the VIP routes should be announced from this node, and why.
+    pub(super) fn announce_decision(&self) -> (bool, String) {
+        if !self.ready {
+            return (false, "data plane not ready".into());
+        }
+        if self.draining {
+            return (false, "draining".into());
+        }
+        if let Some(me) = self.cfg.self_member()
+            && self.health.get(&me.id).and_then(|h| h.healthy) != Some(true)
+        {
+            return (
+                false,
+                format!("this node's member {} is not healthy", me.name),
+            );
+        }
+        if self.eligible().is_empty() {
+            return (false, "no member is eligible for new flows".into());
+        }
+        (true, "ready, healthy and not draining".into())
+    }
+
+    /// A short state for the service manager's STATUS line: `ready, announcing 2 VIPs, 3/3
+    /// members up`, `draining, ...`.
+    pub(super) fn summary(&self) -> String {
+        let members = self.cfg.cluster.members.len();
+        let up = self
+            .cfg
+            .cluster
+            .members
+            .iter()
+            .filter(|m| self.health.get(&m.id).and_then(|h| h.healthy) == Some(true))
+            .count();
+        let vips: usize = self.cfg.services.iter().map(|s| s.vips.len()).sum();
+        let vips = format!("{vips} VIP{}", if vips == 1 { "" } else { "s" });
+        let state = if !self.ready {
+            "starting".to_string()
+        } else if self.draining {
+            "draining (no new connections), routes withdrawn".to_string()
+        } else {
+            let (wanted, why) = self.announce_decision();
+            let statuses: Vec<_> = self.bgp.iter().map(|(_, rx)| rx.borrow().clone()).collect();
+            if statuses.is_empty() {
+                format!("ready, {vips} (no BGP)")
+            } else if !wanted {
+                format!("ready, {vips} withdrawn: {why}")
+            } else if statuses.iter().all(|s| s.announced == Some(true)) {
+                format!("ready, announcing {vips}")
+            } else if statuses.iter().any(|s| !s.bird_reachable) {
+                format!("ready, {vips} not announced: BIRD unreachable")
+            } else {
+                format!("ready, announcing {vips} (waiting for BIRD)")
+            }
         };
-        self.ready && !self.draining && local_ok && !self.eligible().is_empty()
+        format!("{state}, {up}/{members} members up")
     }
 
     /// Healthy members (other than this node) whose history can be fetched: (name, endpoint).

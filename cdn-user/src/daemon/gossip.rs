@@ -40,9 +40,9 @@ pub(super) async fn gossip(shared: Shared, every: Duration) {
             changed |= core.tables.absorb(service, buckets);
         }
         if changed {
-            log::info!("hop history: added owners known to {peer}");
-            if let Err(e) = core.rebuild() {
-                log::error!("table rebuild after history gossip failed: {e:#}");
+            log::info!(peer; "hop history: added owners known to a peer");
+            if let Err(e) = core.rebuild(&format!("hop history gossip from {peer}")) {
+                log::error!(peer, error:% = format!("{e:#}"); "table rebuild after history gossip failed");
             }
         }
     };

@@ -8,8 +8,10 @@
 //! the tables, mark the data plane ready, and announce.
 //!
 //! Running: health changes, drain/undrain ([`views`] answers the control socket) and
-//! configuration reloads ([`reload`], on SIGHUP) rebuild the tables ([`core`]); next hops are
-//! refreshed every second ([`nexthops`]); metrics and the control socket are served.
+//! configuration reloads ([`reload`], on SIGHUP or `cdn-steer reload`) rebuild the tables
+//! ([`core`]); next hops are refreshed every second ([`nexthops`]); metrics and the control
+//! socket are served. Under systemd ([`notify`]) the main loop reports readiness, its state
+//! and reloads, and pings the watchdog.
 //!
 //! Shutdown (SIGTERM/SIGINT): withdraw the routes and wait for BIRD to confirm, give the
 //! network a grace period to move traffic elsewhere, then detach the program. Maps stay
@@ -18,6 +20,7 @@
 mod core;
 mod gossip;
 mod nexthops;
+mod notify;
 mod reload;
 mod startup;
 mod views;
@@ -31,14 +34,14 @@ use std::{
 use anyhow::{Result, bail};
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::{Notify, watch},
+    sync::{Notify, mpsc, watch},
+    time::MissedTickBehavior,
 };
 
-use self::core::{Shared, health_targets};
+use self::{core::Shared, notify::Notifier};
 use crate::{
     bgp::announce::Announcer,
     cluster::{health::HealthMonitor, sync},
-    config,
     dataplane::DataPlane,
     operator::{control, http},
 };
@@ -49,6 +52,8 @@ use crate::{
 const REBUILD_DEBOUNCE: Duration = Duration::from_millis(200);
 /// How long start-up waits for every member's first health result.
 const FIRST_HEALTH_WAIT: Duration = Duration::from_secs(3);
+/// How often the main loop wakes to refresh its STATUS when no watchdog sets the pace.
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
 
 /// Command-line options of `cdn-steer run`.
 #[derive(Clone, Debug)]
@@ -65,15 +70,20 @@ pub struct Options {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(opts: Options) -> Result<()> {
+    let mut notifier = Notifier::from_env();
     let (mut core, link_dir) = startup::attach(&opts)?;
     let mut monitor = HealthMonitor::start(core.health_targets());
     monitor.first_results(FIRST_HEALTH_WAIT).await;
     core.health = monitor.snapshot();
     gossip::sync_history(&mut core).await;
-    core.rebuild()?;
+    core.rebuild("start-up")?;
     core.ready = true;
     core.write_node_config()?;
-    log::info!("data plane ready");
+    log::info!(
+        interfaces = core.cfg.node.interfaces.join(",").as_str(),
+        services = core.cfg.services.len();
+        "data plane ready"
+    );
 
     let control_path = core.cfg.node.control_socket.clone();
     let metrics_addr = core.cfg.metrics.listen;
@@ -95,6 +105,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let shared = Shared(Arc::new(Mutex::new(core)));
     let rebuild = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (reload_tx, mut reload_rx) = mpsc::channel::<views::ReloadRequest>(4);
 
     // Control socket.
     let listener = control::bind(&control_path).await?;
@@ -103,7 +114,9 @@ pub async fn run(opts: Options) -> Result<()> {
         let rebuild = rebuild.clone();
         tokio::spawn(control::serve(
             listener,
-            Arc::new(move |req| views::handle_request(&shared, &rebuild, req)),
+            Arc::new(move |req, caller| {
+                views::handle_request(&shared, &rebuild, &reload_tx, req, caller)
+            }),
         ))
     };
 
@@ -117,7 +130,7 @@ pub async fn run(opts: Options) -> Result<()> {
         let source: http::SnapshotSource = Arc::new(move || {
             let core = shared.lock();
             core.snapshot().unwrap_or_else(|e| {
-                log::warn!("metrics snapshot: {e:#}");
+                log::warn!(error:% = format!("{e:#}"); "metrics snapshot failed");
                 views::empty_snapshot(&core)
             })
         });
@@ -162,79 +175,92 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut last_rebuild = Instant::now();
-    let mut pending = false;
+    // Health changes not yet in the tables, as "member up/down" words for the rebuild's cause.
+    let mut pending: Vec<String> = Vec::new();
 
-    loop {
-        let wanted = shared.lock().announce_wanted();
-        wanted_tx.send_if_modified(|w| std::mem::replace(w, wanted) != wanted);
+    // Ready: the program is attached, the tables are written and the control socket answers,
+    // so `systemctl start` returns when `cdn-steer status` works.
+    notifier.ready(&shared.lock().summary());
+    // The watchdog is pinged from this loop and nowhere else: a loop that hangs stops pinging.
+    let mut ticks = tokio::time::interval(notifier.watchdog_interval().unwrap_or(STATUS_REFRESH));
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+    let stop_signal = loop {
+        let (wanted, why, status) = {
+            let core = shared.lock();
+            let (wanted, why) = core.announce_decision();
+            (wanted, why, core.summary())
+        };
+        if wanted_tx.send_if_modified(|w| std::mem::replace(w, wanted) != wanted) {
+            log::info!(
+                reason = why.as_str();
+                "{}", if wanted { "routes wanted: announce" } else { "routes wanted: withdraw" }
+            );
+        }
+        notifier.status(&status);
         let debounce = REBUILD_DEBOUNCE.saturating_sub(last_rebuild.elapsed());
         tokio::select! {
             changed = health_rx.changed() => {
                 if changed.is_err() { bail!("health monitor stopped"); }
                 let snapshot = health_rx.borrow_and_update().clone();
                 let mut core = shared.lock();
-                let before: Vec<_> = core.health.iter().map(|(k, v)| (*k, v.healthy)).collect();
+                for (id, health) in &snapshot {
+                    let before = core.health.get(id).and_then(|h| h.healthy);
+                    if before != health.healthy {
+                        let name = core.cfg.member(*id).map_or("?", |m| m.name.as_str());
+                        let state = match health.healthy {
+                            Some(true) => "up",
+                            Some(false) => "down",
+                            None => "unknown",
+                        };
+                        pending.push(format!("{name} {state}"));
+                    }
+                }
                 core.health = snapshot;
-                let after: Vec<_> = core.health.iter().map(|(k, v)| (*k, v.healthy)).collect();
-                if before != after { pending = true; }
             }
             () = rebuild.notified() => {
                 last_rebuild = Instant::now();
             }
-            () = tokio::time::sleep(debounce), if pending => {
-                pending = false;
+            () = tokio::time::sleep(debounce), if !pending.is_empty() => {
+                let cause = format!("health: {}", std::mem::take(&mut pending).join(", "));
                 last_rebuild = Instant::now();
                 let shared = shared.clone();
-                let result = tokio::task::spawn_blocking(move || shared.lock().rebuild()).await;
+                let result = tokio::task::spawn_blocking(move || shared.lock().rebuild(&cause)).await;
                 match result {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => log::error!("table rebuild failed: {e:#}"),
-                    Err(e) => log::error!("table rebuild task failed: {e}"),
+                    Ok(Err(e)) => log::error!(error:% = format!("{e:#}"); "table rebuild failed"),
+                    Err(e) => log::error!(error:% = e; "table rebuild task failed"),
                 }
+            }
+            _ = ticks.tick() => notifier.watchdog(),
+            Some((via, reply)) = reload_rx.recv() => {
+                notifier.reloading();
+                let result = reload::reload_from_file(&shared, &mut monitor, &via);
+                notifier.ready(&shared.lock().summary());
+                let _ = reply.send(result);
             }
             _ = hup.recv() => {
-                let path = shared.lock().config_path.clone();
-                match config::load(&path) {
-                    Err(e) => {
-                        log::error!("reload of {} refused, the running configuration stays:\n{e}", path.display());
-                        shared.lock().reloads_failed += 1;
-                    }
-                    Ok(new) => {
-                        let targets = health_targets(&new);
-                        let result = {
-                            let mut core = shared.lock();
-                            let r = core.reload(new);
-                            match &r {
-                                Ok(()) => core.reloads_ok += 1,
-                                Err(_) => core.reloads_failed += 1,
-                            }
-                            r
-                        };
-                        match result {
-                            Ok(()) => {
-                                monitor.reconfigure(targets);
-                                log::info!("configuration reloaded from {}", path.display());
-                            }
-                            Err(e) => log::error!("reload of {} refused, the running configuration stays: {e:#}", path.display()),
-                        }
-                    }
-                }
+                notifier.reloading();
+                let _ = reload::reload_from_file(&shared, &mut monitor, "SIGHUP");
+                notifier.ready(&shared.lock().summary());
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
         }
-    }
+    };
 
-    log::info!("stopping");
+    log::info!(signal = stop_signal, detach = opts.detach_on_exit; "stopping");
+    notifier.stopping("stopping: withdrawing the routes");
     wanted_tx.send_replace(false);
     for announcer in &announcers {
         match announcer.withdraw_now(Duration::from_secs(5)).await {
-            Ok(()) => log::info!("routes withdrawn"),
-            Err(e) => log::error!("withdrawing the routes: {e}"),
+            Ok(()) => log::info!(cause = "stopping"; "routes withdrawn"),
+            Err(e) => log::error!(error:% = e; "withdrawing the routes failed"),
         }
     }
     let _ = stop_tx.send(true);
     if opts.detach_on_exit {
+        notifier.status("stopping: routes withdrawn, grace period before detaching");
         tokio::time::sleep(opts.shutdown_grace).await;
         let mut core = shared.lock();
         core.ready = false;
@@ -242,12 +268,16 @@ pub async fn run(opts: Options) -> Result<()> {
         for a in &core.attachments {
             let pin = link_dir.join(&a.interface);
             match DataPlane::detach(&pin) {
-                Ok(()) => log::info!("XDP detached from {}", a.interface),
-                Err(e) => log::error!("detaching from {}: {e}", a.interface),
+                Ok(()) => {
+                    log::info!(interface = a.interface.as_str(), cause = "stopping"; "XDP detached")
+                }
+                Err(e) => {
+                    log::error!(interface = a.interface.as_str(), error:% = e; "detaching XDP failed")
+                }
             }
         }
     } else {
-        log::info!("leaving the data plane attached (--keep-attached)");
+        log::info!(cause = "--keep-attached"; "leaving the data plane attached with its last tables");
     }
     control_task.abort();
     metrics_task.abort();

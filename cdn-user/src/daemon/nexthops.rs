@@ -19,7 +19,7 @@ pub(super) fn refresh_next_hops(shared: &Shared, stop: &mut watch::Receiver<bool
     let mut resolver = match Resolver::new() {
         Ok(r) => r,
         Err(e) => {
-            log::error!("next-hop resolver: {e}; the data plane will use bpf_fib_lookup");
+            log::error!(error:% = e; "no next-hop resolver: the data plane will use bpf_fib_lookup");
             return;
         }
     };
@@ -39,7 +39,7 @@ pub(super) fn refresh_next_hops(shared: &Shared, stop: &mut watch::Receiver<bool
         };
         let addrs: Vec<IpAddr> = members.iter().map(|m| m.2).collect();
         match resolver.resolve(&addrs) {
-            Err(e) => log::warn!("next-hop refresh failed: {e}"),
+            Err(e) => log::warn!(error:% = e; "next-hop refresh failed"),
             Ok(results) => {
                 let expires = dataplane::monotonic_ns() + NEXT_HOP_TTL.as_nanos() as u64;
                 let mut core = shared.lock();
@@ -48,16 +48,15 @@ pub(super) fn refresh_next_hops(shared: &Shared, stop: &mut watch::Receiver<bool
                         Ok(r) => {
                             if last_problem.remove(id).is_some() {
                                 log::info!(
-                                    "next hop of {name} resolved: {} via ifindex {}",
-                                    r.via,
-                                    r.ifindex
+                                    member = name.as_str(), via:% = r.via, ifindex = r.ifindex;
+                                    "next hop resolved"
                                 );
                             }
                             if !devices.contains(&r.ifindex) {
                                 match core.dp.add_device(r.ifindex) {
                                     Ok(()) => devices.push(r.ifindex),
                                     Err(e) => {
-                                        log::warn!("redirect map, ifindex {}: {e}", r.ifindex)
+                                        log::warn!(ifindex = r.ifindex, error:% = e; "adding a device to the redirect map failed")
                                     }
                                 }
                             }
@@ -68,14 +67,15 @@ pub(super) fn refresh_next_hops(shared: &Shared, stop: &mut watch::Receiver<bool
                                 expires_ns: expires,
                             };
                             if let Err(e) = core.dp.set_next_hop(*id, &hop) {
-                                log::warn!("next hop of {name}: {e}");
+                                log::warn!(member = name.as_str(), error:% = e; "writing the next hop failed");
                             }
                         }
                         Err(e) => {
                             let text = e.to_string();
                             if last_problem.get(id) != Some(&text) {
                                 log::info!(
-                                    "next hop of {name} unresolved ({text}); the data plane falls back to the kernel"
+                                    member = name.as_str(), reason = text.as_str();
+                                    "next hop unresolved: the data plane falls back to the kernel"
                                 );
                                 last_problem.insert(*id, text);
                             }

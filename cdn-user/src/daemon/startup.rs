@@ -20,11 +20,11 @@ use crate::{
 pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
     let cfg = config::load(&opts.config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     log::info!(
-        "cdn-steer {} starting as {} ({} members, {} services)",
-        env!("CARGO_PKG_VERSION"),
-        cfg.node.name,
-        cfg.cluster.members.len(),
-        cfg.services.len()
+        version = env!("CARGO_PKG_VERSION"),
+        node = cfg.node.name.as_str(),
+        members = cfg.cluster.members.len(),
+        services = cfg.services.len();
+        "cdn-steer starting"
     );
     if let Some(mounted) = dataplane::ensure_bpffs(&cfg.node.bpffs).with_context(|| {
         format!(
@@ -32,7 +32,7 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
             cfg.node.bpffs.display()
         )
     })? {
-        log::info!("mounted a bpf filesystem on {}", mounted.display());
+        log::info!(path:% = mounted.display(); "mounted a bpf filesystem");
     }
     let (map_dir, link_dir) = pin_paths(&cfg);
     if opts.reset_maps {
@@ -42,7 +42,7 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
                     .with_context(|| format!("removing {}", dir.display()))?;
             }
         }
-        log::warn!("--reset-maps: pinned maps and links removed; hop history starts empty");
+        log::warn!(cause = "--reset-maps"; "pinned maps and links removed; hop history starts empty");
     }
     std::fs::create_dir_all(&map_dir)?;
     std::fs::create_dir_all(&link_dir)?;
@@ -54,7 +54,7 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
     .context("loading the XDP program")?;
     let tables = Tables::recover(&dp, &cfg)?;
     if restarted {
-        log::info!("found pinned maps: continuing with the previous tables and hop history");
+        log::info!(path:% = map_dir.display(); "found pinned maps: continuing with the previous tables and hop history");
     }
     // Node settings as they were (READY stays if a previous controller set it), so a running
     // data plane keeps steering while we start.
@@ -86,19 +86,20 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
             .attach(&interface, generic, &link_pin)
             .with_context(|| format!("attaching to {interface}"))?;
         log::info!(
-            "XDP {} on {} ({})",
+            interface = a.interface.as_str(),
+            mode = a.mode;
+            "{}",
             if a.replaced {
-                "program replaced in place"
+                "XDP program replaced in place"
             } else {
-                "attached"
-            },
-            a.interface,
-            a.mode
+                "XDP attached"
+            }
         );
         if generic {
             log::warn!(
-                "{}: generic XDP mode, as configured: slower than native",
-                a.interface
+                interface = a.interface.as_str(),
+                cause = "node.xdp_mode = \"generic\"";
+                "generic XDP mode: slower than native"
             );
         }
         core.attachments.push(a);

@@ -10,7 +10,10 @@ use cdn_common::{
     hash::{PROTO_TCP, PROTO_UDP, flow_hash_v4, flow_hash_v6, ports_word, v4_word, v6_words},
     maps::NO_MEMBER,
 };
-use tokio::{sync::Notify, task::JoinSet};
+use tokio::{
+    sync::{Notify, mpsc, oneshot},
+    task::JoinSet,
+};
 
 use super::core::{Core, Shared};
 use crate::{
@@ -19,7 +22,7 @@ use crate::{
     config::{UdpMode, cluster_digest},
     operator::{
         control::{
-            AttachmentStatus, BgpStatus, LookupReport, MemberReport, Request, Response,
+            AttachmentStatus, BgpStatus, Caller, LookupReport, MemberReport, Request, Response,
             ServiceStatus, StatusReport,
         },
         metrics,
@@ -376,49 +379,83 @@ fn status_with_drift(shared: &Shared) -> anyhow::Result<StatusReport> {
     Ok(status)
 }
 
-/// Answers one control-socket request.
-pub(super) fn handle_request(shared: &Shared, rebuild: &Notify, request: Request) -> Response {
-    if request == Request::Status {
-        return status_with_drift(shared)
-            .map(|s| Response::Status(Box::new(s)))
-            .unwrap_or_else(|e| Response::Error {
-                message: format!("{e:#}"),
-            });
-    }
-    let mut core = shared.lock();
+/// A reload asked for over the control socket: who asked, and where the answer goes. The main
+/// loop runs it, as it runs a SIGHUP's, since it owns the health monitor a reload
+/// reconfigures.
+pub(super) type ReloadRequest = (String, oneshot::Sender<Result<String, String>>);
+
+/// Answers one control-socket request (on a blocking thread: it may wait for the main loop).
+pub(super) fn handle_request(
+    shared: &Shared,
+    rebuild: &Notify,
+    reloads: &mpsc::Sender<ReloadRequest>,
+    request: Request,
+    caller: Caller,
+) -> Response {
     let result = match request {
-        // Answered above, with the digests; this is the same report without them.
-        Request::Status => core.status().map(|s| Response::Status(Box::new(s))),
-        Request::Lookup { src, dst, udp } => core.lookup(src, dst, udp).map(Response::Lookup),
-        Request::Drain | Request::Undrain => {
-            let drain = matches!(request, Request::Drain);
-            if core.draining == drain {
-                Ok(Response::Done {
-                    message: format!(
-                        "already {}",
-                        if drain { "draining" } else { "not draining" }
-                    ),
-                })
-            } else {
-                core.draining = drain;
-                log::info!(
-                    "{}: {}",
-                    if drain { "drain" } else { "undrain" },
-                    if drain {
-                        "no new connections here; routes withdrawn; existing flows continue"
-                    } else {
-                        "taking new connections again"
-                    }
-                );
-                let r = core.write_node_config().and_then(|()| core.rebuild());
-                rebuild.notify_one();
-                r.map(|()| Response::Done {
-                    message: if drain { "draining" } else { "undrained" }.to_string(),
-                })
-            }
+        // The report and our digests under the lock, the peers asked after it is released.
+        Request::Status => status_with_drift(shared).map(|s| Response::Status(Box::new(s))),
+        Request::Lookup { src, dst, udp } => {
+            shared.lock().lookup(src, dst, udp).map(Response::Lookup)
         }
+        Request::Drain => set_draining(&mut shared.lock(), rebuild, true, caller),
+        Request::Undrain => set_draining(&mut shared.lock(), rebuild, false, caller),
+        // Without the lock: the main loop takes it to reload.
+        Request::Reload => return ask_for_reload(reloads, caller),
     };
     result.unwrap_or_else(|e| Response::Error {
         message: format!("{e:#}"),
+    })
+}
+
+/// Hands a reload to the main loop and waits for its outcome.
+fn ask_for_reload(reloads: &mpsc::Sender<ReloadRequest>, caller: Caller) -> Response {
+    let (tx, rx) = oneshot::channel();
+    let answer = reloads
+        .blocking_send((caller.to_string(), tx))
+        .ok()
+        .and_then(|()| rx.blocking_recv().ok());
+    match answer {
+        Some(Ok(message)) => Response::Done { message },
+        Some(Err(message)) => Response::Error { message },
+        None => Response::Error {
+            message: "the daemon is stopping; no reload".to_string(),
+        },
+    }
+}
+
+/// Drain (`drain` true) or undrain, as `caller` asked.
+fn set_draining(
+    core: &mut Core,
+    rebuild: &Notify,
+    drain: bool,
+    caller: Caller,
+) -> Result<Response> {
+    let what = if drain { "drain" } else { "undrain" };
+    if core.draining == drain {
+        log::info!(by:% = caller; "{what} asked for: nothing to do, already in that state");
+        return Ok(Response::Done {
+            message: format!(
+                "already {}",
+                if drain { "draining" } else { "not draining" }
+            ),
+        });
+    }
+    core.draining = drain;
+    log::info!(
+        by:% = caller,
+        effect = if drain {
+            "no new connections here; routes withdrawn; existing flows continue"
+        } else {
+            "taking new connections again"
+        };
+        "{what}"
+    );
+    let r = core
+        .write_node_config()
+        .and_then(|()| core.rebuild(&format!("{what} ({caller})")));
+    rebuild.notify_one();
+    r.map(|()| Response::Done {
+        message: if drain { "draining" } else { "undrained" }.to_string(),
     })
 }

@@ -346,7 +346,8 @@ impl Tables {
             table.generation = generation;
             table.vips = svc.vips.clone();
             report.swapped.push(svc.name.clone());
-            log::info!(
+            // The daemon logs the swap with its cause at info.
+            log::debug!(
                 "service {}: table generation {generation} active ({} owner changes, {writes} bucket writes)",
                 svc.name,
                 summary.owner_changed

@@ -28,7 +28,31 @@ pub enum Request {
         dst: SocketAddr,
         udp: bool,
     },
+    /// Re-read the daemon's configuration file, as SIGHUP does. Answered with `Done` when the
+    /// new configuration is in force, `Error` with the reason when it was refused.
+    Reload,
 }
+
+/// Who sent a request, from the socket's peer credentials: logged with the state changes it
+/// asks for (drain, reload).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.uid, self.pid) {
+            (Some(uid), Some(pid)) => write!(f, "control socket, uid {uid} pid {pid}"),
+            (Some(uid), None) => write!(f, "control socket, uid {uid}"),
+            _ => write!(f, "control socket"),
+        }
+    }
+}
+
+/// What answers requests.
+pub type Handler = Arc<dyn Fn(Request, Caller) -> Response + Send + Sync>;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -166,10 +190,7 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// Answers requests with `handler` until the task is dropped.
-pub async fn serve(
-    listener: UnixListener,
-    handler: Arc<dyn Fn(Request) -> Response + Send + Sync>,
-) {
+pub async fn serve(listener: UnixListener, handler: Handler) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -188,10 +209,11 @@ pub async fn serve(
     }
 }
 
-async fn answer(
-    stream: UnixStream,
-    handler: Arc<dyn Fn(Request) -> Response + Send + Sync>,
-) -> Result<(), ControlError> {
+async fn answer(stream: UnixStream, handler: Handler) -> Result<(), ControlError> {
+    let caller = stream.peer_cred().map_or(Caller::default(), |c| Caller {
+        uid: Some(c.uid()),
+        pid: c.pid(),
+    });
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
     let mut line = String::new();
@@ -201,7 +223,7 @@ async fn answer(
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
             // The handler takes locks and may write maps: keep it off the async threads.
-            tokio::task::spawn_blocking(move || handler(request))
+            tokio::task::spawn_blocking(move || handler(request, caller))
                 .await
                 .unwrap_or_else(|e| Response::Error {
                     message: format!("request handler failed: {e}"),

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod control;
 pub mod http;
 pub mod lookup;
+pub mod logging;
 pub mod metrics;
 pub mod preflight;
 pub mod report;

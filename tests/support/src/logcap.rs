@@ -4,7 +4,10 @@
 
 use std::{cell::RefCell, sync::OnceLock};
 
-use log::{Level, Log, Metadata, Record};
+use log::{
+    Level, Log, Metadata, Record,
+    kv::{self, VisitSource},
+};
 
 thread_local! {
     static RECORDS: RefCell<Option<Vec<(Level, String)>>> = const { RefCell::new(None) };
@@ -18,7 +21,9 @@ impl Log for Capture {
     }
 
     fn log(&self, record: &Record<'_>) {
-        let message = record.args().to_string();
+        // The message, then its key-value pairs as ` key=value` (values as they display).
+        let mut message = record.args().to_string();
+        let _ = record.key_values().visit(&mut Pairs(&mut message));
         // Also printed: the test harness shows it when the test fails.
         eprintln!("{} {}: {message}", record.level(), record.target());
         RECORDS.with(|r| {
@@ -29,6 +34,15 @@ impl Log for Capture {
     }
 
     fn flush(&self) {}
+}
+
+struct Pairs<'a>(&'a mut String);
+
+impl<'kvs> VisitSource<'kvs> for Pairs<'_> {
+    fn visit_pair(&mut self, key: kv::Key<'kvs>, value: kv::Value<'kvs>) -> Result<(), kv::Error> {
+        self.0.push_str(&format!(" {key}={value}"));
+        Ok(())
+    }
 }
 
 static INSTALLED: OnceLock<bool> = OnceLock::new();
@@ -72,7 +86,7 @@ mod tests {
     fn records_per_thread() {
         assert!(start());
         log::info!("on the test thread");
-        log::warn!("a warning");
+        log::warn!(member = "n2", checks = 3; "a warning");
         std::thread::spawn(|| {
             assert!(start());
             log::info!("on another thread");
@@ -81,7 +95,7 @@ mod tests {
         .join()
         .expect("other thread");
         assert_eq!(matching(Level::Info, "thread"), ["on the test thread"]);
-        assert_eq!(matching(Level::Warn, ""), ["a warning"]);
+        assert_eq!(matching(Level::Warn, ""), ["a warning member=n2 checks=3"]);
         assert!(matching(Level::Error, "").is_empty());
         // Starting again starts afresh.
         assert!(start());
