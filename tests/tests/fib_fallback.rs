@@ -3,7 +3,7 @@
 //! (addressed to our own MAC so the stack routes it) instead of dropping it.
 
 use anyhow::Result;
-use cdn_common::{counters::Reason, maps::NextHop, wire::entropy_port};
+use cdn_common::{counters::Reason, maps::Link, wire::entropy_port};
 use cdn_tests::{
     netns::Netns,
     packets::{ExpectedEncap, Flow, NODE_MAC, Tcp, Vlan, expected_encap, frame, ip_packet},
@@ -54,7 +54,7 @@ fn fib_fallback_redirects_when_resolved_and_hands_to_the_kernel_when_not() -> Re
     ns.enter(|| -> Result<()> {
         let mut s = Scenario::new()?;
         for id in [2, 3, 4] {
-            s.dp.set_next_hop(id, &NextHop::default())?;
+            s.dp.clear_next_hop(id)?;
         }
         let f = Flow::tcp(CLIENT_V4, 40000, VIP_V4, 443);
         let input = frame(&f, Tcp::ACK, Vlan::None, b"payload");
@@ -106,14 +106,13 @@ fn fib_fallback_redirects_when_resolved_and_hands_to_the_kernel_when_not() -> Re
             "unresolved: the kernel gets the encapsulated packet"
         );
 
-        // A fresh next-hop entry wins over the FIB.
+        // A valid next-hop entry wins over the FIB.
         s.dp.set_next_hop(
             4,
-            &NextHop {
+            &Link {
                 dst_mac: [2, 0, 0, 0, 0x44, 0x44],
                 src_mac: v0_mac,
                 ifindex: v0_index,
-                expires_ns: cdn_tests::scenario::monotonic_ns() + 60_000_000_000,
             },
         )?;
         let run = s.run(&input)?;
