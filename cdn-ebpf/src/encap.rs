@@ -66,7 +66,7 @@ impl Encap {
 /// failed: never the path's reason with a drop.
 ///
 /// A separate BPF function (it has three call sites), so it returns a scalar: see steer.rs.
-#[inline(never)]
+#[inline(always)]
 pub fn encap_and_send(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap, pending: Verdict) -> Verdict {
     match try_encap_and_send(ctx, cfg, e, pending) {
         Ok(verdict) => verdict,

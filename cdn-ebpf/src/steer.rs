@@ -23,7 +23,7 @@ use cdn_common::{
     counters::Reason,
     hash::{flow_hash_v4, flow_hash_v6},
     maps::{
-        MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig, SERVICE_ALL_PORTS,
+        MAX_SERVICE_PORTS, MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig, SERVICE_ALL_PORTS,
         SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
     },
     wire::{STEER_INNER_V6, STEER_MAX_REMAINING, STEER_VERSION, SteerHeader, entropy_port},
@@ -184,12 +184,27 @@ fn serves(svc: &Service, flow: &Flow) -> bool {
         return true;
     }
     let port = flow.dst_port();
-    let mut found = false;
-    // Fixed trip count, no early exit: unrolled into straight-line compares.
-    for p in ports {
-        found |= *p == port;
-    }
-    found && port != 0
+    port != 0 && lists_port(ports, port)
+}
+
+/// Whether `ports` holds `port`, without a loop: the verifier cannot follow a loop that walks
+/// the stack by pointer, and the compiler does not always unroll one. The list is read as
+/// four words of two ports each; a port matches where a 16-bit lane of `word ^ (port, port)`
+/// is zero, which the usual bit trick detects for all lanes at once (exact for "any lane").
+#[inline(always)]
+fn lists_port(ports: &[u16; MAX_SERVICE_PORTS], port: u16) -> bool {
+    const _: () = assert!(MAX_SERVICE_PORTS == 8, "read as four words");
+    const LOW: u32 = 0x0001_0001;
+    const HIGH: u32 = 0x8000_8000;
+    // SAFETY: [u16; 8] and [u32; 4] have the same size and no invalid bit patterns; the list
+    // sits at a 4-byte aligned offset of the 4-byte aligned `Service`.
+    let words: [u32; 4] = unsafe { core::ptr::read(ports.as_ptr().cast::<[u32; 4]>()) };
+    let both = port as u32 * LOW;
+    let zero_lane = |w: u32| {
+        let x = w ^ both;
+        x.wrapping_sub(LOW) & !x & HIGH
+    };
+    zero_lane(words[0]) | zero_lane(words[1]) | zero_lane(words[2]) | zero_lane(words[3]) != 0
 }
 
 #[inline(always)]
@@ -238,7 +253,7 @@ fn bucket_of(
     Ok((hash, hops))
 }
 
-#[inline(never)]
+#[inline(always)]
 fn ingress(ctx: &XdpContext, cfg: &NodeConfig, l2: u32, svc: &Service, out: &mut Encap) -> Verdict {
     settle(try_ingress(ctx, cfg, l2_from_arg(l2), svc, out))
 }
@@ -331,7 +346,7 @@ fn member_key(frame: &Frame, off: usize, v6: bool) -> Option<MemberAddr> {
     }
 }
 
-#[inline(never)]
+#[inline(always)]
 fn owner_path(ctx: &XdpContext, cfg: &NodeConfig, l2: u32, out: &mut Encap) -> Verdict {
     settle(try_owner_path(ctx, cfg, l2_from_arg(l2), out))
 }
