@@ -332,18 +332,21 @@ fn try_ingress(
     Ok(encapsulate(out, e, reason))
 }
 
-/// Key of the member-address map for the address at `off`.
+/// Key of the member-address map for the address at `off`, built as four words: built from
+/// bytes, the zeros of an IPv4-mapped key compile to a byte-wise `memset` call.
 #[inline(always)]
 fn member_key(frame: &Frame, off: usize, v6: bool) -> Option<MemberAddr> {
-    if v6 {
-        let words = frame.read::<[u32; 4]>(off)?;
-        // SAFETY: [u32; 4] and [u8; 16] have the same size and no invalid bit patterns.
-        Some(MemberAddr::v6(unsafe {
-            core::mem::transmute::<[u32; 4], [u8; 16]>(words)
-        }))
+    let words: [u32; 4] = if v6 {
+        frame.read::<[u32; 4]>(off)?
     } else {
-        Some(MemberAddr::v4(frame.read::<u32>(off)?.to_ne_bytes()))
-    }
+        // `::ffff:a.b.c.d`, as `MemberAddr::v4` lays it out.
+        let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        [0, 0, mapped, frame.read::<u32>(off)?]
+    };
+    // SAFETY: [u32; 4] and [u8; 16] have the same size and no invalid bit patterns.
+    Some(MemberAddr {
+        addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) },
+    })
 }
 
 #[inline(always)]
