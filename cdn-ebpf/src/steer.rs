@@ -106,7 +106,7 @@ fn try_process(ctx: &XdpContext, cfg: &NodeConfig, out: &mut Encap) -> Result<Ve
         return Ok(Verdict::pass(Reason::NonVipPass));
     }
     match service(&frame, dst_off, l2.v6) {
-        Some(svc) => Ok(ingress(ctx, cfg, l2_arg(l2), &svc, out)),
+        Some(svc) => Ok(ingress(ctx, cfg, l2_arg(l2), svc, out)),
         None => Ok(Verdict::pass(Reason::NonVipPass)),
     }
 }
@@ -134,9 +134,10 @@ struct LpmKey<A> {
     addr: A,
 }
 
-/// The service whose VIP prefix holds the address at `addr_off`.
+/// The service whose VIP prefix holds the address at `addr_off`: the map's own value, read in
+/// place rather than copied to the stack (it stays valid while the program runs: RCU).
 #[inline(always)]
-fn service(frame: &Frame, addr_off: usize, v6: bool) -> Option<Service> {
+fn service(frame: &Frame, addr_off: usize, v6: bool) -> Option<&'static Service> {
     let value = if v6 {
         let key = LpmKey {
             prefix_len: 128,
@@ -156,8 +157,10 @@ fn service(frame: &Frame, addr_off: usize, v6: bool) -> Option<Service> {
             &key as *const _ as *const c_void,
         )
     };
-    // SAFETY: a non-NULL result points at a `Service` value of the trie.
-    (!value.is_null()).then(|| unsafe { *value.cast::<Service>() })
+    // SAFETY: a non-NULL result points at a `Service` value of the trie, which the kernel
+    // keeps alive until the program returns; the controller replaces values, never edits them
+    // in place (see `DataPlane::set_service`).
+    (!value.is_null()).then(|| unsafe { &*value.cast::<Service>() })
 }
 
 /// Map lookup with a key we laid out ourselves (aya's `lpm_trie::Key` is packed, which makes
@@ -413,7 +416,7 @@ fn try_owner_path(
     // started) then still agree on where connections are made: the acceptor is always the
     // owner in its own table, so every table later lists it as owner or previous owner.
     if flow.kind == Kind::Tcp && flow.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN {
-        let (_, own) = bucket_of(cfg, frame, &flow, &svc)?;
+        let (_, own) = bucket_of(cfg, frame, &flow, svc)?;
         if own[0] != NO_MEMBER && own[0] != cfg.self_member {
             if sh.hop_budget == 0 {
                 return Err(Reason::LoopGuard);
