@@ -9,16 +9,12 @@
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams},
-    helpers::generated::{
-        bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
-    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use cdn_common::{
     counters::{Action, Reason},
-    maps::{
-        FAMILY_V4, FAMILY_V6, NEXT_HOP_V6, NEXT_HOP_VALID, NO_MEMBER, NodeConfig, template,
-    },
+    maps::{FAMILY_V4, FAMILY_V6, NEXT_HOP_V6, NEXT_HOP_VALID, NO_MEMBER, NodeConfig, template},
     wire::{ENCAP_LEN_V4, ENCAP_LEN_V6, OUTER_TTL, STEER_INNER_V6, STEER_VERSION, SteerHeader},
 };
 

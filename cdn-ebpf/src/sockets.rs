@@ -11,8 +11,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, bpf_sock_tuple,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4,
+        bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6, tcphdr,
     },
     helpers::generated::{

@@ -23,8 +23,8 @@ use cdn_common::{
     counters::Reason,
     hash::{flow_hash_v4, flow_hash_v6},
     maps::{
-        MAX_SERVICE_PORTS, MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig, SERVICE_ALL_PORTS,
-        SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
+        MAX_SERVICE_PORTS, MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig,
+        SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
     },
     wire::{STEER_INNER_V6, STEER_MAX_REMAINING, STEER_VERSION, SteerHeader, entropy_port},
 };

@@ -25,8 +25,8 @@ use aya::{
 use cdn_common::{
     counters::{COUNTER_SLOTS, PacketCounts},
     maps::{
-        self as m, Bucket, FAMILY_NONE, FAMILY_V4, FAMILY_V6, MAX_MEMBERS, Member, MemberAddr,
-        Link, MemberStats, NextHop, NodeConfig, Service, Underlay,
+        self as m, Bucket, FAMILY_NONE, FAMILY_V4, FAMILY_V6, Link, MAX_MEMBERS, Member,
+        MemberAddr, MemberStats, NextHop, NodeConfig, Service, Underlay,
     },
 };
 use thiserror::Error;
@@ -392,9 +392,9 @@ impl DataPlane {
             },
         };
         if member != old {
-            // The template holds the old address: the FIB decides until the next hop is
-            // rebuilt below (and resolved anew by the controller).
-            self.write_next_hop(id, &NextHop::INVALID)?;
+            // The template holds the old address, and its MACs were resolved for it: the FIB
+            // decides until the controller resolves the new address.
+            self.clear_next_hop(id)?;
         }
         self.members
             .set(u32::from(id), member, 0)
@@ -403,11 +403,6 @@ impl DataPlane {
             self.member_addrs
                 .insert(key, id, 0)
                 .map_err(map_err(m::MAP_MEMBER_ADDRS))?;
-        }
-        if member != old
-            && let Some(link) = self.links.get(&id).copied()
-        {
-            self.set_next_hop(id, &link)?;
         }
         Ok(())
     }
