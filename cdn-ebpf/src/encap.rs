@@ -1,11 +1,15 @@
 //! Encapsulation towards a member, decapsulation for the local stack, and transmission.
 //!
-//! Next hop: the controller keeps a per-member entry (MACs, egress interface) fresh from the
-//! kernel's routing and neighbour tables, because `bpf_fib_lookup` costs more than the rest of
-//! the forwarding path. Only a missing or stale entry falls back to `bpf_fib_lookup`; if that
-//! cannot resolve the neighbour either, the already-encapsulated packet goes to the kernel,
-//! which routes it and resolves the neighbour itself. A missing neighbour therefore delays a
-//! packet at worst; it never drops it and never lets the client's connection be reset.
+//! Next hop: the controller keeps a per-member entry up to date from the kernel's routing and
+//! neighbour tables, because `bpf_fib_lookup` costs more than the rest of the forwarding path.
+//! The entry holds the egress interface and the frame's outer headers, precomputed, so the
+//! fast path is one array lookup and a few word stores, and reads no clock: an entry is used
+//! for as long as the controller leaves it valid. The controller invalidates what it can no
+//! longer resolve; if the controller is gone, the last resolved entries stay in use (see the
+//! README). Only a missing or invalid entry falls back to `bpf_fib_lookup`; if that cannot
+//! resolve the neighbour either, the already-encapsulated packet goes to the kernel, which
+//! routes it and resolves the neighbour itself. A missing neighbour therefore delays a packet
+//! at worst; it never drops it and never lets the client's connection be reset.
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams},
@@ -59,9 +63,7 @@ impl Encap {
 
 /// Wraps the inner packet for `e.target` and sends it. Returns `pending` (the reason the path
 /// gave) with the action the transmission ended in, or a drop with the reason encapsulation
-/// failed: never the path's reason with a drop.
-///
-/// A separate BPF function (it has three call sites), so it returns a scalar: see steer.rs.
+/// failed: never the path's reason with a drop. Inlined into the entry point: see steer.rs.
 #[inline(always)]
 pub fn encap_and_send(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap, pending: Verdict) -> Verdict {
     match try_encap_and_send(ctx, cfg, e, pending) {
@@ -72,7 +74,8 @@ pub fn encap_and_send(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap, pending: Ve
 
 /// The fast path: one map lookup gives the egress interface and the outer headers, which are
 /// copied into the frame with word stores. No clock is read: an entry is used for as long as
-/// the controller leaves it valid (see `cdn_common::maps::NextHop`).
+/// the controller leaves it valid (see `cdn_common::maps::NextHop`). The controller rewrites an
+/// entry only when it changes, so a packet never meets one half-rewritten with equal bytes.
 #[inline(always)]
 fn try_encap_and_send(
     ctx: &XdpContext,
