@@ -226,17 +226,163 @@ impl MemberAddr {
     }
 }
 
-/// Cached next hop towards a member, filled by the controller from the kernel's routing and
-/// neighbour tables. Valid while `expires_ns` (CLOCK_MONOTONIC; the program compares it with
-/// the coarse variant of that clock) lies in the future; a missing or stale entry makes the
-/// program ask `bpf_fib_lookup` instead.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Bytes of [`NextHop::header`]: the outer headers up to the UDP destination port (58 bytes for
+/// an IPv6 underlay, 38 for IPv4), rounded up to whole 8-byte words so the program copies it
+/// with word loads and stores.
+pub const NEXT_HOP_HEADER_LEN: usize = 64;
+
+/// `NextHop::flags`: the entry may be used. Everything else means "ask the FIB": the program
+/// never looks at an entry without this flag.
+pub const NEXT_HOP_VALID: u32 = 1 << 0;
+/// `NextHop::flags`: the outer header is IPv6 (otherwise IPv4).
+pub const NEXT_HOP_V6: u32 = 1 << 1;
+
+/// Offsets in [`NextHop::header`] (from the start of the frame) of the fields the program fills
+/// in per packet; the template holds zeros there.
+pub mod template {
+    use crate::wire::{ETH_HEADER_LEN, IPV4_HEADER_LEN, IPV6_HEADER_LEN};
+
+    /// Start of the outer IP header.
+    pub const IP: usize = ETH_HEADER_LEN;
+    /// IPv4: total length, and header checksum.
+    pub const IPV4_TOTAL_LEN: usize = IP + 2;
+    pub const IPV4_CHECKSUM: usize = IP + 10;
+    /// IPv6: low 16 bits of the flow label (the top 4 are 0), and payload length.
+    pub const IPV6_FLOW_LOW: usize = IP + 2;
+    pub const IPV6_PAYLOAD_LEN: usize = IP + 4;
+    /// Start of the UDP header (source port, filled per packet; destination port, in the
+    /// template).
+    pub const UDP_V4: usize = IP + IPV4_HEADER_LEN;
+    pub const UDP_V6: usize = IP + IPV6_HEADER_LEN;
+    /// Template bytes the program copies: whole words up to the UDP destination port.
+    pub const COPY_V4: usize = (UDP_V4 + 4).next_multiple_of(8);
+    pub const COPY_V6: usize = (UDP_V6 + 4).next_multiple_of(8);
+}
+
+/// Next hop towards a member, written by the controller from the kernel's routing and
+/// neighbour tables: the egress interface and the outer headers of every packet sent to that
+/// member, precomputed, so that the program copies them with a few word stores.
+///
+/// No expiry time: the controller rewrites an entry when its neighbour, route, or the node's
+/// addresses change, and clears [`NEXT_HOP_VALID`] when it can no longer resolve it; an entry
+/// without the flag (or a missing one) makes the program ask `bpf_fib_lookup` instead. The
+/// entries outlive the controller (pinned maps): if it stops, the last resolved next hops stay
+/// in use until a controller starts again and resolves them anew. See the README (next hops).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NextHop {
+    /// The frame's first bytes as on the wire: Ethernet (destination MAC, source MAC,
+    /// ethertype), the outer IPv4 or IPv6 header, the UDP source and destination ports. Fields
+    /// that depend on the packet (see [`template`]) are zero.
+    pub header: [u8; NEXT_HOP_HEADER_LEN],
+    /// IPv4: one's-complement sum (not folded) of the outer header's 16-bit words read in host
+    /// byte order, length and checksum being zero; the program adds the length and folds.
+    /// Byte order does not matter to this sum (RFC 1071), so nobody swaps bytes for it. IPv6: 0.
+    pub ipv4_sum: u32,
+    /// Egress interface.
+    pub ifindex: u32,
+    /// `NEXT_HOP_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+impl Default for NextHop {
+    fn default() -> Self {
+        Self::INVALID
+    }
+}
+
+/// Addresses of a templated next hop: where the frame leaves and the two MACs it carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Link {
+    pub ifindex: u32,
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
-    pub ifindex: u32,
-    pub expires_ns: u64,
+}
+
+/// Outer addresses of a templated next hop, network order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Underlay {
+    V4 { src: [u8; 4], dst: [u8; 4] },
+    V6 { src: [u8; 16], dst: [u8; 16] },
+}
+
+impl NextHop {
+    /// "Ask the FIB".
+    pub const INVALID: Self = Self {
+        header: [0; NEXT_HOP_HEADER_LEN],
+        ipv4_sum: 0,
+        ifindex: 0,
+        flags: 0,
+        _pad: 0,
+    };
+
+    /// The entry for sending over `link` between the `underlay` addresses to `steer_port`.
+    /// The headers are those the program wrote field by field before templates existed, and
+    /// still writes when it falls back to the FIB.
+    pub fn new(link: &Link, underlay: &Underlay, steer_port: u16) -> Self {
+        use crate::wire::OUTER_TTL;
+        use template::*;
+        const UDP: u8 = 17;
+        let mut hop = Self {
+            ifindex: link.ifindex,
+            flags: NEXT_HOP_VALID,
+            ..Self::INVALID
+        };
+        let h = &mut hop.header;
+        h[0..6].copy_from_slice(&link.dst_mac);
+        h[6..12].copy_from_slice(&link.src_mac);
+        let udp = match underlay {
+            Underlay::V4 { src, dst } => {
+                h[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+                // Version 4, 5 words, TOS 0; length 0; ident 0; don't fragment; TTL; UDP;
+                // checksum 0.
+                h[IP] = 0x45;
+                h[IP + 6] = 0x40;
+                h[IP + 8] = OUTER_TTL;
+                h[IP + 9] = UDP;
+                h[IP + 12..IP + 16].copy_from_slice(src);
+                h[IP + 16..IP + 20].copy_from_slice(dst);
+                hop.ipv4_sum = h[IP..UDP_V4]
+                    .chunks_exact(2)
+                    .map(|w| u32::from(u16::from_ne_bytes([w[0], w[1]])))
+                    .sum();
+                UDP_V4
+            }
+            Underlay::V6 { src, dst } => {
+                hop.flags |= NEXT_HOP_V6;
+                h[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+                // Version 6, traffic class 0, flow label filled per packet; payload length
+                // per packet; next header UDP; hop limit.
+                h[IP] = 0x60;
+                h[IP + 6] = UDP;
+                h[IP + 7] = OUTER_TTL;
+                h[IP + 8..IP + 24].copy_from_slice(src);
+                h[IP + 24..IP + 40].copy_from_slice(dst);
+                UDP_V6
+            }
+        };
+        h[udp + 2..udp + 4].copy_from_slice(&steer_port.to_be_bytes());
+        hop
+    }
+
+    pub const fn is_valid(&self) -> bool {
+        self.flags & NEXT_HOP_VALID != 0
+    }
+
+    /// The interface and MACs of a valid entry.
+    pub fn link(&self) -> Option<Link> {
+        if !self.is_valid() {
+            return None;
+        }
+        let mut link = Link {
+            ifindex: self.ifindex,
+            ..Link::default()
+        };
+        link.dst_mac.copy_from_slice(&self.header[0..6]);
+        link.src_mac.copy_from_slice(&self.header[6..12]);
+        Some(link)
+    }
 }
 
 /// Packets and bytes forwarded to one member (per CPU).
@@ -261,6 +407,80 @@ mod tests {
         assert_eq!(size_of::<Service>(), 4 + 4 + 4 + 16 + 16 + 4);
         assert_eq!(size_of::<Bucket>(), 8);
         assert_eq!(size_of::<Member>(), 20);
-        assert_eq!(size_of::<NextHop>(), 24);
+        assert_eq!(size_of::<NextHop>(), NEXT_HOP_HEADER_LEN + 16);
+        assert_eq!(core::mem::align_of::<NextHop>(), 8);
+    }
+
+    /// The checksum as the program completes it: template sum plus length, folded, inverted.
+    fn program_checksum(hop: &NextHop, total_len: u16) -> [u8; 2] {
+        let mut sum = hop.ipv4_sum + u32::from(u16::from_ne_bytes(total_len.to_be_bytes()));
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        (!(sum as u16)).to_ne_bytes()
+    }
+
+    const LINK: Link = Link {
+        ifindex: 7,
+        dst_mac: [2, 0, 0, 0, 0, 0xd],
+        src_mac: [2, 0, 0, 0, 0, 0x5],
+    };
+
+    #[test]
+    fn ipv4_template_and_checksum() {
+        let underlay = Underlay::V4 {
+            src: [10, 0, 0, 1],
+            dst: [192, 168, 255, 254],
+        };
+        let hop = NextHop::new(&LINK, &underlay, 6080);
+        assert!(hop.is_valid() && hop.flags & NEXT_HOP_V6 == 0);
+        assert_eq!(hop.link(), Some(LINK));
+        let h = &hop.header;
+        assert_eq!(&h[12..14], &[0x08, 0x00]);
+        assert_eq!(
+            &h[14..34],
+            &[
+                0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 192, 168, 255, 254
+            ]
+        );
+        assert_eq!(&h[34..38], &[0, 0, 0x17, 0xc0]);
+        assert!(h[38..].iter().all(|b| *b == 0));
+        // A header with the length and the program's checksum in place sums to 0xffff.
+        for total in [20u16, 78, 1500, 65535] {
+            let mut ip = [0u8; 20];
+            ip.copy_from_slice(&h[14..34]);
+            ip[2..4].copy_from_slice(&total.to_be_bytes());
+            ip[10..12].copy_from_slice(&program_checksum(&hop, total));
+            let mut sum: u32 = ip
+                .chunks_exact(2)
+                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                .sum();
+            sum = (sum & 0xffff) + (sum >> 16);
+            sum = (sum & 0xffff) + (sum >> 16);
+            assert_eq!(sum, 0xffff, "total length {total}");
+        }
+    }
+
+    #[test]
+    fn ipv6_template() {
+        let src = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let dst = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
+        let hop = NextHop::new(&LINK, &Underlay::V6 { src, dst }, 6080);
+        assert!(hop.is_valid() && hop.flags & NEXT_HOP_V6 != 0);
+        assert_eq!(hop.ipv4_sum, 0);
+        let h = &hop.header;
+        assert_eq!(&h[12..14], &[0x86, 0xdd]);
+        assert_eq!(&h[14..22], &[0x60, 0, 0, 0, 0, 0, 17, 64]);
+        assert_eq!(&h[22..38], &src);
+        assert_eq!(&h[38..54], &dst);
+        assert_eq!(&h[54..58], &[0, 0, 0x17, 0xc0]);
+        assert!(h[58..].iter().all(|b| *b == 0));
+        assert_eq!(template::COPY_V4, 40);
+        assert_eq!(template::COPY_V6, 64);
+    }
+
+    #[test]
+    fn invalid_entries_have_no_link() {
+        assert!(!NextHop::default().is_valid());
+        assert_eq!(NextHop::default().link(), None);
     }
 }

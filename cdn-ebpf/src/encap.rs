@@ -1,31 +1,32 @@
 //! Encapsulation towards a member, decapsulation for the local stack, and transmission.
 //!
-//! Next hop: the controller keeps a per-member entry (MACs, egress interface) fresh from the
-//! kernel's routing and neighbour tables, because `bpf_fib_lookup` costs more than the rest of
-//! the forwarding path. Only a missing or stale entry falls back to `bpf_fib_lookup`; if that
-//! cannot resolve the neighbour either, the already-encapsulated packet goes to the kernel,
-//! which routes it and resolves the neighbour itself. A missing neighbour therefore delays a
-//! packet at worst; it never drops it and never lets the client's connection be reset.
+//! Next hop: the controller keeps a per-member entry up to date from the kernel's routing and
+//! neighbour tables, because `bpf_fib_lookup` costs more than the rest of the forwarding path.
+//! The entry holds the egress interface and the frame's outer headers, precomputed, so the
+//! fast path is one array lookup and a few word stores, and reads no clock: an entry is used
+//! for as long as the controller leaves it valid. The controller invalidates what it can no
+//! longer resolve; if the controller is gone, the last resolved entries stay in use (see the
+//! README). Only a missing or invalid entry falls back to `bpf_fib_lookup`; if that cannot
+//! resolve the neighbour either, the already-encapsulated packet goes to the kernel, which
+//! routes it and resolves the neighbour itself. A missing neighbour therefore delays a packet
+//! at worst; it never drops it and never lets the client's connection be reset.
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams},
-    helpers::generated::{
-        bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head,
-        bpf_xdp_adjust_tail,
-    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use cdn_common::{
     counters::{Action, Reason},
-    maps::{FAMILY_V4, FAMILY_V6, NO_MEMBER, NodeConfig},
-    wire::{ENCAP_LEN_V4, ENCAP_LEN_V6, OUTER_TTL, STEER_INNER_V6, STEER_VERSION},
+    maps::{FAMILY_V4, FAMILY_V6, NEXT_HOP_V6, NEXT_HOP_VALID, NO_MEMBER, NodeConfig, template},
+    wire::{ENCAP_LEN_V4, ENCAP_LEN_V6, OUTER_TTL, STEER_INNER_V6, STEER_VERSION, SteerHeader},
 };
 
 use crate::{
     maps::{DEVICES, MEMBERS, NEXT_HOPS, count_member},
     packet::Frame,
     verdict::Verdict,
-    wire::{eth, ipv4, ipv6, load, proto, steer, store, udp},
+    wire::{eth, ipv4, ipv6, load, outer, proto, steer, store, udp},
 };
 
 const AF_INET: u8 = 2;
@@ -60,6 +61,179 @@ impl Encap {
     };
 }
 
+/// Wraps the inner packet for `e.target` and sends it. Returns `pending` (the reason the path
+/// gave) with the action the transmission ended in, or a drop with the reason encapsulation
+/// failed: never the path's reason with a drop. Inlined into the entry point: see steer.rs.
+#[inline(always)]
+pub fn encap_and_send(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap, pending: Verdict) -> Verdict {
+    match try_encap_and_send(ctx, cfg, e, pending) {
+        Ok(verdict) => verdict,
+        Err(reason) => Verdict::drop(reason),
+    }
+}
+
+/// The fast path: one map lookup gives the egress interface and the outer headers, which are
+/// copied into the frame with word stores. No clock is read: an entry is used for as long as
+/// the controller leaves it valid (see `cdn_common::maps::NextHop`). The controller rewrites an
+/// entry only when it changes, so a packet never meets one half-rewritten with equal bytes.
+#[inline(always)]
+fn try_encap_and_send(
+    ctx: &XdpContext,
+    cfg: &NodeConfig,
+    e: &Encap,
+    pending: Verdict,
+) -> Result<Verdict, Reason> {
+    let Some(nh) = NEXT_HOPS.get(e.target as u32) else {
+        return Ok(encap_via_fib(ctx, cfg, e, pending));
+    };
+    if nh.flags & NEXT_HOP_VALID == 0 {
+        return Ok(encap_via_fib(ctx, cfg, e, pending));
+    }
+    let outer_v6 = nh.flags & NEXT_HOP_V6 != 0;
+    let (outer_len, frame_len) = lengths(cfg, e, outer_v6)?;
+    let frame = make_room(ctx, e, outer_len, frame_len)?;
+    let udp_len = udp_len(e);
+    let words = nh.header.as_ptr().cast::<u64>();
+    let udp_off = if outer_v6 {
+        let base = frame
+            .at::<[u8; ENCAP_LEN_V6]>(0)
+            .ok_or(Reason::EncapFailed)?
+            .cast::<u8>();
+        // SAFETY: COPY_V6 <= ENCAP_LEN_V6 bytes checked above, and as many in the template,
+        // whose words are aligned (the map value is). Packet stores need no alignment (see
+        // `Frame::read`).
+        unsafe {
+            copy_words::<{ template::COPY_V6 / 8 }>(base, words);
+            store(base, outer::IPV6_FLOW_LOW, e.entropy.to_be());
+            store(base, outer::IPV6_PAYLOAD_LEN, udp_len.to_be());
+        }
+        template::UDP_V6
+    } else {
+        let base = frame
+            .at::<[u8; ENCAP_LEN_V4]>(0)
+            .ok_or(Reason::EncapFailed)?
+            .cast::<u8>();
+        let total = (ipv4::LEN as u16 + udp_len).to_be();
+        // The template's partial sum plus the length, folded: the checksum in network order
+        // (a one's-complement sum is the same in either byte order, RFC 1071).
+        let mut sum = nh.ipv4_sum + total as u32;
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        // SAFETY: as above, with COPY_V4 <= ENCAP_LEN_V4.
+        unsafe {
+            copy_words::<{ template::COPY_V4 / 8 }>(base, words);
+            store(base, outer::IPV4_TOTAL_LEN, total);
+            store(base, outer::IPV4_CHECKSUM, !(sum as u16));
+        }
+        template::UDP_V4
+    };
+    write_udp_and_steer(&frame, udp_off, e, udp_len)?;
+    count_member(e.target, frame_len as u64);
+    Ok(pending.with_action(transmit(ctx, nh.ifindex)))
+}
+
+/// Copies `N` words of the template to the frame.
+///
+/// # Safety
+/// `dst` must point at `8 * N` bounds-checked packet bytes, `src` at `N` aligned words.
+#[inline(always)]
+unsafe fn copy_words<const N: usize>(dst: *mut u8, src: *const u64) {
+    // Fixed trip count: unrolled into N loads and N stores.
+    for i in 0..N {
+        // SAFETY: guaranteed by the caller.
+        unsafe { core::ptr::write(dst.add(8 * i).cast::<u64>(), *src.add(i)) };
+    }
+}
+
+/// The outer header's length and the whole frame's, checked against the underlay's MTU.
+#[inline(always)]
+fn lengths(cfg: &NodeConfig, e: &Encap, outer_v6: bool) -> Result<(usize, usize), Reason> {
+    let outer_len = if outer_v6 { ENCAP_LEN_V6 } else { ENCAP_LEN_V4 };
+    let frame_len = outer_len + e.inner_len;
+    if cfg.max_frame != 0 && frame_len > cfg.max_frame as usize {
+        return Err(Reason::TooBig);
+    }
+    Ok((outer_len, frame_len))
+}
+
+#[inline(always)]
+fn udp_len(e: &Encap) -> u16 {
+    (udp::LEN + steer::LEN + e.inner_len) as u16
+}
+
+/// Makes the frame exactly `outer_len` bytes of room followed by the inner packet.
+#[inline(always)]
+fn make_room(
+    ctx: &XdpContext,
+    e: &Encap,
+    outer_len: usize,
+    frame_len: usize,
+) -> Result<Frame, Reason> {
+    let delta = e.inner_off as i32 - outer_len as i32;
+    // SAFETY: plain helper call on our context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+        return Err(Reason::EncapFailed);
+    }
+    let frame = Frame::new(ctx);
+    // Bytes after the inner packet (Ethernet padding of a short frame, or junk behind a packet
+    // whose length field says less) must not travel inside the tunnel.
+    let excess = frame.len() as i32 - frame_len as i32;
+    if excess > 0 {
+        // SAFETY: plain helper call on our context; shrinks the frame by `excess` bytes.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -excess) } != 0 {
+            return Err(Reason::EncapFailed);
+        }
+        return Ok(Frame::new(ctx));
+    }
+    Ok(frame)
+}
+
+/// The UDP header but its destination port, and the steering header.
+#[inline(always)]
+fn write_udp_and_steer(
+    frame: &Frame,
+    udp_off: usize,
+    e: &Encap,
+    udp_len: u16,
+) -> Result<(), Reason> {
+    let base = frame
+        .at::<[u8; udp::LEN + steer::LEN]>(udp_off)
+        .ok_or(Reason::EncapFailed)?
+        .cast::<u8>();
+    let sh = SteerHeader {
+        version: STEER_VERSION,
+        flags: if e.inner_v6 { STEER_INNER_V6 } else { 0 },
+        hop_budget: e.budget,
+        hop_count: (e.remaining[0] != NO_MEMBER) as u8 + (e.remaining[1] != NO_MEMBER) as u8,
+        hops: [e.remaining[0].to_be(), e.remaining[1].to_be()],
+    };
+    // SAFETY: every field lies inside the UDP and steering headers checked above. The
+    // steering header goes out as one word (same size, any bit pattern is a u64).
+    unsafe {
+        store(base, udp::SRC_PORT, e.entropy.to_be());
+        store(base, udp::LENGTH, udp_len.to_be());
+        store(base, udp::CHECKSUM, 0); // zero checksum: see cdn_common::wire
+        store(
+            base.add(udp::LEN),
+            steer::WORD,
+            core::mem::transmute::<SteerHeader, u64>(sh),
+        );
+    }
+    Ok(())
+}
+
+/// Slow path for a member without a valid next-hop entry: the headers from the member's
+/// address and the node's configuration, field by field, and the MACs from `bpf_fib_lookup`,
+/// or from the kernel if that cannot resolve them either. A separate BPF function: the hot
+/// path keeps its stack small and straight.
+#[inline(never)]
+fn encap_via_fib(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap, pending: Verdict) -> Verdict {
+    match try_encap_via_fib(ctx, cfg, e, pending) {
+        Ok(verdict) => verdict,
+        Err(reason) => Verdict::drop(reason),
+    }
+}
+
 /// 16 address bytes of a map value as four words. The fields this is used on sit at 4-byte
 /// aligned offsets of 8-byte aligned map values.
 #[inline(always)]
@@ -68,7 +242,7 @@ fn words(bytes: &[u8; 16]) -> [u32; 4] {
     unsafe { core::ptr::read(bytes.as_ptr().cast::<[u32; 4]>()) }
 }
 
-/// A MAC address (6 bytes of a map value or helper result) as three half-words.
+/// A MAC address (6 bytes of a helper result) as three half-words.
 #[inline(always)]
 fn mac(bytes: &[u8; 6]) -> [u16; 3] {
     // SAFETY: reads 6 bytes that `bytes` owns; the fields used sit at even offsets.
@@ -85,7 +259,7 @@ fn sum16(bytes: &[u8; 4]) -> u32 {
 /// Version 4, header length 5 words, type of service 0: the first two bytes of our IPv4 header.
 const IPV4_VER_IHL_TOS: u16 = 0x4500;
 
-/// Header checksum of the outer IPv4 header `try_encap_and_send` writes: every field but the
+/// Header checksum of the outer IPv4 header `try_encap_via_fib` writes: every field but the
 /// length and the addresses is a constant.
 #[inline(always)]
 fn ipv4_checksum(total_len: u16, src: &[u8; 4], dst: &[u8; 4]) -> u16 {
@@ -99,21 +273,8 @@ fn ipv4_checksum(total_len: u16, src: &[u8; 4], dst: &[u8; 4]) -> u16 {
     !(sum as u16)
 }
 
-/// Wraps the inner packet for `e.target` and sends it. Returns `pending` (the reason the path
-/// gave) with the action the transmission ended in, or a drop with the reason encapsulation
-/// failed: never the path's reason with a drop.
-///
-/// A separate BPF function (it has three call sites), so it returns a scalar: see steer.rs.
-#[inline(never)]
-pub fn encap_and_send(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap, pending: Verdict) -> Verdict {
-    match try_encap_and_send(ctx, cfg, e, pending) {
-        Ok(verdict) => verdict,
-        Err(reason) => Verdict::drop(reason),
-    }
-}
-
 #[inline(always)]
-fn try_encap_and_send(
+fn try_encap_via_fib(
     ctx: &XdpContext,
     cfg: &NodeConfig,
     e: &Encap,
@@ -127,34 +288,11 @@ fn try_encap_and_send(
         FAMILY_V6 if cfg.underlay_v6 != [0; 16] => true,
         _ => return Err(Reason::NoRoute),
     };
-    let outer_len = if outer_v6 { ENCAP_LEN_V6 } else { ENCAP_LEN_V4 };
-    let frame_len = outer_len + e.inner_len;
-    if cfg.max_frame != 0 && frame_len > cfg.max_frame as usize {
-        return Err(Reason::TooBig);
-    }
+    let (outer_len, frame_len) = lengths(cfg, e, outer_v6)?;
     // Our own MAC, as the sender addressed it: needed if the kernel has to route the result.
     let our_mac = Frame::new(ctx).get(0, eth::DST).ok_or(Reason::Malformed)?;
-
-    let delta = e.inner_off as i32 - outer_len as i32;
-    // SAFETY: plain helper call on our context.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
-        return Err(Reason::EncapFailed);
-    }
-    let mut frame = Frame::new(ctx);
-    // Bytes after the inner packet (Ethernet padding of a short frame, or junk behind a packet
-    // whose length field says less) must not travel inside the tunnel.
-    let excess = frame.len() as i32 - frame_len as i32;
-    if excess > 0 {
-        // SAFETY: plain helper call on our context; shrinks the frame by `excess` bytes.
-        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -excess) } != 0 {
-            return Err(Reason::EncapFailed);
-        }
-        frame = Frame::new(ctx);
-    }
-    let udp_len = (udp::LEN + steer::LEN + e.inner_len) as u16;
-    let steer_hops = [e.remaining[0].to_be(), e.remaining[1].to_be()];
-    let hop_count = (e.remaining[0] != NO_MEMBER) as u8 + (e.remaining[1] != NO_MEMBER) as u8;
-    let steer_flags = if e.inner_v6 { STEER_INNER_V6 } else { 0 };
+    let frame = make_room(ctx, e, outer_len, frame_len)?;
+    let udp_len = udp_len(e);
 
     let udp_off = if outer_v6 {
         let base = frame
@@ -198,34 +336,23 @@ fn try_encap_and_send(
         }
         eth::LEN + ipv4::LEN
     };
-    let base = frame
-        .at::<[u8; udp::LEN + steer::LEN]>(udp_off)
+    write_udp_and_steer(&frame, udp_off, e, udp_len)?;
+    let port = frame
+        .at::<[u8; udp::LEN]>(udp_off)
         .ok_or(Reason::EncapFailed)?
         .cast::<u8>();
-    // SAFETY: every field lies inside the UDP and steering headers checked above.
-    unsafe {
-        store(base, udp::SRC_PORT, e.entropy.to_be());
-        store(base, udp::DST_PORT, cfg.steer_port.to_be());
-        store(base, udp::LENGTH, udp_len.to_be());
-        store(base, udp::CHECKSUM, 0); // zero checksum: see cdn_common::wire
-        let sh = base.add(udp::LEN);
-        store(sh, steer::VERSION, STEER_VERSION);
-        store(sh, steer::FLAGS, steer_flags);
-        store(sh, steer::HOP_BUDGET, e.budget);
-        store(sh, steer::HOP_COUNT, hop_count);
-        store(sh, steer::HOPS, steer_hops);
-    }
+    // SAFETY: inside the UDP header checked above.
+    unsafe { store(port, udp::DST_PORT, cfg.steer_port.to_be()) };
     count_member(e.target, frame_len as u64);
-    send(ctx, &frame, e, outer_v6, frame_len, our_mac, pending)
+    route(ctx, &frame, outer_v6, frame_len, our_mac, pending)
 }
 
-/// Fills in the Ethernet addresses and transmits towards `e.target`: `pending` with the
-/// action the transmission took.
+/// Fills in the Ethernet addresses from the FIB and transmits: `pending` with the action the
+/// transmission took.
 #[inline(always)]
-fn send(
+fn route(
     ctx: &XdpContext,
     frame: &Frame,
-    e: &Encap,
     outer_v6: bool,
     frame_len: usize,
     our_mac: [u16; 3],
@@ -235,23 +362,6 @@ fn send(
         .at::<[u8; 12]>(0)
         .ok_or(Reason::EncapFailed)?
         .cast::<u8>();
-    // The coarse clock (a tick's resolution, same epoch as CLOCK_MONOTONIC) is plenty for
-    // expiry times seconds away, and costs a fraction of `bpf_ktime_get_ns` (measured: the
-    // precise clock added 20-40 ns to every forwarded packet in a VM).
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if let Some(nh) = NEXT_HOPS.get(e.target as u32)
-        && nh.ifindex != 0
-        && nh.expires_ns > now
-    {
-        let (dst, src, ifindex) = (mac(&nh.dst_mac), mac(&nh.src_mac), nh.ifindex);
-        // SAFETY: inside the 12 bytes checked above.
-        unsafe {
-            store(macs, eth::DST, dst);
-            store(macs, eth::SRC, src);
-        }
-        return Ok(pending.with_action(transmit(ctx, ifindex)));
-    }
     let pending = pending.with_info(Reason::FibLookup);
     // SAFETY: bpf_fib_lookup is a plain C struct of integers; all-zero is valid.
     let mut params: FibParams = unsafe { core::mem::zeroed() };

@@ -37,7 +37,8 @@ pub static MEMBERS: Array<Member> = Array::with_max_entries(MAX_MEMBERS, 0);
 #[map(name = "MEMBER_ADDRS")]
 pub static MEMBER_ADDRS: HashMap<MemberAddr, u16> = HashMap::with_max_entries(MAX_MEMBERS, 0);
 
-/// Member id -> cached next hop (MACs, egress interface).
+/// Member id -> next hop: egress interface and precomputed outer headers (see
+/// `cdn_common::maps::NextHop`).
 #[map(name = "NEXT_HOPS")]
 pub static NEXT_HOPS: Array<NextHop> = Array::with_max_entries(MAX_MEMBERS, 0);
 

@@ -7,8 +7,13 @@
 //!   flow, so it does not prove ownership; such flows settle on the last hop.
 //! - ICMP errors: a socket for the flow they quote.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_tuple, tcphdr},
+    bindings::{
+        bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6, tcphdr,
+    },
     helpers::generated::{
         bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
     },
@@ -42,21 +47,9 @@ pub enum Ownership {
 /// the SYN cookie check), `draining` is this node's drain state.
 #[inline(always)]
 pub fn check(ctx: &XdpContext, flow: &Flow, ip: &Ip, draining: bool) -> Ownership {
-    // A separate BPF function: the socket tuple lives in its own stack frame.
-    match check_fn(ctx, flow, ip, draining) {
-        0 => Ownership::Ours,
-        1 => Ownership::NotOurs,
-        _ => Ownership::Draining,
-    }
-}
-
-#[inline(never)]
-fn check_fn(ctx: &XdpContext, flow: &Flow, ip: &Ip, draining: bool) -> u32 {
-    match check_inline(ctx, &Frame::new(ctx), flow, ip, draining) {
-        Ownership::Ours => 0,
-        Ownership::NotOurs => 1,
-        Ownership::Draining => 2,
-    }
+    // Inlined like the paths that call it: a BPF-to-BPF call costs more than the lookup's
+    // own work around the helper.
+    check_inline(ctx, &Frame::new(ctx), flow, ip, draining)
 }
 
 #[inline(always)]
@@ -91,49 +84,52 @@ fn check_inline(
     }
 }
 
-/// The packet's own tuple (source = client, destination = VIP, ports in network order).
+/// Writes the packet's own tuple (source = client, destination = VIP, ports in network
+/// order) into `tuple` and returns the size to pass to the lookup helper.
+///
+/// Only the member of the family is written: the helper reads exactly the size it is given.
+/// Zeroing the whole union would cost a byte-wise `memset` call per lookup, and a union
+/// *value* with one member set lets the compiler fill the rest with whatever a register
+/// holds, a pointer included, which the verifier rejects; hence writes through a pointer.
 #[inline(always)]
-fn tuple_of(frame: &Frame, flow: &Flow) -> Option<(bpf_sock_tuple, u32)> {
-    // SAFETY: bpf_sock_tuple is a plain C union of integers; all-zero is a valid value.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+fn write_tuple(frame: &Frame, flow: &Flow, tuple: &mut MaybeUninit<bpf_sock_tuple>) -> Option<u32> {
     let sport = flow.ports as u16;
     let dport = (flow.ports >> 16) as u16;
+    let at = tuple.as_mut_ptr();
     if flow.v6 {
-        let saddr = frame.read::<[u32; 4]>(flow.src_off)?;
-        let daddr = frame.read::<[u32; 4]>(flow.dst_off)?;
-        // SAFETY: writing plain integers into the union member for this family.
-        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
-        t.saddr = saddr;
-        t.daddr = daddr;
-        t.sport = sport;
-        t.dport = dport;
+        let t = Tuple6 {
+            saddr: frame.read::<[u32; 4]>(flow.src_off)?,
+            daddr: frame.read::<[u32; 4]>(flow.dst_off)?,
+            sport,
+            dport,
+        };
+        // SAFETY: the union member is at the start of the tuple, which is large enough.
+        unsafe { at.cast::<Tuple6>().write(t) };
         // The helper is told which family by the size of the tuple it gets.
-        let size = core::mem::size_of_val(t) as u32;
-        Some((tuple, size))
+        Some(core::mem::size_of::<Tuple6>() as u32)
     } else {
-        let saddr = frame.read::<u32>(flow.src_off)?;
-        let daddr = frame.read::<u32>(flow.dst_off)?;
+        let t = Tuple4 {
+            saddr: frame.read::<u32>(flow.src_off)?,
+            daddr: frame.read::<u32>(flow.dst_off)?,
+            sport,
+            dport,
+        };
         // SAFETY: as above.
-        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
-        t.saddr = saddr;
-        t.daddr = daddr;
-        t.sport = sport;
-        t.dport = dport;
-        // The helper is told which family by the size of the tuple it gets.
-        let size = core::mem::size_of_val(t) as u32;
-        Some((tuple, size))
+        unsafe { at.cast::<Tuple4>().write(t) };
+        Some(core::mem::size_of::<Tuple4>() as u32)
     }
 }
 
 #[inline(always)]
 fn tcp_owned(ctx: &XdpContext, frame: &Frame, flow: &Flow, ip: Option<&Ip>) -> Ownership {
-    let Some((mut tuple, size)) = tuple_of(frame, flow) else {
+    let mut tuple = MaybeUninit::uninit();
+    let Some(size) = write_tuple(frame, flow, &mut tuple) else {
         return Ownership::NotOurs;
     };
     // SAFETY: helper call with a tuple on our stack and its exact size; the returned socket is
     // checked for NULL and released on every path below.
     let sk: *mut bpf_sock =
-        unsafe { bpf_skc_lookup_tcp(ctx.ctx.cast(), &mut tuple, size, CURRENT_NETNS, 0) };
+        unsafe { bpf_skc_lookup_tcp(ctx.ctx.cast(), tuple.as_mut_ptr(), size, CURRENT_NETNS, 0) };
     if sk.is_null() {
         return Ownership::NotOurs;
     }
@@ -191,12 +187,13 @@ fn syncookie_ok(sk: *mut bpf_sock, frame: &Frame, ip: &Ip) -> bool {
 
 #[inline(always)]
 fn udp_owned(ctx: &XdpContext, frame: &Frame, flow: &Flow) -> Ownership {
-    let Some((mut tuple, size)) = tuple_of(frame, flow) else {
+    let mut tuple = MaybeUninit::uninit();
+    let Some(size) = write_tuple(frame, flow, &mut tuple) else {
         return Ownership::NotOurs;
     };
     // SAFETY: as in `tcp_owned`.
     let sk: *mut bpf_sock =
-        unsafe { bpf_sk_lookup_udp(ctx.ctx.cast(), &mut tuple, size, CURRENT_NETNS, 0) };
+        unsafe { bpf_sk_lookup_udp(ctx.ctx.cast(), tuple.as_mut_ptr(), size, CURRENT_NETNS, 0) };
     if sk.is_null() {
         return Ownership::NotOurs;
     }

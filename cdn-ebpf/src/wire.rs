@@ -8,7 +8,7 @@
 
 use core::marker::PhantomData;
 
-use cdn_common::wire::{STEER_HEADER_LEN, SteerHeader};
+use cdn_common::wire::STEER_HEADER_LEN;
 
 /// A field of type `T` at a fixed offset inside a header.
 pub struct Field<T> {
@@ -189,16 +189,25 @@ pub mod icmp {
     pub const TYPE: Field<u8> = Field::at(0);
 }
 
-/// The steering header (`cdn_common::wire::SteerHeader`), field by field for the writer.
+/// The steering header (`cdn_common::wire::SteerHeader`), for the writer.
 pub mod steer {
-    use core::mem::offset_of;
-
-    use super::{Field, STEER_HEADER_LEN, SteerHeader};
+    use super::{Field, STEER_HEADER_LEN};
 
     pub const LEN: usize = STEER_HEADER_LEN;
-    pub const VERSION: Field<u8> = Field::at(offset_of!(SteerHeader, version));
-    pub const FLAGS: Field<u8> = Field::at(offset_of!(SteerHeader, flags));
-    pub const HOP_BUDGET: Field<u8> = Field::at(offset_of!(SteerHeader, hop_budget));
-    pub const HOP_COUNT: Field<u8> = Field::at(offset_of!(SteerHeader, hop_count));
-    pub const HOPS: Field<[u16; 2]> = Field::at(offset_of!(SteerHeader, hops));
+    /// The whole header as one word: the writer builds a `SteerHeader` and stores it at once.
+    pub const WORD: Field<u64> = Field::at(0);
+    const _: () = assert!(LEN == 8);
+}
+
+/// The fields of a next-hop template (`cdn_common::maps::template`) that the program fills in
+/// per packet, as offsets from the start of the frame.
+pub mod outer {
+    use cdn_common::maps::template as t;
+
+    use super::Field;
+
+    pub const IPV4_TOTAL_LEN: Field<u16> = Field::at(t::IPV4_TOTAL_LEN);
+    pub const IPV4_CHECKSUM: Field<u16> = Field::at(t::IPV4_CHECKSUM);
+    pub const IPV6_FLOW_LOW: Field<u16> = Field::at(t::IPV6_FLOW_LOW);
+    pub const IPV6_PAYLOAD_LEN: Field<u16> = Field::at(t::IPV6_PAYLOAD_LEN);
 }

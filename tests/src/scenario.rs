@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use anyhow::{Context as _, Result};
 use cdn_common::{
     counters::{Action, Reason},
-    maps::{Bucket, NO_MEMBER, NODE_READY, NextHop, NodeConfig, SERVICE_TCP, SERVICE_UDP, Service},
+    maps::{Bucket, Link, NO_MEMBER, NODE_READY, NodeConfig, SERVICE_TCP, SERVICE_UDP, Service},
 };
 use cdn_user::dataplane::{DataPlane, LoadOptions};
 
@@ -39,6 +39,16 @@ pub fn member_mac(id: u16) -> [u8; 6] {
     [0x02, 0, 0, 0, 0x10, id as u8]
 }
 
+/// The next hop this scenario gives member `id`: its own MAC, out of ifindex 1 (where test
+/// runs come in, so the program transmits with XDP_TX).
+pub fn member_link(id: u16) -> Link {
+    Link {
+        ifindex: 1,
+        dst_mac: member_mac(id),
+        src_mac: NODE_MAC,
+    }
+}
+
 pub fn addr(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
@@ -50,8 +60,6 @@ pub fn member_addr(id: u16) -> IpAddr {
         .expect("member of the scenario");
     addr(a)
 }
-
-pub use cdn_user::dataplane::monotonic_ns;
 
 /// TCP 80 and 443, UDP 443.
 pub fn service(offset: u32) -> Service {
@@ -164,18 +172,12 @@ impl Scenario {
             pin_dir: None,
         })
         .context("loading the XDP program")?;
+        // Through the controller's own calls, so that the frames the tests expect check the
+        // headers it precomputes into next-hop entries byte for byte.
         for (id, a) in MEMBERS {
             dp.set_member(id, Some(addr(a)))?;
             if id != SELF_ID {
-                dp.set_next_hop(
-                    id,
-                    &NextHop {
-                        dst_mac: member_mac(id),
-                        src_mac: NODE_MAC,
-                        ifindex: 1,
-                        expires_ns: monotonic_ns() + 3_600_000_000_000,
-                    },
-                )?;
+                dp.set_next_hop(id, &member_link(id))?;
             }
         }
         dp.set_service(addr("192.0.2.0"), 24, &service(0))?;
@@ -183,6 +185,12 @@ impl Scenario {
         let empty = vec![Bucket::EMPTY; (2 * TABLE_SIZE) as usize];
         dp.write_buckets(0, &empty)?;
         dp.write_config(&node_config())?;
+        for (id, _) in MEMBERS {
+            anyhow::ensure!(
+                id == SELF_ID || dp.next_hop(id)?.is_valid(),
+                "member {id} has no valid next hop"
+            );
+        }
         Ok(Self { dp })
     }
 

@@ -7,14 +7,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use anyhow::{Result, ensure};
 use cdn_common::{
     maps::{
-        Bucket, NO_MEMBER, NODE_READY, NextHop, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP,
+        Bucket, Link, NO_MEMBER, NODE_READY, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP,
         SERVICE_UDP, Service,
     },
     wire::entropy_port,
 };
 use cdn_tests::{
     packets::{Flow, NODE_MAC, Tcp, Vlan, frame},
-    scenario::monotonic_ns,
     xdp,
 };
 use cdn_user::dataplane::{DataPlane, LoadOptions};
@@ -35,17 +34,15 @@ fn kernel_and_userspace_hash_agree_on_10000_random_flows() -> Result<()> {
         table_entries: 2 * BUCKETS,
         pin_dir: None,
     })?;
-    let expires = monotonic_ns() + 3_600_000_000_000;
     let mut table = Vec::new();
     for id in 0..BUCKETS as u16 {
         dp.set_member(id, Some(IpAddr::V4(member_ip(id))))?;
         dp.set_next_hop(
             id,
-            &NextHop {
+            &Link {
                 dst_mac: [2, 0, 0, 0, 0, 2],
                 src_mac: NODE_MAC,
                 ifindex: 1,
-                expires_ns: expires,
             },
         )?;
         table.push(Bucket {

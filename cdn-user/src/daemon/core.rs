@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use cdn_common::maps::{NO_MEMBER, NODE_DRAINING, NODE_READY, NextHop, NodeConfig};
+use cdn_common::maps::{NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig};
 use tokio::sync::watch;
 
 use crate::{
@@ -93,7 +93,7 @@ impl Core {
         for old in std::mem::take(&mut self.written_members) {
             if !ids.contains(&old) {
                 self.dp.set_member(old, None)?;
-                self.dp.set_next_hop(old, &NextHop::default())?;
+                self.dp.clear_next_hop(old)?;
             }
         }
         self.written_members = ids;

@@ -1,30 +1,42 @@
-//! Keeps the data plane's next-hop entries fresh from the kernel's routing and neighbour
+//! Keeps the data plane's next-hop entries in step with the kernel's routing and neighbour
 //! tables, once a second, on a blocking thread (the resolver is synchronous).
+//!
+//! The program reads no clock: an entry stays in use until this loop changes it. A member
+//! whose next hop cannot be resolved has its entry invalidated at once (its packets then take
+//! `bpf_fib_lookup`, or the kernel), and so does every member's if resolving keeps failing as
+//! a whole. If the controller stops, the entries stay as they were last resolved (pinned
+//! maps); a controller that starts again resolves and rewrites them in its first round.
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
-use cdn_common::maps::NextHop;
 use tokio::sync::watch;
 
 use super::core::Shared;
-use crate::dataplane::{self, nexthop::Resolver};
+use crate::dataplane::nexthop::Resolver;
 
-/// How long a next-hop entry stays valid without a refresh. Refreshes come every second; if
-/// the controller stops, the data plane falls back to the FIB after this.
-const NEXT_HOP_TTL: Duration = Duration::from_secs(5);
 const NEXT_HOP_REFRESH: Duration = Duration::from_secs(1);
+/// How long resolution may fail as a whole (the netlink socket, the neighbour dump) before
+/// every next hop is invalidated: until then the last resolved ones are very likely still
+/// right, and the fallback costs a FIB lookup per packet.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(5);
 
-/// Keeps the next-hop entries fresh (every second) until `stop` turns true.
+/// Keeps the next-hop entries up to date (every second) until `stop` turns true.
 pub(super) fn refresh_next_hops(shared: &Shared, stop: &mut watch::Receiver<bool>) {
     let mut resolver = match Resolver::new() {
         Ok(r) => r,
         Err(e) => {
             log::error!(error:% = e; "no next-hop resolver: the data plane will use bpf_fib_lookup");
+            invalidate_all(shared);
             return;
         }
     };
     let mut last_problem: BTreeMap<u16, String> = BTreeMap::new();
     let mut devices = Vec::new();
+    let mut failing_since: Option<Instant> = None;
     while !*stop.borrow() {
         let members: Vec<(u16, String, IpAddr)> = {
             let core = shared.lock();
@@ -39,9 +51,15 @@ pub(super) fn refresh_next_hops(shared: &Shared, stop: &mut watch::Receiver<bool
         };
         let addrs: Vec<IpAddr> = members.iter().map(|m| m.2).collect();
         match resolver.resolve(&addrs) {
-            Err(e) => log::warn!(error:% = e; "next-hop refresh failed"),
+            Err(e) => {
+                log::warn!(error:% = e; "next-hop refresh failed");
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= GIVE_UP_AFTER {
+                    invalidate_all(shared);
+                }
+            }
             Ok(results) => {
-                let expires = dataplane::monotonic_ns() + NEXT_HOP_TTL.as_nanos() as u64;
+                failing_since = None;
                 let mut core = shared.lock();
                 for ((id, name, _), (_, result)) in members.iter().zip(results) {
                     match result {
@@ -60,17 +78,14 @@ pub(super) fn refresh_next_hops(shared: &Shared, stop: &mut watch::Receiver<bool
                                     }
                                 }
                             }
-                            let hop = NextHop {
-                                dst_mac: r.dst_mac,
-                                src_mac: r.src_mac,
-                                ifindex: r.ifindex,
-                                expires_ns: expires,
-                            };
-                            if let Err(e) = core.dp.set_next_hop(*id, &hop) {
+                            if let Err(e) = core.dp.set_next_hop(*id, &r.link()) {
                                 log::warn!(member = name.as_str(), error:% = e; "writing the next hop failed");
                             }
                         }
                         Err(e) => {
+                            if let Err(e) = core.dp.clear_next_hop(*id) {
+                                log::warn!(member = name.as_str(), error:% = e; "invalidating the next hop failed");
+                            }
                             let text = e.to_string();
                             if last_problem.get(id) != Some(&text) {
                                 log::info!(
@@ -85,5 +100,16 @@ pub(super) fn refresh_next_hops(shared: &Shared, stop: &mut watch::Receiver<bool
             }
         }
         std::thread::sleep(NEXT_HOP_REFRESH);
+    }
+}
+
+/// Every member's packets take the fallback (`bpf_fib_lookup`, then the kernel).
+fn invalidate_all(shared: &Shared) {
+    let mut core = shared.lock();
+    let ids: Vec<u16> = core.cfg.cluster.members.iter().map(|m| m.id).collect();
+    for id in ids {
+        if let Err(e) = core.dp.clear_next_hop(id) {
+            log::warn!(member = id, error:% = e; "invalidating the next hop failed");
+        }
     }
 }

@@ -3,12 +3,10 @@
 //! ([`tables`]), and the next hops kept fresh for the program ([`nexthop`]).
 
 pub mod bpffs;
-pub mod clock;
 pub mod nexthop;
 pub mod object;
 pub mod program;
 pub mod tables;
 
 pub use bpffs::ensure_bpffs;
-pub use clock::monotonic_ns;
 pub use program::{Attachment, DataPlane, DataPlaneError, LoadOptions};

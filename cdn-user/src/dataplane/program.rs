@@ -4,6 +4,7 @@
 //! used in exactly one place on the userspace side.
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -24,8 +25,8 @@ use aya::{
 use cdn_common::{
     counters::{COUNTER_SLOTS, PacketCounts},
     maps::{
-        self as m, Bucket, FAMILY_NONE, FAMILY_V4, FAMILY_V6, MAX_MEMBERS, Member, MemberAddr,
-        MemberStats, NextHop, NodeConfig, Service,
+        self as m, Bucket, FAMILY_NONE, FAMILY_V4, FAMILY_V6, Link, MAX_MEMBERS, Member,
+        MemberAddr, MemberStats, NextHop, NodeConfig, Service, Underlay,
     },
 };
 use thiserror::Error;
@@ -112,6 +113,8 @@ pub struct DataPlane {
     devices: DevMapHash<MapData>,
     counters: PerCpuArray<MapData, u64>,
     member_stats: PerCpuArray<MapData, MemberStats>,
+    /// The last link set for each member's next hop (see `set_next_hop`).
+    links: BTreeMap<u16, Link>,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataPlaneError {
@@ -160,6 +163,7 @@ impl DataPlane {
             devices: take(&mut ebpf, m::MAP_DEVICES)?,
             counters: take(&mut ebpf, m::MAP_COUNTERS)?,
             member_stats: take(&mut ebpf, m::MAP_MEMBER_STATS)?,
+            links: BTreeMap::new(),
             ebpf,
         })
     }
@@ -247,10 +251,30 @@ impl DataPlane {
         self.config.get(&0, 0).map_err(map_err(m::MAP_CONFIG))
     }
 
+    /// Writes the node's configuration. If this changes what next-hop templates are made of
+    /// (underlay addresses, steering port), every next hop is rebuilt for it right after, and
+    /// left invalid if it cannot be built.
     pub fn write_config(&mut self, config: &NodeConfig) -> Result<()> {
+        let old = self.config()?;
         self.config
             .set(0, config, 0)
-            .map_err(map_err(m::MAP_CONFIG))
+            .map_err(map_err(m::MAP_CONFIG))?;
+        let same_templates = (old.underlay_v4, old.underlay_v6, old.steer_port)
+            == (config.underlay_v4, config.underlay_v6, config.steer_port);
+        if !same_templates {
+            // Every id, not only those set through this handle: entries left in pinned maps
+            // by a previous controller must not keep the old addresses either.
+            for id in 0..MAX_MEMBERS as u16 {
+                let link = match self.links.get(&id) {
+                    Some(link) => Some(*link),
+                    None => self.next_hop(id)?.link(),
+                };
+                if let Some(link) = link {
+                    self.set_next_hop(id, &link)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Adds or replaces the service for a VIP prefix. Replacing is atomic for the data plane:
@@ -367,6 +391,11 @@ impl DataPlane {
                 _pad: [0; 3],
             },
         };
+        if member != old {
+            // The template holds the old address, and its MACs were resolved for it: the FIB
+            // decides until the controller resolves the new address.
+            self.clear_next_hop(id)?;
+        }
         self.members
             .set(u32::from(id), member, 0)
             .map_err(map_err(m::MAP_MEMBERS))?;
@@ -385,18 +414,71 @@ impl DataPlane {
             .map_err(map_err(m::MAP_MEMBERS))
     }
 
-    pub fn set_next_hop(&mut self, id: u16, hop: &NextHop) -> Result<()> {
+    /// Makes `link` member `id`'s next hop: the program sends its packets out of
+    /// `link.ifindex` with headers precomputed from the member's address and this node's
+    /// configuration as the maps hold them now (so write both first). Returns whether the
+    /// entry is valid: without a member address, or without an underlay address of its
+    /// family here, it is left invalid and the program's fallback decides. Writes only what
+    /// changed, so the program never sees an entry being rewritten with the same value.
+    pub fn set_next_hop(&mut self, id: u16, link: &Link) -> Result<bool> {
         Self::check_id(id)?;
+        // Kept to rebuild the entry when the configuration or the member's address changes.
+        self.links.insert(id, *link);
+        let hop = match self.underlay(id)? {
+            Some(underlay) => NextHop::new(link, &underlay, self.config()?.steer_port),
+            None => NextHop::INVALID,
+        };
+        self.write_next_hop(id, &hop)?;
+        Ok(hop.is_valid())
+    }
+
+    /// Invalidates member `id`'s next hop: its packets take `bpf_fib_lookup` (or the kernel)
+    /// until a next hop is set again.
+    pub fn clear_next_hop(&mut self, id: u16) -> Result<()> {
+        Self::check_id(id)?;
+        self.links.remove(&id);
+        self.write_next_hop(id, &NextHop::INVALID)
+    }
+
+    fn write_next_hop(&mut self, id: u16, hop: &NextHop) -> Result<()> {
+        let current = self.next_hop(id)?;
+        // Invalid entries are all alike to the program.
+        if current == *hop || (!current.is_valid() && !hop.is_valid()) {
+            return Ok(());
+        }
         self.next_hops
             .set(u32::from(id), hop, 0)
             .map_err(map_err(m::MAP_NEXT_HOPS))
     }
 
+    /// Member `id`'s next-hop entry as the program sees it.
     pub fn next_hop(&self, id: u16) -> Result<NextHop> {
         Self::check_id(id)?;
         self.next_hops
             .get(&u32::from(id), 0)
             .map_err(map_err(m::MAP_NEXT_HOPS))
+    }
+
+    /// Outer addresses towards member `id`, if it has an address and this node one of the
+    /// same family (the program's fallback drops such packets as `NoRoute`).
+    fn underlay(&self, id: u16) -> Result<Option<Underlay>> {
+        let member = self.member(id)?;
+        let cfg = self.config()?;
+        Ok(match member.family {
+            FAMILY_V4 if cfg.underlay_v4 != [0; 4] => {
+                let mut dst = [0; 4];
+                dst.copy_from_slice(&member.addr[..4]);
+                Some(Underlay::V4 {
+                    src: cfg.underlay_v4,
+                    dst,
+                })
+            }
+            FAMILY_V6 if cfg.underlay_v6 != [0; 16] => Some(Underlay::V6 {
+                src: cfg.underlay_v6,
+                dst: member.addr,
+            }),
+            _ => None,
+        })
     }
 
     /// Makes `ifindex` a target for XDP_REDIRECT.

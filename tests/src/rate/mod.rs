@@ -31,7 +31,7 @@ use cdn_common::{
         BENCH_FRAME_BYTES, BENCH_GEN_IFINDEX, BENCH_GEN_LEN, BENCH_GEN_PROGRAM_NAME,
         BENCH_PASS_PROGRAM_NAME, BENCH_REDIRECT_PROGRAM_NAME, BENCH_SINK_PROGRAM_NAME,
         BENCH_SLOT_BARE, BENCH_SLOT_GEN, BENCH_SLOT_SINK, BENCH_TX_PROGRAM_NAME, MAP_BENCH_COUNTS,
-        MAP_BENCH_DEVICES, MAP_BENCH_GEN_CONF, MAP_BENCH_GEN_FRAME,
+        MAP_BENCH_DEVICES, MAP_BENCH_GEN_CONF, MAP_BENCH_GEN_FRAME, Link,
     },
 };
 
@@ -182,13 +182,25 @@ impl<'t> RateLab<'t> {
         (&client).write_all(b"x")?;
         server.read_exact(&mut [0u8; 1])?;
 
-        // Next hops through this topology's links: the scenario's entries (valid, whatever
-        // their layout), pointed at the veths.
+        // Next hops through this topology's links: the scenario's MACs (the first twelve
+        // bytes of the entry's header template), pointed at the veths.
         let dp = &mut scenario.dp;
         for (member, ifindex) in [(TX_MEMBER, topo.dut_if), (REDIRECT_MEMBER, topo.out_if)] {
-            let mut hop = dp.next_hop(member)?;
-            hop.ifindex = ifindex;
-            dp.set_next_hop(member, &hop)?;
+            let header = dp.next_hop(member)?.header;
+            let mac = |at: usize| -> Result<[u8; 6]> {
+                header
+                    .get(at..at + 6)
+                    .and_then(|b| b.try_into().ok())
+                    .context("next-hop header shorter than two MACs")
+            };
+            let link = Link {
+                ifindex,
+                dst_mac: mac(0)?,
+                src_mac: mac(6)?,
+            };
+            if !dp.set_next_hop(member, &link)? {
+                bail!("member {member}: the scenario gave it no underlay address");
+            }
         }
         dp.add_device(topo.out_if)?;
 

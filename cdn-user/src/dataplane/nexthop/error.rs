@@ -18,6 +18,17 @@ pub struct Resolved {
     pub via: IpAddr,
 }
 
+impl Resolved {
+    /// What the data plane's next-hop entry is built from.
+    pub fn link(&self) -> cdn_common::maps::Link {
+        cdn_common::maps::Link {
+            ifindex: self.ifindex,
+            dst_mac: self.dst_mac,
+            src_mac: self.src_mac,
+        }
+    }
+}
+
 /// Why the kernel has no usable route to an address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NoRouteReason {
