@@ -16,7 +16,10 @@ use cdn_user::dataplane::{DataPlane, LoadOptions, monotonic_ns};
 use rand::{Rng, rngs::StdRng};
 
 use crate::{
-    model::{Env, Hop, auth},
+    model::{
+        Env, Hop, auth,
+        frame::{Flow, Kind, PROTO_TCP, PROTO_UDP},
+    },
     netns::Netns,
 };
 
@@ -207,6 +210,29 @@ pub fn sockets(env: &mut Env) -> Result<Sockets> {
     Ok(Sockets { _held: held })
 }
 
+/// The flows of the live sockets (TCP and UDP, IPv4 and IPv6), client -> VIP.
+fn live_flows() -> Vec<Flow> {
+    let mut out = Vec::new();
+    for (client, vip) in [(CLIENT_V4, "192.0.2.10"), (CLIENT_V6, "2001:db8::10")] {
+        for (kind, proto, port) in [
+            (Kind::Tcp, PROTO_TCP, LIVE_TCP_PORT),
+            (Kind::Udp, PROTO_UDP, LIVE_UDP_PORT),
+        ] {
+            out.push(Flow {
+                kind,
+                v6: vip.contains(':'),
+                proto,
+                tcp_flags: 0,
+                src: addr(client),
+                dst: addr(vip),
+                sport: port,
+                dport: 443,
+            });
+        }
+    }
+    out
+}
+
 pub fn node_config(draining: bool, max_frame: u32, hop_budget: u8) -> NodeConfig {
     let v6: std::net::Ipv6Addr = UNDERLAY_V6.parse().expect("address");
     NodeConfig {
@@ -249,6 +275,7 @@ fn random_bucket(rng: &mut StdRng) -> Bucket {
         0 => 9,
         1 => 1500,
         2 => NO_MEMBER,
+        3..7 => SELF_ID,
         n => n % 8,
     };
     let mut b = Bucket::EMPTY;
@@ -319,6 +346,19 @@ pub fn load(rng: &mut StdRng, links: &Links) -> Result<(DataPlane, Env)> {
         env.services.push((addr(vip.prefix), vip.len, svc));
     }
     env.table = (0..TABLES * TABLE).map(|_| random_bucket(rng)).collect();
+    // The live flows' buckets name this node first, so that direct packets of those flows
+    // reach the socket check here (and their ICMP errors too: same bucket).
+    for (flow, hops) in live_flows().into_iter().zip([
+        [SELF_ID, 2, 4],
+        [SELF_ID, 3, NO_MEMBER],
+        [SELF_ID, 0, NO_MEMBER],
+        [SELF_ID, NO_MEMBER, NO_MEMBER],
+    ]) {
+        let (index, _) = env
+            .bucket_index(&flow)
+            .context("live flow without a table")?;
+        env.table[index] = Bucket { hops, _pad: 0 };
+    }
     dp.write_buckets(0, &env.table)?;
     dp.write_config(&env.cfg)?;
     Ok((dp, env))

@@ -98,6 +98,18 @@ fn entropy_port(hash: u64) -> u16 {
     0xc000 | ((hash >> 50) as u16 & 0x3fff)
 }
 
+impl Env {
+    /// The index in `TABLE` of `fl`'s bucket, and its hash.
+    pub fn bucket_index(&self, fl: &Flow) -> Option<(usize, u64)> {
+        let svc = service(self, fl.dst)?;
+        (svc.table_size != 0).then(|| {
+            let hash = flow_hash(self.cfg.hash_key, fl);
+            let index = svc.table_offset as u64 + hash % u64::from(svc.table_size);
+            (index as usize, hash)
+        })
+    }
+}
+
 fn bucket(env: &Env, svc: &Service, fl: &Flow) -> Result<(u64, [u16; 3]), Why> {
     if svc.table_size == 0 {
         return Err(Reason::NoRoute.into());
