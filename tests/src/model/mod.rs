@@ -15,6 +15,8 @@ pub mod auth;
 pub mod frame;
 pub mod output;
 pub mod steer;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, HashSet},
