@@ -1,4 +1,4 @@
-//! `cdn-difftest [--seed N] [--frames N] [--rules before-trust|trust]`: the differential test
+//! `cdn-difftest [--seed N] [--frames N] [--rules RULES]`: the differential test
 //! (see `tests/tests/differential.rs`) as a program, for `cargo xtask chaos` (random seed) and
 //! to replay a failure. Prints the seed first; exits 1 on any disagreement.
 
@@ -30,11 +30,10 @@ fn main() -> Result<()> {
             "--seed" => opts.seed = parse_u64(&value()?)?,
             "--frames" => opts.frames = parse_u64(&value()?)?,
             "--rules" => {
-                opts.rules = match value()?.as_str() {
-                    "before-trust" => Rules::BEFORE_TRUST,
-                    "trust" => Rules::TRUST,
-                    other => bail!("unknown rules {other:?} (before-trust, trust)"),
-                }
+                let v = value()?;
+                opts.rules = Rules::parse(&v).with_context(|| {
+                    format!("unknown rules {v:?}: before-trust, trust, or a list of rules")
+                })?;
             }
             "-h" | "--help" => {
                 println!(

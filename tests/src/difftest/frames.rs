@@ -5,10 +5,12 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::PacketBuilder;
+
+use crate::model::{auth, frame};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom as _};
 
 use super::world::{
-    CLIENT_V4, CLIENT_V6, LIVE_TCP_PORT, LIVE_UDP_PORT, Links, MEMBERS, NODE_MAC, PEER_MAC,
+    CLIENT_V4, CLIENT_V6, KEY, LIVE_TCP_PORT, LIVE_UDP_PORT, Links, MEMBERS, NODE_MAC, PEER_MAC,
     STEER_PORT, STRANGERS, UNDERLAY_V4, UNDERLAY_V6, addr,
 };
 
@@ -324,7 +326,30 @@ impl Gen {
         header.extend_from_slice(&h0.to_be_bytes());
         header.extend_from_slice(&h1.to_be_bytes());
         if version == 2 {
-            header.extend_from_slice(&self.rng.random::<u64>().to_le_bytes());
+            // Mostly the MAC a member would compute (spec §5), else a forgery.
+            let signed = frame::ip(&inner, 0, flags & 1 != 0)
+                .and_then(|ip| frame::flow(&inner, &ip))
+                .ok()
+                .filter(|_| self.chance(70))
+                .map(|fl| {
+                    auth::mac(
+                        auth::derive_key(KEY),
+                        &auth::Signed {
+                            outer_src: src,
+                            client: fl.src,
+                            vip: fl.dst,
+                            sport: fl.sport,
+                            dport: fl.dport,
+                            proto: fl.proto,
+                            flags,
+                            budget,
+                            hop_count,
+                            hops: [h0, h1],
+                        },
+                    )
+                });
+            let mac = signed.unwrap_or_else(|| self.rng.random());
+            header.extend_from_slice(&mac.to_le_bytes());
         }
         header.extend_from_slice(&inner);
         let dport = if self.chance(95) {

@@ -49,6 +49,9 @@ pub struct Failure {
 #[derive(Debug, Default)]
 pub struct Report {
     pub seed: u64,
+    /// Frames asked for (a replay needs the same number: it decides the phases).
+    pub requested: u64,
+    /// Frames run (fewer if the run stopped at `max_failures`).
     pub frames: u64,
     pub seconds: f64,
     /// Frames per template class, and per mutation.
@@ -100,7 +103,7 @@ impl Report {
             "{} disagreements between the program and the model (replay: cdn-difftest --seed {} --frames {})\n",
             self.failures.len(),
             self.seed,
-            self.frames
+            self.requested
         );
         for f in &self.failures {
             let _ = writeln!(
@@ -330,8 +333,14 @@ impl Runner<'_> {
     }
 }
 
-/// Node configurations the frames are split over: (draining, max frame, hop budget).
-const PHASES: [(bool, u32, u8); 4] = [(false, 0, 3), (true, 0, 3), (false, 160, 3), (true, 0, 0)];
+/// Node configurations the frames are split over: (draining, max frame, hop budget,
+/// steer_auth).
+const PHASES: [(bool, u32, u8, bool); 4] = [
+    (false, 0, 3, false),
+    (true, 0, 3, false),
+    (false, 160, 3, true),
+    (true, 0, 0, false),
+];
 
 fn run_inside(opts: &Options, links: &world::Links) -> Result<Report> {
     let mut rng = StdRng::seed_from_u64(opts.seed);
@@ -345,6 +354,7 @@ fn run_inside(opts: &Options, links: &world::Links) -> Result<Report> {
         out: vec![0u8; 8192],
         report: Report {
             seed: opts.seed,
+            requested: opts.frames,
             ..Report::default()
         },
     };
@@ -352,10 +362,11 @@ fn run_inside(opts: &Options, links: &world::Links) -> Result<Report> {
     let start = Instant::now();
     let per_phase = opts.frames.div_ceil(PHASES.len() as u64);
     let mut done = 0;
-    for (draining, max_frame, budget) in PHASES {
+    for (draining, max_frame, budget, steer_auth) in PHASES {
         let count = per_phase.min(opts.frames - done);
         runner.env.cfg = world::node_config(draining, max_frame, budget);
-        runner.dp.write_config(&runner.env.cfg)?;
+        runner.env.steer_auth = steer_auth;
+        world::write_config(&mut runner.dp, &runner.env, &opts.rules)?;
         runner.phase(&mut frames, done, count)?;
         done += count;
         if runner.report.failures.len() >= opts.max_failures {

@@ -17,7 +17,7 @@ use rand::{Rng, rngs::StdRng};
 
 use crate::{
     model::{
-        Env, Hop, auth,
+        Env, Hop, Rules, auth,
         frame::{Flow, Kind, PROTO_TCP, PROTO_UDP},
     },
     netns::Netns,
@@ -231,6 +231,21 @@ fn live_flows() -> Vec<Flow> {
         }
     }
     out
+}
+
+/// Writes the node's configuration as `env` has it. The steering-trust settings (spec §1 and
+/// §5: the underlay interface map and flag, `steer_auth`, the auth key) have no place in the
+/// data plane yet; once they do, write them here from `env.underlay_ifindexes`,
+/// `env.steer_auth` and `env.auth_key`, and flip `model::PROGRAM_RULES`.
+pub fn write_config(dp: &mut DataPlane, env: &Env, rules: &Rules) -> Result<()> {
+    dp.write_config(&env.cfg)?;
+    if rules.underlay_ifaces || rules.mac {
+        anyhow::bail!(
+            "rules {rules:?} need the steering-trust settings in the data plane: \
+             write them in difftest::world::write_config"
+        );
+    }
+    Ok(())
 }
 
 pub fn node_config(draining: bool, max_frame: u32, hop_budget: u8) -> NodeConfig {
