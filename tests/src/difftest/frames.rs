@@ -369,7 +369,7 @@ impl Gen {
         (class, muts, out)
     }
 
-    pub fn next(&mut self) -> Sample {
+    pub fn sample(&mut self) -> Sample {
         let v6 = self.chance(50);
         let mut muts = Vec::new();
         let (class, ip) = match self.rng.random_range(0..100) {

@@ -288,7 +288,7 @@ impl Runner<'_> {
         let mut want = Histogram::new();
         let mut before = self.dp.counters()?;
         for index in first..first + count {
-            let s = frames.next();
+            let s = frames.sample();
             let e = model::expect(&self.env, &self.rules, &s.frame, s.ifindex);
             *self.report.classes.entry(s.class).or_default() += 1;
             for m in &s.mutations {
