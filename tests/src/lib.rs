@@ -4,8 +4,10 @@
 
 pub mod bpf_interp;
 pub mod content;
+pub mod difftest;
 pub mod download;
 pub mod lab;
+pub mod model;
 pub mod packets;
 pub mod rate;
 pub mod scenario;
