@@ -192,6 +192,12 @@ fn aarch64_offline_lookup_matches_x86_64() -> Result<()> {
                 args.push("--json");
             }
             let on_x86 = output(&x86, &args)?;
+            ensure!(
+                !String::from_utf8_lossy(&on_x86.stderr)
+                    .contains("unexpected argument '--offline'"),
+                "this cdn-steer has no `lookup --offline` yet: the offline lookup (issue #10, \
+                 preflight and --json) adds it; rebuild with `cargo xtask dist` once it is in"
+            );
             assert!(
                 on_x86.status.success() && !on_x86.stdout.is_empty(),
                 "cdn-steer {}: {}",

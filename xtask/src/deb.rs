@@ -44,7 +44,8 @@ pub fn build() -> Result<Vec<PathBuf>> {
     let root = cmd::workspace_root();
     let packaging = root.join("packaging");
     let changelog = read(&packaging.join("debian/changelog"))?;
-    let maintainer = check_changelog(&changelog)?;
+    let (maintainer, date) = check_changelog(&changelog)?;
+    let epoch = seconds_since_epoch(&date)?;
     let out = root.join(OUT_DIR);
     let generated = generate(&out.join("generated"))?;
 
@@ -99,6 +100,9 @@ pub fn build() -> Result<Vec<PathBuf>> {
         let deb = path(arch);
         cmd::run(
             cmd::new("dpkg-deb")
+                // The changelog's date for every time stamp in the package, so the same
+                // inputs give the same .deb.
+                .env("SOURCE_DATE_EPOCH", &epoch)
                 .args(["--root-owner-group", "-Zxz", "--build"])
                 .arg(&stage.root)
                 .arg(&deb),
@@ -152,8 +156,8 @@ fn generate(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Checks that the changelog's latest entry is this version, and returns its maintainer (the
-/// `Name <address>` of its trailer line), which the control file repeats.
-fn check_changelog(changelog: &str) -> Result<String> {
+/// `Name <address>` of its trailer line), which the control file repeats, and its date.
+fn check_changelog(changelog: &str) -> Result<(String, String)> {
     let first = changelog.lines().next().unwrap_or_default();
     let expected = format!("{NAME} ({VERSION}) ");
     if !first.starts_with(&expected) {
@@ -166,8 +170,18 @@ fn check_changelog(changelog: &str) -> Result<String> {
         .lines()
         .find_map(|line| line.strip_prefix(" -- "))
         .and_then(|trailer| trailer.split_once("  "))
-        .map(|(maintainer, _date)| maintainer.to_owned())
+        .map(|(maintainer, date)| (maintainer.to_owned(), date.trim().to_owned()))
         .context("packaging/debian/changelog: no ` -- Name <address>  date` line")
+}
+
+/// An RFC 2822 date (the changelog's) as seconds since the epoch, by `date`.
+fn seconds_since_epoch(date: &str) -> Result<String> {
+    let out = cmd::output(cmd::new("date").args(["-u", "-d", date, "+%s"]))?;
+    let seconds = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || seconds.parse::<u64>().is_err() {
+        bail!("packaging/debian/changelog: `{date}` is not a date `date -d` reads");
+    }
+    Ok(seconds)
 }
 
 /// Runs lintian on the packages, printing what it says; fails on any error (`E:` line), and
@@ -179,7 +193,7 @@ pub fn lintian(debs: &[PathBuf]) -> Result<()> {
     let errors: Vec<&str> = report.lines().filter(|l| l.starts_with("E:")).collect();
     if !errors.is_empty() || !out.status.success() {
         bail!(
-            "lintian ({}): {} error(s)\n{}{}",
+            "lintian ({}): {} error(s)\n{}\n{}",
             out.status,
             errors.len(),
             errors.join("\n"),
@@ -351,10 +365,14 @@ mod tests {
     #[test]
     fn the_changelog_is_for_this_version() -> Result<()> {
         let changelog = read(&cmd::workspace_root().join("packaging/debian/changelog"))?;
-        let maintainer = check_changelog(&changelog)?;
+        let (maintainer, date) = check_changelog(&changelog)?;
         assert!(
             maintainer.contains('<') && maintainer.ends_with('>'),
             "{maintainer}"
+        );
+        assert!(
+            seconds_since_epoch(&date)?.parse::<u64>()? > 1_700_000_000,
+            "{date}"
         );
         let e = check_changelog("cdn-steer (0.0.1) unstable; urgency=low\n").expect_err("old");
         assert!(e.to_string().contains("not an entry"), "{e}");
