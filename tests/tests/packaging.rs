@@ -412,14 +412,10 @@ fn package_installs_works_removes_and_purges() -> Result<()> {
     ] {
         let page = root.path(&format!("usr/share/man/man1/{page}.1.gz"));
         let text = output(Path::new("zcat"), &[page.to_str().context("path")?])?;
+        let text = stdout(&text);
         assert!(
-            stdout(&text).starts_with(".ie \\n(.g .ds Aq"),
-            "{}",
-            page.display()
-        );
-        assert!(
-            stdout(&text).contains(".TH cdn-steer"),
-            "{}",
+            text.contains(".TH cdn-steer") && text.contains(".SH NAME"),
+            "{}: {text}",
             page.display()
         );
     }
