@@ -80,8 +80,9 @@ pub fn host_arch() -> Result<&'static Arch> {
 /// Builds the static binaries, both targets in one cargo run so their builds share the
 /// dependency graph and the two cores. cdn-user's build script runs once per target and so
 /// builds the XDP object twice; aya-build compiles it for bpfel-unknown-none either way (the
-/// target only sets a `bpf_target_arch` cfg, which the XDP program does not read), and cargo
-/// keeps each one so a rebuild is quick.
+/// target only sets a `bpf_target_arch` cfg, which the XDP program does not read): the two
+/// objects' code is identical, only the paths in their debug information differ. Cargo keeps
+/// each, so a rebuild is quick.
 pub fn build() -> Result<()> {
     let host = host()?;
     let mut cargo = cmd::cargo();
