@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use cdn_user::{
     config, daemon,
     operator::{
@@ -11,7 +11,7 @@ use cdn_user::{
         logging, lookup,
     },
 };
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
 /// The exit codes, for `--help` and the README (which lists the same).
@@ -114,6 +114,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script, or write the man pages into DIR (print the main page
+    /// without DIR). For packaging, hence hidden.
+    #[command(hide = true)]
+    Generate {
+        what: Generated,
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Generated {
+    Man,
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -291,7 +306,35 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
+        Command::Generate { what, dir } => Ok(generate(what, dir)?),
     }
+}
+
+fn generate(what: Generated, dir: Option<PathBuf>) -> Result<()> {
+    use clap_complete::Shell;
+    let shell = match what {
+        Generated::Man => {
+            return match dir {
+                // One page per subcommand too: the main page only lists them by name.
+                Some(dir) => clap_mangen::generate_to(Cli::command(), &dir)
+                    .with_context(|| format!("writing the man pages into {}", dir.display())),
+                None => Ok(clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?),
+            };
+        }
+        Generated::Bash => Shell::Bash,
+        Generated::Zsh => Shell::Zsh,
+        Generated::Fish => Shell::Fish,
+    };
+    if dir.is_some() {
+        bail!("completions go to stdout; DIR is for the man pages");
+    }
+    // clap_complete offers hidden subcommands too; complete from a copy without them.
+    let full = Cli::command();
+    let mut visible = clap::Command::new("cdn-steer")
+        .version(env!("CARGO_PKG_VERSION"))
+        .subcommands(full.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
+    clap_complete::generate(shell, &mut visible, "cdn-steer", &mut std::io::stdout());
+    Ok(())
 }
 
 fn done(response: Response) -> Result<(), CliError> {

@@ -23,6 +23,21 @@ fn readme_configuration_example_is_the_checked_example() {
     config::parse(example).expect("the README example is a valid configuration");
 }
 
+/// The BIRD snippet the Debian package installs (`/usr/share/cdn-steer/bird/`) is the README's.
+#[test]
+fn readme_bird_snippet_is_the_packaged_one() {
+    let section = &README[README
+        .find("### BIRD\n")
+        .expect("the README has a BIRD section")..];
+    let start = section.find("```text\n").expect("with a snippet") + "```text\n".len();
+    let len = section[start..].find("```").expect("the snippet ends");
+    assert_eq!(
+        &section[start..start + len],
+        include_str!("../../packaging/bird/cdn-steer.conf"),
+        "the README's BIRD snippet differs from packaging/bird/cdn-steer.conf"
+    );
+}
+
 /// The README's table of keys: key → (default, on reload).
 fn readme_keys() -> BTreeMap<String, (String, String)> {
     const HEADER: &str = "| key | default | on reload | meaning |\n|---|---|---|---|\n";

@@ -3,6 +3,8 @@
 
 mod apt;
 mod cmd;
+mod deb;
+mod dist;
 mod setup;
 mod test;
 mod toolchain;
@@ -52,9 +54,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, then build the controller for the nodes: one static, stripped binary at
-    /// `target/<host triple>/dist/cdn-steer`.
+    /// Set up, then build the controller for the nodes: one static, stripped binary per
+    /// architecture, at `target/{x86_64,aarch64}-unknown-linux-gnu/dist/cdn-steer`.
     Dist,
+    /// Set up, build the static binaries, then one Debian package per architecture under
+    /// `target/deb/`, checked with lintian.
+    Deb,
     /// Set up, build the controller, then run the cdn-lab; all arguments are passed through,
     /// e.g. `cargo xtask run --duration 60 --nodes 3`.
     Run {
@@ -121,47 +126,14 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Dist => {
             setup::run()?;
-            dist()
+            dist::build()
+        }
+        Task::Deb => {
+            setup::run()?;
+            dist::build()?;
+            deb::lintian(&deb::build()?)
         }
     }
-}
-
-/// Builds the static controller binary. `crt-static` goes through RUSTFLAGS with an explicit
-/// `--target`, so that it applies to the binary but not to the build's own proc-macros.
-fn dist() -> Result<()> {
-    let out = cmd::new("rustc").arg("-vV").output()?;
-    let version = String::from_utf8_lossy(&out.stdout);
-    let host = version
-        .lines()
-        .find_map(|l| l.strip_prefix("host: "))
-        .ok_or_else(|| anyhow::anyhow!("`rustc -vV` printed no host triple"))?
-        .to_string();
-    cmd::run(
-        cmd::cargo()
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args([
-                "build",
-                "--profile",
-                "dist",
-                "-p",
-                "cdn-user",
-                "--bin",
-                "cdn-steer",
-            ])
-            .args(["--target", &host]),
-    )?;
-    let path = cmd::workspace_root()
-        .join("target")
-        .join(&host)
-        .join("dist")
-        .join("cdn-steer");
-    let size = std::fs::metadata(&path)?.len();
-    println!(
-        "{}: {:.1} MiB, static",
-        path.display(),
-        size as f64 / (1024.0 * 1024.0)
-    );
-    Ok(())
 }
 
 /// Runs a binary of the cdn-tests package, where the benchmark and the lab live, in release mode

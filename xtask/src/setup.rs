@@ -14,7 +14,10 @@ use crate::{apt, toolchain};
 /// - bpftool, iproute2, ethtool, xdp-tools: loading, inspecting and tuning XDP programs and veths;
 /// - bird2: the BGP speakers of the lab;
 /// - prometheus: `promtool`, which checks the metrics the controller exports;
-/// - curl, iputils-ping: traffic and reachability checks in the lab.
+/// - curl, iputils-ping: traffic and reachability checks in the lab;
+/// - gcc-aarch64-linux-gnu, libc6-dev-arm64-cross: the linker and the static glibc of the arm64
+///   build (`cargo xtask dist`);
+/// - qemu-user: runs that arm64 build in the tests; lintian: checks the Debian packages.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -26,6 +29,10 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     "curl",
     "iputils-ping",
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
+    "qemu-user",
+    "lintian",
 ];
 
 pub fn run() -> Result<()> {
@@ -35,6 +42,7 @@ pub fn run() -> Result<()> {
     // Before bpf-linker: building it needs LLVM's development files.
     apt::ensure(PACKAGES)?;
     toolchain::ensure_bpf_linker()?;
+    toolchain::ensure_target(toolchain::CROSS_TARGET)?;
     println!("setup: done in {:.2}s", start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
-use crate::{cmd, setup, toolchain};
+use crate::{cmd, deb, dist, setup, toolchain};
 
 /// The machines this runs on have two cores. The integration tests build network namespaces,
 /// veths and BIRD instances and measure packet rates; running more at once only adds noise and
@@ -69,6 +69,12 @@ pub fn run(options: &Options) -> Result<()> {
             "cdn-ebpf",
             "--bins",
         ]))
+    })?;
+    // The static binaries and the Debian packages take minutes to build (fat LTO, two
+    // architectures): built once here, tested by tests/tests/packaging.rs.
+    stages.run("package", || {
+        dist::build()?;
+        deb::build().map(drop)
     })?;
     stages.run("test", || cmd::run(&mut test_command(&options.args)))?;
     stages.report();

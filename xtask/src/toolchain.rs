@@ -218,6 +218,40 @@ fn short(commit: &str) -> &str {
     commit.get(..9).unwrap_or(commit)
 }
 
+/// The second architecture `cargo xtask dist` and `deb` build for (arm64 PoP boxes).
+pub const CROSS_TARGET: &str = "aarch64-unknown-linux-gnu";
+
+/// Adds the standard library for `target` to the toolchain that builds the controller (the one
+/// cargo picks in the workspace root, `RUSTUP_TOOLCHAIN` included), unless it is there already.
+pub fn ensure_target(target: &str) -> Result<()> {
+    let installed = |out: &std::process::Output| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|line| line.trim() == target)
+    };
+    let list = || {
+        cmd::output(cmd::new("rustup").current_dir(cmd::workspace_root()).args([
+            "target",
+            "list",
+            "--installed",
+        ]))
+    };
+    if installed(&list()?) {
+        println!("rust target: {target} ok");
+        return Ok(());
+    }
+    println!("installing rust target: {target}");
+    cmd::run(
+        cmd::new("rustup")
+            .current_dir(cmd::workspace_root())
+            .args(["target", "add", target]),
+    )?;
+    if !installed(&list()?) {
+        bail!("`rustup target add {target}` succeeded but the target is still not installed");
+    }
+    Ok(())
+}
+
 pub fn ensure_bpf_linker() -> Result<()> {
     let reinstall = match cmd::new("bpf-linker").arg("--version").output() {
         Ok(output) if output.status.success() => {
