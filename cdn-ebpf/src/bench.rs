@@ -23,7 +23,7 @@ use aya_ebpf::{
 
 use cdn_common::counters::Action;
 
-use crate::{steer, verdict};
+use crate::{steer, trace, verdict};
 
 /// Save area size; frames up to 255 bytes can be saved.
 const SAVED_BYTES: usize = 256;
@@ -84,6 +84,7 @@ pub fn bench_steer(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
     let verdict = steer::process(&ctx);
+    trace::trace(&ctx, verdict);
     // A frame that cannot be put back makes the run invalid: it is counted as aborted, like
     // the action returned.
     let verdict = match restore(&ctx, len) {

@@ -7,7 +7,7 @@ use cdn_user::{
     config, daemon,
     operator::{
         cli,
-        control::{self, Request, Response, StatusReport},
+        control::{self, Request, Response, StatusReport, TraceSpec},
     },
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -73,6 +73,31 @@ enum Command {
         dst: SocketAddr,
         #[arg(value_enum, default_value_t = Proto::Tcp)]
         proto: Proto,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Stream the data plane's decisions on this node live: flow, reason and action, member
+    /// and hop, interface. Runs until Ctrl-C or --count; one trace at a time per node.
+    Trace {
+        /// Only flows to this address (the VIP).
+        #[arg(long)]
+        vip: Option<std::net::IpAddr>,
+        /// Only flows from this address (the client).
+        #[arg(long)]
+        client: Option<std::net::IpAddr>,
+        /// Only flows to this port (the VIP side).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only packets with this verdict reason (as in the metrics, e.g. port_miss); repeat
+        /// for several.
+        #[arg(long = "reason")]
+        reasons: Vec<String>,
+        /// Stop after this many packets.
+        #[arg(long)]
+        count: Option<u64>,
+        /// One JSON object a line instead of text.
+        #[arg(long)]
+        json: bool,
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -182,7 +207,60 @@ fn run(cli: Cli) -> Result<()> {
             println!("accepted by: {}", r.accepted_by);
             Ok(())
         }
+        Command::Trace {
+            vip,
+            client,
+            port,
+            reasons,
+            count,
+            json,
+            config,
+        } => {
+            let spec = TraceSpec {
+                vip,
+                client,
+                port,
+                reasons,
+                count,
+            };
+            runtime()?.block_on(trace(config, spec, json))
+        }
     }
+}
+
+/// `cdn-steer trace`: prints every response line until the daemon ends the trace.
+async fn trace(config: Option<PathBuf>, spec: TraceSpec, json: bool) -> Result<()> {
+    use std::io::Write as _;
+    let socket = cli::control_socket_of(config.as_deref())?;
+    let mut responses = control::stream(&socket, &Request::Trace(spec)).await?;
+    let mut out = std::io::stdout().lock();
+    while let Some(response) = responses.next().await? {
+        if json {
+            writeln!(out, "{}", serde_json::to_string(&response)?)?;
+        }
+        match response {
+            Response::Trace(record) if !json => writeln!(out, "{record}")?,
+            Response::TraceLost { lost } if !json => writeln!(
+                out,
+                "-- {lost} events lost so far: the ring buffer was full"
+            )?,
+            Response::TraceEnd {
+                events,
+                lost,
+                reason,
+            } => {
+                if !json {
+                    writeln!(out, "-- {events} events, {lost} lost: {reason}")?;
+                }
+                return Ok(());
+            }
+            Response::Error { message } => bail!("{message}"),
+            _ => {}
+        }
+        // Line by line, so that a reader (or a pipe into grep) sees each packet at once.
+        out.flush()?;
+    }
+    bail!("the daemon closed the trace without ending it")
 }
 
 fn done(response: Response) -> Result<()> {

@@ -9,7 +9,8 @@
 //!
 //! Running: health changes, drain/undrain ([`views`] answers the control socket) and
 //! configuration reloads ([`reload`], on SIGHUP) rebuild the tables ([`core`]); next hops are
-//! refreshed every second ([`nexthops`]); metrics and the control socket are served.
+//! refreshed every second ([`nexthops`]); metrics and the control socket are served, and
+//! `cdn-steer trace` gets the program's decisions streamed ([`trace`]).
 //!
 //! Shutdown (SIGTERM/SIGINT): withdraw the routes and wait for BIRD to confirm, give the
 //! network a grace period to move traffic elsewhere, then detach the program. Maps stay
@@ -20,6 +21,7 @@ mod gossip;
 mod nexthops;
 mod reload;
 mod startup;
+mod trace;
 mod views;
 
 use std::{
@@ -101,9 +103,11 @@ pub async fn run(opts: Options) -> Result<()> {
     let control_task = {
         let shared = shared.clone();
         let rebuild = rebuild.clone();
+        let trace = trace::handler(shared.clone());
         tokio::spawn(control::serve(
             listener,
             Arc::new(move |req| views::handle_request(&shared, &rebuild, req)),
+            trace,
         ))
     };
 
@@ -232,6 +236,17 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     }
     let _ = stop_tx.send(true);
+    {
+        // A trace still connected ends with the daemon: the program must not go on looking
+        // for a reader that is gone (with --keep-attached it keeps running).
+        let mut core = shared.lock();
+        if core.tracing {
+            core.tracing = false;
+            if let Err(e) = core.write_node_config() {
+                log::error!("clearing the trace flag: {e:#}");
+            }
+        }
+    }
     if opts.detach_on_exit {
         tokio::time::sleep(opts.shutdown_grace).await;
         let mut core = shared.lock();

@@ -275,6 +275,8 @@ pub(super) fn handle_request(shared: &Shared, rebuild: &Notify, request: Request
     let result = match request {
         Request::Status => core.status().map(|s| Response::Status(Box::new(s))),
         Request::Lookup { src, dst, udp } => core.lookup(src, dst, udp).map(Response::Lookup),
+        // Streamed: the control socket hands it to `trace::handler` instead.
+        Request::Trace(_) => Err(anyhow::anyhow!("trace is answered as a stream")),
         Request::Drain | Request::Undrain => {
             let drain = matches!(request, Request::Drain);
             if core.draining == drain {
