@@ -84,7 +84,7 @@ pub fn bench_steer(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
     let verdict = steer::process(&ctx);
-    trace::trace(&ctx, verdict);
+    let verdict = trace::trace(&ctx, verdict);
     // A frame that cannot be put back makes the run invalid: it is counted as aborted, like
     // the action returned.
     let verdict = match restore(&ctx, len) {

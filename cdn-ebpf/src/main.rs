@@ -19,7 +19,7 @@ use aya_ebpf::{macros::xdp, programs::XdpContext};
 #[xdp]
 pub fn cdn_steer(ctx: XdpContext) -> u32 {
     let verdict = steer::process(&ctx);
-    trace::trace(&ctx, verdict);
+    let verdict = trace::trace(&ctx, verdict);
     verdict::finish(verdict)
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Cost when off: [`trace`] tests `NODE_TRACE` on the configuration entry (an array lookup the
 //! verifier inlines into a few instructions). Everything else lives in [`emit`], a separate BPF
-//! function that only a traced node calls. It checks the reason filter first (no packet
+//! function that only a traced node calls, and that the verifier checks only once (see
+//! [`traced`]). It checks the reason filter first (no packet
 //! access), then re-reads the frame as the packet path left it, and writes an event only for
 //! a packet that matches the whole filter.
 //!
@@ -25,22 +26,41 @@ use cdn_common::{
 };
 
 use crate::{
-    maps::{CONFIG, NEXT_HOPS, TRACE_EVENTS, TRACE_FILTER, TRACE_LOST},
+    maps::{CONFIG, NEXT_HOPS, TRACE_EVENTS, TRACE_FILTER, TRACE_LOST, TRACE_SCRATCH},
     packet::Frame,
     parse::parse_l2,
     verdict::Verdict,
     wire::{ipv4, ipv6, proto, steer, tcp, udp},
 };
 
-/// Reports the packet's verdict if a trace is running. Call after the packet path, before
-/// counting: the frame is then as the packet leaves.
+/// Reports the packet's verdict if a trace is running, and returns it for counting. Call after
+/// the packet path, before counting: the frame is then as the packet leaves.
 #[inline(always)]
-pub fn trace(ctx: &XdpContext, verdict: Verdict) {
-    if let Some(cfg) = CONFIG.get(0)
-        && cfg.flags & NODE_TRACE != 0
-    {
-        emit(ctx, verdict);
+pub fn trace(ctx: &XdpContext, verdict: Verdict) -> Verdict {
+    match CONFIG.get(0) {
+        Some(cfg) if cfg.flags & NODE_TRACE != 0 => traced(ctx, verdict),
+        _ => verdict,
     }
+}
+
+/// Every path reaches the trace with its own constant verdict, and the verifier checks a
+/// called function again for every state it is called in: [`emit`] would be verified once
+/// per path (it doubled the program's verified instructions, close to the kernel's limit).
+/// Loaded back from map memory, the verdict is a value the verifier does not know, so the
+/// states of all paths are alike and `emit` (and the counting after it) is verified once.
+#[inline(always)]
+fn traced(ctx: &XdpContext, verdict: Verdict) -> Verdict {
+    let Some(slot) = TRACE_SCRATCH.get_ptr_mut(0) else {
+        return verdict;
+    };
+    // SAFETY: per-CPU slot of our map, and XDP runs with preemption disabled, so nobody else
+    // touches it. Volatile, so the compiler keeps the round trip through memory.
+    let verdict = unsafe {
+        core::ptr::write_volatile(slot, verdict);
+        core::ptr::read_volatile(slot)
+    };
+    emit(ctx, verdict);
+    verdict
 }
 
 /// An IP header's addresses (as loaded: network-order bytes), protocol, and where its payload
