@@ -28,7 +28,7 @@ use cdn_common::{
 use crate::{
     maps::{CONFIG, NEXT_HOPS, TRACE_EVENTS, TRACE_FILTER, TRACE_LOST, TRACE_SCRATCH},
     packet::Frame,
-    parse::parse_l2,
+    parse::{dst_addr_off, parse_l2, src_addr_off},
     verdict::Verdict,
     wire::{ipv4, ipv6, proto, steer, tcp, udp},
 };
@@ -63,60 +63,51 @@ fn traced(ctx: &XdpContext, verdict: Verdict) -> Verdict {
     verdict
 }
 
-/// An IP header's addresses (as loaded: network-order bytes), protocol, and where its payload
-/// starts.
+/// Where the client's packet sits in the frame: offsets only, so that a packet the filter
+/// rejects costs no copying. Addresses are read from the frame where they are needed.
 #[derive(Clone, Copy)]
-struct Ip {
-    src: [u32; 4],
-    dst: [u32; 4],
+struct Found {
+    /// The client's IP header, its family, protocol, and the transport header.
+    l3: usize,
+    v6: bool,
     proto: u8,
     l4: usize,
+    /// The outer IP header of a steering packet, and its family; `steer` is the steering
+    /// header's offset, 0 if the frame carries none.
+    outer_l3: usize,
+    outer_v6: bool,
+    steer: usize,
 }
 
-/// What the frame shows, before the filter decides whether to write an event.
-#[derive(Clone, Copy)]
-struct Seen {
-    flow: Ip,
-    ports: [u16; 2],
-    tcp_flags: u8,
-    flags: u8,
-    underlay: [[u32; 4]; 2],
-    steer_hops: [u16; 2],
-    steer_budget: u8,
-}
-
-const NOTHING: Ip = Ip {
-    src: [0; 4],
-    dst: [0; 4],
-    proto: 0,
-    l4: 0,
-};
-
-/// The IP header at `l3`. One- and two-byte fields are read two bytes at a time (see
-/// `Frame::at`); BPF is little-endian, so the first byte is the low half.
+/// Protocol and transport offset of the IP header at `l3`. One-byte fields are read two bytes
+/// at a time (see `Frame::at`); BPF is little-endian, so the first byte is the low half.
 #[inline(always)]
-fn ip_at(frame: &Frame, l3: usize, v6: bool) -> Option<Ip> {
+fn ip_at(frame: &Frame, l3: usize, v6: bool) -> Option<(u8, usize)> {
     if v6 {
         let next_and_hop_limit = frame.read::<u16>(l3 + ipv6::NEXT_HEADER.off())?;
-        Some(Ip {
-            src: frame.read(l3 + ipv6::SRC.off())?,
-            dst: frame.read(l3 + ipv6::DST.off())?,
-            proto: next_and_hop_limit as u8,
-            l4: l3 + ipv6::LEN,
-        })
+        frame.read::<[u32; 4]>(l3 + ipv6::DST.off())?;
+        Some((next_and_hop_limit as u8, l3 + ipv6::LEN))
     } else {
         let ver_ihl = frame.read::<u16>(l3 + ipv4::VER_IHL.off())? as u8;
         let ttl_and_proto = frame.read::<u16>(l3 + ipv4::TTL.off())?;
+        frame.read::<u32>(l3 + ipv4::DST.off())?;
         let ihl = (ver_ihl & 0x0f) as usize * 4;
         if ihl < ipv4::LEN {
             return None;
         }
-        Some(Ip {
-            src: [frame.read(l3 + ipv4::SRC.off())?, 0, 0, 0],
-            dst: [frame.read(l3 + ipv4::DST.off())?, 0, 0, 0],
-            proto: (ttl_and_proto >> 8) as u8,
-            l4: l3 + ihl,
-        })
+        Some(((ttl_and_proto >> 8) as u8, l3 + ihl))
+    }
+}
+
+/// The address at `off` as four words (IPv4: the first word, the others zero). Only called
+/// for headers `find` saw whole; a missing address reads as zero, never as an `Option`, whose
+/// undefined payload the compiler may move into a register the verifier then rejects.
+#[inline(always)]
+fn addr_at(frame: &Frame, off: usize, v6: bool) -> [u32; 4] {
+    if v6 {
+        frame.read::<[u32; 4]>(off).unwrap_or([0; 4])
+    } else {
+        [frame.read::<u32>(off).unwrap_or(0), 0, 0, 0]
     }
 }
 
@@ -133,92 +124,95 @@ fn bytes(words: [u32; 4]) -> [u8; 16] {
     unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
 }
 
+/// Whether the IP header at `l3` is from or to this node's underlay address.
 #[inline(always)]
-fn is_underlay(cfg: &NodeConfig, addr: [u32; 4], v6: bool) -> bool {
+fn touches_underlay(frame: &Frame, cfg: &NodeConfig, l3: usize, v6: bool) -> bool {
+    let (src, dst) = (src_addr_off(l3, v6), dst_addr_off(l3, v6));
     if v6 {
         let ours = words(&cfg.underlay_v6);
-        ours == addr && ours != [0; 4]
+        ours != [0; 4]
+            && (frame.read::<[u32; 4]>(src) == Some(ours)
+                || frame.read::<[u32; 4]>(dst) == Some(ours))
     } else {
         let ours = u32::from_ne_bytes(cfg.underlay_v4);
-        ours == addr[0] && ours != 0
+        ours != 0 && (frame.read::<u32>(src) == Some(ours) || frame.read::<u32>(dst) == Some(ours))
     }
 }
 
-/// Reads the client's flow from the frame; `None` if the frame is not IP or too short, in
-/// which case `seen` keeps what was found so far.
+/// Finds the client's packet in the frame; `None` if the frame is not IP or is cut short.
 #[inline(always)]
-fn look(frame: &Frame, cfg: &NodeConfig, seen: &mut Seen) -> Option<()> {
+fn find(frame: &Frame, cfg: &NodeConfig) -> Option<Found> {
     let l2 = parse_l2(frame).ok()??;
-    let mut v6 = l2.v6;
-    let mut ip = ip_at(frame, l2.l3_off, v6)?;
-    if ip.proto == proto::UDP
-        && frame.get(ip.l4, udp::DST_PORT).map(u16::from_be) == Some(cfg.steer_port)
-        && (is_underlay(cfg, ip.src, v6) || is_underlay(cfg, ip.dst, v6))
+    let (proto, l4) = ip_at(frame, l2.l3_off, l2.v6)?;
+    let plain = Found {
+        l3: l2.l3_off,
+        v6: l2.v6,
+        proto,
+        l4,
+        outer_l3: 0,
+        outer_v6: false,
+        steer: 0,
+    };
+    if proto != proto::UDP
+        || frame.get(l4, udp::DST_PORT).map(u16::from_be) != Some(cfg.steer_port)
+        || !touches_underlay(frame, cfg, l2.l3_off, l2.v6)
     {
-        let steer_off = ip.l4 + udp::LEN;
-        // Version and flags, then budget and hop count, then the hops.
-        let [version, flags] = frame
-            .read::<u16>(steer_off + steer::VERSION.off())?
-            .to_le_bytes();
-        let [budget, count] = frame
-            .read::<u16>(steer_off + steer::HOP_BUDGET.off())?
-            .to_le_bytes();
-        let hops = frame.get(steer_off, steer::HOPS)?;
-        if version == STEER_VERSION {
-            seen.flags |= TRACE_EV_STEERED | if v6 { TRACE_EV_UNDERLAY_V6 } else { 0 };
-            seen.underlay = [ip.src, ip.dst];
-            seen.steer_budget = budget;
-            seen.steer_hops = [
-                if count >= 1 {
-                    u16::from_be(hops[0])
-                } else {
-                    NO_MEMBER
-                },
-                if count >= 2 {
-                    u16::from_be(hops[1])
-                } else {
-                    NO_MEMBER
-                },
-            ];
-            v6 = flags & STEER_INNER_V6 != 0;
-            ip = ip_at(frame, steer_off + steer::LEN, v6)?;
-        }
+        return Some(plain);
     }
-    seen.flow = ip;
-    seen.flags |= TRACE_EV_FLOW | if v6 { TRACE_EV_V6 } else { 0 };
-    if ip.proto == proto::TCP || ip.proto == proto::UDP {
-        let ports = frame.get(ip.l4, udp::PORTS)?;
-        seen.ports = [
-            u16::from_be(ports as u16),
-            u16::from_be((ports >> 16) as u16),
-        ];
+    let steer = l4 + udp::LEN;
+    let [version, flags] = frame.read::<u16>(steer + steer::VERSION.off())?.to_le_bytes();
+    if version != STEER_VERSION {
+        return Some(plain);
     }
-    if ip.proto == proto::TCP {
-        // Data offset, then the flags: the flags are the high half.
-        seen.tcp_flags = (frame.read::<u16>(ip.l4 + tcp::DATA_OFF.off())? >> 8) as u8;
-    }
-    Some(())
+    let v6 = flags & STEER_INNER_V6 != 0;
+    let l3 = steer + steer::LEN;
+    let (proto, l4) = ip_at(frame, l3, v6)?;
+    Some(Found {
+        l3,
+        v6,
+        proto,
+        l4,
+        outer_l3: l2.l3_off,
+        outer_v6: l2.v6,
+        steer,
+    })
 }
 
-/// Whether the filter wants a packet that shows `seen`.
+/// The flow's ports (source, destination; host order), zero for protocols without ports.
 #[inline(always)]
-fn wanted(f: &TraceFilter, seen: &Seen) -> bool {
-    let by_flow = TRACE_MATCH_VIP | TRACE_MATCH_CLIENT | TRACE_MATCH_PORT;
-    if f.fields & by_flow != 0 && seen.flags & TRACE_EV_FLOW == 0 {
+fn ports(frame: &Frame, at: &Found) -> [u16; 2] {
+    if at.proto != proto::TCP && at.proto != proto::UDP {
+        return [0; 2];
+    }
+    let ports = frame.get(at.l4, udp::PORTS).unwrap_or(0);
+    [u16::from_be(ports as u16), u16::from_be((ports >> 16) as u16)]
+}
+
+/// Whether the filter wants a packet found `at` (`None`: no flow in the frame).
+#[inline(always)]
+fn wanted(f: &TraceFilter, frame: &Frame, at: Option<Found>) -> bool {
+    if f.fields & (TRACE_MATCH_VIP | TRACE_MATCH_CLIENT | TRACE_MATCH_PORT) == 0 {
+        return true;
+    }
+    let Some(at) = at else {
+        return false;
+    };
+    if f.fields & (TRACE_MATCH_VIP | TRACE_MATCH_CLIENT) != 0
+        && (f.fields & TRACE_MATCH_V6 != 0) != at.v6
+    {
         return false;
     }
-    let by_addr = TRACE_MATCH_VIP | TRACE_MATCH_CLIENT;
-    let v6 = seen.flags & TRACE_EV_V6 != 0;
-    if f.fields & by_addr != 0 && (f.fields & TRACE_MATCH_V6 != 0) != v6 {
+    if f.fields & TRACE_MATCH_VIP != 0
+        && addr_at(frame, dst_addr_off(at.l3, at.v6), at.v6) != words(&f.vip)
+    {
         return false;
     }
-    if f.fields & TRACE_MATCH_VIP != 0 && words(&f.vip) != seen.flow.dst {
+    if f.fields & TRACE_MATCH_CLIENT != 0
+        && addr_at(frame, src_addr_off(at.l3, at.v6), at.v6) != words(&f.client)
+    {
         return false;
     }
-    if f.fields & TRACE_MATCH_CLIENT != 0 && words(&f.client) != seen.flow.src {
-        return false;
-    }
-    !(f.fields & TRACE_MATCH_PORT != 0 && f.port != seen.ports[1])
+    !(f.fields & TRACE_MATCH_PORT != 0 && ports(frame, &at)[1] != f.port)
 }
 
 /// Writes the event of a traced packet if the filter wants it. A separate BPF function: its
@@ -235,49 +229,29 @@ fn emit(ctx: &XdpContext, verdict: Verdict) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
         return 0;
     };
-    let mut seen = Seen {
-        flow: NOTHING,
-        ports: [0; 2],
-        tcp_flags: 0,
-        flags: 0,
-        underlay: [[0; 4]; 2],
-        steer_hops: [NO_MEMBER; 2],
-        steer_budget: 0,
-    };
-    // A frame that cannot be read to the end still gets an event with what was found.
-    let _ = look(&Frame::new(ctx), cfg, &mut seen);
-    if !wanted(f, &seen) {
+    let frame = Frame::new(ctx);
+    let at = find(&frame, cfg);
+    if !wanted(f, &frame, at) {
         return 0;
     }
-    let target = verdict.target();
-    let fib_lookup = verdict.info() & 1 << Reason::FibLookup as u32 != 0;
-    let egress_ifindex = if verdict.action() == Action::Redirect as u32 && !fib_lookup {
-        NEXT_HOPS.get(target as u32).map_or(0, |nh| nh.ifindex)
-    } else {
-        0
-    };
-    let event = TraceEvent {
+    let mut event = TraceEvent {
         // SAFETY: helper without arguments.
         time_ns: unsafe { bpf_ktime_get_ns() },
-        src: bytes(seen.flow.src),
-        dst: bytes(seen.flow.dst),
-        underlay_src: bytes(seen.underlay[0]),
-        underlay_dst: bytes(seen.underlay[1]),
         info: verdict.info(),
         ifindex: ctx.ingress_ifindex() as u32,
-        egress_ifindex,
-        src_port: seen.ports[0],
-        dst_port: seen.ports[1],
-        target,
-        steer_hops: seen.steer_hops,
+        target: verdict.target(),
+        steer_hops: [NO_MEMBER; 2],
         reason: verdict.reason() as u8,
         action: verdict.action() as u8,
-        proto: seen.flow.proto,
-        tcp_flags: seen.tcp_flags,
-        flags: seen.flags,
-        steer_budget: seen.steer_budget,
-        _pad: [0; 4],
+        ..TraceEvent::default()
     };
+    let fib_lookup = verdict.info() & 1 << Reason::FibLookup as u32 != 0;
+    if verdict.action() == Action::Redirect as u32 && !fib_lookup {
+        event.egress_ifindex = NEXT_HOPS.get(event.target as u32).map_or(0, |nh| nh.ifindex);
+    }
+    if let Some(at) = at {
+        describe(&frame, &at, &mut event);
+    }
     // A full ring means the reader falls behind: count what it misses.
     if TRACE_EVENTS.output::<TraceEvent>(&event, 0).is_err()
         && let Some(lost) = TRACE_LOST.get_ptr_mut(0)
@@ -287,4 +261,38 @@ fn emit(ctx: &XdpContext, verdict: Verdict) -> u32 {
         unsafe { *lost += 1 };
     }
     0
+}
+
+/// Fills in the flow and the steering header of a packet that passed the filter.
+#[inline(always)]
+fn describe(frame: &Frame, at: &Found, e: &mut TraceEvent) {
+    e.src = bytes(addr_at(frame, src_addr_off(at.l3, at.v6), at.v6));
+    e.dst = bytes(addr_at(frame, dst_addr_off(at.l3, at.v6), at.v6));
+    e.proto = at.proto;
+    e.flags = TRACE_EV_FLOW | if at.v6 { TRACE_EV_V6 } else { 0 };
+    [e.src_port, e.dst_port] = ports(frame, at);
+    if at.proto == proto::TCP {
+        // Data offset, then the flags: the flags are the high half.
+        e.tcp_flags = (frame
+            .read::<u16>(at.l4 + tcp::DATA_OFF.off())
+            .unwrap_or(0)
+            >> 8) as u8;
+    }
+    if at.steer == 0 {
+        return;
+    }
+    let (l3, v6) = (at.outer_l3, at.outer_v6);
+    let [budget, count] = frame
+        .read::<u16>(at.steer + steer::HOP_BUDGET.off())
+        .unwrap_or(0)
+        .to_le_bytes();
+    let hops = frame.get(at.steer, steer::HOPS).unwrap_or([0; 2]);
+    e.flags |= TRACE_EV_STEERED | if v6 { TRACE_EV_UNDERLAY_V6 } else { 0 };
+    e.underlay_src = bytes(addr_at(frame, src_addr_off(l3, v6), v6));
+    e.underlay_dst = bytes(addr_at(frame, dst_addr_off(l3, v6), v6));
+    e.steer_budget = budget;
+    e.steer_hops = [
+        if count >= 1 { u16::from_be(hops[0]) } else { NO_MEMBER },
+        if count >= 2 { u16::from_be(hops[1]) } else { NO_MEMBER },
+    ];
 }

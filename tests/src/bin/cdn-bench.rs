@@ -16,9 +16,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use cdn_common::maps::{
-    BASELINE_PROGRAM_NAME, BENCH_BASELINE_PROGRAM_NAME, BENCH_PROGRAM_NAME, PROGRAM_NAME,
-    SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
+use cdn_common::{
+    maps::{
+        BASELINE_PROGRAM_NAME, BENCH_BASELINE_PROGRAM_NAME, BENCH_PROGRAM_NAME, NODE_TRACE,
+        PROGRAM_NAME, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
+    },
+    trace::{TRACE_MATCH_VIP, TraceFilter},
 };
 use cdn_tests::{
     netns::Netns,
@@ -79,6 +82,19 @@ struct Path {
     frame: Vec<u8>,
     action: u32,
     method: Method,
+    /// Timed with a live trace running (`NODE_TRACE`) whose filter matches nothing.
+    traced: bool,
+}
+
+/// Turns the live trace on or off for the next runs.
+fn set_tracing(s: &mut Scenario, on: bool) -> Result<()> {
+    s.update_config(|c| {
+        if on {
+            c.flags |= NODE_TRACE;
+        } else {
+            c.flags &= !NODE_TRACE;
+        }
+    })
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -92,6 +108,7 @@ fn time_path(s: &mut Scenario, p: &Path, repeat: u32) -> Result<(f64, f64)> {
         Method::Wrapped => (BENCH_PROGRAM_NAME, BENCH_BASELINE_PROGRAM_NAME),
         Method::Direct => (PROGRAM_NAME, BASELINE_PROGRAM_NAME),
     };
+    set_tracing(s, p.traced)?;
     let (action, gross) = s.dp.time_run(program, &p.frame, repeat)?;
     if action != p.action {
         bail!(
@@ -223,6 +240,7 @@ fn run(args: &Args) -> Result<()> {
                 frame: frame.clone(),
                 action,
                 method: *method,
+                traced: false,
             });
         }
     };
@@ -299,7 +317,38 @@ fn run(args: &Args) -> Result<()> {
         xdp::PASS,
         &[Direct, Wrapped],
     );
+    // A trace of another VIP: the filter is only decided once the frame has been read again
+    // to the inner packet's destination, the most a non-matching packet costs.
+    s.dp.set_trace_filter(&TraceFilter {
+        vip: [192, 0, 2, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        fields: TRACE_MATCH_VIP,
+        ..TraceFilter::default()
+    })?;
+    for (name, frame, action, method) in [
+        (
+            "ingress forward IPv4, trace on, no match",
+            plain(&fwd4, Tcp::ACK),
+            xdp::TX,
+            Wrapped,
+        ),
+        (
+            "non-VIP pass, trace on, no match [direct]",
+            plain(&non_vip, Tcp::ACK),
+            xdp::PASS,
+            Direct,
+        ),
+    ] {
+        paths.push(Path {
+            name: name.to_string(),
+            frame,
+            action,
+            method,
+            traced: true,
+        });
+    }
+    let mut trace_reader = s.dp.take_trace_reader().context("the trace reader")?;
     for p in &paths {
+        set_tracing(&mut s, p.traced)?;
         let run = s.run(&p.frame)?;
         if run.action != p.action {
             bail!(
@@ -309,6 +358,9 @@ fn run(args: &Args) -> Result<()> {
                 run.action,
                 run.counted
             );
+        }
+        if trace_reader.next_event().is_some() {
+            bail!("{}: the filter that matches nothing let an event through", p.name);
         }
     }
 
