@@ -4,9 +4,9 @@
 //! Cost when off: [`trace`] tests `NODE_TRACE` on the configuration entry (an array lookup the
 //! verifier inlines into a few instructions). Everything else lives in [`emit`], a separate BPF
 //! function that only a traced node calls, and that the verifier checks only once (see
-//! [`traced`]). It checks the reason filter first (no packet
-//! access), then re-reads the frame as the packet path left it, and writes an event only for
-//! a packet that matches the whole filter.
+//! [`traced`]). The reason filter is checked first, inline (no packet access); `emit` then
+//! re-reads the frame as the packet path left it, and writes an event only for a packet that
+//! matches the whole filter.
 //!
 //! The frame may have been encapsulated (this node sent it on), decapsulated (accepted from a
 //! steering packet) or left alone. A frame that carries a steering header is recognised the
@@ -50,6 +50,14 @@ pub fn trace(ctx: &XdpContext, verdict: Verdict) -> Verdict {
 /// states of all paths are alike and `emit` (and the counting after it) is verified once.
 #[inline(always)]
 fn traced(ctx: &XdpContext, verdict: Verdict) -> Verdict {
+    // Cheapest first, before anything else: the reason filter needs no look at the packet.
+    // Reasons fit in 32 bits.
+    let Some(f) = TRACE_FILTER.get(0) else {
+        return verdict;
+    };
+    if f.reasons != 0 && f.reasons & (1 << (verdict.reason() & 31)) == 0 {
+        return verdict;
+    }
     let Some(slot) = TRACE_SCRATCH.get_ptr_mut(0) else {
         return verdict;
     };
@@ -160,7 +168,9 @@ fn find(frame: &Frame, cfg: &NodeConfig) -> Option<Found> {
         return Some(plain);
     }
     let steer = l4 + udp::LEN;
-    let [version, flags] = frame.read::<u16>(steer + steer::VERSION.off())?.to_le_bytes();
+    let [version, flags] = frame
+        .read::<u16>(steer + steer::VERSION.off())?
+        .to_le_bytes();
     if version != STEER_VERSION {
         return Some(plain);
     }
@@ -185,7 +195,10 @@ fn ports(frame: &Frame, at: &Found) -> [u16; 2] {
         return [0; 2];
     }
     let ports = frame.get(at.l4, udp::PORTS).unwrap_or(0);
-    [u16::from_be(ports as u16), u16::from_be((ports >> 16) as u16)]
+    [
+        u16::from_be(ports as u16),
+        u16::from_be((ports >> 16) as u16),
+    ]
 }
 
 /// Whether the filter wants a packet found `at` (`None`: no flow in the frame).
@@ -219,13 +232,10 @@ fn wanted(f: &TraceFilter, frame: &Frame, at: Option<Found>) -> bool {
 /// stack frame and code stay off the path of a node that is not traced.
 #[inline(never)]
 fn emit(ctx: &XdpContext, verdict: Verdict) -> u32 {
+    // The reasons were checked by the caller.
     let Some(f) = TRACE_FILTER.get(0) else {
         return 0;
     };
-    // Cheapest first: the reason needs no look at the packet. Reasons fit in 32 bits.
-    if f.reasons != 0 && f.reasons & (1 << (verdict.reason() & 31)) == 0 {
-        return 0;
-    }
     let Some(cfg) = CONFIG.get(0) else {
         return 0;
     };
@@ -247,7 +257,9 @@ fn emit(ctx: &XdpContext, verdict: Verdict) -> u32 {
     };
     let fib_lookup = verdict.info() & 1 << Reason::FibLookup as u32 != 0;
     if verdict.action() == Action::Redirect as u32 && !fib_lookup {
-        event.egress_ifindex = NEXT_HOPS.get(event.target as u32).map_or(0, |nh| nh.ifindex);
+        event.egress_ifindex = NEXT_HOPS
+            .get(event.target as u32)
+            .map_or(0, |nh| nh.ifindex);
     }
     if let Some(at) = at {
         describe(&frame, &at, &mut event);
@@ -273,10 +285,7 @@ fn describe(frame: &Frame, at: &Found, e: &mut TraceEvent) {
     [e.src_port, e.dst_port] = ports(frame, at);
     if at.proto == proto::TCP {
         // Data offset, then the flags: the flags are the high half.
-        e.tcp_flags = (frame
-            .read::<u16>(at.l4 + tcp::DATA_OFF.off())
-            .unwrap_or(0)
-            >> 8) as u8;
+        e.tcp_flags = (frame.read::<u16>(at.l4 + tcp::DATA_OFF.off()).unwrap_or(0) >> 8) as u8;
     }
     if at.steer == 0 {
         return;
@@ -292,7 +301,15 @@ fn describe(frame: &Frame, at: &Found, e: &mut TraceEvent) {
     e.underlay_dst = bytes(addr_at(frame, dst_addr_off(l3, v6), v6));
     e.steer_budget = budget;
     e.steer_hops = [
-        if count >= 1 { u16::from_be(hops[0]) } else { NO_MEMBER },
-        if count >= 2 { u16::from_be(hops[1]) } else { NO_MEMBER },
+        if count >= 1 {
+            u16::from_be(hops[0])
+        } else {
+            NO_MEMBER
+        },
+        if count >= 2 {
+            u16::from_be(hops[1])
+        } else {
+            NO_MEMBER
+        },
     ];
 }

@@ -444,3 +444,95 @@ async fn answer(
     write.shutdown().await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarded() -> TraceRecord {
+        TraceRecord {
+            // 12:34:56.123456 UTC on the first day of the epoch.
+            time: 45_296.123_456,
+            interface: "eth0".into(),
+            ifindex: 2,
+            proto: "tcp".into(),
+            src: Some("198.51.100.7".parse().expect("address")),
+            src_port: 40000,
+            dst: Some("192.0.2.1".parse().expect("address")),
+            dst_port: 443,
+            tcp_flags: Some("A".into()),
+            reason: "forwarded".into(),
+            action: "redirect".into(),
+            info: Vec::new(),
+            hop: Some("first hop".into()),
+            member_id: Some(2),
+            member: Some("node-b".into()),
+            egress: Some("eth1".into()),
+            underlay_src: Some("10.0.0.1".parse().expect("address")),
+            underlay_dst: Some("10.0.0.2".parse().expect("address")),
+            steer_budget: Some(3),
+            steer_hops: vec![4],
+        }
+    }
+
+    #[test]
+    fn trace_lines_read_like_a_packet_log() {
+        assert_eq!(
+            forwarded().to_string(),
+            "12:34:56.123456 eth0 tcp 198.51.100.7:40000 -> 192.0.2.1:443 [A] \
+             forwarded/redirect first hop -> node-b (id 2) via eth1 \
+             underlay 10.0.0.1 -> 10.0.0.2 budget 3 hops [4]"
+        );
+        let drop = TraceRecord {
+            time: 45_297.5,
+            proto: "udp".into(),
+            src_port: 5353,
+            dst_port: 9999,
+            tcp_flags: None,
+            reason: "port_miss".into(),
+            action: "drop".into(),
+            hop: None,
+            member_id: None,
+            member: None,
+            egress: None,
+            underlay_src: None,
+            underlay_dst: None,
+            steer_budget: None,
+            steer_hops: Vec::new(),
+            ..forwarded()
+        };
+        assert_eq!(
+            drop.to_string(),
+            "12:34:57.500000 eth0 udp 198.51.100.7:5353 -> 192.0.2.1:9999 port_miss/drop"
+        );
+    }
+
+    #[test]
+    fn trace_responses_are_one_json_object_a_line() -> Result<(), serde_json::Error> {
+        let request = Request::Trace(TraceSpec {
+            port: Some(443),
+            count: Some(10),
+            ..TraceSpec::default()
+        });
+        let line = serde_json::to_string(&request)?;
+        assert_eq!(
+            line,
+            r#"{"cmd":"trace","vip":null,"client":null,"port":443,"reasons":[],"count":10}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&line)?, request);
+        let event = serde_json::to_value(Response::Trace(Box::new(forwarded())))?;
+        assert_eq!(event["result"], "trace");
+        assert_eq!(event["member"], "node-b");
+        assert_eq!(event["dst_port"], 443);
+        let end = serde_json::to_string(&Response::TraceEnd {
+            events: 10,
+            lost: 0,
+            reason: "count reached".into(),
+        })?;
+        assert_eq!(
+            end,
+            r#"{"result":"trace_end","events":10,"lost":0,"reason":"count reached"}"#
+        );
+        Ok(())
+    }
+}

@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use cdn_common::{
+    counters::Reason,
     maps::{
         BASELINE_PROGRAM_NAME, BENCH_BASELINE_PROGRAM_NAME, BENCH_PROGRAM_NAME, NODE_TRACE,
         PROGRAM_NAME, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
@@ -82,14 +83,17 @@ struct Path {
     frame: Vec<u8>,
     action: u32,
     method: Method,
-    /// Timed with a live trace running (`NODE_TRACE`) whose filter matches nothing.
-    traced: bool,
+    /// Timed with a live trace running (`NODE_TRACE`) with this filter; `None`: no trace.
+    traced: Option<TraceFilter>,
 }
 
-/// Turns the live trace on or off for the next runs.
-fn set_tracing(s: &mut Scenario, on: bool) -> Result<()> {
+/// Turns the live trace on (with `filter`) or off for the next runs.
+fn set_tracing(s: &mut Scenario, filter: Option<TraceFilter>) -> Result<()> {
+    if let Some(filter) = &filter {
+        s.dp.set_trace_filter(filter)?;
+    }
     s.update_config(|c| {
-        if on {
+        if filter.is_some() {
             c.flags |= NODE_TRACE;
         } else {
             c.flags &= !NODE_TRACE;
@@ -240,7 +244,7 @@ fn run(args: &Args) -> Result<()> {
                 frame: frame.clone(),
                 action,
                 method: *method,
-                traced: false,
+                traced: None,
             });
         }
     };
@@ -318,24 +322,38 @@ fn run(args: &Args) -> Result<()> {
         &[Direct, Wrapped],
     );
     // A trace of another VIP: the filter is only decided once the frame has been read again
-    // to the inner packet's destination, the most a non-matching packet costs.
-    s.dp.set_trace_filter(&TraceFilter {
+    // to the inner packet's destination, the most a non-matching packet costs. A trace of
+    // another reason is decided before the packet is looked at.
+    let other_vip = TraceFilter {
         vip: [192, 0, 2, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         fields: TRACE_MATCH_VIP,
         ..TraceFilter::default()
-    })?;
-    for (name, frame, action, method) in [
+    };
+    let other_reason = TraceFilter {
+        reasons: 1 << Reason::TooBig as u32,
+        ..TraceFilter::default()
+    };
+    for (name, frame, action, method, filter) in [
         (
-            "ingress forward IPv4, trace on, no match",
+            "ingress forward IPv4, trace of another VIP",
             plain(&fwd4, Tcp::ACK),
             xdp::TX,
             Wrapped,
+            other_vip,
         ),
         (
-            "non-VIP pass, trace on, no match [direct]",
+            "ingress forward IPv4, trace of another reason",
+            plain(&fwd4, Tcp::ACK),
+            xdp::TX,
+            Wrapped,
+            other_reason,
+        ),
+        (
+            "non-VIP pass, trace of another VIP [direct]",
             plain(&non_vip, Tcp::ACK),
             xdp::PASS,
             Direct,
+            other_vip,
         ),
     ] {
         paths.push(Path {
@@ -343,7 +361,7 @@ fn run(args: &Args) -> Result<()> {
             frame,
             action,
             method,
-            traced: true,
+            traced: Some(filter),
         });
     }
     let mut trace_reader = s.dp.take_trace_reader().context("the trace reader")?;
@@ -360,7 +378,10 @@ fn run(args: &Args) -> Result<()> {
             );
         }
         if trace_reader.next_event().is_some() {
-            bail!("{}: the filter that matches nothing let an event through", p.name);
+            bail!(
+                "{}: the filter that matches nothing let an event through",
+                p.name
+            );
         }
     }
 
