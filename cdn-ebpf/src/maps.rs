@@ -14,8 +14,6 @@ use cdn_common::{
     trace::{TRACE_RING_BYTES, TraceFilter},
 };
 
-use crate::verdict::Verdict;
-
 /// This node's configuration: one entry.
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
@@ -68,12 +66,6 @@ pub static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
 /// Trace events lost because the ring was full, per CPU: the controller reports them.
 #[map(name = "TRACE_LOST")]
 pub static TRACE_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-/// Where a traced packet's verdict makes a round trip before the trace looks at it: a value
-/// loaded from a map is unknown to the verifier, so `trace::emit` is verified once for every
-/// verdict instead of once per path (see `trace::trace`). Not pinned: nothing outlives a run.
-#[map(name = "TRACE_SCRATCH")]
-pub static TRACE_SCRATCH: PerCpuArray<Verdict> = PerCpuArray::with_max_entries(1, 0);
 
 /// Bumps one slot of `COUNTERS`; only `verdict::finish` calls it.
 #[inline(always)]

@@ -14,7 +14,9 @@
 //! address. The client's flow is then read from the inner packet. The walk is bounded: at most
 //! one encapsulation, no IPv6 extension headers (a flow behind them shows no ports).
 
-use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{
+    helpers::generated::bpf_ktime_get_ns, macros::map, maps::PerCpuArray, programs::XdpContext,
+};
 use cdn_common::{
     counters::{Action, Reason},
     maps::{NO_MEMBER, NODE_TRACE, NodeConfig},
@@ -26,12 +28,18 @@ use cdn_common::{
 };
 
 use crate::{
-    maps::{CONFIG, NEXT_HOPS, TRACE_EVENTS, TRACE_FILTER, TRACE_LOST, TRACE_SCRATCH},
+    maps::{CONFIG, NEXT_HOPS, TRACE_EVENTS, TRACE_FILTER, TRACE_LOST},
     packet::Frame,
     parse::{dst_addr_off, parse_l2, src_addr_off},
     verdict::Verdict,
     wire::{ipv4, ipv6, proto, steer, tcp, udp},
 };
+
+/// Where a traced packet's verdict makes a round trip before the trace looks at it: a value
+/// loaded from a map is unknown to the verifier, so [`emit`] is verified once for every
+/// verdict instead of once per path (see [`traced`]). Not pinned: nothing outlives a run.
+#[map(name = "TRACE_SCRATCH")]
+static TRACE_SCRATCH: PerCpuArray<Verdict> = PerCpuArray::with_max_entries(1, 0);
 
 /// Reports the packet's verdict if a trace is running, and returns it for counting. Call after
 /// the packet path, before counting: the frame is then as the packet leaves.

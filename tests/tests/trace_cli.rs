@@ -96,16 +96,7 @@ impl Setup {
         let pins = bpffs.0.join("node1");
         let config = dir.path().join("node1.toml");
         std::fs::write(&config, config_text(&dir, &pins))?;
-        let mut cmd = node.command(&bin.to_string_lossy());
-        cmd.args(["run", "--config", &config.to_string_lossy()])
-            .args(["--shutdown-grace-ms", "0"])
-            .env("RUST_LOG", "info");
-        let daemon = Process::spawn(
-            "cdn-steer run",
-            cmd,
-            Group::Own,
-            &dir.path().join("daemon.log"),
-        )?;
+        let daemon = start_daemon(&node, &bin, &config, &dir, "daemon")?;
         let setup = Self {
             daemon,
             _listener: listener,
@@ -175,6 +166,26 @@ impl Setup {
             Ok(())
         })?
     }
+}
+
+/// `cdn-steer run` in `ns`, its output in `<log>.log`.
+fn start_daemon(
+    ns: &Netns,
+    bin: &Path,
+    config: &Path,
+    dir: &ScratchDir,
+    log: &str,
+) -> Result<Process> {
+    let mut cmd = ns.command(&bin.to_string_lossy());
+    cmd.args(["run", "--config", &config.to_string_lossy()])
+        .args(["--shutdown-grace-ms", "0"])
+        .env("RUST_LOG", "info");
+    Process::spawn(
+        "cdn-steer run",
+        cmd,
+        Group::Own,
+        &dir.path().join(format!("{log}.log")),
+    )
 }
 
 fn config_text(dir: &ScratchDir, pins: &Path) -> String {
@@ -290,5 +301,52 @@ fn trace_streams_the_decisions_on_real_packets() -> Result<()> {
     if !s.daemon.log_text().contains("trace stopped") {
         bail!("daemon log:\n{}", s.daemon.log_text());
     }
+    Ok(())
+}
+
+/// A daemon that stops (or restarts) while a trace runs never leaves the flag on, and a
+/// restarted daemon traces again through the pinned maps it finds.
+#[test]
+fn the_flag_ends_with_the_daemon_and_pinned_maps_trace_again() -> Result<()> {
+    let mut s = Setup::start()?;
+    let mut open = s.trace("trace-open", &[])?;
+    s.wait(Duration::from_secs(5), "tracing on", || {
+        Ok(s.node_flags()? & NODE_TRACE != 0)
+    })?;
+    s.daemon.signal(libc::SIGTERM, Duration::from_secs(10))?;
+    ensure!(
+        s.node_flags()? & NODE_TRACE == 0,
+        "the daemon left the flag on"
+    );
+    // The client learns that its trace is over.
+    let lines = lines_of(&mut open)?;
+    ensure!(
+        lines
+            .last()
+            .is_some_and(|l| l["result"] == "trace_end" && l["reason"] == "the daemon is stopping"),
+        "{lines:#?}"
+    );
+
+    s.daemon = start_daemon(&s.node, &s.bin, &s.config, &s.dir, "daemon-2")?;
+    s.wait(
+        Duration::from_secs(20),
+        "the data plane ready again",
+        || Ok(s.node_flags()? & NODE_READY != 0),
+    )?;
+    ensure!(
+        s.daemon.log_text().contains("found pinned maps"),
+        "{}",
+        s.daemon.log_text()
+    );
+    let mut again = s.trace("trace-again", &["--reason", "port_miss", "--count", "1"])?;
+    s.wait(Duration::from_secs(5), "tracing on", || {
+        Ok(s.node_flags()? & NODE_TRACE != 0)
+    })?;
+    s.port_miss(1)?;
+    let lines = lines_of(&mut again)?;
+    ensure!(
+        lines.len() == 2 && lines[0]["reason"] == "port_miss" && lines[0]["src"] == CLIENT,
+        "{lines:#?}"
+    );
     Ok(())
 }

@@ -103,7 +103,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let control_task = {
         let shared = shared.clone();
         let rebuild = rebuild.clone();
-        let trace = trace::handler(shared.clone());
+        let trace = trace::handler(shared.clone(), stop_rx.clone());
         tokio::spawn(control::serve(
             listener,
             Arc::new(move |req| views::handle_request(&shared, &rebuild, req)),
@@ -236,9 +236,14 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     }
     let _ = stop_tx.send(true);
+    // Running traces end with the daemon (their clients get a last line), and the program
+    // must not go on looking for a reader that is gone (with --keep-attached it keeps
+    // running): wait a moment for them, then clear the flag whatever happened.
+    let traces_end = Instant::now() + Duration::from_secs(1);
+    while shared.lock().tracing && Instant::now() < traces_end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     {
-        // A trace still connected ends with the daemon: the program must not go on looking
-        // for a reader that is gone (with --keep-attached it keeps running).
         let mut core = shared.lock();
         if core.tracing {
             core.tracing = false;

@@ -19,7 +19,10 @@ use cdn_common::{
         TRACE_MATCH_PORT, TRACE_MATCH_V6, TRACE_MATCH_VIP, TraceEvent, TraceFilter,
     },
 };
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::watch,
+};
 
 use super::core::Shared;
 use crate::{
@@ -32,9 +35,10 @@ const BATCH: usize = 256;
 /// How often lost events are checked and reported.
 const LOST_CHECK: Duration = Duration::from_secs(1);
 
-/// The control socket's `trace` handler.
-pub(super) fn handler(shared: Shared) -> TraceHandler {
-    Arc::new(move |spec, stream| Box::pin(session(shared.clone(), spec, stream)))
+/// The control socket's `trace` handler. A trace ends, with its last line sent, when `stop`
+/// turns true (the daemon is stopping).
+pub(super) fn handler(shared: Shared, stop: watch::Receiver<bool>) -> TraceHandler {
+    Arc::new(move |spec, stream| Box::pin(session(shared.clone(), spec, stream, stop.clone())))
 }
 
 /// The kernel filter for `spec`.
@@ -177,7 +181,12 @@ fn start(shared: &Shared, spec: &TraceSpec) -> Result<(Lease, Names, u64)> {
     Ok((lease, names, lost_before))
 }
 
-async fn session(shared: Shared, spec: TraceSpec, mut stream: TraceStream) {
+async fn session(
+    shared: Shared,
+    spec: TraceSpec,
+    mut stream: TraceStream,
+    mut stop: watch::Receiver<bool>,
+) {
     let (mut lease, mut names, lost_before) = match start(&shared, &spec) {
         Ok(started) => started,
         Err(e) => {
@@ -197,6 +206,7 @@ async fn session(shared: Shared, spec: TraceSpec, mut stream: TraceStream) {
         &mut lease,
         &mut names,
         &mut stream,
+        &mut stop,
         &spec,
         lost_before,
         &mut events,
@@ -225,6 +235,7 @@ async fn stream_events(
     lease: &mut Lease,
     names: &mut Names,
     stream: &mut TraceStream,
+    stop: &mut watch::Receiver<bool>,
     spec: &TraceSpec,
     lost_before: u64,
     events: &mut u64,
@@ -248,6 +259,10 @@ async fn stream_events(
                 }
             }
             () = stream.hangup.wait() => return Ok("client disconnected"),
+            // The guard `wait_for` returns is not Send: drop it inside.
+            () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
+                return Ok("the daemon is stopping");
+            }
             _ = tick.tick() => {
                 let now = shared.lock().dp.trace_lost()?.wrapping_sub(lost_before);
                 if now != *lost {
