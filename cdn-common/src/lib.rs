@@ -3,6 +3,7 @@
 //! - [`maps`]: the layout of every BPF map key and value, and the map names.
 //! - [`wire`]: the steering encapsulation header carried between nodes.
 //! - [`hash`]: the keyed flow hash; the kernel and userspace call the same function.
+//! - [`trace`]: the live packet trace's filter and events.
 //! - [`counters`]: why (reason) and what (action) for every packet, and the per-CPU counters
 //!   indexed by the pair, with their metric names.
 //!
@@ -13,6 +14,7 @@
 pub mod counters;
 pub mod hash;
 pub mod maps;
+pub mod trace;
 pub mod wire;
 
 #[cfg(feature = "user")]
@@ -30,4 +32,5 @@ mod pod {
     unsafe impl aya::Pod for MemberAddr {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for MemberStats {}
+    unsafe impl aya::Pod for crate::trace::TraceFilter {}
 }

@@ -57,6 +57,12 @@ pub const MAP_DEVICES: &str = "DEVICES";
 /// upgraded in place never reuses a pinned map of the old, per-reason layout.
 pub const MAP_COUNTERS: &str = "VERDICT_COUNTS";
 pub const MAP_MEMBER_STATS: &str = "MEMBER_STATS";
+/// The live trace's filter (`cdn_common::trace::TraceFilter`, one entry).
+pub const MAP_TRACE_FILTER: &str = "TRACE_FILTER";
+/// The live trace's events (`cdn_common::trace::TraceEvent`), a ring buffer.
+pub const MAP_TRACE_EVENTS: &str = "TRACE_EVENTS";
+/// Trace events lost because the ring buffer was full, per CPU (one `u64` slot).
+pub const MAP_TRACE_LOST: &str = "TRACE_LOST";
 
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "cdn_steer";
@@ -107,6 +113,10 @@ pub const NODE_DRAINING: u32 = 1 << 0;
 /// `NodeConfig::flags`: the controller has written a complete configuration. Until then the
 /// program passes every packet to the kernel untouched.
 pub const NODE_READY: u32 = 1 << 1;
+/// `NodeConfig::flags`: a live trace is running: packets that pass the `TRACE_FILTER` are
+/// reported through `TRACE_EVENTS` (see `cdn_common::trace`). Set only while `cdn-steer trace`
+/// is connected; a starting controller always writes it cleared.
+pub const NODE_TRACE: u32 = 1 << 2;
 
 /// The node's own settings: one entry in the `CONFIG` array.
 #[repr(C)]

@@ -34,7 +34,7 @@ use cdn_common::{
     },
 };
 
-use crate::{steer, verdict};
+use crate::{steer, trace, verdict};
 
 /// Save area size; frames up to 255 bytes can be saved.
 const SAVED_BYTES: usize = BENCH_FRAME_BYTES;
@@ -103,6 +103,7 @@ pub fn bench_steer(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
     let verdict = steer::process(&ctx);
+    let verdict = trace::trace(&ctx, verdict);
     // A frame that cannot be put back makes the run invalid: it is counted as aborted, like
     // the action returned.
     let verdict = match restore(&ctx, len) {

@@ -10,6 +10,7 @@ mod packet;
 mod parse;
 mod sockets;
 mod steer;
+mod trace;
 mod verdict;
 mod wire;
 
@@ -17,7 +18,9 @@ use aya_ebpf::{macros::xdp, programs::XdpContext};
 
 #[xdp]
 pub fn cdn_steer(ctx: XdpContext) -> u32 {
-    verdict::finish(steer::process(&ctx))
+    let verdict = steer::process(&ctx);
+    let verdict = trace::trace(&ctx, verdict);
+    verdict::finish(verdict)
 }
 
 /// Benchmark baseline: the cheapest possible XDP program. Timed beside `cdn_steer` in the same

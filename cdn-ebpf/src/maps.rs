@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use cdn_common::{
     counters::COUNTER_SLOTS,
@@ -11,6 +11,7 @@ use cdn_common::{
         Bucket, MAX_MEMBERS, MAX_SERVICES, Member, MemberAddr, MemberStats, NextHop, NodeConfig,
         Service,
     },
+    trace::{TRACE_RING_BYTES, TraceFilter},
 };
 
 /// This node's configuration: one entry.
@@ -54,6 +55,18 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SL
 /// Packets and bytes sent to each member, per CPU.
 #[map(name = "MEMBER_STATS")]
 pub static MEMBER_STATS: PerCpuArray<MemberStats> = PerCpuArray::with_max_entries(MAX_MEMBERS, 0);
+
+/// What the live trace reports (`cdn_common::trace`); read only while `NODE_TRACE` is set.
+#[map(name = "TRACE_FILTER")]
+pub static TRACE_FILTER: Array<TraceFilter> = Array::with_max_entries(1, 0);
+
+/// The live trace's events, read by the controller.
+#[map(name = "TRACE_EVENTS")]
+pub static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
+
+/// Trace events lost because the ring was full, per CPU: the controller reports them.
+#[map(name = "TRACE_LOST")]
+pub static TRACE_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Bumps one slot of `COUNTERS`; only `verdict::finish` calls it.
 #[inline(always)]

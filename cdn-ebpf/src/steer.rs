@@ -65,7 +65,7 @@ pub fn process(ctx: &XdpContext) -> Verdict {
     let mut encap = Encap::EMPTY;
     let verdict = settle(try_process(ctx, cfg, &mut encap));
     if verdict.is_encapsulate() {
-        return encap_and_send(ctx, cfg, &encap, verdict);
+        return encap_and_send(ctx, cfg, &encap, verdict).with_target(encap.target);
     }
     verdict
 }

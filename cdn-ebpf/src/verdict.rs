@@ -7,17 +7,30 @@
 //! bits 0..8    Action (the XDP return code)
 //! bits 8..16   Reason
 //! bit  16      encapsulation pending (see `Verdict::encapsulate`)
+//! bit  17      a target member is recorded (for the live trace)
+//! bits 18..28  that member's id
 //! bits 32..64  informational reasons that happened on the way, one bit per reason index
 //! ```
 
-use cdn_common::counters::{Action, COUNTER_SLOTS, Reason};
+use cdn_common::{
+    counters::{Action, COUNTER_SLOTS, Reason},
+    maps::{MAX_MEMBERS, NO_MEMBER},
+};
 
 use crate::maps::count_slot;
 
 const ACTION_MASK: u64 = 0xff;
 const REASON_SHIFT: u32 = 8;
 const ENCAP_PENDING: u64 = 1 << 16;
+const HAS_TARGET: u64 = 1 << 17;
+const TARGET_SHIFT: u32 = 18;
+const TARGET_MASK: u64 = 0x3ff;
 const INFO_SHIFT: u32 = 32;
+
+const _: () = assert!(
+    MAX_MEMBERS as u64 <= TARGET_MASK + 1,
+    "member ids fit in 10 bits"
+);
 
 const _: () = assert!(Reason::COUNT <= 32, "info reasons are a 32-bit mask");
 const _: () = assert!(Reason::COUNT <= 0xff && Action::COUNT <= 0xff);
@@ -69,6 +82,34 @@ impl Verdict {
         Self(self.0 | 1 << (INFO_SHIFT + info as u32))
     }
 
+    /// Records the member the packet is (or was to be) encapsulated for, for the live trace.
+    #[inline(always)]
+    pub const fn with_target(self, member: u16) -> Self {
+        Self(self.0 | HAS_TARGET | (member as u64 & TARGET_MASK) << TARGET_SHIFT)
+    }
+
+    /// The member recorded by [`Verdict::with_target`], `NO_MEMBER` if none.
+    #[inline(always)]
+    pub const fn target(self) -> u16 {
+        if self.0 & HAS_TARGET == 0 {
+            NO_MEMBER
+        } else {
+            ((self.0 >> TARGET_SHIFT) & TARGET_MASK) as u16
+        }
+    }
+
+    /// Index of the verdict's reason.
+    #[inline(always)]
+    pub const fn reason(self) -> u32 {
+        ((self.0 >> REASON_SHIFT) & 0xff) as u32
+    }
+
+    /// The informational reasons, one bit per reason index.
+    #[inline(always)]
+    pub const fn info(self) -> u32 {
+        (self.0 >> INFO_SHIFT) as u32
+    }
+
     /// The XDP return code.
     #[inline(always)]
     pub const fn action(self) -> u32 {
@@ -78,7 +119,7 @@ impl Verdict {
     /// Slot of this verdict in `COUNTERS` (`cdn_common::counters::counter_slot`).
     #[inline(always)]
     const fn slot(self) -> u32 {
-        ((self.0 >> REASON_SHIFT) & 0xff) as u32 * Action::COUNT + self.action()
+        self.reason() * Action::COUNT + self.action()
     }
 }
 

@@ -8,7 +8,7 @@
 
 use core::marker::PhantomData;
 
-use cdn_common::wire::STEER_HEADER_LEN;
+use cdn_common::wire::{STEER_HEADER_LEN, SteerHeader};
 
 /// A field of type `T` at a fixed offset inside a header.
 pub struct Field<T> {
@@ -191,12 +191,19 @@ pub mod icmp {
 
 /// The steering header (`cdn_common::wire::SteerHeader`), for the writer.
 pub mod steer {
-    use super::{Field, STEER_HEADER_LEN};
+    use core::mem::offset_of;
+
+    use super::{Field, STEER_HEADER_LEN, SteerHeader};
 
     pub const LEN: usize = STEER_HEADER_LEN;
     /// The whole header as one word: the writer builds a `SteerHeader` and stores it at once.
     pub const WORD: Field<u64> = Field::at(0);
     const _: () = assert!(LEN == 8);
+
+    // Field by field, for readers that look at one part (the trace).
+    pub const VERSION: Field<u8> = Field::at(offset_of!(SteerHeader, version));
+    pub const HOP_BUDGET: Field<u8> = Field::at(offset_of!(SteerHeader, hop_budget));
+    pub const HOPS: Field<[u16; 2]> = Field::at(offset_of!(SteerHeader, hops));
 }
 
 /// The fields of a next-hop template (`cdn_common::maps::template`) that the program fills in

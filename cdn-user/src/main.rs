@@ -7,7 +7,7 @@ use cdn_user::{
     config, daemon,
     operator::{
         check, cli,
-        control::{self, ControlError, DriftReport, Request, Response, StatusReport},
+        control::{self, ControlError, DriftReport, Request, Response, StatusReport, TraceSpec},
         logging, lookup,
     },
 };
@@ -113,6 +113,31 @@ enum Command {
         /// Print the answer as one JSON document.
         #[arg(long)]
         json: bool,
+    },
+    /// Stream the data plane's decisions on this node live: flow, reason and action, member
+    /// and hop, interface. Runs until Ctrl-C or --count; one trace at a time per node.
+    Trace {
+        /// Only flows to this address (the VIP).
+        #[arg(long)]
+        vip: Option<std::net::IpAddr>,
+        /// Only flows from this address (the client).
+        #[arg(long)]
+        client: Option<std::net::IpAddr>,
+        /// Only flows to this port (the VIP side).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only packets with this verdict reason (as in the metrics, e.g. port_miss); repeat
+        /// for several.
+        #[arg(long = "reason")]
+        reasons: Vec<String>,
+        /// Stop after this many packets.
+        #[arg(long)]
+        count: Option<u64>,
+        /// One JSON object a line instead of text.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Print a shell completion script, or write the man pages into DIR (print the main page
     /// without DIR). For packaging, hence hidden.
@@ -306,8 +331,61 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
+        Command::Trace {
+            vip,
+            client,
+            port,
+            reasons,
+            count,
+            json,
+            config,
+        } => {
+            let spec = TraceSpec {
+                vip,
+                client,
+                port,
+                reasons,
+                count,
+            };
+            Ok(runtime()?.block_on(trace(config, spec, json))?)
+        }
         Command::Generate { what, dir } => Ok(generate(what, dir)?),
     }
+}
+
+/// `cdn-steer trace`: prints every response line until the daemon ends the trace.
+async fn trace(config: Option<PathBuf>, spec: TraceSpec, json: bool) -> Result<()> {
+    use std::io::Write as _;
+    let socket = cli::control_socket_of(config.as_deref())?;
+    let mut responses = control::stream(&socket, &Request::Trace(spec)).await?;
+    let mut out = std::io::stdout().lock();
+    while let Some(response) = responses.next().await? {
+        if json {
+            writeln!(out, "{}", serde_json::to_string(&response)?)?;
+        }
+        match response {
+            Response::Trace(record) if !json => writeln!(out, "{record}")?,
+            Response::TraceLost { lost } if !json => writeln!(
+                out,
+                "-- {lost} events lost so far: the ring buffer was full"
+            )?,
+            Response::TraceEnd {
+                events,
+                lost,
+                reason,
+            } => {
+                if !json {
+                    writeln!(out, "-- {events} events, {lost} lost: {reason}")?;
+                }
+                return Ok(());
+            }
+            Response::Error { message } => bail!("{message}"),
+            _ => {}
+        }
+        // Line by line, so that a reader (or a pipe into grep) sees each packet at once.
+        out.flush()?;
+    }
+    bail!("the daemon closed the trace without ending it")
 }
 
 fn generate(what: Generated, dir: Option<PathBuf>) -> Result<()> {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use cdn_common::maps::{NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig};
+use cdn_common::maps::{NO_MEMBER, NODE_DRAINING, NODE_READY, NODE_TRACE, NodeConfig};
 use tokio::sync::watch;
 
 use crate::{
@@ -32,6 +32,9 @@ pub(super) struct Core {
     pub(super) attachments: Vec<Attachment>,
     pub(super) draining: bool,
     pub(super) ready: bool,
+    /// A `cdn-steer trace` is running: the program reports packets to it (`NODE_TRACE`).
+    /// Never true at start, so a restarted daemon always clears the flag.
+    pub(super) tracing: bool,
     pub(super) health: BTreeMap<u16, MemberHealth>,
     /// One announcer status per BIRD protocol.
     pub(super) bgp: Vec<(String, watch::Receiver<AnnounceStatus>)>,
@@ -59,6 +62,9 @@ impl Core {
         }
         if self.draining {
             flags |= NODE_DRAINING;
+        }
+        if self.tracing {
+            flags |= NODE_TRACE;
         }
         NodeConfig {
             hash_key: self.cfg.cluster.hash_key,

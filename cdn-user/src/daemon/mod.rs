@@ -10,8 +10,9 @@
 //! Running: health changes, drain/undrain ([`views`] answers the control socket) and
 //! configuration reloads ([`reload`], on SIGHUP or `cdn-steer reload`) rebuild the tables
 //! ([`core`]); next hops are refreshed every second ([`nexthops`]); metrics and the control
-//! socket are served. Under systemd ([`notify`]) the main loop reports readiness, its state
-//! and reloads, and pings the watchdog.
+//! socket are served, and `cdn-steer trace` gets the program's decisions streamed
+//! ([`trace`]). Under systemd ([`notify`]) the main loop reports readiness, its state and
+//! reloads, and pings the watchdog.
 //!
 //! Shutdown (SIGTERM/SIGINT): withdraw the routes and wait for BIRD to confirm, give the
 //! network a grace period to move traffic elsewhere, then detach the program. Maps stay
@@ -23,6 +24,7 @@ mod nexthops;
 mod notify;
 mod reload;
 mod startup;
+mod trace;
 mod views;
 
 use std::{
@@ -112,11 +114,13 @@ pub async fn run(opts: Options) -> Result<()> {
     let control_task = {
         let shared = shared.clone();
         let rebuild = rebuild.clone();
+        let trace = trace::handler(shared.clone(), stop_rx.clone());
         tokio::spawn(control::serve(
             listener,
             Arc::new(move |req, caller| {
                 views::handle_request(&shared, &rebuild, &reload_tx, req, caller)
             }),
+            trace,
         ))
     };
 
@@ -259,6 +263,22 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     }
     let _ = stop_tx.send(true);
+    // Running traces end with the daemon (their clients get a last line), and the program
+    // must not go on looking for a reader that is gone (with --keep-attached it keeps
+    // running): wait a moment for them, then clear the flag whatever happened.
+    let traces_end = Instant::now() + Duration::from_secs(1);
+    while shared.lock().tracing && Instant::now() < traces_end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    {
+        let mut core = shared.lock();
+        if core.tracing {
+            core.tracing = false;
+            if let Err(e) = core.write_node_config() {
+                log::error!("clearing the trace flag: {e:#}");
+            }
+        }
+    }
     if opts.detach_on_exit {
         notifier.status("stopping: routes withdrawn, grace period before detaching");
         tokio::time::sleep(opts.shutdown_grace).await;

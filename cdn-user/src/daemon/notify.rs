@@ -20,6 +20,7 @@ use std::{
     time::Duration,
 };
 
+use crate::dataplane;
 
 /// Talks to the service manager, if one asked for notifications; otherwise does nothing.
 pub(super) struct Notifier {
@@ -71,7 +72,7 @@ impl Notifier {
     /// The reload starts now. `MONOTONIC_USEC` lets a service manager that checks it (systemd
     /// 253 and later, with `Type=notify-reload`) match the notice to its own request.
     pub(super) fn reloading(&mut self) {
-        let usec = monotonic_usec();
+        let usec = dataplane::monotonic_ns() / 1000;
         self.last_status = "reloading the configuration".to_string();
         self.send(&format!(
             "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS={}\n",
@@ -209,15 +210,4 @@ mod tests {
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
-}
-
-/// CLOCK_MONOTONIC in microseconds, the clock `MONOTONIC_USEC` is read from.
-fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }

@@ -67,6 +67,8 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
         attachments: Vec::new(),
         draining: previous_flags & NODE_DRAINING != 0,
         ready: previous_flags & NODE_READY != 0,
+        // A trace a previous controller left running has no reader any more.
+        tracing: false,
         health: BTreeMap::new(),
         bgp: Vec::new(),
         reloads_ok: 0,

@@ -402,6 +402,8 @@ pub(super) fn handle_request(
         Request::Undrain => set_draining(&mut shared.lock(), rebuild, false, caller),
         // Without the lock: the main loop takes it to reload.
         Request::Reload => return ask_for_reload(reloads, caller),
+        // Streamed: the control socket hands it to `trace::handler` instead.
+        Request::Trace(_) => Err(anyhow::anyhow!("trace is answered as a stream")),
     };
     result.unwrap_or_else(|e| Response::Error {
         message: format!("{e:#}"),

@@ -1,12 +1,17 @@
 //! The kernel side of the controller: the XDP program and typed access to its maps
 //! ([`program`]), where they are pinned ([`bpffs`]), the steering tables written into them
-//! ([`tables`]), and the next hops kept fresh for the program ([`nexthop`]).
+//! ([`tables`]), the next hops kept fresh for the program ([`nexthop`]), and the live trace's
+//! events ([`trace`]).
 
 pub mod bpffs;
+pub mod clock;
 pub mod nexthop;
 pub mod object;
 pub mod program;
 pub mod tables;
+pub mod trace;
 
 pub use bpffs::ensure_bpffs;
+pub use clock::monotonic_ns;
 pub use program::{Attachment, DataPlane, DataPlaneError, LoadOptions};
+pub use trace::TraceReader;

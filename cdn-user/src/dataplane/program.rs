@@ -14,6 +14,7 @@ use aya::{
     maps::{
         Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
         lpm_trie::{Key, LpmTrie},
+        ring_buf::RingBuf,
         xdp::DevMapHash,
     },
     programs::{
@@ -28,6 +29,7 @@ use cdn_common::{
         self as m, Bucket, FAMILY_NONE, FAMILY_V4, FAMILY_V6, Link, MAX_MEMBERS, Member,
         MemberAddr, MemberStats, NextHop, NodeConfig, Service, Underlay,
     },
+    trace::TraceFilter,
 };
 use thiserror::Error;
 
@@ -88,7 +90,7 @@ pub struct Attachment {
 }
 
 /// Every map, by name, as the program defines them.
-const ALL_MAPS: [&str; 10] = [
+const ALL_MAPS: [&str; 13] = [
     m::MAP_CONFIG,
     m::MAP_SERVICES_V4,
     m::MAP_SERVICES_V6,
@@ -99,6 +101,9 @@ const ALL_MAPS: [&str; 10] = [
     m::MAP_DEVICES,
     m::MAP_COUNTERS,
     m::MAP_MEMBER_STATS,
+    m::MAP_TRACE_FILTER,
+    m::MAP_TRACE_EVENTS,
+    m::MAP_TRACE_LOST,
 ];
 
 pub struct DataPlane {
@@ -115,6 +120,10 @@ pub struct DataPlane {
     member_stats: PerCpuArray<MapData, MemberStats>,
     /// The last link set for each member's next hop (see `set_next_hop`).
     links: BTreeMap<u16, Link>,
+    trace_filter: Array<MapData, TraceFilter>,
+    trace_lost: PerCpuArray<MapData, u64>,
+    /// Lent to the one running trace at a time.
+    trace_reader: Option<super::TraceReader>,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataPlaneError {
@@ -164,6 +173,12 @@ impl DataPlane {
             counters: take(&mut ebpf, m::MAP_COUNTERS)?,
             member_stats: take(&mut ebpf, m::MAP_MEMBER_STATS)?,
             links: BTreeMap::new(),
+            trace_filter: take(&mut ebpf, m::MAP_TRACE_FILTER)?,
+            trace_lost: take(&mut ebpf, m::MAP_TRACE_LOST)?,
+            trace_reader: Some(super::TraceReader::new(take::<RingBuf<MapData>>(
+                &mut ebpf,
+                m::MAP_TRACE_EVENTS,
+            )?)),
             ebpf,
         })
     }
@@ -513,6 +528,32 @@ impl DataPlane {
                 packets: acc.packets + s.packets,
                 bytes: acc.bytes + s.bytes,
             }))
+    }
+
+    /// Sets what the live trace reports; the program reads it only while `NODE_TRACE` is set.
+    pub fn set_trace_filter(&mut self, filter: &TraceFilter) -> Result<()> {
+        self.trace_filter
+            .set(0, filter, 0)
+            .map_err(map_err(m::MAP_TRACE_FILTER))
+    }
+
+    /// Trace events lost so far because the ring was full, summed over CPUs (wrapping).
+    pub fn trace_lost(&self) -> Result<u64> {
+        let per_cpu = self
+            .trace_lost
+            .get(&0, 0)
+            .map_err(map_err(m::MAP_TRACE_LOST))?;
+        Ok(per_cpu.iter().fold(0u64, |sum, n| sum.wrapping_add(*n)))
+    }
+
+    /// Takes the reader of the trace events; `None` while a trace has it.
+    pub fn take_trace_reader(&mut self) -> Option<super::TraceReader> {
+        self.trace_reader.take()
+    }
+
+    /// Gives the reader back when a trace ends.
+    pub fn return_trace_reader(&mut self, reader: super::TraceReader) {
+        self.trace_reader = Some(reader);
     }
 
     /// Runs the program once on `frame` with BPF_PROG_TEST_RUN; returns the action and the

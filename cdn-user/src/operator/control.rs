@@ -2,8 +2,20 @@
 //!
 //! One JSON request per connection, one JSON response, over a unix socket that only root can
 //! open (mode 0600). The types here are the whole protocol.
+//!
+//! One exception, `trace`: the daemon answers with a stream of responses, one a line (events,
+//! lost-event reports, and a last `trace_end`), for as long as the client keeps its side of the
+//! connection open. Closing it ends the trace.
 
-use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -11,7 +23,10 @@ pub use super::report::{DriftReport, MemberReport};
 use thiserror::Error;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
+    net::{
+        UnixListener, UnixStream,
+        unix::{OwnedReadHalf, OwnedWriteHalf},
+    },
 };
 
 /// Longest request line accepted.
@@ -31,6 +46,24 @@ pub enum Request {
     /// Re-read the daemon's configuration file, as SIGHUP does. Answered with `Done` when the
     /// new configuration is in force, `Error` with the reason when it was refused.
     Reload,
+    /// Stream the data plane's decisions on the packets that match (see [`TraceSpec`]).
+    Trace(TraceSpec),
+}
+
+/// What `cdn-steer trace` asks for. Every field left out matches everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceSpec {
+    /// The flow's destination address (the VIP).
+    pub vip: Option<IpAddr>,
+    /// The flow's source address (the client).
+    pub client: Option<IpAddr>,
+    /// The flow's destination port (the VIP side).
+    pub port: Option<u16>,
+    /// Verdict reasons, by their metric name (`forwarded`, `port_miss`...); any of them.
+    #[serde(default)]
+    pub reasons: Vec<String>,
+    /// End the trace after this many events.
+    pub count: Option<u64>,
 }
 
 /// Who sent a request, from the socket's peer credentials: logged with the state changes it
@@ -59,8 +92,118 @@ pub type Handler = Arc<dyn Fn(Request, Caller) -> Response + Send + Sync>;
 pub enum Response {
     Status(Box<StatusReport>),
     Lookup(LookupReport),
-    Done { message: String },
-    Error { message: String },
+    Done {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
+    /// One traced packet.
+    Trace(Box<TraceRecord>),
+    /// Events the ring buffer had no room for so far in this trace (sent when it grows).
+    TraceLost {
+        lost: u64,
+    },
+    /// The trace is over: events sent, events lost, and why it ended.
+    TraceEnd {
+        events: u64,
+        lost: u64,
+        reason: String,
+    },
+}
+
+/// One packet's decision, as `cdn-steer trace` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TraceRecord {
+    /// When the program saw it: Unix time, seconds.
+    pub time: f64,
+    /// Interface it arrived on (name, or the index if it has none here).
+    pub interface: String,
+    pub ifindex: u32,
+    /// `tcp`, `udp`, `icmp`, `icmpv6`, or the protocol number.
+    pub proto: String,
+    /// The client's flow, inside the encapsulation if there is one; absent for frames that
+    /// are not IP.
+    pub src: Option<IpAddr>,
+    pub src_port: u16,
+    pub dst: Option<IpAddr>,
+    pub dst_port: u16,
+    /// TCP flags, e.g. `SA` for SYN+ACK.
+    pub tcp_flags: Option<String>,
+    pub reason: String,
+    pub action: String,
+    /// Informational reasons counted with it (`fib_lookup`, `fib_miss`).
+    pub info: Vec<String>,
+    /// The flow's step on this node: `first hop`, `pass-on`, `owner redirect`, `accepted here`.
+    pub hop: Option<String>,
+    /// The member it was encapsulated for (or would have been: a too_big drop names it too).
+    pub member_id: Option<u16>,
+    pub member: Option<String>,
+    /// Interface a redirect sent it out of, when the next-hop cache chose it.
+    pub egress: Option<String>,
+    /// Outer addresses, when the frame carries a steering header.
+    pub underlay_src: Option<IpAddr>,
+    pub underlay_dst: Option<IpAddr>,
+    /// The steering header's hop budget and remaining hops (member ids).
+    pub steer_budget: Option<u8>,
+    pub steer_hops: Vec<u16>,
+}
+
+/// `addr:port`, bracketed for IPv6, or `-` if unknown.
+fn endpoint(addr: Option<IpAddr>, port: u16, with_port: bool) -> String {
+    match (addr, with_port) {
+        (None, _) => "-".to_string(),
+        (Some(a), false) => a.to_string(),
+        (Some(a), true) => SocketAddr::new(a, port).to_string(),
+    }
+}
+
+/// One line: time, interface, flow, verdict, and where it went.
+impl fmt::Display for TraceRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs_of_day = self.time.rem_euclid(86_400.0);
+        let (h, m) = (
+            (secs_of_day / 3600.0) as u32,
+            (secs_of_day / 60.0) as u32 % 60,
+        );
+        let s = secs_of_day % 60.0;
+        let ports = self.proto == "tcp" || self.proto == "udp";
+        write!(
+            f,
+            "{h:02}:{m:02}:{s:09.6} {} {} {} -> {}",
+            self.interface,
+            self.proto,
+            endpoint(self.src, self.src_port, ports),
+            endpoint(self.dst, self.dst_port, ports)
+        )?;
+        if let Some(flags) = &self.tcp_flags {
+            write!(f, " [{flags}]")?;
+        }
+        write!(f, " {}/{}", self.reason, self.action)?;
+        if let Some(hop) = &self.hop {
+            write!(f, " {hop}")?;
+        }
+        if let (Some(id), Some(name)) = (self.member_id, &self.member) {
+            write!(f, " -> {name} (id {id})")?;
+        }
+        if let Some(egress) = &self.egress {
+            write!(f, " via {egress}")?;
+        }
+        if let (Some(from), Some(to)) = (self.underlay_src, self.underlay_dst) {
+            write!(f, " underlay {from} -> {to}")?;
+            if let Some(budget) = self.steer_budget {
+                write!(f, " budget {budget}")?;
+            }
+            if !self.steer_hops.is_empty() {
+                let hops: Vec<String> = self.steer_hops.iter().map(u16::to_string).collect();
+                write!(f, " hops [{}]", hops.join(","))?;
+            }
+        }
+        if !self.info.is_empty() {
+            write!(f, " ({})", self.info.join(", "))?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -169,6 +312,81 @@ pub async fn call(
         .map_err(|_| ControlError::Timeout(timeout))?
 }
 
+/// A streamed answer (`trace`): the responses as they come. The request side stays open until
+/// this is dropped, which tells the daemon to stop.
+pub struct ResponseStream {
+    lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    _write: OwnedWriteHalf,
+}
+
+impl ResponseStream {
+    /// The next response, `None` once the daemon has closed the connection.
+    pub async fn next(&mut self) -> Result<Option<Response>, ControlError> {
+        match self.lines.next_line().await? {
+            Some(line) => Ok(Some(serde_json::from_str(&line)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Sends a streaming request (`trace`) and returns its responses as they come.
+pub async fn stream(path: &Path, request: &Request) -> Result<ResponseStream, ControlError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ControlError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    write.write_all(line.as_bytes()).await?;
+    Ok(ResponseStream {
+        lines: BufReader::new(read).lines(),
+        _write: write,
+    })
+}
+
+/// The daemon's side of a streamed answer.
+pub struct TraceStream {
+    /// Resolves when the client goes away.
+    pub hangup: Hangup,
+    pub out: Sender,
+}
+
+/// The read side of a streaming connection, watched for the client going away.
+pub struct Hangup(BufReader<OwnedReadHalf>);
+
+impl Hangup {
+    /// Resolves when the client has closed the connection. The client sends nothing after its
+    /// request, so anything it sends is read and ignored. Cancel-safe.
+    pub async fn wait(&mut self) {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = self.0.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    }
+}
+
+/// The write side of a streaming connection.
+pub struct Sender(OwnedWriteHalf);
+
+impl Sender {
+    /// Sends one response line.
+    pub async fn send(&mut self, response: &Response) -> Result<(), ControlError> {
+        let mut out = serde_json::to_string(response)?;
+        out.push('\n');
+        self.0.write_all(out.as_bytes()).await?;
+        Ok(())
+    }
+}
+
+/// Serves a `trace` request until it ends; the daemon provides it.
+pub type TraceHandler =
+    Arc<dyn Fn(TraceSpec, TraceStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 /// Binds the control socket, replacing a stale socket file but refusing to steal one that a
 /// running daemon still answers on.
 pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
@@ -189,8 +407,9 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Answers requests with `handler` until the task is dropped.
-pub async fn serve(listener: UnixListener, handler: Handler) {
+/// Answers requests with `handler` (and `trace` requests with `trace`) until the task is
+/// dropped.
+pub async fn serve(listener: UnixListener, handler: Handler, trace: TraceHandler) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -201,15 +420,20 @@ pub async fn serve(listener: UnixListener, handler: Handler) {
             }
         };
         let handler = handler.clone();
+        let trace = trace.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, handler).await {
+            if let Err(e) = answer(stream, handler, trace).await {
                 log::debug!("control connection: {e}");
             }
         });
     }
 }
 
-async fn answer(stream: UnixStream, handler: Handler) -> Result<(), ControlError> {
+async fn answer(
+    stream: UnixStream,
+    handler: Handler,
+    trace: TraceHandler,
+) -> Result<(), ControlError> {
     let caller = stream.peer_cred().map_or(Caller::default(), |c| Caller {
         uid: Some(c.uid()),
         pid: c.pid(),
@@ -221,6 +445,14 @@ async fn answer(stream: UnixStream, handler: Handler) -> Result<(), ControlError
         .await
         .map_err(|_| ControlError::Timeout(Duration::from_secs(5)))??;
     let response = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Trace(spec)) => {
+            let stream = TraceStream {
+                hangup: Hangup(reader.into_inner()),
+                out: Sender(write),
+            };
+            trace(spec, stream).await;
+            return Ok(());
+        }
         Ok(request) => {
             // The handler takes locks and may write maps: keep it off the async threads.
             tokio::task::spawn_blocking(move || handler(request, caller))
@@ -238,4 +470,96 @@ async fn answer(stream: UnixStream, handler: Handler) -> Result<(), ControlError
     write.write_all(out.as_bytes()).await?;
     write.shutdown().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarded() -> TraceRecord {
+        TraceRecord {
+            // 12:34:56.123456 UTC on the first day of the epoch.
+            time: 45_296.123_456,
+            interface: "eth0".into(),
+            ifindex: 2,
+            proto: "tcp".into(),
+            src: Some("198.51.100.7".parse().expect("address")),
+            src_port: 40000,
+            dst: Some("192.0.2.1".parse().expect("address")),
+            dst_port: 443,
+            tcp_flags: Some("A".into()),
+            reason: "forwarded".into(),
+            action: "redirect".into(),
+            info: Vec::new(),
+            hop: Some("first hop".into()),
+            member_id: Some(2),
+            member: Some("node-b".into()),
+            egress: Some("eth1".into()),
+            underlay_src: Some("10.0.0.1".parse().expect("address")),
+            underlay_dst: Some("10.0.0.2".parse().expect("address")),
+            steer_budget: Some(3),
+            steer_hops: vec![4],
+        }
+    }
+
+    #[test]
+    fn trace_lines_read_like_a_packet_log() {
+        assert_eq!(
+            forwarded().to_string(),
+            "12:34:56.123456 eth0 tcp 198.51.100.7:40000 -> 192.0.2.1:443 [A] \
+             forwarded/redirect first hop -> node-b (id 2) via eth1 \
+             underlay 10.0.0.1 -> 10.0.0.2 budget 3 hops [4]"
+        );
+        let drop = TraceRecord {
+            time: 45_297.5,
+            proto: "udp".into(),
+            src_port: 5353,
+            dst_port: 9999,
+            tcp_flags: None,
+            reason: "port_miss".into(),
+            action: "drop".into(),
+            hop: None,
+            member_id: None,
+            member: None,
+            egress: None,
+            underlay_src: None,
+            underlay_dst: None,
+            steer_budget: None,
+            steer_hops: Vec::new(),
+            ..forwarded()
+        };
+        assert_eq!(
+            drop.to_string(),
+            "12:34:57.500000 eth0 udp 198.51.100.7:5353 -> 192.0.2.1:9999 port_miss/drop"
+        );
+    }
+
+    #[test]
+    fn trace_responses_are_one_json_object_a_line() -> Result<(), serde_json::Error> {
+        let request = Request::Trace(TraceSpec {
+            port: Some(443),
+            count: Some(10),
+            ..TraceSpec::default()
+        });
+        let line = serde_json::to_string(&request)?;
+        assert_eq!(
+            line,
+            r#"{"cmd":"trace","vip":null,"client":null,"port":443,"reasons":[],"count":10}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&line)?, request);
+        let event = serde_json::to_value(Response::Trace(Box::new(forwarded())))?;
+        assert_eq!(event["result"], "trace");
+        assert_eq!(event["member"], "node-b");
+        assert_eq!(event["dst_port"], 443);
+        let end = serde_json::to_string(&Response::TraceEnd {
+            events: 10,
+            lost: 0,
+            reason: "count reached".into(),
+        })?;
+        assert_eq!(
+            end,
+            r#"{"result":"trace_end","events":10,"lost":0,"reason":"count reached"}"#
+        );
+        Ok(())
+    }
 }

@@ -16,9 +16,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use cdn_common::maps::{
-    BASELINE_PROGRAM_NAME, BENCH_BASELINE_PROGRAM_NAME, BENCH_PROGRAM_NAME, PROGRAM_NAME,
-    SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
+use cdn_common::{
+    counters::Reason,
+    maps::{
+        BASELINE_PROGRAM_NAME, BENCH_BASELINE_PROGRAM_NAME, BENCH_PROGRAM_NAME, NODE_TRACE,
+        PROGRAM_NAME, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
+    },
+    trace::{TRACE_MATCH_VIP, TraceFilter},
 };
 use cdn_tests::{
     netns::Netns,
@@ -79,6 +83,22 @@ struct Path {
     frame: Vec<u8>,
     action: u32,
     method: Method,
+    /// Timed with a live trace running (`NODE_TRACE`) with this filter; `None`: no trace.
+    traced: Option<TraceFilter>,
+}
+
+/// Turns the live trace on (with `filter`) or off for the next runs.
+fn set_tracing(s: &mut Scenario, filter: Option<TraceFilter>) -> Result<()> {
+    if let Some(filter) = &filter {
+        s.dp.set_trace_filter(filter)?;
+    }
+    s.update_config(|c| {
+        if filter.is_some() {
+            c.flags |= NODE_TRACE;
+        } else {
+            c.flags &= !NODE_TRACE;
+        }
+    })
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -92,6 +112,7 @@ fn time_path(s: &mut Scenario, p: &Path, repeat: u32) -> Result<(f64, f64)> {
         Method::Wrapped => (BENCH_PROGRAM_NAME, BENCH_BASELINE_PROGRAM_NAME),
         Method::Direct => (PROGRAM_NAME, BASELINE_PROGRAM_NAME),
     };
+    set_tracing(s, p.traced)?;
     let (action, gross) = s.dp.time_run(program, &p.frame, repeat)?;
     if action != p.action {
         bail!(
@@ -223,6 +244,7 @@ fn run(args: &Args) -> Result<()> {
                 frame: frame.clone(),
                 action,
                 method: *method,
+                traced: None,
             });
         }
     };
@@ -299,7 +321,52 @@ fn run(args: &Args) -> Result<()> {
         xdp::PASS,
         &[Direct, Wrapped],
     );
+    // A trace of another VIP: the filter is only decided once the frame has been read again
+    // to the inner packet's destination, the most a non-matching packet costs. A trace of
+    // another reason is decided before the packet is looked at.
+    let other_vip = TraceFilter {
+        vip: [192, 0, 2, 99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        fields: TRACE_MATCH_VIP,
+        ..TraceFilter::default()
+    };
+    let other_reason = TraceFilter {
+        reasons: 1 << Reason::TooBig as u32,
+        ..TraceFilter::default()
+    };
+    for (name, frame, action, method, filter) in [
+        (
+            "ingress forward IPv4, trace of another VIP",
+            plain(&fwd4, Tcp::ACK),
+            xdp::TX,
+            Wrapped,
+            other_vip,
+        ),
+        (
+            "ingress forward IPv4, trace of another reason",
+            plain(&fwd4, Tcp::ACK),
+            xdp::TX,
+            Wrapped,
+            other_reason,
+        ),
+        (
+            "non-VIP pass, trace of another VIP [direct]",
+            plain(&non_vip, Tcp::ACK),
+            xdp::PASS,
+            Direct,
+            other_vip,
+        ),
+    ] {
+        paths.push(Path {
+            name: name.to_string(),
+            frame,
+            action,
+            method,
+            traced: Some(filter),
+        });
+    }
+    let mut trace_reader = s.dp.take_trace_reader().context("the trace reader")?;
     for p in &paths {
+        set_tracing(&mut s, p.traced)?;
         let run = s.run(&p.frame)?;
         if run.action != p.action {
             bail!(
@@ -308,6 +375,12 @@ fn run(args: &Args) -> Result<()> {
                 p.action,
                 run.action,
                 run.counted
+            );
+        }
+        if trace_reader.next_event().is_some() {
+            bail!(
+                "{}: the filter that matches nothing let an event through",
+                p.name
             );
         }
     }
