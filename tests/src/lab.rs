@@ -36,6 +36,7 @@ use config::{controller_config, router_bird_config};
 pub const VIP_V4: &str = "192.0.2.1";
 /// The client's address: every download comes from it.
 pub const CLIENT_V4: &str = "10.100.0.2";
+pub const CLIENT_V6: &str = "fd00:100::2";
 pub const VIP_V6: &str = "2001:db8::1";
 pub const HASH_KEY: &str = "5ca1ab1e0ddba11cafef00d15ea5e000";
 pub const METRICS_PORT: u16 = 9465;

@@ -3,7 +3,7 @@
 //! a time the download was running. Pure logic over the event log and the download records,
 //! so that it can be checked on a synthetic log.
 
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
 
 use super::schedule::Kind;
 
@@ -36,6 +36,8 @@ pub struct Event {
 #[derive(Clone, Debug)]
 pub struct DownloadRecord {
     pub id: usize,
+    /// The VIP it downloaded from.
+    pub vip: IpAddr,
     pub client_port: u16,
     pub started: Duration,
     pub ended: Duration,
@@ -141,6 +143,8 @@ pub struct Report {
     /// Episodes by kind (counted at their begin).
     pub events: BTreeMap<&'static str, usize>,
     pub failed_steps: Vec<Event>,
+    /// Bad reloads refused with nothing changed.
+    pub reloads_refused: usize,
     /// Forged packets the floods sent.
     pub flood_packets: u64,
 }
@@ -194,6 +198,8 @@ pub fn account(
         }
         if e.failed {
             r.failed_steps.push(e.clone());
+        } else if e.kind == Kind::BadReload && e.phase == Phase::Begin {
+            r.reloads_refused += 1;
         }
     }
     r
@@ -242,8 +248,9 @@ impl fmt::Display for Report {
         for (d, suspects) in &self.unexplained {
             writeln!(
                 f,
-                "    download {} (client port {}, {}-{} s, served by {}, owners {:?}): {}",
+                "    download {} ([{}]:{}, {}-{} s, served by {}, owners {:?}): {}",
                 d.id,
+                d.vip,
                 d.client_port,
                 secs(d.started),
                 secs(d.ended),
@@ -263,6 +270,12 @@ impl fmt::Display for Report {
             self.events.values().sum::<usize>(),
             events.join(", "),
             self.flood_packets
+        )?;
+        writeln!(
+            f,
+            "  bad reloads refused with nothing changed: {} of {}",
+            self.reloads_refused,
+            self.events.get(Kind::BadReload.name()).unwrap_or(&0)
         )?;
         writeln!(f, "  failed steps: {}", self.failed_steps.len())?;
         for e in &self.failed_steps {
@@ -305,6 +318,7 @@ mod tests {
     fn download(id: usize, from: u64, to: u64, served_by: Option<&str>) -> DownloadRecord {
         DownloadRecord {
             id,
+            vip: "192.0.2.1".parse().expect("address"),
             client_port: 40000 + id as u16,
             started: s(from),
             ended: s(to),
@@ -431,6 +445,11 @@ mod tests {
         });
         let r = account(1, s(60), &events, &[]);
         assert!(!r.passed());
+        assert_eq!(r.reloads_refused, 0);
+        assert!(
+            r.to_string()
+                .contains("refused with nothing changed: 0 of 1")
+        );
         assert!(r.to_string().contains("bad config taken"));
     }
 }

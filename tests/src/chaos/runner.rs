@@ -4,6 +4,7 @@
 //! it, or (without an answer) its flow's hops in a live table, looked up right away.
 
 use std::{
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -24,7 +25,7 @@ use super::{
 use crate::{
     content,
     download::{self, Live, Spec},
-    lab::{CLIENT_V4, Lab, VIP_V4},
+    lab::{CLIENT_V4, CLIENT_V6, Lab, VIP_V4, VIP_V6},
 };
 
 #[derive(Clone, Debug)]
@@ -137,9 +138,13 @@ impl<'a> Runner<'a> {
         let next_id = Arc::new(AtomicUsize::new(0));
         let sender = self.sender.clone().expect("the sender lives until the end");
         (0..self.opts.flows)
-            .map(|_| {
-                let (spec, expected, live, next_id, sender) = (
-                    spec.clone(),
+            .map(|worker| {
+                // Every other worker downloads over IPv6.
+                let spec = Spec {
+                    vip: self.lab.vip(worker % 2 == 1),
+                    ..spec.clone()
+                };
+                let (expected, live, next_id, sender) = (
                     expected.clone(),
                     live.clone(),
                     next_id.clone(),
@@ -164,6 +169,7 @@ impl<'a> Runner<'a> {
                         running.fetch_sub(1, Ordering::Relaxed);
                         let record = DownloadRecord {
                             id,
+                            vip: spec.vip,
                             client_port: o.client_port,
                             started,
                             ended: epoch.elapsed(),
@@ -219,14 +225,15 @@ impl<'a> Runner<'a> {
     fn record(&mut self, mut record: DownloadRecord) {
         if !record.ok {
             if record.served_by.is_none() {
-                record.owners = self.owners(record.client_port);
+                record.owners = self.owners(record.vip, record.client_port);
             }
             let deaths = accounting::deaths(&self.events);
             let blame = accounting::blame(&record, &deaths);
             println!(
-                "[{:>5.0}s]   download {} (port {}, served by {}, hops {:?}) failed after {:.1} s: {} -> {:?}",
+                "[{:>5.0}s]   download {} ([{}]:{}, served by {}, hops {:?}) failed after {:.1} s: {} -> {:?}",
                 self.now().as_secs_f64(),
                 record.id,
+                record.vip,
                 record.client_port,
                 record.served_by.as_deref().unwrap_or("?"),
                 record.owners,
@@ -238,11 +245,12 @@ impl<'a> Runner<'a> {
         self.downloads.push(record);
     }
 
-    /// The hops (owner first) of the client's flow from port `port`, as the first live
-    /// controller's table has them.
-    fn owners(&mut self, port: u16) -> Vec<String> {
-        let src = format!("{CLIENT_V4}:{port}");
-        let dst = format!("{VIP_V4}:80");
+    /// The hops (owner first) of the client's flow from port `port` to `vip`, as the first
+    /// live controller's table has them.
+    fn owners(&mut self, vip: IpAddr, port: u16) -> Vec<String> {
+        let client = if vip.is_ipv6() { CLIENT_V6 } else { CLIENT_V4 };
+        let src = SocketAddr::new(client.parse().expect("lab address"), port).to_string();
+        let dst = SocketAddr::new(vip, 80).to_string();
         for i in 0..self.lab.nodes.len() {
             if !self.lab.controller_running(i) {
                 continue;
@@ -355,7 +363,9 @@ impl<'a> Runner<'a> {
                         .is_some_and(|m| m.iter().all(|m| m["healthy"] == true))
                 })
             });
-            let routed = self.lab.route_nodes(VIP_V4).is_ok_and(|r| r.len() == count);
+            let routed = [VIP_V4, VIP_V6]
+                .iter()
+                .all(|vip| self.lab.route_nodes(vip).is_ok_and(|r| r.len() == count));
             if healthy && routed {
                 return;
             }
