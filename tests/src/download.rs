@@ -26,6 +26,9 @@ pub struct Outcome {
     /// The connection was reset (ECONNRESET / EPIPE): the failure anycast steering prevents.
     pub reset: bool,
     pub error: Option<String>,
+    /// The `X-Served-By` header of the answer: the node whose web server served it, if the
+    /// headers arrived.
+    pub served_by: Option<String>,
     pub bytes: usize,
     /// Longest time without any byte arriving.
     pub longest_stall: Duration,
@@ -104,10 +107,20 @@ fn failed(id: usize, error: String) -> Outcome {
         ok: false,
         reset: false,
         error: Some(error),
+        served_by: None,
         bytes: 0,
         longest_stall: Duration::ZERO,
         elapsed: Duration::ZERO,
     }
+}
+
+/// The value of the `X-Served-By` header in a response head.
+fn served_by(head: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(head).lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("x-served-by")
+            .then(|| value.trim().to_string())
+    })
 }
 
 fn is_reset(e: &std::io::Error) -> bool {
@@ -127,6 +140,7 @@ pub fn download(id: usize, spec: &Spec, expected_sha: &str, live: &Live) -> Outc
         ok: false,
         reset: false,
         error: None,
+        served_by: None,
         bytes: 0,
         longest_stall: Duration::ZERO,
         elapsed: Duration::ZERO,
@@ -188,6 +202,7 @@ pub fn download(id: usize, spec: &Spec, expected_sha: &str, live: &Live) -> Outc
                     Some(end) => {
                         in_body = true;
                         let rest = head.split_off(end + 4);
+                        outcome.served_by = served_by(&head);
                         hasher.update(&rest);
                         body_len += rest.len();
                         data = &[];

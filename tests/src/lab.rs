@@ -28,7 +28,15 @@ use cdn_test_support::{
 
 use crate::netns::Netns;
 
+mod config;
+mod faults;
+
+use config::{controller_config, router_bird_config};
+
 pub const VIP_V4: &str = "192.0.2.1";
+/// The client's address: every download comes from it.
+pub const CLIENT_V4: &str = "10.100.0.2";
+pub const CLIENT_V6: &str = "fd00:100::2";
 pub const VIP_V6: &str = "2001:db8::1";
 pub const HASH_KEY: &str = "5ca1ab1e0ddba11cafef00d15ea5e000";
 pub const METRICS_PORT: u16 = 9465;
@@ -172,84 +180,6 @@ fn attach_pass_programs(ns: &Netns, interfaces: &[String]) -> Result<aya::Ebpf> 
         }
         Ok(ebpf)
     })?
-}
-
-fn router_bird_config(nodes: usize) -> String {
-    let mut c = String::from(
-        "router id 10.100.0.1;\n\
-         protocol device { scan time 2; }\n\
-         protocol kernel k4 { ipv4 { import none; export all; }; merge paths on; }\n\
-         protocol kernel k6 { ipv6 { import none; export all; }; merge paths on; }\n",
-    );
-    for i in 1..=nodes {
-        for (suffix, local, neighbor, channel) in [
-            ("", format!("10.1.{i}.1"), format!("10.1.{i}.2"), "ipv4"),
-            (
-                "v6",
-                format!("fd00:1:{i}::1"),
-                format!("fd00:1:{i}::2"),
-                "ipv6",
-            ),
-        ] {
-            c.push_str(&format!(
-                "protocol bgp n{i}{suffix} {{\n  local {local} as 65000;\n  neighbor {neighbor} as 65001;\n  \
-                 {channel} {{ import all; export none; }};\n  hold time 3; keepalive time 1;\n  \
-                 connect retry time 1; error wait time 1,2; connect delay time 1;\n}}\n"
-            ));
-        }
-    }
-    c
-}
-
-fn node_bird_config(i: usize, steering: bool) -> String {
-    // Without steering the VIP is announced from the start; with it, cdn-steer enables the
-    // static protocols once the node is ready.
-    let disabled = if steering { "disabled;" } else { "" };
-    format!(
-        "router id 10.1.{i}.2;\n\
-         protocol device {{ scan time 2; }}\n\
-         protocol static anycast_vips {{ {disabled} ipv4; route {VIP_V4}/32 blackhole; }}\n\
-         protocol static anycast_vips6 {{ {disabled} ipv6; route {VIP_V6}/128 blackhole; }}\n\
-         protocol bgp uplink {{\n  local 10.1.{i}.2 as 65001;\n  neighbor 10.1.{i}.1 as 65000;\n  \
-         ipv4 {{ import none; export where proto = \"anycast_vips\"; }};\n  hold time 3; keepalive time 1;\n  \
-         connect retry time 1; error wait time 1,2; connect delay time 1;\n}}\n\
-         protocol bgp uplink6 {{\n  local fd00:1:{i}::2 as 65001;\n  neighbor fd00:1:{i}::1 as 65000;\n  \
-         ipv6 {{ import none; export where proto = \"anycast_vips6\"; }};\n  hold time 3; keepalive time 1;\n  \
-         connect retry time 1; error wait time 1,2; connect delay time 1;\n}}\n"
-    )
-}
-
-fn controller_config(lab: &Lab, node: &LabNode, bpffs: &Path) -> String {
-    let mut c = format!(
-        "[node]\nname = \"{name}\"\ninterfaces = [\"eth0\"]\nunderlay_v4 = \"{ul}\"\n\
-         max_frame = {frame}\nbpffs = \"{bpffs}\"\ncontrol_socket = \"{ctl}\"\n\n\
-         [cluster]\nhash_key = \"{HASH_KEY}\"\nhistory_sync_ms = 1000\n\n",
-        name = node.name,
-        ul = node.underlay,
-        frame = UNDERLAY_MTU + 14,
-        bpffs = bpffs.join(&node.name).display(),
-        ctl = node.control.display(),
-    );
-    for i in 1..=lab.opts.nodes {
-        c.push_str(&format!(
-            "[[cluster.members]]\nname = \"node{i}\"\nid = {i}\nunderlay = \"10.1.{i}.2\"\n\
-             sync = \"10.1.{i}.2:{METRICS_PORT}\"\n\
-             [cluster.members.health]\nkind = \"http\"\nport = {METRICS_PORT}\npath = \"/ready\"\n\
-             interval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n\n"
-        ));
-    }
-    c.push_str(&format!(
-        "[[services]]\nname = \"web\"\nvips = [\"{VIP_V4}/32\", \"{VIP_V6}/128\"]\ntcp_ports = [80]\n{udp}\n\
-         [bgp]\nbird_socket = \"{sock}\"\nprotocols = [\"anycast_vips\", \"anycast_vips6\"]\npoll_interval_ms = 200\n\n\
-         [metrics]\nlisten = \"{ul}:{METRICS_PORT}\"\n",
-        sock = node.bird_socket.display(),
-        ul = node.underlay,
-        udp = match lab.opts.udp_mode {
-            Some(mode) => format!("udp_ports = [{UDP_PORT}]\nudp_mode = \"{mode}\"\n"),
-            None => String::new(),
-        },
-    ));
-    c
 }
 
 impl Lab {
@@ -405,40 +335,8 @@ impl Lab {
             self.bird(&self.router, "router", &router_bird_config(self.opts.nodes))?;
         self.router_bird = Some(router_bird);
         for i in 0..self.nodes.len() {
-            let node = &self.nodes[i];
-            let bird = self.bird(
-                &node.ns,
-                &node.name,
-                &node_bird_config(node.index, self.opts.steering),
-            )?;
-            let log = self.dir.join(format!("{}-httpd.log", node.name));
-            let size = self.opts.file_size.to_string();
-            let seed = self.opts.file_seed.to_string();
-            let name = node.name.clone();
-            let httpd = spawn(
-                &node.ns,
-                &format!("httpd ({})", node.name),
-                &self.bin.httpd,
-                &[
-                    "--size",
-                    &size,
-                    "--seed",
-                    &seed,
-                    "--listen",
-                    &format!("{VIP_V4}:80"),
-                    "--listen",
-                    &format!("[{VIP_V6}]:80"),
-                    "--udp",
-                    &format!("{VIP_V4}:{UDP_PORT}"),
-                    "--udp",
-                    &format!("[{VIP_V6}]:{UDP_PORT}"),
-                    "--name",
-                    &name,
-                ],
-                &log,
-            )?;
-            self.nodes[i].bird = Some(bird);
-            self.nodes[i].httpd = Some(httpd);
+            self.start_node_bird(i)?;
+            self.start_httpd(i)?;
         }
         Ok(())
     }
@@ -615,14 +513,6 @@ impl Lab {
 
     pub fn vip(&self, v6: bool) -> IpAddr {
         (if v6 { VIP_V6 } else { VIP_V4 }).parse().expect("lab VIP")
-    }
-
-    /// Stops node `i` entirely: controller, web server and BIRD (by pid).
-    pub fn stop_node(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
-        node.controller = None;
-        node.httpd = None;
-        node.bird = None;
     }
 }
 

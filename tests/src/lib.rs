@@ -3,6 +3,7 @@
 //! `cdn-test-support`, shared with the controller's unit tests.
 
 pub mod bpf_interp;
+pub mod chaos;
 pub mod content;
 pub mod difftest;
 pub mod download;

@@ -67,6 +67,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build the controller and the lab, then run cdn-chaos: downloads through the lab
+    /// while controllers, BIRD, web servers and whole nodes are killed, bad configurations
+    /// reloaded, SYNs and ACKs flooded and routes flipped (10 minutes unless `--duration
+    /// SECONDS`; `--seed N` replays a run). Not part of `cargo xtask test`.
+    Chaos {
+        /// Arguments for cdn-chaos.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -111,18 +120,13 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Run { args } => {
             setup::run()?;
-            // The lab starts the controller and the lab's web server as processes, and
-            // `cargo run --bin cdn-lab` builds only cdn-lab itself.
-            cmd::run(cmd::cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "cdn-user",
-                "-p",
-                "cdn-tests",
-                "--bins",
-            ]))?;
+            build_lab()?;
             run_tests_bin("cdn-lab", &args)
+        }
+        Task::Chaos { args } => {
+            setup::run()?;
+            build_lab()?;
+            run_tests_bin("cdn-chaos", &args)
         }
         Task::Dist => {
             setup::run()?;
@@ -134,6 +138,20 @@ fn run(task: Task) -> Result<()> {
             deb::lintian(&deb::build()?)
         }
     }
+}
+
+/// Builds the binaries the lab runs. The lab starts the controller and the lab's web server as
+/// processes, and `cargo run --bin cdn-lab` builds only cdn-lab itself.
+fn build_lab() -> Result<()> {
+    cmd::run(cmd::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "cdn-user",
+        "-p",
+        "cdn-tests",
+        "--bins",
+    ]))
 }
 
 /// Runs a binary of the cdn-tests package, where the benchmark and the lab live, in release mode

@@ -1,5 +1,6 @@
 //! The lab's web server: serves `/file` (the deterministic content of `cdn_tests::content`)
-//! and `/health` on every address given, one thread per connection. With `--udp`, it also
+//! and `/health` on every address given, one thread per connection; `/file` answers carry
+//! `X-Served-By: NAME` (`--name`). With `--udp`, it also
 //! answers every UDP datagram on that address with `--name`, from one unconnected socket, the
 //! way QUIC and DNS servers serve: the lab uses it to see which node accepted a UDP flow.
 //!
@@ -38,6 +39,7 @@ fn main() -> Result<()> {
         bail!("give at least one --listen ADDR:PORT");
     }
     let body = Arc::new(content::generate(size, seed));
+    let served_by: Arc<str> = Arc::from(name.as_str());
     let mut threads = Vec::new();
     for addr in udp {
         let socket = UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
@@ -49,11 +51,13 @@ fn main() -> Result<()> {
     for addr in listen {
         let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         let body = body.clone();
+        let served_by = served_by.clone();
         threads.push(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let body = body.clone();
+                let served_by = served_by.clone();
                 std::thread::spawn(move || {
-                    let _ = serve(stream, &body);
+                    let _ = serve(stream, &body, &served_by);
                 });
             }
         }));
@@ -75,7 +79,9 @@ fn answer_udp(socket: &UdpSocket, name: &[u8]) {
     }
 }
 
-fn serve(stream: TcpStream, body: &[u8]) -> std::io::Result<()> {
+/// Serves one request. `/file` says who served it (`X-Served-By: NAME`): the chaos run
+/// blames a broken download on the member that served it.
+fn serve(stream: TcpStream, body: &[u8], name: &str) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     // Slow clients are the point of the lab: writes may wait long for the window to open.
     stream.set_write_timeout(Some(Duration::from_secs(120)))?;
@@ -94,7 +100,7 @@ fn serve(stream: TcpStream, body: &[u8]) -> std::io::Result<()> {
         "/file" => {
             write!(
                 out,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nX-Served-By: {name}\r\nConnection: close\r\n\r\n",
                 body.len()
             )?;
             for chunk in body.chunks(16 * 1024) {

@@ -9,10 +9,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use cdn_common::maps::{
-    Bucket, NO_MEMBER, NODE_READY, NextHop, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP,
-    SERVICE_UDP, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
+    Bucket, Link, NO_MEMBER, NODE_READY, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP,
+    SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
 };
-use cdn_user::dataplane::{DataPlane, LoadOptions, monotonic_ns};
+use cdn_user::dataplane::{DataPlane, LoadOptions};
 use rand::{Rng, rngs::StdRng};
 
 use crate::{
@@ -320,7 +320,6 @@ pub fn load(rng: &mut StdRng, links: &Links) -> Result<(DataPlane, Env)> {
         steer_auth: false,
         auth_key: auth::derive_key(KEY),
     };
-    let far = monotonic_ns() + 3_600_000_000_000;
     for (id, a) in MEMBERS {
         dp.set_member(id, Some(addr(a)))?;
         env.members.insert(id, addr(a));
@@ -344,15 +343,19 @@ pub fn load(rng: &mut StdRng, links: &Links) -> Result<(DataPlane, Env)> {
                 fresh: true,
             },
         };
-        dp.set_next_hop(
-            id,
-            &NextHop {
-                dst_mac: hop.dst_mac,
-                src_mac: hop.src_mac,
-                ifindex: hop.ifindex,
-                expires_ns: if hop.fresh { far } else { 1 },
-            },
-        )?;
+        // A stale entry is one the controller invalidated: the program asks the FIB.
+        if hop.fresh {
+            dp.set_next_hop(
+                id,
+                &Link {
+                    ifindex: hop.ifindex,
+                    dst_mac: hop.dst_mac,
+                    src_mac: hop.src_mac,
+                },
+            )?;
+        } else {
+            dp.clear_next_hop(id)?;
+        }
         env.next_hops.insert(id, hop);
     }
     for vip in &VIPS {

@@ -1,0 +1,84 @@
+//! The configuration files the lab writes: the router's and the nodes' BIRD, and each node's
+//! `cdn-steer` configuration.
+
+use std::path::Path;
+
+use super::{HASH_KEY, Lab, LabNode, METRICS_PORT, UDP_PORT, UNDERLAY_MTU, VIP_V4, VIP_V6};
+
+pub(super) fn router_bird_config(nodes: usize) -> String {
+    let mut c = String::from(
+        "router id 10.100.0.1;\n\
+         protocol device { scan time 2; }\n\
+         protocol kernel k4 { ipv4 { import none; export all; }; merge paths on; }\n\
+         protocol kernel k6 { ipv6 { import none; export all; }; merge paths on; }\n",
+    );
+    for i in 1..=nodes {
+        for (suffix, local, neighbor, channel) in [
+            ("", format!("10.1.{i}.1"), format!("10.1.{i}.2"), "ipv4"),
+            (
+                "v6",
+                format!("fd00:1:{i}::1"),
+                format!("fd00:1:{i}::2"),
+                "ipv6",
+            ),
+        ] {
+            c.push_str(&format!(
+                "protocol bgp n{i}{suffix} {{\n  local {local} as 65000;\n  neighbor {neighbor} as 65001;\n  \
+                 {channel} {{ import all; export none; }};\n  hold time 3; keepalive time 1;\n  \
+                 connect retry time 1; error wait time 1,2; connect delay time 1;\n}}\n"
+            ));
+        }
+    }
+    c
+}
+
+pub(super) fn node_bird_config(i: usize, steering: bool) -> String {
+    // Without steering the VIP is announced from the start; with it, cdn-steer enables the
+    // static protocols once the node is ready.
+    let disabled = if steering { "disabled;" } else { "" };
+    format!(
+        "router id 10.1.{i}.2;\n\
+         protocol device {{ scan time 2; }}\n\
+         protocol static anycast_vips {{ {disabled} ipv4; route {VIP_V4}/32 blackhole; }}\n\
+         protocol static anycast_vips6 {{ {disabled} ipv6; route {VIP_V6}/128 blackhole; }}\n\
+         protocol bgp uplink {{\n  local 10.1.{i}.2 as 65001;\n  neighbor 10.1.{i}.1 as 65000;\n  \
+         ipv4 {{ import none; export where proto = \"anycast_vips\"; }};\n  hold time 3; keepalive time 1;\n  \
+         connect retry time 1; error wait time 1,2; connect delay time 1;\n}}\n\
+         protocol bgp uplink6 {{\n  local fd00:1:{i}::2 as 65001;\n  neighbor fd00:1:{i}::1 as 65000;\n  \
+         ipv6 {{ import none; export where proto = \"anycast_vips6\"; }};\n  hold time 3; keepalive time 1;\n  \
+         connect retry time 1; error wait time 1,2; connect delay time 1;\n}}\n"
+    )
+}
+
+pub(super) fn controller_config(lab: &Lab, node: &LabNode, bpffs: &Path) -> String {
+    let mut c = format!(
+        "[node]\nname = \"{name}\"\ninterfaces = [\"eth0\"]\nunderlay_v4 = \"{ul}\"\n\
+         max_frame = {frame}\nbpffs = \"{bpffs}\"\ncontrol_socket = \"{ctl}\"\n\n\
+         [cluster]\nhash_key = \"{HASH_KEY}\"\nhistory_sync_ms = 1000\n\n",
+        name = node.name,
+        ul = node.underlay,
+        frame = UNDERLAY_MTU + 14,
+        bpffs = bpffs.join(&node.name).display(),
+        ctl = node.control.display(),
+    );
+    for i in 1..=lab.opts.nodes {
+        c.push_str(&format!(
+            "[[cluster.members]]\nname = \"node{i}\"\nid = {i}\nunderlay = \"10.1.{i}.2\"\n\
+             sync = \"10.1.{i}.2:{METRICS_PORT}\"\n\
+             [cluster.members.health]\nkind = \"http\"\nport = {METRICS_PORT}\npath = \"/ready\"\n\
+             interval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n\n"
+        ));
+    }
+    c.push_str(&format!(
+        "[[services]]\nname = \"web\"\nvips = [\"{VIP_V4}/32\", \"{VIP_V6}/128\"]\ntcp_ports = [80]\n{udp}\n\
+         [bgp]\nbird_socket = \"{sock}\"\nprotocols = [\"anycast_vips\", \"anycast_vips6\"]\npoll_interval_ms = 200\n\n\
+         [metrics]\nlisten = \"{ul}:{METRICS_PORT}\"\n",
+        sock = node.bird_socket.display(),
+        ul = node.underlay,
+        udp = match lab.opts.udp_mode {
+            Some(mode) => format!("udp_ports = [{UDP_PORT}]\nudp_mode = \"{mode}\"\n"),
+            None => String::new(),
+        },
+    ));
+    c
+}
