@@ -70,7 +70,8 @@ enum Task {
     /// Set up, build the controller and the lab, then run cdn-chaos: downloads through the lab
     /// while controllers, BIRD, web servers and whole nodes are killed, bad configurations
     /// reloaded, SYNs and ACKs flooded and routes flipped (10 minutes unless `--duration
-    /// SECONDS`; `--seed N` replays a run). Not part of `cargo xtask test`.
+    /// SECONDS`; `--seed N` replays a run), after the 1M-frame differential test with a random
+    /// seed. Not part of `cargo xtask test`.
     Chaos {
         /// Arguments for cdn-chaos.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -126,6 +127,9 @@ fn run(task: Task) -> Result<()> {
         Task::Chaos { args } => {
             setup::run()?;
             build_lab()?;
+            // First the differential test with a random seed (it prints the seed, so a
+            // disagreement can be replayed); the CI run always uses the same one.
+            run_tests_bin("cdn-difftest", &[])?;
             run_tests_bin("cdn-chaos", &args)
         }
         Task::Dist => {
