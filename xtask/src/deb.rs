@@ -273,6 +273,7 @@ impl Stage {
              Installed-Size: {installed_kib}\n\
              Section: net\n\
              Priority: optional\n\
+             Recommends: bird2\n\
              Description: XDP anycast steering controller\n \
              cdn-steer runs on every node of an anycast cluster and keeps each flow on the\n \
              server that owns it: an XDP program steers packets that land on the wrong\n \
