@@ -4,6 +4,8 @@
 
 pub mod health;
 pub mod history;
+pub mod flap_guard;
 pub mod maglev;
 pub mod peer_http;
+pub mod probe;
 pub mod sync;
