@@ -14,6 +14,13 @@
 //! nothing for the packets; it only raises the flag. This node's own announcement is still
 //! decided by its own member's health, not by the hold.
 //!
+//! Members sharing one cause do not all reach `fall` in the same instant, so the first to fall
+//! would leave the table before the others follow. Hence a member that just fell while every
+//! member still up is failing too stays in the table for up to one round ("deferred"): either
+//! the others fall as well (a hold, and the table never moved), or one of them succeeds or the
+//! round passes, and the member leaves the table then. A member falling while the others pass
+//! their checks leaves at once, as before.
+//!
 //! The hold ends when checks work again: once every held member is up again, or one round after
 //! the first of them came back (the others then are judged as they are).
 //!
@@ -43,6 +50,8 @@ pub enum Change {
     Held(BTreeSet<u16>),
     /// The hold ended; members are judged by their own health again.
     Released,
+    /// Members whose fall was deferred (the others were failing too) now leave the table.
+    Confirmed(BTreeSet<u16>),
 }
 
 /// The rule's memory between two health views.
@@ -52,6 +61,8 @@ pub struct FlapGuard {
     previous: BTreeMap<u16, Option<bool>>,
     /// Members that went from up to down within the last round, with when.
     recent_downs: BTreeMap<u16, SystemTime>,
+    /// Members down but kept in the table for now, because every member up was failing too.
+    deferred: BTreeSet<u16>,
     held: Option<Hold>,
 }
 
@@ -65,7 +76,9 @@ impl FlapGuard {
     pub fn is_up(&self, id: u16, health: &BTreeMap<u16, MemberHealth>) -> bool {
         match &self.held {
             Some(hold) => hold.members.contains(&id),
-            None => health.get(&id).and_then(|h| h.healthy) == Some(true),
+            None => {
+                self.deferred.contains(&id) || health.get(&id).and_then(|h| h.healthy) == Some(true)
+            }
         }
     }
 
@@ -99,8 +112,25 @@ impl FlapGuard {
             health.contains_key(id) && now.duration_since(*at).unwrap_or_default() <= round
         });
 
+        // Every member still up is failing as well: the members that just fell may be the
+        // first of a mass flap, so they stay in the table until it is clear.
+        // (With none up there is nothing to defer for: a table without eligible members
+        // keeps its owners anyway.)
+        let all_failing = !up.is_empty()
+            && up
+                .iter()
+                .all(|id| health.get(id).is_some_and(|h| h.consecutive_failed > 0));
+        let deferred: BTreeSet<u16> = if self.held.is_none() && all_failing {
+            self.recent_downs.keys().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
+        let confirmed: BTreeSet<u16> = self.deferred.difference(&deferred).copied().collect();
+        self.deferred = deferred;
+
         match &mut self.held {
             None if up.is_empty() && self.recent_downs.len() >= 2 => {
+                self.deferred.clear();
                 let members: BTreeSet<u16> = self.recent_downs.keys().copied().collect();
                 self.held = Some(Hold {
                     members: members.clone(),
@@ -110,6 +140,7 @@ impl FlapGuard {
                 self.recent_downs.clear();
                 Some(Change::Held(members))
             }
+            None if !confirmed.is_empty() => Some(Change::Confirmed(confirmed)),
             None => None,
             Some(hold) => {
                 hold.members.retain(|id| health.contains_key(id));
@@ -183,6 +214,50 @@ mod tests {
         assert!(g.is_up(2, &first));
         assert_eq!(g.observe(&first, ROUND, at(6_000)), Some(Change::Released));
         assert!(!g.is_up(2, &first));
+    }
+
+    /// `view` with the members `ids` in a failure streak.
+    fn failing(mut v: BTreeMap<u16, MemberHealth>, ids: &[u16]) -> BTreeMap<u16, MemberHealth> {
+        for id in ids {
+            if let Some(h) = v.get_mut(id) {
+                h.consecutive_failed = 1;
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn the_first_to_fall_stays_while_the_others_fail_too() {
+        let mut g = FlapGuard::default();
+        g.observe(&view(&[(1, Some(true)), (2, Some(true))]), ROUND, at(0));
+        // 1 falls while 2 is failing too: 1 stays in the table, nothing to rebuild.
+        let first = failing(view(&[(1, Some(false)), (2, Some(true))]), &[1, 2]);
+        assert_eq!(g.observe(&first, ROUND, at(100)), None);
+        assert!(g.is_up(1, &first));
+        // 2 passes its next check: 1 leaves now.
+        let passes = failing(view(&[(1, Some(false)), (2, Some(true))]), &[1]);
+        assert_eq!(
+            g.observe(&passes, ROUND, at(200)),
+            Some(Change::Confirmed([1].into()))
+        );
+        assert!(!g.is_up(1, &passes));
+        // Deferred at most one round.
+        let mut g = FlapGuard::default();
+        g.observe(&view(&[(1, Some(true)), (2, Some(true))]), ROUND, at(0));
+        g.observe(&first, ROUND, at(100));
+        assert_eq!(
+            g.observe(&first, ROUND, at(1_200)),
+            Some(Change::Confirmed([1].into()))
+        );
+        // Both fall: a hold, and 1 never left the table.
+        let mut g = FlapGuard::default();
+        g.observe(&view(&[(1, Some(true)), (2, Some(true))]), ROUND, at(0));
+        g.observe(&first, ROUND, at(100));
+        let both = failing(view(&[(1, Some(false)), (2, Some(false))]), &[1, 2]);
+        assert_eq!(
+            g.observe(&both, ROUND, at(150)),
+            Some(Change::Held([1, 2].into()))
+        );
     }
 
     #[test]

@@ -148,8 +148,10 @@ pub struct HealthCheck {
     pub rise: u32,
     /// Consecutive failures that make a member unhealthy; at least 1.
     pub fall: u32,
-    /// `reset`: end every probe connection with a reset (`SO_LINGER` 0) instead of a FIN. Off
-    /// by default: resets show up in the `TcpOutRsts` counter operators watch.
+    /// `reset`: end every probe connection that is still open when the probe is done with a
+    /// reset (`SO_LINGER` 0) instead of a FIN: every TCP check; an HTTP exchange is normally
+    /// closed by both sides by then (`Connection: close`). Off by default: resets show up in
+    /// the `TcpOutRsts` counter operators watch.
     pub reset: bool,
 }
 

@@ -264,6 +264,12 @@ impl Core {
                      this node, not the members; keeping the last table until checks work again");
                 changes.push("mass flap: table held".into());
             }
+            Some(Change::Confirmed(members)) => {
+                for id in members {
+                    let name = self.cfg.member(id).map_or("?", |m| m.name.as_str());
+                    changes.push(format!("{name} down (the others pass again)"));
+                }
+            }
             Some(Change::Released) => {
                 log::info!("health checks work again: members are judged by their own health");
                 changes.push("mass flap over".into());
