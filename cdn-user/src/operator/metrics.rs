@@ -693,6 +693,9 @@ mod tests {
                 // 0x010101010101 and 0x020202020202: the digests' first 48 bits.
                 r#"cdn_steer_table_digest{service="web"} 1103823438081"#,
                 r#"cdn_steer_table_digest{service="dns"} 2207646876162"#,
+                r#"cdn_steer_health_local_errors_total{reason="fd_limit"} 3"#,
+                r#"cdn_steer_health_local_errors_total{reason="no_route"} 0"#,
+                "cdn_steer_health_mass_flap 1",
                 "cdn_steer_draining 0",
                 r#"cdn_steer_xdp_attached{interface="eth0",mode="native"} 1"#,
                 r#"cdn_steer_xdp_attached{interface="eth1",mode="native"} 1"#,
