@@ -175,3 +175,52 @@ pub fn close(mut stream: TcpStream, reset: bool) {
         let _ = timeout(DRAIN_TIME, drain).await;
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn immediate_errors_are_local_only_for_local_causes() {
+        let local = |errno| LocalFault::of_immediate(&io::Error::from_raw_os_error(errno));
+        assert_eq!(local(libc::EMFILE), Some(LocalFault::FdLimit));
+        assert_eq!(local(libc::ENFILE), Some(LocalFault::FdLimit));
+        assert_eq!(local(libc::ENOBUFS), Some(LocalFault::NoBuffers));
+        assert_eq!(local(libc::EADDRNOTAVAIL), Some(LocalFault::NoLocalPort));
+        assert_eq!(local(libc::ENETUNREACH), Some(LocalFault::NoRoute));
+        for member in [libc::ECONNREFUSED, libc::EHOSTUNREACH, libc::ETIMEDOUT] {
+            assert_eq!(local(member), None, "errno {member}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_the_members() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        match connect(addr, deadline).await {
+            Err(ConnectError::Member(e)) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn counts_add_up_by_reason() {
+        let counts = LocalFaultCounts::default();
+        counts.add(LocalFault::FdLimit);
+        counts.add(LocalFault::FdLimit);
+        counts.add(LocalFault::NoRoute);
+        assert_eq!(
+            counts.read(),
+            [
+                ("fd_limit", 2),
+                ("no_buffers", 0),
+                ("no_local_port", 0),
+                ("no_route", 1)
+            ]
+        );
+    }
+}
