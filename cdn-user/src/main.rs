@@ -468,6 +468,22 @@ fn print_status(s: &StatusReport) {
         "  reloads: {} ok, {} refused",
         s.reloads_ok, s.reloads_failed
     );
+    let local: Vec<String> = (s.health_checks.local_errors.iter())
+        .filter(|(_, n)| **n > 0)
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
+    if !local.is_empty() {
+        println!(
+            "  health checks failed locally (not counted against members): {}",
+            local.join(", ")
+        );
+    }
+    if !s.health_checks.held_members.is_empty() {
+        println!(
+            "  MASS FLAP: every member went down within one check round; the table keeps {}",
+            s.health_checks.held_members.join(", ")
+        );
+    }
     println!("services ({} buckets per table):", s.table_size);
     for svc in &s.services {
         println!(

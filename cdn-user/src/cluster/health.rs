@@ -13,6 +13,11 @@
 //!
 //! The state of every member is published on a [`tokio::sync::watch`] channel after each probe;
 //! the steering code subscribes to it and rebuilds the table when health changes.
+//!
+//! A probe that fails for a local reason ([`crate::cluster::probe`]: out of descriptors or
+//! buffers, no local port, no route) is retried a few times within the interval and counted in
+//! [`LocalFaultCounts`], but never counts against the member: its health, streaks and counters
+//! stay as they were. Probe connections end with a FIN unless the check asks for a reset.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
@@ -30,6 +35,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use crate::cluster::peer_http::{self as http, Failure, Get};
+use crate::cluster::probe::{self, ConnectError, LocalFault, LocalFaultCounts};
 use crate::config::{HealthCheck, HealthProbe};
 
 /// Most bytes of an HTTP answer's body read. Only the status counts; the body is read so that
@@ -42,6 +48,12 @@ const MIN_INTERVAL: Duration = Duration::from_millis(1);
 
 /// The `User-Agent` of HTTP probes, so that members can tell them apart in their access logs.
 const USER_AGENT: &str = "cdn-steer-health";
+
+/// Retries of a probe that failed locally, within one interval; each waits a little longer
+/// ([`LOCAL_RETRY_PAUSE`] times the retry's number), so a short descriptor or port shortage
+/// passes, and a long one costs a handful of syscalls per interval.
+const LOCAL_RETRIES: u32 = 2;
+const LOCAL_RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// One member to check.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,6 +175,8 @@ pub struct HealthMonitor {
     state: watch::Sender<BTreeMap<u16, MemberHealth>>,
     /// The running check of every member, keyed by member id.
     checks: HashMap<u16, Check>,
+    /// Probes that failed for a local reason, shared by all the tasks.
+    local_faults: Arc<LocalFaultCounts>,
 }
 
 /// The task checking one member.
@@ -198,6 +212,7 @@ impl HealthMonitor {
             runtime: Handle::current(),
             state,
             checks: HashMap::new(),
+            local_faults: Arc::default(),
         };
         monitor.reconfigure(targets);
         monitor
@@ -208,6 +223,12 @@ impl HealthMonitor {
     /// every [`HealthMonitor::reconfigure`]. The channel closes once the monitor is dropped.
     pub fn subscribe(&self) -> watch::Receiver<BTreeMap<u16, MemberHealth>> {
         self.state.subscribe()
+    }
+
+    /// Probes that failed for a local reason since start, by reason: the same counters for the
+    /// monitor's whole life, reloads included.
+    pub fn local_faults(&self) -> Arc<LocalFaultCounts> {
+        Arc::clone(&self.local_faults)
     }
 
     /// The current state of every member, keyed by member id.
@@ -299,6 +320,7 @@ impl HealthMonitor {
             Arc::clone(&target),
             self.state.clone(),
             Arc::clone(&retired),
+            Arc::clone(&self.local_faults),
         ));
         Check {
             target,
@@ -322,6 +344,7 @@ async fn run_checks(
     target: Arc<Target>,
     state: watch::Sender<BTreeMap<u16, MemberHealth>>,
     retired: Arc<AtomicBool>,
+    local_faults: Arc<LocalFaultCounts>,
 ) {
     let check = &target.check;
     let addr = SocketAddr::new(target.addr, check.port);
@@ -337,10 +360,35 @@ async fn run_checks(
     // restarts from there, instead of firing the missed ticks in a burst.
     let mut ticks = tokio::time::interval(check.interval.max(MIN_INTERVAL));
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Whether the last probe failed locally (and was warned about).
+    let mut local_streak = false;
     loop {
         ticks.tick().await;
         let started = Instant::now();
-        let outcome = probe(addr, &check.probe, check.timeout).await;
+        let mut outcome = probe(addr, check).await;
+        let mut retries = 0;
+        while let Err(ProbeError::Local(fault, error)) = &outcome {
+            local_faults.add(*fault);
+            if retries == LOCAL_RETRIES {
+                // Not counted against the member: its state stays as it was. Warned about
+                // once per streak, so a node out of descriptors does not flood its log.
+                if !local_streak {
+                    warn!(member = target.name.as_str(), reason = fault.name(), error:% = error;
+                        "health check failed locally; not counted against the member");
+                }
+                local_streak = true;
+                break;
+            }
+            retries += 1;
+            tokio::time::sleep(LOCAL_RETRY_PAUSE * retries).await;
+            outcome = probe(addr, check).await;
+        }
+        if matches!(outcome, Err(ProbeError::Local(..))) {
+            continue;
+        }
+        if std::mem::take(&mut local_streak) {
+            info!(member = target.name.as_str(); "health check works again");
+        }
         let latency = started.elapsed();
         let outcome = outcome.map_err(|e| e.to_string());
         if let Err(reason) = &outcome {
@@ -407,17 +455,33 @@ enum ProbeError {
     /// A status other than 2xx.
     #[error("HTTP {0}")]
     Status(u16),
+    /// This node's fault, not the member's.
+    #[error("local fault ({name}): {1}", name = .0.name())]
+    Local(LocalFault, std::io::Error),
 }
 
-/// Probes `addr` once, within `timeout`.
-async fn probe(addr: SocketAddr, probe: &HealthProbe, timeout: Duration) -> Result<(), ProbeError> {
-    match probe {
+/// Connects for a probe of `addr` by `deadline`.
+async fn connect(
+    addr: SocketAddr,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<TcpStream, ProbeError> {
+    probe::connect(addr, deadline).await.map_err(|e| match e {
+        ConnectError::Local(fault, error) => ProbeError::Local(fault, error),
+        ConnectError::Member(error) => ProbeError::Client(Failure::Connect(error)),
+        ConnectError::Timeout => ProbeError::Client(Failure::Timeout(timeout)),
+    })
+}
+
+/// Probes `addr` once as `check` says, within its timeout.
+async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), ProbeError> {
+    let timeout = check.timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    match &check.probe {
         HealthProbe::Tcp => {
-            // An established connection is all a TCP check asks for; dropping it closes it.
-            tokio::time::timeout(timeout, TcpStream::connect(addr))
-                .await
-                .map_err(|_| Failure::Timeout(timeout))?
-                .map_err(Failure::Connect)?;
+            // An established connection is all a TCP check asks for.
+            let stream = connect(addr, deadline, timeout).await?;
+            probe::close(stream, check.reset);
             Ok(())
         }
         HealthProbe::Http { path, host } => {
@@ -428,7 +492,12 @@ async fn probe(addr: SocketAddr, probe: &HealthProbe, timeout: Duration) -> Resu
                 user_agent: USER_AGENT,
                 body_limit: MAX_ANSWER_BODY,
             };
-            let answer = http::get(addr, &request, timeout)
+            let stream = connect(addr, deadline, timeout).await?;
+            if check.reset {
+                probe::reset_on_drop(&stream);
+            }
+            // Once the whole answer is read, dropping the connection closes it with a FIN.
+            let answer = http::get_on(stream, addr, &request, deadline, timeout)
                 .await
                 .map_err(|e| e.failure)?;
             if let Err(e) = &answer.body {
@@ -481,8 +550,20 @@ mod tests {
                 timeout: TIMEOUT,
                 rise,
                 fall,
+                reset: false,
             },
         }
+    }
+
+    /// One probe of `addr` with `probe` and `timeout`.
+    async fn probe_once(
+        addr: SocketAddr,
+        probe: HealthProbe,
+        timeout: Duration,
+    ) -> Result<(), ProbeError> {
+        let mut check = target(1, addr, probe, 1, 1).check;
+        check.timeout = timeout;
+        super::probe(addr, &check).await
     }
 
     fn http(path: &str) -> HealthProbe {
@@ -773,7 +854,7 @@ mod tests {
             }
         }
         let started = Instant::now();
-        let result = probe(addr, &HealthProbe::Tcp, TIMEOUT).await;
+        let result = probe_once(addr, HealthProbe::Tcp, TIMEOUT).await;
         let took = started.elapsed();
         assert!(
             matches!(result, Err(ProbeError::Client(Failure::Timeout(t))) if t == TIMEOUT),
@@ -890,7 +971,7 @@ mod tests {
         for (answer, expected) in cases {
             let (listener, addr) = listen().await;
             serve_raw(listener, answer);
-            let result = probe(addr, &http("/"), PATIENCE).await;
+            let result = probe_once(addr, http("/"), PATIENCE).await;
             let shown = String::from_utf8_lossy(answer);
             match (expected, result) {
                 (Ok(200 | 204), Ok(())) => {}
@@ -909,7 +990,7 @@ mod tests {
         let (listener, addr) = listen().await;
         let closes = serve_raw(listener, answer.leak());
         for _ in 0..3 {
-            assert!(probe(addr, &http("/"), PATIENCE).await.is_ok());
+            assert!(probe_once(addr, http("/"), PATIENCE).await.is_ok());
         }
         let deadline = Instant::now() + PATIENCE;
         while closes.lock().expect("lock").len() < 3 && Instant::now() < deadline {
@@ -929,7 +1010,7 @@ mod tests {
         let (listener, addr) = listen().await;
         serve_raw(listener, answer.leak());
         let started = Instant::now();
-        assert!(probe(addr, &http("/"), PATIENCE).await.is_ok());
+        assert!(probe_once(addr, http("/"), PATIENCE).await.is_ok());
         // It did not wait for the rest.
         assert!(started.elapsed() < Duration::from_secs(1));
     }

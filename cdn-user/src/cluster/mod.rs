@@ -2,8 +2,10 @@
 //! (Maglev), where they went before (hop history, and its sync between members), and which
 //! members can take them (health).
 
+pub mod flap_guard;
 pub mod health;
 pub mod history;
 pub mod maglev;
 pub mod peer_http;
+pub mod probe;
 pub mod sync;

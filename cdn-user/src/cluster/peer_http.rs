@@ -113,11 +113,24 @@ pub async fn get(
 ) -> Result<Answer, ClientError> {
     let error = |failure| ClientError { addr, failure };
     let deadline = Instant::now() + limit;
-    let prepared = prepare(request).map_err(error)?;
     let stream = timeout_at(deadline, TcpStream::connect(addr))
         .await
         .map_err(|_| error(Failure::Timeout(limit)))?
         .map_err(|e| error(Failure::Connect(e)))?;
+    get_on(stream, addr, request, deadline, limit).await
+}
+
+/// As [`get`], on a connection the caller set up (the health probes connect themselves, to
+/// tell local faults apart); `deadline` bounds the exchange, `limit` is what errors report.
+pub async fn get_on(
+    stream: TcpStream,
+    addr: SocketAddr,
+    request: &Get<'_>,
+    deadline: Instant,
+    limit: Duration,
+) -> Result<Answer, ClientError> {
+    let error = |failure| ClientError { addr, failure };
+    let prepared = prepare(request).map_err(error)?;
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .title_case_headers(true)
         .max_buf_size(MAX_BUF)

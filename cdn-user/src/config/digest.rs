@@ -209,6 +209,7 @@ fn member(r: &mut Records, m: &MemberSettings) {
         timeout,
         rise,
         fall,
+        reset,
     } = health;
     match probe {
         HealthProbe::Tcp => r.record(&path("health.kind"), "tcp"),
@@ -225,6 +226,7 @@ fn member(r: &mut Records, m: &MemberSettings) {
     r.record(&path("health.timeout_ms"), timeout.as_millis());
     r.record(&path("health.rise"), rise);
     r.record(&path("health.fall"), fall);
+    r.record(&path("health.reset"), reset);
 }
 
 fn service(r: &mut Records, s: &ServiceSettings) {

@@ -148,6 +148,11 @@ pub struct HealthCheck {
     pub rise: u32,
     /// Consecutive failures that make a member unhealthy; at least 1.
     pub fall: u32,
+    /// `reset`: end every probe connection that is still open when the probe is done with a
+    /// reset (`SO_LINGER` 0) instead of a FIN: every TCP check; an HTTP exchange is normally
+    /// closed by both sides by then (`Connection: close`). Off by default: resets show up in
+    /// the `TcpOutRsts` counter operators watch.
+    pub reset: bool,
 }
 
 /// What a health probe does.
@@ -179,6 +184,7 @@ struct HealthTable {
     timeout_ms: u32,
     rise: u32,
     fall: u32,
+    reset: bool,
 }
 
 #[derive(Deserialize)]
@@ -211,6 +217,7 @@ impl TryFrom<HealthTable> for HealthCheck {
             timeout: Duration::from_millis(t.timeout_ms.into()),
             rise: t.rise,
             fall: t.fall,
+            reset: t.reset,
         })
     }
 }
@@ -441,6 +448,7 @@ pub const FIELDS: &[Field] = &[
     field("cluster.members[].health.timeout_ms", Value("500")),
     field("cluster.members[].health.rise", Value("2")),
     field("cluster.members[].health.fall", Value("3")),
+    field("cluster.members[].health.reset", Value("false")),
     field("services[].name", Required),
     field("services[].vips", Required).text(Text::Prefix),
     field("services[].tcp_ports", Value("[]")),

@@ -63,6 +63,7 @@ fn example_parses() {
             timeout: Duration::from_millis(500),
             rise: 2,
             fall: 3,
+            reset: false,
         }
     );
     let b = &config.cluster.members[1];

@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
@@ -16,11 +16,14 @@ use tokio::sync::watch;
 use crate::{
     bgp::announce::AnnounceStatus,
     cluster::{
-        health::{MemberHealth, Target},
+        flap_guard::{Change, FlapGuard},
+        health::{HealthMonitor, MemberHealth, Target},
         maglev::{self, MaglevMember},
+        probe::LocalFaultCounts,
     },
-    config::Config,
+    config::{Config, HealthCheck, HealthProbe},
     dataplane::{Attachment, DataPlane, tables::Tables},
+    operator::report::HealthChecksReport,
 };
 
 /// Everything the daemon's tasks share.
@@ -44,6 +47,21 @@ pub(super) struct Core {
     pub(super) owners: Vec<u16>,
     /// Ids written to the member maps, so removed members can be cleared.
     pub(super) written_members: Vec<u16>,
+    /// The mass-flap rule, local faults and this node's own service checks.
+    pub(super) checks: LocalChecks,
+}
+
+/// What keeps a local fault from passing for a member fault, and what makes `/ready` cover
+/// this node's own service.
+#[derive(Debug, Default)]
+pub(super) struct LocalChecks {
+    /// The mass-flap rule over the members' health ([`FlapGuard`]).
+    pub(super) guard: FlapGuard,
+    /// Probes that failed for a local reason (the member health monitor's counters).
+    pub(super) local_faults: Arc<LocalFaultCounts>,
+    /// TCP checks of this node's own services on their VIPs ([`local_service_targets`]); `None`
+    /// until the daemon starts it.
+    pub(super) local_service: Option<HealthMonitor>,
 }
 
 pub(super) fn pin_paths(cfg: &Config) -> (PathBuf, PathBuf) {
@@ -115,7 +133,7 @@ impl Core {
             .iter()
             .filter(|m| m.weight > 0)
             .filter(|m| !(self.draining && m.id == self_id))
-            .filter(|m| self.health.get(&m.id).and_then(|h| h.healthy) == Some(true))
+            .filter(|m| self.checks.guard.is_up(m.id, &self.health))
             .map(|m| MaglevMember {
                 id: m.id,
                 name: &m.name,
@@ -127,6 +145,10 @@ impl Core {
     /// Rebuilds the Maglev table from the current health and drain state and installs it.
     /// `cause` (why the inputs changed) goes into the log line of every table swapped.
     pub(super) fn rebuild(&mut self, cause: &str) -> Result<()> {
+        // A reload may have changed the services or this node's check: a no-op otherwise.
+        if let Some(local) = &mut self.checks.local_service {
+            local.reconfigure(local_service_targets(&self.cfg));
+        }
         let mut owners = std::mem::take(&mut self.owners);
         let members = self.eligible();
         if members.is_empty() {
@@ -173,7 +195,94 @@ impl Core {
         if self.draining {
             return Err("draining".to_string());
         }
+        // This node's own service: a dead web server behind a live controller must not look
+        // ready to the peers that ask here. Unknown (not yet checked) is no evidence.
+        if let Some(local) = &self.checks.local_service {
+            let targets = local_service_targets(&self.cfg);
+            for (id, health) in local.snapshot() {
+                if health.healthy == Some(false) {
+                    let name = targets
+                        .iter()
+                        .find(|t| t.member_id == id)
+                        .map_or("local service", |t| t.name.as_str());
+                    let why = health.last_error.as_deref().unwrap_or("check failed");
+                    return Err(format!("{name} down: {why}"));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The health checker's own state, for `status` and the metrics.
+    pub(super) fn health_checks_report(&self) -> HealthChecksReport {
+        let hold = self.checks.guard.hold();
+        HealthChecksReport {
+            local_errors: self
+                .checks
+                .local_faults
+                .read()
+                .into_iter()
+                .map(|(reason, n)| (reason.to_owned(), n))
+                .collect(),
+            held_members: hold
+                .iter()
+                .flat_map(|h| h.members.iter())
+                .filter_map(|id| self.cfg.member(*id).map(|m| m.name.clone()))
+                .collect(),
+            held_since: hold
+                .and_then(|h| h.since.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs_f64()),
+        }
+    }
+
+    /// Takes in a new health view from the monitor: applies the mass-flap rule and returns
+    /// what changed for the table, as words for the rebuild's cause (empty: no rebuild).
+    pub(super) fn observe_health(&mut self, snapshot: BTreeMap<u16, MemberHealth>) -> Vec<String> {
+        let mut changes = Vec::new();
+        for (id, health) in &snapshot {
+            let before = self.health.get(id).and_then(|h| h.healthy);
+            if before != health.healthy {
+                let name = self.cfg.member(*id).map_or("?", |m| m.name.as_str());
+                let state = match health.healthy {
+                    Some(true) => "up",
+                    Some(false) => "down",
+                    None => "unknown",
+                };
+                changes.push(format!("{name} {state}"));
+            }
+        }
+        self.health = snapshot;
+        let round = check_round(&self.cfg);
+        match self
+            .checks
+            .guard
+            .observe(&self.health, round, SystemTime::now())
+        {
+            Some(Change::Held(members)) => {
+                let names: Vec<&str> = members
+                    .iter()
+                    .filter_map(|id| self.cfg.member(*id).map(|m| m.name.as_str()))
+                    .collect();
+                let members = names.join(",");
+                let round_ms = u64::try_from(round.as_millis()).unwrap_or(u64::MAX);
+                log::warn!(members = members.as_str(), round_ms;
+                    "every member that was up went down within one check round: the cause is \
+                     this node, not the members; keeping the last table until checks work again");
+                changes.push("mass flap: table held".into());
+            }
+            Some(Change::Confirmed(members)) => {
+                for id in members {
+                    let name = self.cfg.member(id).map_or("?", |m| m.name.as_str());
+                    changes.push(format!("{name} down (the others pass again)"));
+                }
+            }
+            Some(Change::Released) => {
+                log::info!("health checks work again: members are judged by their own health");
+                changes.push("mass flap over".into());
+            }
+            None => {}
+        }
+        changes
     }
 
     /// Whether the VIP routes should be announced from this node, and why.
@@ -249,6 +358,47 @@ impl Core {
     pub(super) fn health_targets(&self) -> Vec<Target> {
         health_targets(&self.cfg)
     }
+}
+
+/// One check round of the members: the longest interval plus the longest timeout. Members
+/// that fail for one shared cause go down within it.
+fn check_round(cfg: &Config) -> Duration {
+    let members = &cfg.cluster.members;
+    let interval = members.iter().map(|m| m.health.interval).max();
+    let timeout = members.iter().map(|m| m.health.timeout).max();
+    interval.unwrap_or_default() + timeout.unwrap_or_default()
+}
+
+/// This node's own service checks: for every service with a TCP port and a single-address VIP
+/// (`/32`, `/128`), a TCP connect to the first such VIP on the first TCP port, paced like this
+/// node's member check (and closing the same way). A wider VIP prefix does not say which
+/// address the service answers on, so it is not checked. None without a member of our own.
+pub(super) fn local_service_targets(cfg: &Config) -> Vec<Target> {
+    let Some(me) = cfg.self_member() else {
+        return Vec::new();
+    };
+    cfg.services
+        .iter()
+        .filter_map(|s| {
+            let port = *s.tcp_ports.first()?;
+            let vip = s.vips.iter().find(|v| {
+                let host = if v.is_ipv4() { 32 } else { 128 };
+                v.prefix_len() == host
+            })?;
+            Some((s, vip.addr(), port))
+        })
+        .enumerate()
+        .map(|(i, (s, addr, port))| Target {
+            member_id: u16::try_from(i).unwrap_or(u16::MAX),
+            name: format!("service {} ({})", s.name, SocketAddr::new(addr, port)),
+            addr,
+            check: HealthCheck {
+                probe: HealthProbe::Tcp,
+                port,
+                ..me.health.clone()
+            },
+        })
+        .collect()
 }
 
 pub(super) fn health_targets(cfg: &Config) -> Vec<Target> {

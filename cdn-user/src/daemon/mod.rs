@@ -75,8 +75,14 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut notifier = Notifier::from_env();
     let (mut core, link_dir) = startup::attach(&opts)?;
     let mut monitor = HealthMonitor::start(core.health_targets());
-    monitor.first_results(FIRST_HEALTH_WAIT).await;
-    core.health = monitor.snapshot();
+    let local_service = HealthMonitor::start(self::core::local_service_targets(&core.cfg));
+    tokio::join!(
+        monitor.first_results(FIRST_HEALTH_WAIT),
+        local_service.first_results(FIRST_HEALTH_WAIT)
+    );
+    core.checks.local_faults = monitor.local_faults();
+    core.checks.local_service = Some(local_service);
+    core.observe_health(monitor.snapshot());
     gossip::sync_history(&mut core).await;
     core.rebuild("start-up")?;
     core.ready = true;
@@ -207,20 +213,7 @@ pub async fn run(opts: Options) -> Result<()> {
             changed = health_rx.changed() => {
                 if changed.is_err() { bail!("health monitor stopped"); }
                 let snapshot = health_rx.borrow_and_update().clone();
-                let mut core = shared.lock();
-                for (id, health) in &snapshot {
-                    let before = core.health.get(id).and_then(|h| h.healthy);
-                    if before != health.healthy {
-                        let name = core.cfg.member(*id).map_or("?", |m| m.name.as_str());
-                        let state = match health.healthy {
-                            Some(true) => "up",
-                            Some(false) => "down",
-                            None => "unknown",
-                        };
-                        pending.push(format!("{name} {state}"));
-                    }
-                }
-                core.health = snapshot;
+                pending.extend(shared.lock().observe_health(snapshot));
             }
             () = rebuild.notified() => {
                 last_rebuild = Instant::now();

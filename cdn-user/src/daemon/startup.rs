@@ -76,6 +76,7 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
         started: SystemTime::now(),
         owners: Vec::new(),
         written_members: (0..MAX_MEMBERS as u16).collect(),
+        checks: Default::default(),
         cfg,
     };
     core.write_members()?;

@@ -134,6 +134,7 @@ impl Core {
                 .collect(),
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
+            health_checks: self.health_checks_report(),
             // Filled in by `status_with_drift`, once the lock is released.
             drift: None,
         })
@@ -274,6 +275,7 @@ impl Core {
             config_reloads_ok: self.reloads_ok,
             config_reloads_failed: self.reloads_failed,
             start_time: self.started,
+            health_checks: self.health_checks_report(),
         })
     }
 
@@ -310,6 +312,7 @@ pub(super) fn empty_snapshot(core: &Core) -> metrics::Snapshot {
         config_reloads_ok: core.reloads_ok,
         config_reloads_failed: core.reloads_failed,
         start_time: core.started,
+        health_checks: core.health_checks_report(),
     }
 }
 

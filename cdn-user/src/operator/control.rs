@@ -19,7 +19,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use super::report::{DriftReport, MemberReport};
+pub use super::report::{DriftReport, HealthChecksReport, MemberReport};
 use thiserror::Error;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -222,6 +222,9 @@ pub struct StatusReport {
     pub bgp: Vec<BgpStatus>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
+    /// Local probe failures and the mass-flap hold.
+    #[serde(default)]
+    pub health_checks: HealthChecksReport,
     /// This node's digests against its peers'; `None` from a daemon that does not compare.
     #[serde(default)]
     pub drift: Option<DriftReport>,

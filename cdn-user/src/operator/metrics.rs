@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use super::report::MemberReport;
+pub use super::report::{HealthChecksReport, MemberReport};
 
 use crate::config::Digest;
 use cdn_common::counters::PacketCounts;
@@ -51,6 +51,8 @@ pub struct Snapshot {
     pub config_reloads_failed: u64,
     /// When the controller started.
     pub start_time: SystemTime,
+    /// Local probe failures and the mass-flap hold.
+    pub health_checks: HealthChecksReport,
 }
 
 /// Per-service state.
@@ -387,6 +389,26 @@ impl Collector for SnapshotCollector {
                 .map(|v| (service(v), digest_gauge(&v.table_digest))),
         )?;
 
+        family(
+            enc,
+            "cdn_steer_health_local_errors",
+            "Health probes that failed for a local reason (fd_limit: out of file descriptors, \
+             no_buffers: out of socket memory, no_local_port, no_route: no route in this node's \
+             table), by reason. Retried, never counted against the member.",
+            None,
+            s.health_checks
+                .local_errors
+                .iter()
+                .map(|(reason, n)| ([("reason", reason.as_str())], ConstCounter::new(*n))),
+        )?;
+        single(
+            enc,
+            "cdn_steer_health_mass_flap",
+            "1 while every member that was up went down within one check round and the table \
+             keeps them (the cause is this node); 0 otherwise.",
+            None,
+            ConstGauge::new(i64::from(!s.health_checks.held_members.is_empty())),
+        )?;
         single(
             enc,
             "cdn_steer_draining",
@@ -602,6 +624,11 @@ mod tests {
             config_reloads_ok: 2,
             config_reloads_failed: 1,
             start_time: UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_500),
+            health_checks: HealthChecksReport {
+                local_errors: [("fd_limit".to_owned(), 3), ("no_route".to_owned(), 0)].into(),
+                held_members: vec!["node-a".into()],
+                held_since: Some(1_700_000_001.0),
+            },
         }
     }
 
@@ -666,6 +693,9 @@ mod tests {
                 // 0x010101010101 and 0x020202020202: the digests' first 48 bits.
                 r#"cdn_steer_table_digest{service="web"} 1103823438081"#,
                 r#"cdn_steer_table_digest{service="dns"} 2207646876162"#,
+                r#"cdn_steer_health_local_errors_total{reason="fd_limit"} 3"#,
+                r#"cdn_steer_health_local_errors_total{reason="no_route"} 0"#,
+                "cdn_steer_health_mass_flap 1",
                 "cdn_steer_draining 0",
                 r#"cdn_steer_xdp_attached{interface="eth0",mode="native"} 1"#,
                 r#"cdn_steer_xdp_attached{interface="eth1",mode="native"} 1"#,

@@ -2,6 +2,8 @@
 //! are encoded from it. A field added here is in `status --json` at once; the metrics encode
 //! the fields they list (`operator::metrics`).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 pub use crate::cluster::sync::{Disagreement, NodeDigests};
@@ -33,6 +35,19 @@ pub struct MemberReport {
     pub forwarded_packets: u64,
     /// Bytes of those packets.
     pub forwarded_bytes: u64,
+}
+
+/// The health checker's own state: probes that failed for local reasons, and the mass-flap
+/// hold (every member that was up went down within one check round, so the table keeps them).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthChecksReport {
+    /// Probes that failed for a local reason since start, by reason (`fd_limit`, `no_buffers`,
+    /// `no_local_port`, `no_route`); never counted against a member.
+    pub local_errors: BTreeMap<String, u64>,
+    /// Members kept in the table by the mass-flap rule; empty while the rule does not apply.
+    pub held_members: Vec<String>,
+    /// When the hold began, in seconds since the Unix epoch.
+    pub held_since: Option<f64>,
 }
 
 /// How this node's digests compare with its peers' (`status`): whether every node runs the
