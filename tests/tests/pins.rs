@@ -172,18 +172,25 @@ fn a_bpffs_only_in_a_private_mount_namespace_is_refused() -> Result<()> {
     // Under `ip netns exec`, /sys is a fresh sysfs: no bpffs on /sys/fs/bpf, so the daemon
     // would have to mount one in its private namespace.
     let node = Node::new("pins-refused", &scratch_pins("refused"))?;
-    let out = node.steer(
-        &node
-            .run_args(&[])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut command = node.ns.command(&cdn_steer()?.to_string_lossy());
+    command.args(node.run_args(&[]));
+    let log = node.dir.path().join("daemon.log");
+    let mut daemon = Process::spawn("cdn-steer", command, Group::Inherit, &log)?;
+    let mut status = None;
+    wait::until(Duration::from_secs(10), "the daemon to exit", || {
+        status = daemon.exited()?;
+        Ok(status.is_some())
+    })
+    .map_err(|e| {
+        e.context(format!(
+            "started instead of refusing: {}",
+            daemon.log_text()
+        ))
+    })?;
+    let stderr = daemon.log_text();
     ensure!(
-        out.status.code() == Some(1),
-        "exit {:?}: {stderr}",
-        out.status
+        status.and_then(|s| s.code()) == Some(1),
+        "exit {status:?}: {stderr}"
     );
     for says in [
         "refusing to start: the bpf filesystem at /sys/fs/bpf is mounted only in this \
