@@ -74,19 +74,23 @@ pub fn vip_problem(vip: &Prefix) -> Option<String> {
         MIN_VIP_PREFIX_V6
     };
     if vip.prefix_len() < min {
-        let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
         return Some(format!(
-            "{vip} is wider than /{min}: every {family} packet to one of its addresses would be \
-             treated as service traffic (the underlay's and the host's own included); list the \
-             service's prefixes themselves, /{min} or longer"
+            "{vip} is shorter than /{min}: a VIP prefix that wide makes packets to the \
+             underlay, to this host and to everyone else look like service traffic; list the \
+             service's own prefixes, /{min} or longer"
         ));
     }
     RESERVED.iter().find_map(|&(addr, len, what)| {
         // The table's entries are valid prefixes; a bad one would only skip its rule.
         let range = Prefix::new(addr, len).ok()?;
         range.overlaps(vip).then(|| {
+            let verb = if range.prefix_len() <= vip.prefix_len() {
+                "lies in"
+            } else {
+                "takes in"
+            };
             format!(
-                "{vip} overlaps {range}, {what}: such packets are not client traffic to a \
+                "{vip} {verb} {range}, {what}: such packets are not client traffic to a \
                  service; use a unicast prefix"
             )
         })

@@ -27,12 +27,12 @@ fn vips_wider_than_a_service_are_refused() {
         "2000::/3",
         "2000::/15",
     ] {
-        assert_problem(&with_vip(vip), "services[0].vips[0]", "is wider than /");
+        assert_problem(&with_vip(vip), "services[0].vips[0]", "is shorter than /");
     }
     assert_problem(
         &with_vip("::/0"),
         "services[0].vips[0]",
-        "::/0 is wider than /16: every IPv6 packet",
+        "::/0 is shorter than /16: a VIP prefix that wide",
     );
     // The shortest accepted prefixes.
     assert_valid(&with_vip("198.0.0.0/8"));
@@ -59,9 +59,15 @@ fn vips_in_reserved_ranges_are_refused() {
         ("::ffff:192.0.2.1/128", "::ffff:0.0.0.0/96, IPv4-mapped"),
     ] {
         let text = with_vip(vip);
-        assert_problem(&text, "services[0].vips[0]", &format!("overlaps {what}"));
+        assert_problem(&text, "services[0].vips[0]", &format!("lies in {what}"));
         assert_problem(&text, "services[0].vips[0]", "use a unicast prefix");
     }
+    // Wider than a reserved range, but not too wide.
+    assert_problem(
+        &with_vip("169.0.0.0/8"),
+        "services[0].vips[0]",
+        "169.0.0.0/8 takes in 169.254.0.0/16, link-local",
+    );
     // Next to a reserved range is fine.
     assert_valid(&with_vip("126.255.255.0/24"));
     assert_valid(&with_vip("223.255.255.0/24"));
