@@ -291,7 +291,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let udp = matches!(proto, Proto::Udp);
             let doc = match (offline, &daemon.config) {
                 (true, Some(path)) => {
-                    let cfg = config::load(&path).map_err(|e| CliError::Config(e.to_string()))?;
+                    let cfg = config::load(path).map_err(|e| CliError::Config(e.to_string()))?;
                     lookup::offline(&cfg, src, dst, udp).map_err(|e| match e {
                         lookup::LookupError::Table(_) => CliError::Failed(e.into()),
                         _ => CliError::Refused(e.to_string()),
