@@ -11,7 +11,7 @@ use cdn_user::{
         logging, lookup,
     },
 };
-use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
 /// The exit codes, for `--help` and the README (which lists the same).
@@ -53,6 +53,11 @@ enum Command {
         /// Milliseconds between withdrawing the routes and detaching, when stopping.
         #[arg(long, default_value_t = 1000)]
         shutdown_grace_ms: u64,
+        /// Run even if the bpf filesystem of the pins exists only in this process's private
+        /// mount namespace (as under `ip netns exec`), so that the pins, and XDP with them,
+        /// go away when the daemon exits. Without it the daemon refuses to start then.
+        #[arg(long)]
+        allow_ephemeral_pins: bool,
     },
     /// Validate a configuration, show the table it would build, and check this host for the
     /// node it describes (sysctls, VIPs on lo, interfaces and XDP, MTU, bpffs, BIRD), naming
@@ -70,29 +75,27 @@ enum Command {
     },
     /// Show the running daemon's state.
     Status {
-        /// Configuration of the daemon (for its control socket path).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Stop taking new connections on this node and withdraw its routes; flows continue.
     Drain {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// Take new connections again.
     Undrain {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// Make the running daemon re-read its configuration file (as SIGHUP does) and say whether
     /// it took it; exits non-zero with the reason when the daemon refused it.
     Reload {
-        /// Configuration of the daemon (for its control socket path).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// Show which member owns a flow, with the data plane's hash and the live table (or,
     /// with --offline, the table computed from the configuration).
@@ -104,11 +107,11 @@ enum Command {
         dst: SocketAddr,
         #[arg(value_enum, default_value_t = Proto::Tcp)]
         proto: Proto,
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
         /// Compute the owner from the configuration alone, without a daemon: every member
         /// healthy, no hop history. Needs --config.
-        #[arg(long, requires = "config")]
+        #[arg(long, requires = "config", conflicts_with = "socket")]
         offline: bool,
         /// Print the answer as one JSON document.
         #[arg(long)]
@@ -136,8 +139,8 @@ enum Command {
         /// One JSON object a line instead of text.
         #[arg(long)]
         json: bool,
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// Print a shell completion script, or write the man pages into DIR (print the main page
     /// without DIR). For packaging, hence hidden.
@@ -154,6 +157,20 @@ enum Generated {
     Bash,
     Zsh,
     Fish,
+}
+
+/// How a client command finds the daemon's control socket. Without either option: the
+/// default socket path.
+#[derive(Args)]
+struct DaemonArgs {
+    /// Configuration of the daemon: its node.control_socket is used (only that key has to be
+    /// readable, so a file the daemon refused still works if it parses as TOML).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The daemon's control socket, used as given: works whatever state the configuration
+    /// file is in. Not together with --config (which one would be meant is ambiguous).
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    socket: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -233,9 +250,20 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn ask(config: Option<PathBuf>, request: Request) -> Result<Response, CliError> {
-    let socket = cli::control_socket_of(config.as_deref())
-        .map_err(|e| CliError::Config(format!("{e:#}")))?;
+/// The daemon's control socket, as `daemon` says where to find it.
+fn socket_of(daemon: DaemonArgs) -> Result<PathBuf, CliError> {
+    match daemon.socket {
+        Some(socket) => Ok(socket),
+        None => cli::control_socket_of(daemon.config.as_deref()).map_err(|e| {
+            CliError::Config(format!(
+                "{e:#}\n(--socket PATH reaches the daemon without reading the file)"
+            ))
+        }),
+    }
+}
+
+async fn ask(daemon: DaemonArgs, request: Request) -> Result<Response, CliError> {
+    let socket = socket_of(daemon)?;
     let response = control::call(&socket, &request, Duration::from_secs(10)).await?;
     if let Response::Error { message } = response {
         return Err(CliError::Refused(message));
@@ -250,11 +278,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
             keep_attached,
             reset_maps,
             shutdown_grace_ms,
+            allow_ephemeral_pins,
         } => Ok(runtime()?.block_on(daemon::run(daemon::Options {
             config_path: config,
             detach_on_exit: !keep_attached,
             reset_maps,
             shutdown_grace: Duration::from_millis(shutdown_grace_ms),
+            allow_ephemeral_pins,
         }))?),
         Command::Check {
             config,
@@ -277,8 +307,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 verdict => Err(CliError::Checked(verdict)),
             }
         }
-        Command::Status { config, json } => {
-            let response = runtime()?.block_on(ask(config, Request::Status))?;
+        Command::Status { daemon, json } => {
+            let response = runtime()?.block_on(ask(daemon, Request::Status))?;
             let Response::Status(status) = response else {
                 return Err(anyhow::anyhow!("unexpected answer from the daemon").into());
             };
@@ -292,29 +322,29 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Drain { config } => done(runtime()?.block_on(ask(config, Request::Drain))?),
-        Command::Undrain { config } => done(runtime()?.block_on(ask(config, Request::Undrain))?),
-        Command::Reload { config } => done(runtime()?.block_on(ask(config, Request::Reload))?),
+        Command::Drain { daemon } => done(runtime()?.block_on(ask(daemon, Request::Drain))?),
+        Command::Undrain { daemon } => done(runtime()?.block_on(ask(daemon, Request::Undrain))?),
+        Command::Reload { daemon } => done(runtime()?.block_on(ask(daemon, Request::Reload))?),
         Command::Lookup {
             src,
             dst,
             proto,
-            config,
+            daemon,
             offline,
             json,
         } => {
             let udp = matches!(proto, Proto::Udp);
-            let doc = match (offline, config) {
+            let doc = match (offline, &daemon.config) {
                 (true, Some(path)) => {
-                    let cfg = config::load(&path).map_err(|e| CliError::Config(e.to_string()))?;
+                    let cfg = config::load(path).map_err(|e| CliError::Config(e.to_string()))?;
                     lookup::offline(&cfg, src, dst, udp).map_err(|e| match e {
                         lookup::LookupError::Table(_) => CliError::Failed(e.into()),
                         _ => CliError::Refused(e.to_string()),
                     })?
                 }
-                (_, config) => {
+                _ => {
                     let response =
-                        runtime()?.block_on(ask(config, Request::Lookup { src, dst, udp }))?;
+                        runtime()?.block_on(ask(daemon, Request::Lookup { src, dst, udp }))?;
                     let Response::Lookup(r) = response else {
                         return Err(anyhow::anyhow!("unexpected answer from the daemon").into());
                     };
@@ -338,8 +368,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             reasons,
             count,
             json,
-            config,
+            daemon,
         } => {
+            let socket = socket_of(daemon)?;
             let spec = TraceSpec {
                 vip,
                 client,
@@ -347,17 +378,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 reasons,
                 count,
             };
-            Ok(runtime()?.block_on(trace(config, spec, json))?)
+            Ok(runtime()?.block_on(trace(&socket, spec, json))?)
         }
         Command::Generate { what, dir } => Ok(generate(what, dir)?),
     }
 }
 
 /// `cdn-steer trace`: prints every response line until the daemon ends the trace.
-async fn trace(config: Option<PathBuf>, spec: TraceSpec, json: bool) -> Result<()> {
+async fn trace(socket: &std::path::Path, spec: TraceSpec, json: bool) -> Result<()> {
     use std::io::Write as _;
-    let socket = cli::control_socket_of(config.as_deref())?;
-    let mut responses = control::stream(&socket, &Request::Trace(spec)).await?;
+    let mut responses = control::stream(socket, &Request::Trace(spec)).await?;
     let mut out = std::io::stdout().lock();
     while let Some(response) = responses.next().await? {
         if json {

@@ -27,7 +27,11 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::de::DeTable;
 
-pub use check::{HOP_BUDGET_RANGE, MAX_CLUSTER_TABLE_SIZE, MAX_IFNAME_LEN, MAX_WEIGHT};
+pub use check::{
+    HOP_BUDGET_RANGE, MAX_CLUSTER_TABLE_SIZE, MAX_IFNAME_LEN, MAX_SERVICE_NAME_LEN,
+    MAX_UNIX_SOCKET_PATH, MAX_WEIGHT, MIN_CLIENT_PACKET, MIN_VIP_PREFIX_V4, MIN_VIP_PREFIX_V6,
+    min_max_frame,
+};
 pub use digest::{Digest, DigestParseError, Records, cluster_digest};
 pub use prefix::{Prefix, PrefixError};
 pub use schema::{

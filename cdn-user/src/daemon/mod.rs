@@ -68,6 +68,9 @@ pub struct Options {
     pub reset_maps: bool,
     /// Pause between withdrawing the routes and detaching, for the network to converge.
     pub shutdown_grace: Duration,
+    /// Run even when the pins cannot outlive the daemon (a bpffs only in a private mount
+    /// namespace); see `dataplane::bpffs::pin_lifetime`.
+    pub allow_ephemeral_pins: bool,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.

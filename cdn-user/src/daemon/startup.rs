@@ -1,9 +1,13 @@
 //! Start-up up to the attached program: configuration, bpf filesystem, pinned maps (and what a
 //! previous controller left in them), members and node settings, attachment.
 
-use std::{collections::BTreeMap, path::PathBuf, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use cdn_common::maps::{MAX_MEMBERS, NODE_DRAINING, NODE_READY};
 
 use super::{Options, core::Core, core::pin_paths};
@@ -11,6 +15,7 @@ use crate::{
     config,
     dataplane::{
         self, DataPlane, LoadOptions,
+        bpffs::{self, PinLifetime},
         tables::{self, Tables},
     },
 };
@@ -26,14 +31,20 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
         services = cfg.services.len();
         "cdn-steer starting"
     );
-    if let Some(mounted) = dataplane::ensure_bpffs(&cfg.node.bpffs).with_context(|| {
+    let mounted = dataplane::ensure_bpffs(&cfg.node.bpffs).with_context(|| {
         format!(
             "preparing the bpf filesystem at {}",
             cfg.node.bpffs.display()
         )
-    })? {
+    })?;
+    if let Some(mounted) = &mounted {
         log::info!(path:% = mounted.display(); "mounted a bpf filesystem");
     }
+    lasting_pins(
+        &cfg.node.bpffs,
+        mounted.as_deref(),
+        opts.allow_ephemeral_pins,
+    )?;
     let (map_dir, link_dir) = pin_paths(&cfg);
     if opts.reset_maps {
         for dir in [&map_dir, &link_dir] {
@@ -108,4 +119,47 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
         core.attachments.push(a);
     }
     Ok((core, link_dir))
+}
+
+/// Refuses to start when the pins would not outlive the daemon (see
+/// [`bpffs::pin_lifetime`]), unless `allow` (`--allow-ephemeral-pins`). `mounted` is where
+/// this daemon mounted a bpffs itself, if it did.
+fn lasting_pins(dir: &Path, mounted: Option<&Path>, allow: bool) -> Result<()> {
+    let fs = mounted.unwrap_or(dir).display();
+    let why = match bpffs::pin_lifetime(dir) {
+        PinLifetime::Outlives => return Ok(()),
+        PinLifetime::EndsWithNamespace => format!(
+            "the bpf filesystem at {fs} is mounted only in this process's private mount \
+             namespace (as `ip netns exec` or `unshare -m` give), not on the host"
+        ),
+        // A bpffs that was there before us is taken to be the host's: under systemd it was
+        // mounted at boot, and a unit may not be allowed to read PID 1's mount table. One we
+        // mounted ourselves has nothing to show it outlives us.
+        PinLifetime::Unknown(reason) if mounted.is_none() => {
+            log::debug!(path:% = dir.display(), reason = reason.as_str(); "cannot tell whether the pins outlive the daemon");
+            return Ok(());
+        }
+        PinLifetime::Unknown(reason) => format!(
+            "this daemon had to mount the bpf filesystem at {fs} itself, and cannot tell \
+             whether it outlives the daemon ({reason})"
+        ),
+    };
+    let consequence = "pinned maps and XDP links would vanish when the daemon exits, so a \
+                       kill -9 or --keep-attached would detach XDP and reset every flow";
+    if allow {
+        log::warn!(path:% = dir.display(), reason = why.as_str(), flag = "--allow-ephemeral-pins"; "pins will not outlive the daemon");
+        return Ok(());
+    }
+    if let Some(at) = mounted
+        && let Err(e) = bpffs::unmount(at)
+    {
+        log::warn!(path:% = at.display(), error:% = e; "could not unmount the bpf filesystem mounted at start-up");
+    }
+    bail!(
+        "refusing to start: {why}; its {consequence}. Mount a bpf filesystem on the host first \
+         (`mount -t bpf bpf /sys/fs/bpf`, or at a directory outside /sys for node.bpffs, since \
+         `ip netns exec` hides the host's /sys) and run the daemon where it sees that mount \
+         (`nsenter --net=/run/netns/NAME` enters only the network namespace); or pass \
+         --allow-ephemeral-pins to run with pins that end with the daemon"
+    )
 }

@@ -2,15 +2,24 @@
 //! edit-and-retry round fixes every problem. Each problem names its field
 //! (`cluster.members[2].underlay`).
 
+mod values;
+
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::Path;
 
 use cdn_common::maps::{MAX_MEMBERS, MAX_SERVICE_PORTS, MAX_SERVICES};
 
-use super::schema::{BgpSettings, Config, HealthCheck, HealthProbe, NodeSettings, ServiceSettings};
+use super::schema::{
+    BgpSettings, Config, HealthCheck, HealthProbe, MetricsSettings, NodeSettings, ServiceSettings,
+};
 use super::{Prefix, Problem};
 use cdn_common::maps::is_prime;
+
+pub use values::{
+    MAX_SERVICE_NAME_LEN, MAX_UNIX_SOCKET_PATH, MIN_CLIENT_PACKET, MIN_VIP_PREFIX_V4,
+    MIN_VIP_PREFIX_V6, min_max_frame,
+};
 
 /// Largest accepted `cluster.table_size` (a prime): about a million buckets, 8 MB per table
 /// half in the kernel, is far more than even loads over [`MAX_MEMBERS`] members need.
@@ -73,6 +82,7 @@ impl Checker<'_> {
         if let Some(bgp) = &config.bgp {
             self.bgp(bgp);
         }
+        self.metrics(&config.metrics);
     }
 
     fn node(&mut self, node: &NodeSettings) {
@@ -106,8 +116,23 @@ impl Checker<'_> {
                 "neither node.underlay_v4 nor node.underlay_v6 is set; at least one is required",
             );
         }
-        self.absolute("node.bpffs", &node.bpffs);
-        self.absolute("node.control_socket", &node.control_socket);
+        if let Some(reason) = values::bpffs_problem(&node.bpffs) {
+            self.problem("node.bpffs", reason);
+        }
+        self.socket_path("node.control_socket", &node.control_socket);
+        let min_frame = values::min_max_frame(node.underlay_v6.is_some());
+        if node.max_frame != 0 && node.max_frame < min_frame {
+            self.problem(
+                "node.max_frame",
+                format!(
+                    "{} is below {min_frame}, the frame a {MIN_CLIENT_PACKET}-byte client packet \
+                     (the IPv6 minimum MTU) makes once encapsulated on this node's underlay; \
+                     set the underlay's largest frame (e.g. 1514 for a 1500 MTU), or 0 for no \
+                     check",
+                    node.max_frame
+                ),
+            );
+        }
     }
 
     fn cluster(&mut self, config: &Config, vips: &[VipAt]) {
@@ -150,6 +175,14 @@ impl Checker<'_> {
             self.problem(
                 "cluster.table_size",
                 format!("{table_size} is larger than the maximum {MAX_CLUSTER_TABLE_SIZE}"),
+            );
+        }
+
+        if cluster.hash_key == [0, 0] && self.parsed("cluster.hash_key") {
+            self.problem(
+                "cluster.hash_key",
+                "is all zeros, a placeholder rather than a secret: anyone could compute which \
+                 member owns a flow; generate a key with `openssl rand -hex 16`",
             );
         }
 
@@ -239,6 +272,19 @@ impl Checker<'_> {
                 );
             }
             self.health(&format!("{at}.health"), &m.health);
+            let sync_field = format!("{at}.sync");
+            if let Some(sync) = m.sync
+                && self.parsed(&sync_field)
+            {
+                self.endpoint(&sync_field, sync);
+            }
+        }
+        if !members.is_empty() && members.iter().all(|m| m.weight == 0) {
+            self.problem(
+                "cluster.members",
+                "every member has weight 0, so no member could take a new connection; give at \
+                 least one member a weight above 0",
+            );
         }
 
         let own = members.iter().position(|m| m.name == node.name);
@@ -351,8 +397,8 @@ impl Checker<'_> {
         let mut all_vips: Vec<VipAt> = Vec::new();
         for (s, service) in services.iter().enumerate() {
             let at = format!("services[{s}]");
-            if service.name.is_empty() {
-                self.problem(format!("{at}.name"), "must not be empty");
+            if let Some(reason) = values::service_name_problem(&service.name) {
+                self.problem(format!("{at}.name"), reason);
             } else if let Some(j) = services[..s].iter().position(|o| o.name == service.name) {
                 self.problem(
                     format!("{at}.name"),
@@ -366,6 +412,9 @@ impl Checker<'_> {
                 let field = format!("{at}.vips[{v}]");
                 if !self.parsed(&field) {
                     continue;
+                }
+                if let Some(reason) = values::vip_problem(&prefix) {
+                    self.problem(&field, reason);
                 }
                 if let Some(other) = all_vips.iter().find(|o| o.prefix.overlaps(&prefix)) {
                     let reason = if other.prefix == prefix {
@@ -423,7 +472,7 @@ impl Checker<'_> {
     }
 
     fn bgp(&mut self, bgp: &BgpSettings) {
-        self.absolute("bgp.bird_socket", &bgp.bird_socket);
+        self.socket_path("bgp.bird_socket", &bgp.bird_socket);
         if bgp.protocols.is_empty() {
             self.problem("bgp.protocols", "at least one BIRD protocol is required");
         }
@@ -443,6 +492,41 @@ impl Checker<'_> {
         }
         if bgp.poll_interval.is_zero() {
             self.problem("bgp.poll_interval_ms", "must be more than 0");
+        }
+    }
+
+    fn metrics(&mut self, metrics: &MetricsSettings) {
+        if metrics.listen.port() == 0 && self.parsed("metrics.listen") {
+            self.problem(
+                "metrics.listen",
+                format!(
+                    "{}: port 0 would listen on a random port the members' health checks and \
+                     history sync cannot know; give a fixed port, e.g. {}:9465",
+                    metrics.listen,
+                    metrics.listen.ip()
+                ),
+            );
+        }
+    }
+
+    /// A peer's address to connect to: a real address and port.
+    fn endpoint(&mut self, field: &str, addr: std::net::SocketAddr) {
+        if addr.port() == 0 {
+            self.problem(field, format!("{addr}: port 0 cannot be connected to"));
+        } else if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+            self.problem(
+                field,
+                format!("{addr}: not a unicast address to connect to"),
+            );
+        }
+    }
+
+    /// An absolute path that fits a unix socket address.
+    fn socket_path(&mut self, field: &str, path: &Path) {
+        if !path.is_absolute() {
+            self.absolute(field, path);
+        } else if let Some(reason) = values::socket_path_problem(path) {
+            self.problem(field, reason);
         }
     }
 

@@ -6,6 +6,8 @@ use cdn_common::maps::{DEFAULT_STEER_PORT, DEFAULT_TABLE_SIZE, MAX_SERVICES};
 
 use super::*;
 
+mod rejections;
+
 /// The example with the first occurrence of each `from` replaced by its `to`.
 fn example_with(edits: &[(&str, &str)]) -> String {
     let mut text = EXAMPLE.to_owned();
