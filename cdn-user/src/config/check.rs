@@ -73,6 +73,11 @@ impl Checker<'_> {
         if let Some(bgp) = &config.bgp {
             self.bgp(bgp);
         }
+        if let Some(conflict) = super::listeners::conflict(&config.listeners())
+            && self.parsed("metrics.listen")
+        {
+            self.problem("metrics.listen", conflict);
+        }
     }
 
     fn node(&mut self, node: &NodeSettings) {

@@ -14,6 +14,7 @@
 mod check;
 mod digest;
 mod document;
+mod listeners;
 mod prefix;
 mod schema;
 #[cfg(test)]
@@ -29,6 +30,7 @@ use toml::de::DeTable;
 
 pub use check::{HOP_BUDGET_RANGE, MAX_CLUSTER_TABLE_SIZE, MAX_IFNAME_LEN, MAX_WEIGHT};
 pub use digest::{Digest, DigestParseError, Records, cluster_digest};
+pub use listeners::{Listeners, SharedWhy};
 pub use prefix::{Prefix, PrefixError};
 pub use schema::{
     BgpSettings, ClusterSettings, Config, DEFAULT_CONTROL_SOCKET, FIELDS, Field, HealthCheck,

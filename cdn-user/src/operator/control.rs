@@ -2,6 +2,14 @@
 //!
 //! One JSON request per connection, one JSON response, over a unix socket that only root can
 //! open (mode 0600). The types here are the whole protocol.
+//!
+//! Even root's clients are bounded: a runaway script opening connections by the ten thousand
+//! must not exhaust the daemon's file descriptors (its health probes need some) or memory. At
+//! most [`MAX_CONNECTIONS`] are open at once; a newcomer to a full socket closes the oldest
+//! connection that has not sent its request yet (see [`crate::operator::http::gate`]), so a
+//! real `cdn-steer` command, which sends its request at once, always gets in. A client has
+//! [`REQUEST_TIMEOUT`] to send its request line of at most [`MAX_REQUEST`] bytes, and
+//! [`WRITE_TIMEOUT`] to take the answer.
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
@@ -14,8 +22,16 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-/// Longest request line accepted.
-const MAX_REQUEST: usize = 4096;
+use super::http::gate::{Gate, Reporter, Slots, Ticket};
+
+/// Longest request line accepted; longer ones are answered as bad requests.
+pub const MAX_REQUEST: usize = 4096;
+/// Connections open at once. `cdn-steer` commands come one at a time, scripts a few.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time a client gets, from connecting, to send its request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a client gets to take the answer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -191,7 +207,14 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 
 /// Answers requests with `handler` until the task is dropped.
 pub async fn serve(listener: UnixListener, handler: Handler) {
+    let gate = Gate::new(Slots {
+        members: 0,
+        others: MAX_CONNECTIONS,
+        per_source: 0,
+    });
+    let mut reporter = Reporter::new("control");
     loop {
+        reporter.tick(&gate);
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -200,26 +223,41 @@ pub async fn serve(listener: UnixListener, handler: Handler) {
                 continue;
             }
         };
+        let Some(ticket) = gate.admit(None, false) else {
+            log::debug!("control connection refused: every place is busy");
+            continue;
+        };
         let handler = handler.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, handler).await {
+            if let Err(e) = answer(stream, handler, ticket).await {
                 log::debug!("control connection: {e}");
             }
         });
+        // Let the new connection read the request it most likely has sent already, and so
+        // become busy, before the next newcomer may evict it.
+        tokio::task::yield_now().await;
     }
 }
 
-async fn answer(stream: UnixStream, handler: Handler) -> Result<(), ControlError> {
+async fn answer(stream: UnixStream, handler: Handler, ticket: Ticket) -> Result<(), ControlError> {
     let caller = stream.peer_cred().map_or(Caller::default(), |c| Caller {
         uid: Some(c.uid()),
         pid: c.pid(),
     });
     let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
+    // A small buffer: requests are a few hundred bytes.
+    let mut reader = BufReader::with_capacity(1024, read.take(MAX_REQUEST as u64));
     let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
-        .await
-        .map_err(|_| ControlError::Timeout(Duration::from_secs(5)))??;
+    tokio::select! {
+        read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)) => {
+            read.map_err(|_| ControlError::Timeout(REQUEST_TIMEOUT))??;
+        }
+        () = ticket.evicted() => return Ok(()),
+    }
+    if !ticket.busy() {
+        // Evicted just as the request arrived.
+        return Ok(());
+    }
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
             // The handler takes locks and may write maps: keep it off the async threads.
@@ -235,7 +273,12 @@ async fn answer(stream: UnixStream, handler: Handler) -> Result<(), ControlError
     };
     let mut out = serde_json::to_string(&response)?;
     out.push('\n');
-    write.write_all(out.as_bytes()).await?;
-    write.shutdown().await?;
+    let send = async {
+        write.write_all(out.as_bytes()).await?;
+        write.shutdown().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, send)
+        .await
+        .map_err(|_| ControlError::Timeout(WRITE_TIMEOUT))??;
     Ok(())
 }
