@@ -32,6 +32,9 @@ pub const VIP_V4: &str = "192.0.2.1";
 pub const VIP_V6: &str = "2001:db8::1";
 pub const HASH_KEY: &str = "5ca1ab1e0ddba11cafef00d15ea5e000";
 pub const METRICS_PORT: u16 = 9465;
+/// Each node's peer plane (`/ready`, `/table`, `/digests`): its member's `sync` address, which
+/// the members' HTTP health checks probe too.
+pub const PEER_PORT: u16 = 9466;
 /// The UDP port the lab's service serves when `LabOptions::udp_mode` is set.
 pub const UDP_PORT: u16 = 5353;
 /// Underlay MTU: room for the 50-byte encapsulation of a full 1500-byte client packet.
@@ -233,8 +236,8 @@ fn controller_config(lab: &Lab, node: &LabNode, bpffs: &Path) -> String {
     for i in 1..=lab.opts.nodes {
         c.push_str(&format!(
             "[[cluster.members]]\nname = \"node{i}\"\nid = {i}\nunderlay = \"10.1.{i}.2\"\n\
-             sync = \"10.1.{i}.2:{METRICS_PORT}\"\n\
-             [cluster.members.health]\nkind = \"http\"\nport = {METRICS_PORT}\npath = \"/ready\"\n\
+             sync = \"10.1.{i}.2:{PEER_PORT}\"\n\
+             [cluster.members.health]\nkind = \"http\"\nport = {PEER_PORT}\npath = \"/ready\"\n\
              interval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n\n"
         ));
     }

@@ -164,7 +164,7 @@ pub async fn call(
     timeout: Duration,
 ) -> Result<Response, ControlError> {
     let exchange = async {
-        let stream = UnixStream::connect(path)
+        let stream = connect(path)
             .await
             .map_err(|source| ControlError::Connect {
                 path: path.display().to_string(),
@@ -183,6 +183,20 @@ pub async fn call(
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| ControlError::Timeout(timeout))?
+}
+
+/// Connects to the control socket. A listen backlog filled by a burst of connections (a
+/// runaway script) refuses newcomers with `EAGAIN` until the daemon has caught up, which it
+/// does in milliseconds: retried until the caller's timeout ends it.
+async fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    loop {
+        match UnixStream::connect(path).await {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Binds the control socket, replacing a stale socket file but refusing to steal one that a
@@ -213,9 +227,14 @@ pub async fn serve(listener: UnixListener, handler: Handler) {
         per_source: 0,
     });
     let mut reporter = Reporter::new("control");
+    let mut report = tokio::time::interval(Reporter::EVERY);
     loop {
         reporter.tick(&gate);
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = report.tick() => continue,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 log::warn!("control socket accept: {e}");

@@ -244,18 +244,21 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    const EVERY: Duration = Duration::from_secs(10);
+    pub const EVERY: Duration = Duration::from_secs(10);
 
     pub fn new(name: &'static str) -> Reporter {
+        let now = Instant::now();
         Reporter {
             name,
-            last: Instant::now(),
+            // The first flood is reported at once.
+            last: now.checked_sub(Self::EVERY).unwrap_or(now),
             reported: GateCounts::default(),
         }
     }
 
     /// Logs a warning if `gate` evicted or refused connections since the last report, and the
-    /// last one is [`Reporter::EVERY`] old.
+    /// last one is [`Reporter::EVERY`] old. Called on every accept and every
+    /// [`Reporter::EVERY`], so the end of a flood is reported too.
     pub fn tick(&mut self, gate: &Gate) {
         if self.last.elapsed() < Self::EVERY {
             return;
@@ -263,18 +266,20 @@ impl Reporter {
         let now = gate.counts();
         let evicted = now.evicted - self.reported.evicted;
         let refused = now.refused - self.reported.refused;
-        if evicted + refused > 0 {
-            let slots = gate.slots();
-            log::warn!(
-                listener = self.name,
-                evicted,
-                refused,
-                member_slots = slots.members,
-                other_slots = slots.others,
-                per_source = slots.per_source;
-                "listener full: idle connections closed to make room, or newcomers refused"
-            );
+        if evicted + refused == 0 {
+            // Nothing to say: the next event is reported at once.
+            return;
         }
+        let slots = gate.slots();
+        log::warn!(
+            listener = self.name,
+            evicted,
+            refused,
+            member_slots = slots.members,
+            other_slots = slots.others,
+            per_source = slots.per_source;
+            "listener full: idle connections closed to make room, or newcomers refused"
+        );
         self.reported = now;
         self.last = Instant::now();
     }

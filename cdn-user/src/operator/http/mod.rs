@@ -417,6 +417,7 @@ async fn accept_loop<H, F>(
     }
     let gate = Gate::new(limits.slots);
     let mut reporter = Reporter::new(name);
+    let mut report = tokio::time::interval(Reporter::EVERY);
     let mut connections = JoinSet::new();
     let stop = shutdown_signalled(shutdown.clone());
     tokio::pin!(stop);
@@ -432,6 +433,7 @@ async fn accept_loop<H, F>(
         let (stream, peer) = tokio::select! {
             biased;
             () = &mut stop => break,
+            _ = report.tick() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
