@@ -32,6 +32,9 @@ pub const MAX_CONNECTIONS: usize = 32;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time a client gets to take the answer.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the answer, how long and how much of what the client still sends is read and dropped.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_MAX: u64 = 64 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -299,5 +302,79 @@ async fn answer(stream: UnixStream, handler: Handler, ticket: Ticket) -> Result<
     tokio::time::timeout(WRITE_TIMEOUT, send)
         .await
         .map_err(|_| ControlError::Timeout(WRITE_TIMEOUT))??;
+    // Closing with unread input resets the connection, which can destroy the answer before the
+    // client has read it (a request over MAX_REQUEST): read what is left, within bounds, and
+    // let a newcomer have the place meanwhile.
+    ticket.idle();
+    let mut rest = reader.into_inner().into_inner().take(LINGER_MAX);
+    let mut sink = tokio::io::sink();
+    let drain = tokio::io::copy(&mut rest, &mut sink);
+    tokio::select! {
+        _ = tokio::time::timeout(LINGER, drain) => {}
+        () = ticket.evicted() => {}
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A control socket answering `Done` to everything, in a temporary directory.
+    async fn server(tag: &str) -> (std::path::PathBuf, tokio::task::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!("cdn-control-{tag}-{}", std::process::id()));
+        let path = dir.join("control.sock");
+        let listener = bind(&path).await.unwrap();
+        let handler: Handler = Arc::new(|_, _| Response::Done {
+            message: "ok".into(),
+        });
+        (path, tokio::spawn(serve(listener, handler)))
+    }
+
+    #[tokio::test]
+    async fn silent_clients_are_closed_and_do_not_keep_others_out() {
+        let (path, task) = server("silent").await;
+        // Far more silent clients than places.
+        let mut silent = Vec::new();
+        for _ in 0..MAX_CONNECTIONS * 4 {
+            silent.push(connect(&path).await.unwrap());
+        }
+        let started = Instant::now();
+        let answer = call(&path, &Request::Status, Duration::from_secs(2)).await;
+        assert!(matches!(answer, Ok(Response::Done { .. })), "{answer:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        // The last silent client is closed by the request timeout, without an answer.
+        let last = silent.last_mut().unwrap();
+        let waited = Instant::now();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(REQUEST_TIMEOUT * 3, last.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+        let took = waited.elapsed();
+        assert!(took <= REQUEST_TIMEOUT + Duration::from_secs(1), "{took:?}");
+        task.abort();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn oversized_requests_are_refused() {
+        let (path, task) = server("huge").await;
+        let mut client = connect(&path).await.unwrap();
+        // Beyond the limit (the socket buffers take it all); the server stops at MAX_REQUEST.
+        client
+            .write_all(&vec![b'{'; MAX_REQUEST * 2])
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut reply)).await;
+        assert!(matches!(read, Ok(Ok(_))), "{read:?}");
+        assert!(reply.contains("bad request"), "{reply:?}");
+        task.abort();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
 }
