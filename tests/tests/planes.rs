@@ -74,8 +74,11 @@ fn tables(lab: &Lab, i: usize) -> Result<Vec<(String, Value, Value)>> {
         .collect()
 }
 
-/// Every member as node `i` sees it, and whether its peers answered its digest request.
-fn health(lab: &Lab, i: usize) -> Result<(Vec<(String, Value)>, Vec<String>)> {
+/// Each member's name and `healthy` as one node sees them.
+type Members = Vec<(String, Value)>;
+
+/// Every member as node `i` sees it, and why its peers did not answer its digest request.
+fn health(lab: &Lab, i: usize) -> Result<(Members, Vec<String>)> {
     let status = lab.status(i)?;
     let members = status["members"]
         .as_array()
