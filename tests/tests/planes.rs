@@ -5,7 +5,8 @@
 //! - 1,000 slow connections on node1's peer plane and 1,000 on its metrics listener, from 20
 //!   outside addresses, held (and re-opened when closed) for 10 s: no member's health changes
 //!   on either node, no table is rebuilt, both nodes' `status` still get each other's digests
-//!   over the peer plane, and `/metrics` answers a scraper within [`SCRAPE_BOUND`] throughout.
+//!   over the peer plane, `/metrics` answers a scraper within [`SCRAPE_BOUND`] throughout, and
+//!   node1's peak RSS stays under [`RSS_LIMIT_KB`].
 //! - 30,000 connections to node1's control socket, half silent, half with a partial request:
 //!   its tables stay as they were (generation and digests of owners and history), its peak RSS
 //!   stays under [`RSS_LIMIT_KB`], and `cdn-steer status` answers within [`STATUS_BOUND`]
@@ -36,7 +37,7 @@ const REOPEN_AFTER: Duration = Duration::from_secs(1);
 /// Longest a scrape of `/metrics` may take during the flood.
 const SCRAPE_BOUND: Duration = Duration::from_secs(1);
 const CONTROL_FLOOD: usize = 30_000;
-/// Peak RSS of the daemon after the control-socket flood.
+/// Peak RSS of the daemon after a flood.
 const RSS_LIMIT_KB: u64 = 30 * 1024;
 /// Longest `cdn-steer status` (a process, its request and the drift fetch from the peer) may
 /// take during the control-socket flood.
@@ -304,6 +305,8 @@ fn slow_connection_floods_change_no_members_health() -> Result<()> {
         SocketAddr::from((underlay, PEER_PORT)),
         SocketAddr::from((underlay, METRICS_PORT)),
     ];
+    let pid = node1.controller.as_ref().context("node1 runs")?.pid();
+    let (rss_before, _) = rss_kb(pid)?;
     let tables_before: Vec<_> = (0..2).map(|i| tables(&lab, i)).collect::<Result<_>>()?;
     let down_before: Vec<usize> = (0..2)
         .map(|i| log_lines(&lab, i, "member down").len())
@@ -347,14 +350,20 @@ fn slow_connection_floods_change_no_members_health() -> Result<()> {
     })?;
 
     let slowest = scrapes.iter().max().copied().unwrap_or_default();
+    let (rss_after, hwm) = rss_kb(pid)?;
     println!(
         "slowloris: {SLOW_PER_LISTENER} per listener from {FLOOD_SOURCES} addresses for \
          {FLOOD_TIME:?}: {} connections opened, {} closed by node1, {} open at the end; \
-         {samples} health samples on 2 nodes all healthy; {} scrapes, slowest {slowest:?}",
+         {samples} health samples on 2 nodes all healthy; {} scrapes, slowest {slowest:?}; \
+         node1 RSS {rss_before} kB before, {rss_after} kB after, peak (VmHWM) {hwm} kB",
         stats.opened,
         stats.closed_by_node,
         stats.open_at_end,
         scrapes.len()
+    );
+    ensure!(
+        hwm < RSS_LIMIT_KB,
+        "peak RSS {hwm} kB, limit {RSS_LIMIT_KB} kB"
     );
     ensure!(samples >= 5, "only {samples} samples during the flood");
     ensure!(
