@@ -496,7 +496,13 @@ async fn serve_connection<H, F>(
         stream.shutdown().await
     };
     match timeout(limits.write_timeout, finish).await {
-        Ok(Ok(())) if answered => linger(&mut stream).await,
+        // Lingering is idle time: a newcomer that needs the place ends it.
+        Ok(Ok(())) if answered => {
+            tokio::select! {
+                () = linger(&mut stream) => {}
+                () = ticket.evicted() => {}
+            }
+        }
         Ok(Ok(())) => {}
         Ok(Err(e)) => debug!("http: {peer}: write error: {e}"),
         Err(_elapsed) => debug!("http: {peer}: client did not take the response in time"),
