@@ -40,6 +40,9 @@ pub const CLIENT_V6: &str = "fd00:100::2";
 pub const VIP_V6: &str = "2001:db8::1";
 pub const HASH_KEY: &str = "5ca1ab1e0ddba11cafef00d15ea5e000";
 pub const METRICS_PORT: u16 = 9465;
+/// Each node's peer plane (`/ready`, `/table`, `/digests`): its member's `sync` address, which
+/// the members' HTTP health checks probe too.
+pub const PEER_PORT: u16 = 9466;
 /// The UDP port the lab's service serves when `LabOptions::udp_mode` is set.
 pub const UDP_PORT: u16 = 5353;
 /// Underlay MTU: room for the 50-byte encapsulation of a full 1500-byte client packet.

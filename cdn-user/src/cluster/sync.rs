@@ -591,7 +591,14 @@ mod tests {
             table: None,
             digests: Some(source),
         };
-        tokio::spawn(server::serve(listener, endpoints, stopped));
+        let (_, members) = watch::channel(Default::default());
+        tokio::spawn(server::serve(
+            listener,
+            server::Plane::Peer,
+            endpoints,
+            members,
+            stopped,
+        ));
         (addr, stop)
     }
 

@@ -14,6 +14,7 @@
 mod check;
 mod digest;
 mod document;
+mod listeners;
 mod prefix;
 mod schema;
 #[cfg(test)]
@@ -33,6 +34,7 @@ pub use check::{
     min_max_frame,
 };
 pub use digest::{Digest, DigestParseError, Records, cluster_digest};
+pub use listeners::{Listeners, SharedWhy};
 pub use prefix::{Prefix, PrefixError};
 pub use schema::{
     BgpSettings, ClusterSettings, Config, DEFAULT_CONTROL_SOCKET, FIELDS, Field, HealthCheck,

@@ -124,11 +124,13 @@ pub struct MemberSettings {
     /// `[cluster.members.health]`: how this node checks the member. Left out: a TCP connect to
     /// the first TCP port of the first service that lists one.
     pub health: HealthCheck,
-    /// Address and port of the member's controller HTTP endpoint (its `[metrics] listen`). A
-    /// starting controller copies the hop history of the steering tables from a healthy
-    /// member through it, so that it knows every member that may hold a flow; without any, a
-    /// node that starts while others run may send flows that began during its absence to the
-    /// wrong member.
+    /// Address and port of the member's peer plane: its controller's listener for `/ready`,
+    /// `/table` and `/digests`, which its own controller binds. A starting controller copies
+    /// the hop history of the steering tables from a healthy member through it, so that it
+    /// knows every member that may hold a flow; without any, a node that starts while others
+    /// run may send flows that began during its absence to the wrong member. Point HTTP health
+    /// checks of `/ready` at its port. When it is left out, or equal to the member's
+    /// `[metrics] listen`, the member serves the peer plane and metrics on one listener.
     pub sync: Option<SocketAddr>,
 }
 
@@ -295,8 +297,9 @@ pub struct BgpSettings {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
-    /// Address and port of the HTTP endpoint: `/metrics`, `/ready` (for the members' health
-    /// checks) and `/table` (for a starting member's history sync).
+    /// Address and port of the metrics listener (`/metrics`). The peer plane (`/ready`,
+    /// `/table`, `/digests`) is served on this member's `sync` address; when that is absent or
+    /// the same as this, one listener serves both.
     pub listen: SocketAddr,
 }
 

@@ -33,7 +33,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{Notify, mpsc, watch},
@@ -44,6 +44,7 @@ use self::{core::Shared, notify::Notifier};
 use crate::{
     bgp::announce::Announcer,
     cluster::{health::HealthMonitor, sync},
+    config::Listeners,
     dataplane::DataPlane,
     operator::{control, http},
 };
@@ -97,7 +98,6 @@ pub async fn run(opts: Options) -> Result<()> {
     );
 
     let control_path = core.cfg.node.control_socket.clone();
-    let metrics_addr = core.cfg.metrics.listen;
     // Announcement: one announcer per BIRD protocol, all driven by the same wish.
     let (wanted_tx, wanted_rx) = watch::channel(false);
     let announcers = match &core.cfg.bgp {
@@ -133,9 +133,12 @@ pub async fn run(opts: Options) -> Result<()> {
         ))
     };
 
-    // Metrics.
-    let metrics_listener = http::bind(metrics_addr).await?;
-    let metrics_task = {
+    // HTTP: the peer plane and metrics, on listeners of their own or on one (see
+    // `config::Listeners`). Connections from member addresses get the peer plane's reserved
+    // places; the set follows reloads.
+    let listeners = shared.lock().cfg.listeners();
+    let (members_tx, members_rx) = watch::channel(shared.lock().cfg.member_addresses());
+    let endpoints = {
         let ready_shared = shared.clone();
         let table_shared = shared.clone();
         let digests_shared = shared.clone();
@@ -156,17 +159,40 @@ pub async fn run(opts: Options) -> Result<()> {
                 .filter(|t| t.generation > 0)
                 .map(|t| (t.generation, sync::encode(t.buckets())))
         });
-        tokio::spawn(http::serve(
-            metrics_listener,
-            http::Endpoints {
-                metrics: source,
-                ready: Some(ready),
-                table: Some(table),
-                digests: Some(Arc::new(move || digests_shared.lock().digests())),
-            },
-            stop_rx.clone(),
-        ))
+        http::Endpoints {
+            metrics: source,
+            ready: Some(ready),
+            table: Some(table),
+            digests: Some(Arc::new(move || digests_shared.lock().digests())),
+        }
     };
+    let planes = match listeners {
+        Listeners::Separate { peer, metrics } => vec![
+            (
+                http::Plane::Peer,
+                http::bind(peer)
+                    .await
+                    .context("the peer plane listens on this member's sync address")?,
+            ),
+            (http::Plane::Metrics, http::bind(metrics).await?),
+        ],
+        Listeners::Shared { addr, .. } => vec![(http::Plane::Shared, http::bind(addr).await?)],
+    };
+    for line in listeners.to_string().lines() {
+        log::info!("HTTP: {line}");
+    }
+    let http_tasks: Vec<_> = planes
+        .into_iter()
+        .map(|(plane, listener)| {
+            tokio::spawn(http::serve(
+                listener,
+                plane,
+                endpoints.clone(),
+                members_rx.clone(),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
 
     // History gossip.
     let gossip_task = shared
@@ -236,12 +262,14 @@ pub async fn run(opts: Options) -> Result<()> {
             Some((via, reply)) = reload_rx.recv() => {
                 notifier.reloading();
                 let result = reload::reload_from_file(&shared, &mut monitor, &via);
+                reloaded_listeners(&shared, listeners, &members_tx);
                 notifier.ready(&shared.lock().summary());
                 let _ = reply.send(result);
             }
             _ = hup.recv() => {
                 notifier.reloading();
                 let _ = reload::reload_from_file(&shared, &mut monitor, "SIGHUP");
+                reloaded_listeners(&shared, listeners, &members_tx);
                 notifier.ready(&shared.lock().summary());
             }
             _ = term.recv() => break "SIGTERM",
@@ -296,7 +324,9 @@ pub async fn run(opts: Options) -> Result<()> {
         log::info!(cause = "--keep-attached"; "leaving the data plane attached with its last tables");
     }
     control_task.abort();
-    metrics_task.abort();
+    for task in http_tasks {
+        task.abort();
+    }
     if let Some(task) = gossip_task {
         task.abort();
     }
@@ -304,4 +334,29 @@ pub async fn run(opts: Options) -> Result<()> {
     let _ = std::fs::remove_file(&control_path);
     drop(monitor);
     Ok(())
+}
+
+/// After a reload: the peer plane's member places follow the new member list. The listeners
+/// themselves stay where they were bound (`metrics.listen` is a restart-only key; this member's
+/// `sync` moving is said here).
+fn reloaded_listeners(
+    shared: &core::Shared,
+    bound: Listeners,
+    members: &watch::Sender<std::collections::BTreeSet<std::net::IpAddr>>,
+) {
+    let core = shared.lock();
+    let wanted = core.cfg.listeners();
+    if wanted != bound {
+        log::warn!(
+            peer:% = bound.peer(),
+            wanted:% = wanted.peer();
+            "this member's sync address changed: the peer plane stays where it is until a restart"
+        );
+    }
+    let addresses = core.cfg.member_addresses();
+    members.send_if_modified(|current| {
+        let changed = *current != addresses;
+        *current = addresses;
+        changed
+    });
 }

@@ -50,6 +50,10 @@ pub struct ConfigCheck {
     /// The table the file builds with every member healthy; `null` when refused.
     pub table: Option<TableSummary>,
     pub services: Vec<ServiceSummary>,
+    /// Where the controller serves HTTP: the peer plane and metrics, one line each, or one
+    /// line saying they share a listener and what to change; empty when refused.
+    #[serde(default)]
+    pub listeners: Vec<String>,
 }
 
 /// One reason a file was refused.
@@ -177,6 +181,7 @@ fn refused(path: &Path, e: &ConfigError) -> ConfigCheck {
         node: None,
         table: None,
         services: Vec::new(),
+        listeners: Vec::new(),
     }
 }
 
@@ -242,6 +247,12 @@ pub fn summarize(path: &Path, cfg: &Config) -> ConfigCheck {
         errors,
         node: Some(cfg.node.name.clone()),
         table,
+        listeners: cfg
+            .listeners()
+            .to_string()
+            .lines()
+            .map(str::to_owned)
+            .collect(),
         services: cfg
             .services
             .iter()
@@ -312,6 +323,9 @@ pub fn render_config(c: &ConfigCheck) -> String {
             s.tcp_ports,
             s.udp_ports
         );
+    }
+    for line in &c.listeners {
+        let _ = writeln!(out, "http: {line}");
     }
     out
 }

@@ -6,6 +6,14 @@
 //! One exception, `trace`: the daemon answers with a stream of responses, one a line (events,
 //! lost-event reports, and a last `trace_end`), for as long as the client keeps its side of the
 //! connection open. Closing it ends the trace.
+//!
+//! Even root's clients are bounded: a runaway script opening connections by the ten thousand
+//! must not exhaust the daemon's file descriptors (its health probes need some) or memory. At
+//! most [`MAX_CONNECTIONS`] are open at once; a newcomer to a full socket closes the oldest
+//! connection that has not sent its request yet (see [`crate::operator::http::gate`]), so a
+//! real `cdn-steer` command, which sends its request at once, always gets in. A client has
+//! [`REQUEST_TIMEOUT`] to send its request line of at most [`MAX_REQUEST`] bytes, and
+//! [`WRITE_TIMEOUT`] to take the answer.
 
 use std::{
     fmt,
@@ -29,8 +37,19 @@ use tokio::{
     },
 };
 
-/// Longest request line accepted.
-const MAX_REQUEST: usize = 4096;
+use super::http::gate::{Gate, Reporter, Slots, Ticket};
+
+/// Longest request line accepted; longer ones are answered as bad requests.
+pub const MAX_REQUEST: usize = 4096;
+/// Connections open at once. `cdn-steer` commands come one at a time, scripts a few.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time a client gets, from connecting, to send its request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a client gets to take the answer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the answer, how long and how much of what the client still sends is read and dropped.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_MAX: u64 = 64 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -294,7 +313,7 @@ pub async fn call(
     timeout: Duration,
 ) -> Result<Response, ControlError> {
     let exchange = async {
-        let stream = UnixStream::connect(path)
+        let stream = connect(path)
             .await
             .map_err(|source| ControlError::Connect {
                 path: path.display().to_string(),
@@ -334,7 +353,7 @@ impl ResponseStream {
 
 /// Sends a streaming request (`trace`) and returns its responses as they come.
 pub async fn stream(path: &Path, request: &Request) -> Result<ResponseStream, ControlError> {
-    let stream = UnixStream::connect(path)
+    let stream = connect(path)
         .await
         .map_err(|source| ControlError::Connect {
             path: path.display().to_string(),
@@ -358,7 +377,9 @@ pub struct TraceStream {
 }
 
 /// The read side of a streaming connection, watched for the client going away.
-pub struct Hangup(BufReader<OwnedReadHalf>);
+/// The request was read through a [`MAX_REQUEST`] limit; a client that sends that much more
+/// after it reads as gone, which ends its trace.
+pub struct Hangup(BufReader<tokio::io::Take<OwnedReadHalf>>);
 
 impl Hangup {
     /// Resolves when the client has closed the connection. The client sends nothing after its
@@ -369,6 +390,20 @@ impl Hangup {
             if n == 0 {
                 return;
             }
+        }
+    }
+}
+
+/// Connects to the control socket. A listen backlog filled by a burst of connections (a
+/// runaway script) refuses newcomers with `EAGAIN` until the daemon has caught up, which it
+/// does in milliseconds: retried until the caller's timeout ends it.
+async fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    loop {
+        match UnixStream::connect(path).await {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            done => return done,
         }
     }
 }
@@ -413,8 +448,20 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 /// Answers requests with `handler` (and `trace` requests with `trace`) until the task is
 /// dropped.
 pub async fn serve(listener: UnixListener, handler: Handler, trace: TraceHandler) {
+    let gate = Gate::new(Slots {
+        members: 0,
+        others: MAX_CONNECTIONS,
+        per_source: 0,
+    });
+    let mut reporter = Reporter::new("control");
+    let mut report = tokio::time::interval(Reporter::EVERY);
     loop {
-        let stream = match listener.accept().await {
+        reporter.tick(&gate);
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = report.tick() => continue,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 log::warn!("control socket accept: {e}");
@@ -422,13 +469,20 @@ pub async fn serve(listener: UnixListener, handler: Handler, trace: TraceHandler
                 continue;
             }
         };
+        let Some(ticket) = gate.admit(None, false) else {
+            log::debug!("control connection refused: every place is busy");
+            continue;
+        };
         let handler = handler.clone();
         let trace = trace.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, handler, trace).await {
+            if let Err(e) = answer(stream, handler, trace, ticket).await {
                 log::debug!("control connection: {e}");
             }
         });
+        // Let the new connection read the request it most likely has sent already, and so
+        // become busy, before the next newcomer may evict it.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -436,21 +490,30 @@ async fn answer(
     stream: UnixStream,
     handler: Handler,
     trace: TraceHandler,
+    ticket: Ticket,
 ) -> Result<(), ControlError> {
     let caller = stream.peer_cred().map_or(Caller::default(), |c| Caller {
         uid: Some(c.uid()),
         pid: c.pid(),
     });
     let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
+    // A small buffer: requests are a few hundred bytes.
+    let mut reader = BufReader::with_capacity(1024, read.take(MAX_REQUEST as u64));
     let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
-        .await
-        .map_err(|_| ControlError::Timeout(Duration::from_secs(5)))??;
+    tokio::select! {
+        read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)) => {
+            read.map_err(|_| ControlError::Timeout(REQUEST_TIMEOUT))??;
+        }
+        () = ticket.evicted() => return Ok(()),
+    }
+    if !ticket.busy() {
+        // Evicted just as the request arrived.
+        return Ok(());
+    }
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(Request::Trace(spec)) => {
             let stream = TraceStream {
-                hangup: Hangup(reader.into_inner()),
+                hangup: Hangup(reader),
                 out: Sender(write),
             };
             trace(spec, stream).await;
@@ -470,8 +533,24 @@ async fn answer(
     };
     let mut out = serde_json::to_string(&response)?;
     out.push('\n');
-    write.write_all(out.as_bytes()).await?;
-    write.shutdown().await?;
+    let send = async {
+        write.write_all(out.as_bytes()).await?;
+        write.shutdown().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, send)
+        .await
+        .map_err(|_| ControlError::Timeout(WRITE_TIMEOUT))??;
+    // Closing with unread input resets the connection, which can destroy the answer before the
+    // client has read it (a request over MAX_REQUEST): read what is left, within bounds, and
+    // let a newcomer have the place meanwhile.
+    ticket.idle();
+    let mut rest = reader.into_inner().into_inner().take(LINGER_MAX);
+    let mut sink = tokio::io::sink();
+    let drain = tokio::io::copy(&mut rest, &mut sink);
+    tokio::select! {
+        _ = tokio::time::timeout(LINGER, drain) => {}
+        () = ticket.evicted() => {}
+    }
     Ok(())
 }
 
@@ -564,5 +643,65 @@ mod tests {
             r#"{"result":"trace_end","events":10,"lost":0,"reason":"count reached"}"#
         );
         Ok(())
+    }
+
+    use std::time::Instant;
+
+    /// A control socket answering `Done` to everything, in a temporary directory.
+    async fn server(tag: &str) -> (std::path::PathBuf, tokio::task::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!("cdn-control-{tag}-{}", std::process::id()));
+        let path = dir.join("control.sock");
+        let listener = bind(&path).await.unwrap();
+        let handler: Handler = Arc::new(|_, _| Response::Done {
+            message: "ok".into(),
+        });
+        let trace: TraceHandler = Arc::new(|_, _| Box::pin(async {}));
+        (path, tokio::spawn(serve(listener, handler, trace)))
+    }
+
+    #[tokio::test]
+    async fn silent_clients_are_closed_and_do_not_keep_others_out() {
+        let (path, task) = server("silent").await;
+        // Far more silent clients than places.
+        let mut silent = Vec::new();
+        for _ in 0..MAX_CONNECTIONS * 4 {
+            silent.push(connect(&path).await.unwrap());
+        }
+        let started = Instant::now();
+        let answer = call(&path, &Request::Status, Duration::from_secs(2)).await;
+        assert!(matches!(answer, Ok(Response::Done { .. })), "{answer:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        // The last silent client is closed by the request timeout, without an answer.
+        let last = silent.last_mut().unwrap();
+        let waited = Instant::now();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(REQUEST_TIMEOUT * 3, last.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+        let took = waited.elapsed();
+        assert!(took <= REQUEST_TIMEOUT + Duration::from_secs(1), "{took:?}");
+        task.abort();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn oversized_requests_are_refused() {
+        let (path, task) = server("huge").await;
+        let mut client = connect(&path).await.unwrap();
+        // Beyond the limit (the socket buffers take it all); the server stops at MAX_REQUEST.
+        client
+            .write_all(&vec![b'{'; MAX_REQUEST * 2])
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut reply)).await;
+        assert!(matches!(read, Ok(Ok(_))), "{read:?}");
+        assert!(reply.contains("bad request"), "{reply:?}");
+        task.abort();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use super::{HASH_KEY, Lab, LabNode, METRICS_PORT, UDP_PORT, UNDERLAY_MTU, VIP_V4, VIP_V6};
+use super::{
+    HASH_KEY, Lab, LabNode, METRICS_PORT, PEER_PORT, UDP_PORT, UNDERLAY_MTU, VIP_V4, VIP_V6,
+};
 
 pub(super) fn router_bird_config(nodes: usize) -> String {
     let mut c = String::from(
@@ -64,8 +66,8 @@ pub(super) fn controller_config(lab: &Lab, node: &LabNode, bpffs: &Path) -> Stri
     for i in 1..=lab.opts.nodes {
         c.push_str(&format!(
             "[[cluster.members]]\nname = \"node{i}\"\nid = {i}\nunderlay = \"10.1.{i}.2\"\n\
-             sync = \"10.1.{i}.2:{METRICS_PORT}\"\n\
-             [cluster.members.health]\nkind = \"http\"\nport = {METRICS_PORT}\npath = \"/ready\"\n\
+             sync = \"10.1.{i}.2:{PEER_PORT}\"\n\
+             [cluster.members.health]\nkind = \"http\"\nport = {PEER_PORT}\npath = \"/ready\"\n\
              interval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n\n"
         ));
     }

@@ -83,6 +83,11 @@ impl Checker<'_> {
             self.bgp(bgp);
         }
         self.metrics(&config.metrics);
+        if let Some(conflict) = super::listeners::conflict(&config.listeners())
+            && self.parsed("metrics.listen")
+        {
+            self.problem("metrics.listen", conflict);
+        }
     }
 
     fn node(&mut self, node: &NodeSettings) {

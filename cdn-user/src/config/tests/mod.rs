@@ -937,3 +937,106 @@ fn restart_only_changes_name_the_keys() {
         ]
     );
 }
+
+#[test]
+fn peer_plane_is_on_the_own_sync_address_and_metrics_on_their_own() {
+    let config = parse(EXAMPLE).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.listeners(),
+        Listeners::Separate {
+            peer: "10.0.0.1:9466".parse().expect("valid"),
+            metrics: "10.0.0.1:9465".parse().expect("valid"),
+        }
+    );
+    let shown = config.listeners().to_string();
+    assert!(
+        shown.contains("peer plane (/ready, /table, /digests) on 10.0.0.1:9466"),
+        "{shown}"
+    );
+
+    // A configuration from before the split: sync is [metrics] listen. It keeps working, on
+    // one listener, and says what to change.
+    let same = parse(&example_with(&[(
+        "sync = \"10.0.0.1:9466\"",
+        "sync = \"10.0.0.1:9465\"",
+    )]))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let addr = "10.0.0.1:9465".parse().expect("valid");
+    assert_eq!(
+        same.listeners(),
+        Listeners::Shared {
+            addr,
+            why: SharedWhy::SameAddress
+        }
+    );
+    assert!(
+        same.listeners()
+            .to_string()
+            .contains("move [metrics] listen to another port")
+    );
+
+    // No sync of its own, or a steering-only node: one listener too.
+    let none = parse(&example_with(&[("sync = \"10.0.0.1:9466\"\n", "")]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        none.listeners(),
+        Listeners::Shared {
+            addr,
+            why: SharedWhy::NoSync
+        }
+    );
+    let edge = parse(&example_with(&[
+        ("name = \"node-a\"", "name = \"edge-1\"\nsteer_only = true"),
+        ("steer_only = false\n", ""),
+        ("underlay_v4 = \"10.0.0.1\"", "underlay_v4 = \"10.0.0.9\""),
+    ]))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        edge.listeners(),
+        Listeners::Shared {
+            addr,
+            why: SharedWhy::SteerOnly
+        }
+    );
+}
+
+#[test]
+fn listeners_that_cannot_both_be_bound_are_refused() {
+    for listen in ["0.0.0.0:9466", "[::]:9466"] {
+        assert_problem(
+            &example_with(&[(
+                "listen = \"10.0.0.1:9465\"",
+                &format!("listen = \"{listen}\""),
+            )]),
+            "metrics.listen",
+            "both listeners cannot be bound. Give [metrics] listen another port",
+        );
+    }
+    // A wildcard on another port, or another address on the same port, binds.
+    for listen in ["0.0.0.0:9465", "127.0.0.1:9466"] {
+        parse(&example_with(&[(
+            "listen = \"10.0.0.1:9465\"",
+            &format!("listen = \"{listen}\""),
+        )]))
+        .unwrap_or_else(|e| panic!("{listen}: {e}"));
+    }
+}
+
+#[test]
+fn member_addresses_are_underlays_and_sync_addresses() {
+    let config = parse(&example_with(&[(
+        "sync = \"10.0.0.1:9466\"",
+        "sync = \"[::ffff:10.0.9.1]:9466\"",
+    )]))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let expected: BTreeSet<IpAddr> = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.9.1"]
+        .iter()
+        .map(|a| a.parse().expect("valid"))
+        .collect();
+    // The mapped sync address counts as the IPv4 address connections come from.
+    let mut addresses = config.member_addresses();
+    if let Some(v6) = config.node.underlay_v6 {
+        assert!(addresses.remove(&IpAddr::V6(v6)));
+    }
+    assert_eq!(addresses, expected);
+}

@@ -1,15 +1,32 @@
-//! The controller's HTTP, on hyper's HTTP/1.1: the server of the operator and peer endpoints
+//! The controller's HTTP, on hyper's HTTP/1.1: the servers of the operator and peer endpoints
 //! (`/metrics`, `/ready`, `/table/<service>`, `/digests`, an index page), and the one client the health
 //! probes and the history sync both use.
+//!
+//! The endpoints are split over two listeners ([`Plane`]): the *peer plane* (`/ready`,
+//! `/table/<service>`, `/digests`: what the other members' health checks and history syncs
+//! need) and the *metrics* listener (`/metrics` and the index), so that no scraper or flood on
+//! one can starve the other. A configuration that puts both on one address gets one listener
+//! serving everything ([`Plane::Shared`]), still with the members' reserved places.
 //!
 //! Everything that arrives from the network is treated as hostile, because the port may be
 //! reachable by anything on the management network. The server reads one request per
 //! connection and closes (no keep-alive, request bodies are never read); the request head is
 //! capped at [`MAX_HEAD`] bytes and must arrive within [`Limits::head_timeout`], the client must
-//! take the response within [`Limits::write_timeout`], and at most [`Limits::max_connections`]
-//! connections are served at once. Every per-connection problem is logged at debug level and
-//! ends only that connection. The client is [`crate::cluster::peer_http`].
+//! take the response within [`Limits::write_timeout`], and who is served at once is decided by
+//! the listener's [`gate::Gate`] (places reserved for members, a share per source address, a
+//! full listener closing its oldest idle connection). Every per-connection problem is logged
+//! at debug level and ends only that connection. The client is [`crate::cluster::peer_http`].
 
+pub mod gate;
+mod limits;
+
+use self::gate::{Gate, Reporter, Ticket};
+pub use self::limits::{
+    HEAD_TIMEOUT, Limits, MAX_CONNECTIONS, MEMBER_CONNECTIONS, Members, PEER_HEAD_TIMEOUT,
+    PER_SOURCE, Plane, WRITE_TIMEOUT,
+};
+
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -26,7 +43,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, info, warn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
 
@@ -35,13 +52,6 @@ use crate::operator::metrics::{self, Format, Snapshot};
 
 /// Largest request head (request line and headers) accepted; larger ones get `431`.
 pub const MAX_HEAD: usize = 8 * 1024;
-/// Time a client gets to send its complete request head; slower ones get `408`.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time a client gets to take the response off our hands.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once. Further clients wait in the listen backlog, so a flood of idle
-/// connections cannot make the controller allocate without bound.
-pub const MAX_CONNECTIONS: usize = 64;
 /// Most bytes hyper buffers per connection, on either side (its minimum is 8 KiB).
 const MAX_BUF: usize = 16 * 1024;
 /// After the response, how long we keep reading (and discarding) what the client still sends.
@@ -85,22 +95,6 @@ pub fn text(status: StatusCode, message: &str) -> Response {
     response(status, TEXT, format!("{message}\n"))
 }
 
-/// The server's protections; [`Limits::DEFAULT`] in the daemon, shorter ones in tests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
-    pub max_connections: usize,
-    pub head_timeout: Duration,
-    pub write_timeout: Duration,
-}
-
-impl Limits {
-    pub const DEFAULT: Limits = Limits {
-        max_connections: MAX_CONNECTIONS,
-        head_timeout: HEAD_TIMEOUT,
-        write_timeout: WRITE_TIMEOUT,
-    };
-}
-
 /// The listener could not be bound.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen for HTTP on {addr}: {source}")]
@@ -141,11 +135,17 @@ pub struct Endpoints {
     pub digests: Option<DigestSource>,
 }
 
-/// Serves `endpoints` on `listener` until `shutdown` becomes `true` (or its sender is dropped).
-/// Never fails: client and per-request problems are logged and answered.
-pub async fn serve(listener: TcpListener, endpoints: Endpoints, shutdown: watch::Receiver<bool>) {
-    let handler = move |request| route(request, endpoints.clone());
-    serve_with(listener, Limits::DEFAULT, handler, shutdown).await;
+/// Serves the endpoints of `plane` on `listener` until `shutdown` becomes `true` (or its
+/// sender is dropped). Never fails: client and per-request problems are logged and answered.
+pub async fn serve(
+    listener: TcpListener,
+    plane: Plane,
+    endpoints: Endpoints,
+    members: Members,
+    shutdown: watch::Receiver<bool>,
+) {
+    let handler = move |request| route(request, plane, endpoints.clone());
+    serve_gated(listener, plane, members, handler, shutdown).await;
 }
 
 const INDEX: &str = "<!DOCTYPE html>\n<html><head><title>cdn-steer</title></head>\n\
@@ -174,10 +174,21 @@ pub fn digests_response(answer: Option<Vec<u8>>) -> Response {
     }
 }
 
-async fn route(request: Request, endpoints: Endpoints) -> Response {
+async fn route(request: Request, plane: Plane, mut endpoints: Endpoints) -> Response {
     // Every resource here is read-only.
     let readable = request.method == Method::GET || request.method == Method::HEAD;
     let path = request.uri.path();
+    if !plane.serves_peers() {
+        endpoints.ready = None;
+        endpoints.table = None;
+        endpoints.digests = None;
+    }
+    if !plane.serves_metrics() && matches!(path, "/metrics" | "/") {
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found (served on the metrics listener)",
+        );
+    }
     if let (Some(service), true, Some(table)) =
         (path.strip_prefix("/table/"), readable, endpoints.table)
     {
@@ -255,12 +266,49 @@ async fn scrape(request: &Request, source: SnapshotSource) -> Response {
 // --- The server ----------------------------------------------------------------------------
 
 /// Accepts connections on `listener` and answers each request with `handler` until `shutdown`
-/// becomes `true`. Per-connection errors are logged at debug level and never end the server. On
-/// shutdown, idle connections close at once and those in flight get [`SHUTDOWN_GRACE`] to
-/// finish before they are dropped.
+/// becomes `true`, without member places. Per-connection errors are logged at debug level and
+/// never end the server. On shutdown, idle connections close at once and those in flight get
+/// [`SHUTDOWN_GRACE`] to finish before they are dropped.
 pub async fn serve_with<H, F>(
     listener: TcpListener,
     limits: Limits,
+    handler: H,
+    shutdown: watch::Receiver<bool>,
+) where
+    H: Fn(Request) -> F + Send + Sync + 'static,
+    F: Future<Output = Response> + Send + 'static,
+{
+    let (_none, members) = watch::channel(BTreeSet::new());
+    accept_loop(listener, limits, "http", members, handler, shutdown).await;
+}
+
+/// [`serve_with`] with the limits of `plane` and `members`' places.
+async fn serve_gated<H, F>(
+    listener: TcpListener,
+    plane: Plane,
+    members: Members,
+    handler: H,
+    shutdown: watch::Receiver<bool>,
+) where
+    H: Fn(Request) -> F + Send + Sync + 'static,
+    F: Future<Output = Response> + Send + 'static,
+{
+    accept_loop(
+        listener,
+        plane.limits(),
+        plane.name(),
+        members,
+        handler,
+        shutdown,
+    )
+    .await;
+}
+
+async fn accept_loop<H, F>(
+    listener: TcpListener,
+    limits: Limits,
+    name: &'static str,
+    members: Members,
     handler: H,
     shutdown: watch::Receiver<bool>,
 ) where
@@ -271,10 +319,12 @@ pub async fn serve_with<H, F>(
     // connection without shutting it down requires.
     let handler = Arc::new(handler);
     match listener.local_addr() {
-        Ok(addr) => info!("serving HTTP on {addr}"),
+        Ok(addr) => info!(listener = name; "serving HTTP on {addr}"),
         Err(e) => debug!("http: listener has no local address: {e}"),
     }
-    let limit = Arc::new(Semaphore::new(limits.max_connections));
+    let gate = Gate::new(limits.slots);
+    let mut reporter = Reporter::new(name);
+    let mut report = tokio::time::interval(Reporter::EVERY);
     let mut connections = JoinSet::new();
     let stop = shutdown_signalled(shutdown.clone());
     tokio::pin!(stop);
@@ -286,18 +336,11 @@ pub async fn serve_with<H, F>(
                 debug!("http: connection task failed: {e}");
             }
         }
-        let permit = tokio::select! {
-            biased;
-            () = &mut stop => break,
-            permit = Arc::clone(&limit).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                // The semaphore is never closed; if it were, there is nothing left to serve.
-                Err(_closed) => break,
-            },
-        };
+        reporter.tick(&gate);
         let (stream, peer) = tokio::select! {
             biased;
             () = &mut stop => break,
+            _ = report.tick() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -309,12 +352,21 @@ pub async fn serve_with<H, F>(
                 }
             },
         };
+        // An IPv4 client of a listener on `[::]` arrives as `::ffff:a.b.c.d`.
+        let source = peer.ip().to_canonical();
+        let member = members.borrow().contains(&source);
+        let Some(ticket) = gate.admit(Some(source), member) else {
+            debug!("http: {peer}: refused, every place is busy");
+            continue;
+        };
         let handler = Arc::clone(&handler);
         let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            serve_connection(stream, peer, limits, handler, shutdown).await;
-            drop(permit);
-        });
+        connections.spawn(serve_connection(
+            stream, peer, limits, handler, ticket, shutdown,
+        ));
+        // Let the new connection read the request it most likely has sent already, and so
+        // become busy, before the next newcomer may evict it.
+        tokio::task::yield_now().await;
     }
 
     drop(listener);
@@ -350,18 +402,23 @@ async fn serve_connection<H, F>(
     peer: SocketAddr,
     limits: Limits,
     handler: Arc<H>,
+    ticket: Ticket,
     mut shutdown: watch::Receiver<bool>,
 ) where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Response> + Send + 'static,
 {
+    let ticket = Arc::new(ticket);
     // Told when the response is ready: from then on the client has `write_timeout` to take it.
     let responded = Arc::new(Notify::new());
     let service = {
         let responded = Arc::clone(&responded);
+        let ticket = Arc::clone(&ticket);
         hyper::service::service_fn(move |request: hyper::Request<Incoming>| -> Answering {
             let handler = Arc::clone(&handler);
             let responded = Arc::clone(&responded);
+            // The request is complete: from now on this connection is not idle.
+            ticket.busy();
             Box::pin(async move {
                 let (request, _unread_body) = request.into_parts();
                 let mut response = match refuse(&request) {
@@ -398,8 +455,14 @@ async fn serve_connection<H, F>(
                 Pin::new(&mut conn).graceful_shutdown();
             }
             () = write_expired => break None,
+            () = ticket.evicted(), if write_deadline.is_none() => {
+                debug!("http: {peer}: closed to make room for a newer connection");
+                return;
+            }
         }
     };
+    // Answered (or given up on): a newer connection may take this one's place.
+    ticket.idle();
 
     // What we still write ourselves, and whether the client got an answer at all.
     let (answer, answered) = match served {
@@ -433,7 +496,13 @@ async fn serve_connection<H, F>(
         stream.shutdown().await
     };
     match timeout(limits.write_timeout, finish).await {
-        Ok(Ok(())) if answered => linger(&mut stream).await,
+        // Lingering is idle time: a newcomer that needs the place ends it.
+        Ok(Ok(())) if answered => {
+            tokio::select! {
+                () = linger(&mut stream) => {}
+                () = ticket.evicted() => {}
+            }
+        }
         Ok(Ok(())) => {}
         Ok(Err(e)) => debug!("http: {peer}: write error: {e}"),
         Err(_elapsed) => debug!("http: {peer}: client did not take the response in time"),
@@ -492,6 +561,7 @@ fn needs_backoff(e: &io::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::gate::Slots;
     use super::*;
     use crate::cluster::peer_http::{Failure, Get};
     use std::io::{Read, Write};
@@ -571,7 +641,7 @@ mod tests {
                 rt.block_on(async move {
                     let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
                     addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                    let handler = move |request| route(request, endpoints.clone());
+                    let handler = move |request| route(request, Plane::Shared, endpoints.clone());
                     serve_with(listener, limits, handler, stopped).await;
                 });
             });
@@ -834,7 +904,11 @@ mod tests {
 
     /// Limits short enough for tests.
     const QUICK: Limits = Limits {
-        max_connections: 4,
+        slots: Slots {
+            members: 0,
+            others: 4,
+            per_source: 0,
+        },
         head_timeout: Duration::from_millis(300),
         write_timeout: Duration::from_millis(300),
     };
@@ -862,7 +936,7 @@ mod tests {
     }
 
     #[test]
-    fn server_serves_at_most_max_connections_at_once() {
+    fn a_full_server_closes_its_oldest_idle_connection_for_a_newcomer() {
         let server = TestServer::with_limits(
             Limits {
                 // Long enough that the idle connections hold their places for the whole test.
@@ -872,31 +946,83 @@ mod tests {
             endpoints(),
         );
         let addr = server.addr;
-        let mut idle: Vec<StdTcpStream> =
-            (0..QUICK.max_connections).map(|_| connect(addr)).collect();
-        // The next client is connected by the kernel but not served.
-        let mut waiting = connect(addr);
-        waiting
-            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        let places = QUICK.slots.others;
+        let mut idle: Vec<StdTcpStream> = (0..places).map(|_| connect(addr)).collect();
+        std::thread::sleep(Duration::from_millis(100));
+        // A client that asks is served at once, however many idle connections there are...
+        let started = StdInstant::now();
+        assert_eq!(get(addr, "/metrics", None).status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        // ...and the oldest idle connection made room for it: closed without an answer.
+        let oldest = &mut idle[0];
+        oldest
+            .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        waiting
-            .set_read_timeout(Some(Duration::from_millis(500)))
+        let mut rest = Vec::new();
+        assert_eq!(oldest.read_to_end(&mut rest).unwrap(), 0, "{rest:?}");
+        // The others are still open (nothing to read yet).
+        let newest = &mut idle[places - 1];
+        newest
+            .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let mut byte = [0u8; 1];
-        let early = waiting.read(&mut byte);
+        let still = newest.read(&mut byte);
         assert!(
-            early
+            still
                 .as_ref()
                 .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
-            "answered while {} connections were open: {early:?}",
-            QUICK.max_connections
+            "{still:?}"
         );
-        // One idle connection goes away: its place is taken by the waiting client.
-        drop(idle.pop());
-        waiting
-            .set_read_timeout(Some(Duration::from_secs(15)))
-            .unwrap();
-        assert_eq!(read_reply(&mut waiting).status, 200);
+    }
+
+    #[test]
+    fn peer_and_metrics_planes_serve_their_own_endpoints() {
+        let ready: ReadySource = Arc::new(|| Ok(()));
+        let endpoints = Endpoints {
+            ready: Some(ready),
+            digests: Some(Arc::new(|| sync::NodeDigests {
+                node: "node-a".into(),
+                config: Digest([1; 32]),
+                tables: Default::default(),
+            })),
+            ..endpoints()
+        };
+        let planes = [Plane::Peer, Plane::Metrics, Plane::Shared].map(|plane| {
+            let endpoints = endpoints.clone();
+            let (stop, stopped) = watch::channel(false);
+            let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+            let thread = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+                    addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                    let (_members_tx, members) = watch::channel(BTreeSet::new());
+                    serve(listener, plane, endpoints, members, stopped).await;
+                });
+            });
+            let addr = addr_rx.recv().unwrap();
+            (plane, addr, stop, thread)
+        });
+        for (plane, addr, _, _) in &planes {
+            let status = |path| get(*addr, path, None).status;
+            let peer = if *plane == Plane::Metrics { 404 } else { 200 };
+            let metrics = if *plane == Plane::Peer { 404 } else { 200 };
+            assert_eq!(status("/ready"), peer, "{plane:?}");
+            assert_eq!(status("/digests"), peer, "{plane:?}");
+            assert_eq!(status("/metrics"), metrics, "{plane:?}");
+            assert_eq!(status("/"), metrics, "{plane:?}");
+        }
+        for (_, _, stop, thread) in planes {
+            stop.send_replace(true);
+            thread.join().unwrap();
+        }
     }
 
     #[test]
@@ -923,7 +1049,16 @@ mod tests {
 
     #[test]
     fn server_serves_many_clients_at_once() {
-        let server = TestServer::start(endpoints());
+        // Every client here comes from 127.0.0.1: without the share per source address, which
+        // would refuse more than PER_SOURCE busy at once.
+        let limits = Limits {
+            slots: Slots {
+                per_source: 0,
+                ..Limits::DEFAULT.slots
+            },
+            ..Limits::DEFAULT
+        };
+        let server = TestServer::with_limits(limits, endpoints());
         let addr = server.addr;
         // Idle connections must not hold up the others.
         let idle: Vec<StdTcpStream> = (0..8).map(|_| connect(addr)).collect();
