@@ -243,14 +243,14 @@ fn ports_to_listen_on_and_connect_to_are_not_0() {
         "metrics.listen",
         "10.0.0.1:0: port 0 would listen on a random port",
     );
-    let sync = "sync = \"10.0.0.1:9465\"";
+    let sync = "sync = \"10.0.0.1:9466\"";
     assert_problem(
         &example_with(&[(sync, "sync = \"10.0.0.1:0\"")]),
         "cluster.members[0].sync",
         "port 0 cannot be connected to",
     );
     assert_problem(
-        &example_with(&[(sync, "sync = \"0.0.0.0:9465\"")]),
+        &example_with(&[(sync, "sync = \"0.0.0.0:9466\"")]),
         "cluster.members[0].sync",
         "not a unicast address",
     );
