@@ -21,20 +21,26 @@
 //! fallback). Loops that walk memory are avoided: once everything is one function, the
 //! compiler no longer unrolls them reliably, and the verifier cannot follow them.
 
-use aya_ebpf::{cty::c_void, helpers::generated::bpf_map_lookup_elem, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_md, cty::c_void, helpers::generated::bpf_map_lookup_elem, programs::XdpContext,
+};
 use cdn_common::{
     counters::Reason,
-    hash::{flow_hash_v4, flow_hash_v6},
+    hash::{flow_hash_v4, flow_hash_v6, siphash24_words, steer_mac_message, v4_mapped_words},
     maps::{
-        MAX_SERVICE_PORTS, MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig,
-        SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
+        FAMILY_V4, FAMILY_V6, MAX_SERVICE_PORTS, MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY,
+        NODE_STEER_AUTH, NODE_UNDERLAY_IFACES, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP,
+        SERVICE_UDP, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
     },
-    wire::{STEER_INNER_V6, STEER_MAX_REMAINING, STEER_VERSION, SteerHeader, entropy_port},
+    wire::{
+        STEER_INNER_V6, STEER_MAC_LEN, STEER_MAX_REMAINING, STEER_SYN_REDIRECTED, STEER_VERSION,
+        STEER_VERSION_AUTH, SteerHeader, entropy_port,
+    },
 };
 
 use crate::{
     encap::{Encap, decapsulate, encap_and_send},
-    maps::{CONFIG, MEMBER_ADDRS, SERVICES_V4, SERVICES_V6, TABLE},
+    maps::{CONFIG, MEMBER_ADDRS, MEMBERS, SERVICES_V4, SERVICES_V6, TABLE, UNDERLAY_IFACES},
     packet::Frame,
     parse::{
         Flow, Kind, L2, dst_addr_off, parse_flow, parse_ip, parse_l2, peek_udp_dport,
@@ -293,13 +299,14 @@ fn try_ingress(
         remaining: [hops[1], hops[2]],
         budget: cfg.hop_budget,
         entropy: entropy_port(hash),
+        flags: 0,
     };
     if hops[0] != cfg.self_member {
         if udp_owner {
             // The owner accepts without looking further: no previous owner to carry.
             e.remaining = [NO_MEMBER; 2];
         }
-        return Ok(encapsulate(out, e, forwarded));
+        return signed(ctx, cfg, &flow, out, e, forwarded);
     }
     if udp_owner {
         return Ok(Verdict::pass(Reason::UdpOwnerAccept));
@@ -321,7 +328,156 @@ fn try_ingress(
     e.target = next;
     e.remaining = [hops[2], NO_MEMBER];
     e.budget = cfg.hop_budget - 1;
-    Ok(encapsulate(out, e, reason))
+    signed(ctx, cfg, &flow, out, e, reason)
+}
+
+/// The two words of a flow address (IPv4-mapped for IPv4), for the steering MAC.
+#[inline(always)]
+fn addr_words(frame: &Frame, off: usize, v6: bool) -> Result<[u64; 2], Reason> {
+    if v6 {
+        frame.read::<[u64; 2]>(off).ok_or(Reason::Malformed)
+    } else {
+        let addr = frame.read::<u32>(off).ok_or(Reason::Malformed)?;
+        Ok(v4_mapped_words(addr))
+    }
+}
+
+/// What the MAC needs of a flow, packed into one word so that the BPF functions below take it in a register: the entry point's stack has
+/// no room for the copies a pointer argument would force.
+#[inline(always)]
+fn mac_flow(flow: &Flow) -> u64 {
+    flow.src_off as u64
+        | (flow.dst_off as u64) << 16
+        | (flow.proto as u64) << 32
+        | (flow.v6 as u64) << 40
+}
+
+/// The steering MAC of `header` (as one little-endian word) on a packet from `outer_src`
+/// whose flow `packed` describes (see `mac_flow`, `cdn_common::hash::steer_mac_message`).
+#[inline(always)]
+fn flow_mac(
+    cfg: &NodeConfig,
+    frame: &Frame,
+    packed: u64,
+    ports: u32,
+    outer_src: [u64; 2],
+    header: u64,
+) -> Result<u64, Reason> {
+    let v6 = packed & 1 << 40 != 0;
+    let msg = steer_mac_message(
+        outer_src,
+        addr_words(frame, (packed & 0xffff) as usize, v6)?,
+        addr_words(frame, (packed >> 16 & 0xffff) as usize, v6)?,
+        ports,
+        (packed >> 32) as u8,
+        header,
+    );
+    Ok(siphash24_words(&cfg.auth_key, &msg))
+}
+
+/// `encapsulate`, with the MAC the header will carry if `steer_auth` is on.
+#[inline(always)]
+fn signed(
+    ctx: &XdpContext,
+    cfg: &NodeConfig,
+    flow: &Flow,
+    out: &mut Encap,
+    e: Encap,
+    reason: Reason,
+) -> Result<Verdict, Reason> {
+    let verdict = encapsulate(out, e, reason);
+    sign(ctx, cfg, flow, out)?;
+    Ok(verdict)
+}
+
+/// With `steer_auth`: the MAC of the header `out` will be written with, into the frame where
+/// the writer expects it.
+#[inline(always)]
+fn sign(ctx: &XdpContext, cfg: &NodeConfig, flow: &Flow, out: &Encap) -> Result<(), Reason> {
+    if cfg.flags & NODE_STEER_AUTH == 0 {
+        return Ok(());
+    }
+    // SAFETY: SteerHeader is 8 bytes of plain integers, any bit pattern is a u64.
+    let header = unsafe { core::mem::transmute::<SteerHeader, u64>(out.header()) };
+    // Where the MAC ends up: right in front of the inner packet, which the encapsulation
+    // leaves in place and wraps. What it overwrites (the client frame's Ethernet source and
+    // type, or the steering header already read) is replaced by the outer headers. Computed
+    // here: subtracted in `sign_slow`, the compiler folds the bounds check into one the
+    // verifier cannot follow.
+    let mac_off = out.inner_off.wrapping_sub(STEER_MAC_LEN) as u64 & 0xffff;
+    let target = out.target as u64 | mac_off << 16 | (flow.ports as u64) << 32;
+    if sign_slow(ctx.ctx, cfg, header, mac_flow(flow), target) {
+        Ok(())
+    } else {
+        Err(Reason::NoRoute)
+    }
+}
+
+/// `sign`'s work: false if the target has no address (the encapsulation would fail for the
+/// same reason). A BPF function of its own, like `verify`: it runs only with `steer_auth`,
+/// its message and state would otherwise take stack from the entry point's frame (which the
+/// trace's call needs), and inlined at every site that signs it would cost the verifier
+/// more than it allows. Arguments are packed into registers for the same reason: `target`
+/// is the member (bits 0..16), the MAC's offset (16..32) and the flow's ports (32..64). The
+/// outer source is this node's underlay address of the target's family, as the writer
+/// picks it.
+#[inline(never)]
+fn sign_slow(ctx: *mut xdp_md, cfg: &NodeConfig, header: u64, packed: u64, target: u64) -> bool {
+    let Some(member) = MEMBERS.get(target as u16 as u32) else {
+        return false;
+    };
+    let src = match member.family {
+        FAMILY_V4 => v4_mapped_words(u32::from_ne_bytes(cfg.underlay_v4)),
+        // SAFETY: [u8; 16] and [u64; 2] have the same size and no invalid bit patterns.
+        FAMILY_V6 => unsafe { core::mem::transmute::<[u8; 16], [u64; 2]>(cfg.underlay_v6) },
+        _ => return false,
+    };
+    let frame = Frame::new(&XdpContext::new(ctx));
+    let Ok(mac) = flow_mac(cfg, &frame, packed, (target >> 32) as u32, src, header) else {
+        return false;
+    };
+    let Some(at) = frame.at::<u64>((target >> 16 & 0xffff) as usize) else {
+        return false;
+    };
+    // SAFETY: 8 bounds-checked packet bytes; packet stores need no alignment (see
+    // `Frame::read`).
+    unsafe { core::ptr::write(at, mac.to_le()) };
+    true
+}
+
+/// Whether the MAC of the version-2 header at `steer_off` verifies. The inner packet behind
+/// it is parsed here again (a packet it cannot parse fails the check, and the caller's own
+/// parse reports why first), so that the caller can ask before its parse: the values its
+/// parse produces would all need stack slots across the call, and the entry point has none
+/// to spare. A BPF function of its own (see `sign_slow`).
+#[inline(never)]
+fn verify(
+    ctx: *mut xdp_md,
+    cfg: &NodeConfig,
+    steer_off: usize,
+    outer_src_off: usize,
+    families: u32,
+) -> bool {
+    let outer_v6 = families & 1 != 0;
+    let inner_v6 = families & 2 != 0;
+    let frame = Frame::new(&XdpContext::new(ctx));
+    let (Some(header), Some(got), Some(source)) = (
+        frame.read::<u64>(steer_off),
+        frame.read::<u64>(steer_off + steer::LEN),
+        member_key(&frame, outer_src_off, outer_v6),
+    ) else {
+        return false;
+    };
+    let Ok(ip) = parse_ip(&frame, steer_off + steer::LEN + STEER_MAC_LEN, inner_v6) else {
+        return false;
+    };
+    let Ok(flow) = parse_flow(&frame, &ip) else {
+        return false;
+    };
+    // SAFETY: [u8; 16] and [u64; 2] have the same size and no invalid bit patterns.
+    let src = unsafe { core::mem::transmute::<[u8; 16], [u64; 2]>(source.addr) };
+    let packed = mac_flow(&flow);
+    flow_mac(cfg, &frame, packed, flow.ports, src, header) == Ok(u64::from_le(got))
 }
 
 /// Key of the member-address map for the address at `off`, built as four words: built from
@@ -358,22 +514,49 @@ fn try_owner_path(
     if outer.proto != proto::UDP {
         return Ok(Verdict::pass(Reason::NonVipPass));
     }
+    // Steering comes in on the underlay only: a forged source address on the uplink stops here.
+    if cfg.flags & NODE_UNDERLAY_IFACES != 0
+        && UNDERLAY_IFACES
+            .get_ptr(ctx.ingress_ifindex() as u32)
+            .is_none()
+    {
+        return Err(Reason::NotUnderlay);
+    }
     // No open relay: only members may hand us packets to accept or pass on.
     let source = member_key(frame, outer.src_off(), l2.v6).ok_or(Reason::Malformed)?;
-    if MEMBER_ADDRS.get_ptr(source).is_none() {
+    let Some(from) = MEMBER_ADDRS.get_ptr(source) else {
         return Err(Reason::Spoofed);
-    }
+    };
+    // SAFETY: a non-NULL lookup result points at the map's u16 value.
+    let from = unsafe { *from };
     let udp_off = outer.l4_off;
     let entropy = u16::from_be(frame.get(udp_off, udp::SRC_PORT).ok_or(Reason::Malformed)?);
     let steer_off = udp_off + udp::LEN;
     let sh = frame
         .read::<SteerHeader>(steer_off)
         .ok_or(Reason::Malformed)?;
-    if sh.version != STEER_VERSION || sh.hop_count as usize > STEER_MAX_REMAINING {
+    let header_len = match sh.version {
+        STEER_VERSION => steer::LEN,
+        STEER_VERSION_AUTH => steer::LEN + STEER_MAC_LEN,
+        _ => return Err(Reason::BadEncap),
+    };
+    if sh.hop_count as usize > STEER_MAX_REMAINING {
         return Err(Reason::BadEncap);
     }
-    let inner_off = steer_off + steer::LEN;
+    if sh.version == STEER_VERSION && cfg.flags & NODE_STEER_AUTH != 0 {
+        return Err(Reason::AuthFailed);
+    }
+    let inner_off = steer_off + header_len;
     let inner_v6 = sh.flags & STEER_INNER_V6 != 0;
+    // Checked here, reported after the inner packet's own errors (see `verify`).
+    let authentic = sh.version != STEER_VERSION_AUTH
+        || verify(
+            ctx.ctx,
+            cfg,
+            steer_off,
+            outer.src_off(),
+            l2.v6 as u32 | (inner_v6 as u32) << 1,
+        );
     let ip = parse_ip(frame, inner_off, inner_v6)?;
     if ip.l3_off + ip.ip_len > outer.l3_off + outer.ip_len {
         return Err(Reason::Malformed);
@@ -383,6 +566,18 @@ fn try_owner_path(
     let Some(svc) = service(frame, ip.dst_off(), inner_v6) else {
         return Err(Reason::BadEncap);
     };
+    if !authentic {
+        return Err(Reason::AuthFailed);
+    }
+    // The inner packet gets the checks a direct one gets: a member forwards only what a
+    // service serves, so anything else is forged (or a member's configuration is not ours).
+    match flow.kind {
+        Kind::IcmpLocal => return Err(Reason::BadEncap),
+        _ if !serves(svc, &flow) => return Err(Reason::PortMiss),
+        _ => {}
+    }
+    // A header never spends more than this node would have given it.
+    let budget = sh.hop_budget.min(cfg.hop_budget);
     // UDP placement other than `connected`: whoever receives the flow keeps it, whatever
     // hops the header still lists. An `owner` sender only ever sends to the owner in its
     // table; a `local` flow arrives only while configurations disagree (a rollout), and
@@ -400,28 +595,6 @@ fn try_owner_path(
             return Ok(Verdict::pass(reason));
         }
     }
-    // A new connection is taken only by the member that this node's own table names as the
-    // owner. Nodes whose health views differ for a moment (one saw a member flap, one just
-    // started) then still agree on where connections are made: the acceptor is always the
-    // owner in its own table, so every table later lists it as owner or previous owner.
-    if flow.kind == Kind::Tcp && flow.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN {
-        let (_, own) = bucket_of(cfg, frame, &flow, svc)?;
-        if own[0] != NO_MEMBER && own[0] != cfg.self_member {
-            if sh.hop_budget == 0 {
-                return Err(Reason::LoopGuard);
-            }
-            let e = Encap {
-                inner_off,
-                inner_len: ip.ip_len,
-                inner_v6,
-                target: own[0],
-                remaining: [own[1], own[2]],
-                budget: sh.hop_budget - 1,
-                entropy,
-            };
-            return Ok(encapsulate(out, e, Reason::SynRedirect));
-        }
-    }
     let next = if sh.hop_count >= 1 {
         u16::from_be(sh.hops[0])
     } else {
@@ -433,6 +606,43 @@ fn try_owner_path(
         NO_MEMBER
     };
     let draining = cfg.flags & NODE_DRAINING != 0 && next != NO_MEMBER;
+    let mut e = Encap {
+        inner_off,
+        inner_len: ip.ip_len,
+        inner_v6,
+        target: next,
+        remaining: [after, NO_MEMBER],
+        budget: budget.wrapping_sub(1),
+        entropy,
+        flags: 0,
+    };
+    let syn = flow.kind == Kind::Tcp && flow.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
+    // A redirected SYN is never redirected again, so tables that disagree cannot bounce it:
+    // it is accepted here, or, by a draining node, passed on along its hops but never back.
+    if syn && sh.flags & STEER_SYN_REDIRECTED != 0 {
+        if draining && budget > 0 && next != from {
+            e.flags = STEER_SYN_REDIRECTED;
+            return signed(ctx, cfg, &flow, out, e, Reason::DrainPassOn);
+        }
+        decapsulate(ctx, inner_off, inner_v6)?;
+        return Ok(Verdict::pass(Reason::RedirectedSynAccept));
+    }
+    // A new connection is taken only by the member that this node's own table names as the
+    // owner. Nodes whose health views differ for a moment (one saw a member flap, one just
+    // started) then still agree on where connections are made: the acceptor is always the
+    // owner in its own table, so every table later lists it as owner or previous owner.
+    if syn {
+        let (_, own) = bucket_of(cfg, frame, &flow, svc)?;
+        if own[0] != NO_MEMBER && own[0] != cfg.self_member {
+            if budget == 0 {
+                return Err(Reason::LoopGuard);
+            }
+            e.target = own[0];
+            e.remaining = [own[1], own[2]];
+            e.flags = STEER_SYN_REDIRECTED;
+            return signed(ctx, cfg, &flow, out, e, Reason::SynRedirect);
+        }
+    }
     let reason = match check(ctx, &flow, &ip, draining) {
         Ownership::Ours => {
             decapsulate(ctx, inner_off, inner_v6)?;
@@ -445,17 +655,8 @@ fn try_owner_path(
         decapsulate(ctx, inner_off, inner_v6)?;
         return Ok(Verdict::pass(Reason::LastHopAccept));
     }
-    if sh.hop_budget == 0 {
+    if budget == 0 {
         return Err(Reason::LoopGuard);
     }
-    let e = Encap {
-        inner_off,
-        inner_len: ip.ip_len,
-        inner_v6,
-        target: next,
-        remaining: [after, NO_MEMBER],
-        budget: sh.hop_budget - 1,
-        entropy,
-    };
-    Ok(encapsulate(out, e, reason))
+    signed(ctx, cfg, &flow, out, e, reason)
 }
