@@ -530,9 +530,8 @@ fn try_owner_path(
     // SAFETY: a non-NULL lookup result points at the map's u16 value.
     let from = unsafe { *from };
     let udp_off = outer.l4_off;
-    let entropy = u16::from_be(frame.get(udp_off, udp::SRC_PORT).ok_or(Reason::Malformed)?);
     let steer_off = udp_off + udp::LEN;
-    let sh = frame
+    let mut sh = frame
         .read::<SteerHeader>(steer_off)
         .ok_or(Reason::Malformed)?;
     let header_len = match sh.version {
@@ -548,15 +547,20 @@ fn try_owner_path(
     }
     let inner_off = steer_off + header_len;
     let inner_v6 = sh.flags & STEER_INNER_V6 != 0;
-    // Checked here, reported after the inner packet's own errors (see `verify`).
-    let authentic = sh.version != STEER_VERSION_AUTH
-        || verify(
+    // Checked here, reported after the inner packet's own errors (see `verify`). A failure
+    // is remembered as version 0 (refused above), not in a variable of its own: the entry
+    // point's frame has no stack slot to spare.
+    if sh.version == STEER_VERSION_AUTH
+        && !verify(
             ctx.ctx,
             cfg,
             steer_off,
             outer.src_off(),
             l2.v6 as u32 | (inner_v6 as u32) << 1,
-        );
+        )
+    {
+        sh.version = 0;
+    }
     let ip = parse_ip(frame, inner_off, inner_v6)?;
     if ip.l3_off + ip.ip_len > outer.l3_off + outer.ip_len {
         return Err(Reason::Malformed);
@@ -566,7 +570,7 @@ fn try_owner_path(
     let Some(svc) = service(frame, ip.dst_off(), inner_v6) else {
         return Err(Reason::BadEncap);
     };
-    if !authentic {
+    if sh.version == 0 {
         return Err(Reason::AuthFailed);
     }
     // The inner packet gets the checks a direct one gets: a member forwards only what a
@@ -606,6 +610,14 @@ fn try_owner_path(
         NO_MEMBER
     };
     let draining = cfg.flags & NODE_DRAINING != 0 && next != NO_MEMBER;
+    // Read this late: kept from the start, it would take a stack slot across the calls above.
+    // Through a frame read anew from the context, so that the compiler repeats the bounds
+    // check instead of borrowing the steering header's, which the verifier cannot connect
+    // to this access.
+    let entropy = Frame::new(ctx)
+        .get(udp_off, udp::SRC_PORT)
+        .ok_or(Reason::Malformed)?;
+    let entropy = u16::from_be(entropy);
     let mut e = Encap {
         inner_off,
         inner_len: ip.ip_len,

@@ -231,6 +231,18 @@ impl Scenario {
         Ok(())
     }
 
+    /// Turns `steer_auth` on or off, with the key the controller derives from [`KEY`].
+    pub fn set_steer_auth(&mut self, on: bool) -> Result<()> {
+        self.update_config(|c| {
+            c.auth_key = cdn_user::dataplane::steer_auth_key(KEY);
+            if on {
+                c.flags |= cdn_common::maps::NODE_STEER_AUTH;
+            } else {
+                c.flags &= !cdn_common::maps::NODE_STEER_AUTH;
+            }
+        })
+    }
+
     pub fn run(&mut self, frame: &[u8]) -> Result<Run> {
         let before = self.dp.counters()?;
         let (action, out) = self.dp.test_run(frame)?;
