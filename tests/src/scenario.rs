@@ -89,6 +89,8 @@ pub fn node_config() -> NodeConfig {
         self_member: SELF_ID,
         flags: NODE_READY,
         hop_budget: BUDGET,
+        // As the controller writes it: whether or not `steer_auth` is on.
+        auth_key: cdn_user::dataplane::steer_auth_key(KEY),
         ..NodeConfig::default()
     }
 }
