@@ -6,8 +6,11 @@
 //! to the next hop.
 //!
 //! *Owner*: a steering packet to this node's underlay address and steering port. After checking
-//! that it comes from a member, the node accepts the inner packet if it owns the flow, or passes
-//! it on to the next hop it carries; the last hop always accepts.
+//! that it came in on an underlay interface, from a member, with a valid header (and MAC), and
+//! that its inner packet is one a client could have sent straight to the VIP, the node accepts
+//! the inner packet if it owns the flow, or passes it on to the next hop it carries; the last
+//! hop always accepts. A SYN another node redirected here is never redirected again (README
+//! "Steering trust").
 //!
 //! UDP flows follow their service's placement mode (`Service::flags`): *connected* (neither
 //! flag) is the owner check above, which only recognises connected sockets; *owner* sends a

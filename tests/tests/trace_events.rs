@@ -18,11 +18,11 @@ use cdn_tests::{
     packets::{Flow, Tcp, Vlan, frame, ip_packet, steering_frame},
     scenario::{
         BUDGET, CLIENT_V4, CLIENT_V6, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, UNDERLAY_V6,
-        VIP_V4, VIP_V6, addr, member_addr, monotonic_ns,
+        VIP_V4, VIP_V6, addr, member_addr,
     },
     xdp,
 };
-use cdn_user::dataplane::TraceReader;
+use cdn_user::dataplane::{TraceReader, monotonic_ns};
 
 /// The interface BPF_PROG_TEST_RUN runs on (loopback), which is also the interface of the
 /// scenario's next hops: forwarded packets leave with XDP_TX.

@@ -145,9 +145,9 @@ pub enum Why {
 }
 
 impl Why {
-    pub const NOT_UNDERLAY: Why = Why::New("not_underlay");
-    pub const AUTH_FAILED: Why = Why::New("auth_failed");
-    pub const REDIRECTED_SYN_ACCEPT: Why = Why::New("redirected_syn_accept");
+    pub const NOT_UNDERLAY: Why = Why::Is(Reason::NotUnderlay);
+    pub const AUTH_FAILED: Why = Why::Is(Reason::AuthFailed);
+    pub const REDIRECTED_SYN_ACCEPT: Why = Why::Is(Reason::RedirectedSynAccept);
 
     /// The metric name.
     pub fn name(self) -> &'static str {
