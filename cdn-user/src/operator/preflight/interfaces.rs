@@ -336,4 +336,22 @@ mod tests {
         assert_eq!(f.status, Status::Warning, "{f:?}");
         assert_eq!(f.fix.as_deref(), Some("set node.max_frame = 1614"));
     }
+
+    #[test]
+    fn an_empty_underlay_interface_list_is_a_warning() {
+        use crate::config::{EXAMPLE, parse};
+        use crate::operator::preflight::Status;
+        let cfg = parse(EXAMPLE).expect("the example parses");
+        let f = check_underlay(&cfg);
+        assert_eq!(f.status, Status::Warning, "{f:?}");
+        assert!(f.detail.contains("outer source address alone"), "{f:?}");
+        let listed = EXAMPLE.replacen(
+            "# underlay_interfaces = [\"eth1\"]",
+            "underlay_interfaces = [\"eth0\"]",
+            1,
+        );
+        let f = check_underlay(&parse(&listed).expect("parses"));
+        assert_eq!(f.status, Status::Ok, "{f:?}");
+        assert!(f.detail.ends_with("only on eth0"), "{f:?}");
+    }
 }
