@@ -126,7 +126,7 @@ fn try_encap_and_send(
     let outer_v6 = nh.flags & NEXT_HOP_V6 != 0;
     let (outer_len, frame_len) = lengths(cfg, e, outer_v6)?;
     let frame = make_room(ctx, e, outer_len, frame_len)?;
-    let udp_len = udp_len(cfg, e);
+    let udp_len = udp_len(frame_len, outer_v6);
     let words = nh.header.as_ptr().cast::<u64>();
     let udp_off = if outer_v6 {
         let base = frame
@@ -190,9 +190,12 @@ fn lengths(cfg: &NodeConfig, e: &Encap, outer_v6: bool) -> Result<(usize, usize)
     Ok((outer_len, frame_len))
 }
 
+/// The UDP length field: everything behind the outer IP header (so the MAC, if any, is
+/// counted without looking at the configuration again).
 #[inline(always)]
-fn udp_len(cfg: &NodeConfig, e: &Encap) -> u16 {
-    (udp::LEN + steer::LEN + mac_len(cfg) + e.inner_len) as u16
+fn udp_len(frame_len: usize, outer_v6: bool) -> u16 {
+    let ip_len = if outer_v6 { ipv6::LEN } else { ipv4::LEN };
+    (frame_len - eth::LEN - ip_len) as u16
 }
 
 /// Makes the frame exactly `outer_len` bytes of room followed by the inner packet.
@@ -237,11 +240,11 @@ fn write_udp_and_steer(
         .ok_or(Reason::EncapFailed)?
         .cast::<u8>();
     let mut sh = e.header();
-    if cfg.flags & NODE_STEER_AUTH != 0 {
-        // The MAC behind the header is in place already: `steer::sign` wrote it in front of
-        // the inner packet, and nothing here or in the outer headers covers those bytes.
-        sh.version = STEER_VERSION_AUTH;
-    }
+    // With `steer_auth`, version 2 (without a branch). The MAC behind the header is in place
+    // already: `steer::sign` wrote it in front of the inner packet, and nothing here or in
+    // the outer headers covers those bytes.
+    const _: () = assert!(STEER_VERSION_AUTH == STEER_VERSION + 1);
+    sh.version += ((cfg.flags & NODE_STEER_AUTH) >> NODE_STEER_AUTH.trailing_zeros()) as u8;
     // SAFETY: every field lies inside the UDP and steering headers checked above. The
     // steering header goes out as one word (same size, any bit pattern is a u64).
     unsafe {
@@ -327,7 +330,7 @@ fn try_encap_via_fib(
     // Our own MAC, as the sender addressed it: needed if the kernel has to route the result.
     let our_mac = Frame::new(ctx).get(0, eth::DST).ok_or(Reason::Malformed)?;
     let frame = make_room(ctx, e, outer_len, frame_len)?;
-    let udp_len = udp_len(cfg, e);
+    let udp_len = udp_len(frame_len, outer_v6);
 
     let udp_off = if outer_v6 {
         let base = frame
