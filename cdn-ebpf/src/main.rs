@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod auth;
 mod bench;
 mod encap;
 mod maps;
