@@ -194,6 +194,15 @@ reasons! {
     /// (`hops[0]`) without a socket check: at ingress untouched, or decapsulated from the
     /// steering packet another node sent. Never passed on.
     UdpOwnerAccept = "udp_owner_accept", Verdict, [Pass];
+    /// Steering packet that arrived on an interface not listed in `[node]
+    /// underlay_interfaces`: dropped.
+    NotUnderlay = "not_underlay", Verdict, [Drop];
+    /// Steering header without a valid MAC: a version-2 header whose MAC does not verify, or
+    /// a version-1 header on a node with `steer_auth`: dropped.
+    AuthFailed = "auth_failed", Verdict, [Drop];
+    /// A new connection another node redirected here (marked `STEER_SYN_REDIRECTED`):
+    /// decapsulated and accepted, never redirected again.
+    RedirectedSynAccept = "redirected_syn_accept", Verdict, [Pass];
 }
 
 impl Reason {

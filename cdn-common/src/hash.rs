@@ -118,6 +118,65 @@ pub const fn ports_word(src_port: u16, dst_port: u16) -> u32 {
     u32::from_le_bytes([s[0], s[1], d[0], d[1]])
 }
 
+/// SipHash-2-4 (two compression rounds per word, four finalisation rounds) of the 64-byte
+/// message whose little-endian words are `msg`: the steering MAC (see [`steer_mac_message`]).
+/// The stronger variant than the flow hash's, because here a forger gets to try.
+#[inline(always)]
+pub fn siphash24_words(key: &[u64; 2], msg: &[u64; 8]) -> u64 {
+    let mut v = sip_init(key);
+    for &m in msg {
+        v[3] ^= m;
+        sip_round(&mut v);
+        sip_round(&mut v);
+        v[0] ^= m;
+    }
+    let b = 64u64 << 56;
+    v[3] ^= b;
+    sip_round(&mut v);
+    sip_round(&mut v);
+    v[0] ^= b;
+    v[2] ^= 0xff;
+    sip_round(&mut v);
+    sip_round(&mut v);
+    sip_round(&mut v);
+    sip_round(&mut v);
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
+
+/// An IPv4 address (as loaded from the packet, see [`v4_word`]) as the two words of its
+/// IPv4-mapped form `::ffff:a.b.c.d`.
+#[inline(always)]
+pub const fn v4_mapped_words(addr: u32) -> [u64; 2] {
+    [0, 0xffff_0000 | (addr as u64) << 32]
+}
+
+/// The message the steering MAC covers (README "Steering trust"): the outer source, the
+/// inner flow's client and VIP (16 bytes each, IPv4-mapped, as [`v6_words`] /
+/// [`v4_mapped_words`]), then the flow's ports ([`ports_word`], client port first) and
+/// protocol with the header's flags, hop budget and hop count, then its two hop slots.
+/// `header` is the 8-byte steering header as one little-endian load (its version byte is not
+/// covered: a version-2 header is the only one with a MAC).
+#[inline(always)]
+pub const fn steer_mac_message(
+    outer_src: [u64; 2],
+    client: [u64; 2],
+    vip: [u64; 2],
+    ports: u32,
+    proto: u8,
+    header: u64,
+) -> [u64; 8] {
+    [
+        outer_src[0],
+        outer_src[1],
+        client[0],
+        client[1],
+        vip[0],
+        vip[1],
+        ports as u64 | (proto as u64) << 32 | (header >> 8 & 0xff_ffff) << 40,
+        header >> 32,
+    ]
+}
+
 /// Bucket of a flow in a table of `table_size` buckets.
 #[inline(always)]
 pub const fn bucket_of(flow_hash: u64, table_size: u32) -> u32 {
@@ -172,6 +231,36 @@ mod tests {
             ports_word(0x1234, 0x0050),
             u32::from_le_bytes([0x12, 0x34, 0x00, 0x50])
         );
+    }
+
+    #[test]
+    fn steer_mac_is_siphash24_of_the_documented_message() {
+        use siphasher::sip::SipHasher24;
+        let key = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
+        // Outer source 10.0.0.2, client 198.51.100.7:40000, VIP 192.0.2.10:443, TCP, flags
+        // 0x02, budget 2, one hop (4) and an empty slot.
+        let header = u64::from_le_bytes([2, 0x02, 2, 1, 0, 4, 0xff, 0xff]);
+        let msg = steer_mac_message(
+            v4_mapped_words(v4_word([10, 0, 0, 2])),
+            v4_mapped_words(v4_word([198, 51, 100, 7])),
+            v4_mapped_words(v4_word([192, 0, 2, 10])),
+            ports_word(40000, 443),
+            6,
+            header,
+        );
+        let mut bytes = [0u8; 64];
+        for (i, a) in [[10, 0, 0, 2], [198, 51, 100, 7], [192, 0, 2, 10]]
+            .into_iter()
+            .enumerate()
+        {
+            bytes[16 * i + 10..16 * i + 12].copy_from_slice(&[0xff, 0xff]);
+            bytes[16 * i + 12..16 * i + 16].copy_from_slice(&a);
+        }
+        bytes[48..52].copy_from_slice(&[0x9c, 0x40, 0x01, 0xbb]); // 40000, 443
+        bytes[52..60].copy_from_slice(&[6, 0x02, 2, 1, 0, 4, 0xff, 0xff]);
+        let mut h = SipHasher24::new_with_keys(key[0], key[1]);
+        h.write(&bytes);
+        assert_eq!(siphash24_words(&key, &msg), h.finish());
     }
 
     #[test]

@@ -45,7 +45,14 @@ pub const DEFAULT_STEER_PORT: u16 = 6080;
 
 // Map names: the program defines maps with these names and the controller opens (and pins) them
 // by the same names.
-pub const MAP_CONFIG: &str = "CONFIG";
+/// Named anew when `NodeConfig` grew the steering MAC key, so that a controller upgraded in
+/// place never reuses a pinned entry of the old, shorter layout.
+pub const MAP_CONFIG: &str = "NODE_CONFIG";
+/// Interfaces steering packets are accepted on (`[node] underlay_interfaces`): ifindex -> 1.
+/// Read only while `NODE_UNDERLAY_IFACES` is set.
+pub const MAP_UNDERLAY_IFACES: &str = "UNDERLAY_IFACES";
+/// Entries of [`MAP_UNDERLAY_IFACES`].
+pub const MAX_UNDERLAY_IFACES: u32 = 64;
 pub const MAP_SERVICES_V4: &str = "SERVICES_V4";
 pub const MAP_SERVICES_V6: &str = "SERVICES_V6";
 pub const MAP_TABLE: &str = "TABLE";
@@ -117,6 +124,13 @@ pub const NODE_READY: u32 = 1 << 1;
 /// reported through `TRACE_EVENTS` (see `cdn_common::trace`). Set only while `cdn-steer trace`
 /// is connected; a starting controller always writes it cleared.
 pub const NODE_TRACE: u32 = 1 << 2;
+/// `NodeConfig::flags`: steering packets are accepted only from the interfaces listed in
+/// `UNDERLAY_IFACES` (`[node] underlay_interfaces` is not empty); without it, from any
+/// attached interface.
+pub const NODE_UNDERLAY_IFACES: u32 = 1 << 3;
+/// `NodeConfig::flags`: `[cluster] steer_auth`: encapsulations carry a MAC (steering header
+/// version 2, keyed with `NodeConfig::auth_key`), and version-1 headers are dropped.
+pub const NODE_STEER_AUTH: u32 = 1 << 4;
 
 /// The node's own settings: one entry in the `CONFIG` array.
 #[repr(C)]
@@ -140,6 +154,10 @@ pub struct NodeConfig {
     /// Largest frame (bytes, Ethernet header included) the underlay carries; 0 = no limit.
     pub max_frame: u32,
     pub _pad2: u32,
+    /// SipHash-2-4 key of the steering MAC, derived from `hash_key`
+    /// ([`crate::hash::steer_auth_key`]). Version-2 headers are checked with it whatever
+    /// `NODE_STEER_AUTH` says.
+    pub auth_key: [u64; 2],
 }
 
 /// Value of the VIP LPM tries: a service and where its active table half lives.
@@ -412,7 +430,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(
             size_of::<NodeConfig>(),
-            16 + 4 + 16 + 2 + 2 + 4 + 1 + 3 + 4 + 4
+            16 + 4 + 16 + 2 + 2 + 4 + 1 + 3 + 4 + 4 + 16
         );
         assert_eq!(size_of::<Service>(), 4 + 4 + 4 + 16 + 16 + 4);
         assert_eq!(size_of::<Bucket>(), 8);

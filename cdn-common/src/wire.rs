@@ -13,8 +13,21 @@
 /// Version carried in every header; a node drops (and counts) any other version.
 pub const STEER_VERSION: u8 = 1;
 
+/// Version of a header followed by a MAC (`[cluster] steer_auth`): the version-1 fields,
+/// then the 8-byte MAC ([`crate::hash::steer_mac`]), stored as the little-endian bytes of the
+/// u64. Nodes without steering authentication drop it as an unknown version.
+pub const STEER_VERSION_AUTH: u8 = 2;
+
+/// Bytes of the MAC that follows the header in version [`STEER_VERSION_AUTH`].
+pub const STEER_MAC_LEN: usize = 8;
+
 /// `SteerHeader::flags`: the inner packet is IPv6 (otherwise IPv4).
 pub const STEER_INNER_V6: u8 = 1 << 0;
+
+/// `SteerHeader::flags`: a new connection redirected by a node whose own table named another
+/// owner. The receiver never redirects it again: it accepts it, or (draining) passes it on to
+/// the next hop listed, never back to the sender.
+pub const STEER_SYN_REDIRECTED: u8 = 1 << 1;
 
 /// Hops a header can still carry after the one it is addressed to.
 pub const STEER_MAX_REMAINING: usize = 2;

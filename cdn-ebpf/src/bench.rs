@@ -98,6 +98,7 @@ fn write_frame(ctx: &XdpContext, len: u32, from: *mut [u8; SAVED_BYTES]) -> Opti
 
 /// The real packet path between `save` and `restore`.
 #[xdp]
+#[inline(always)]
 pub fn bench_steer(ctx: XdpContext) -> u32 {
     let Some(len) = save(&ctx) else {
         return xdp_action::XDP_ABORTED;

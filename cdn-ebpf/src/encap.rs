@@ -18,8 +18,14 @@ use aya_ebpf::{
 };
 use cdn_common::{
     counters::{Action, Reason},
-    maps::{FAMILY_V4, FAMILY_V6, NEXT_HOP_V6, NEXT_HOP_VALID, NO_MEMBER, NodeConfig, template},
-    wire::{ENCAP_LEN_V4, ENCAP_LEN_V6, OUTER_TTL, STEER_INNER_V6, STEER_VERSION, SteerHeader},
+    maps::{
+        FAMILY_V4, FAMILY_V6, NEXT_HOP_V6, NEXT_HOP_VALID, NO_MEMBER, NODE_STEER_AUTH, NodeConfig,
+        template,
+    },
+    wire::{
+        ENCAP_LEN_V4, ENCAP_LEN_V6, OUTER_TTL, STEER_INNER_V6, STEER_MAC_LEN, STEER_VERSION,
+        STEER_VERSION_AUTH, SteerHeader,
+    },
 };
 
 use crate::{
@@ -47,6 +53,8 @@ pub struct Encap {
     pub budget: u8,
     /// Flow entropy: outer UDP source port (host order), and IPv6 flow label.
     pub entropy: u16,
+    /// Steering header flags besides the inner family (`STEER_SYN_REDIRECTED`).
+    pub flags: u8,
 }
 
 impl Encap {
@@ -58,7 +66,33 @@ impl Encap {
         remaining: [NO_MEMBER; 2],
         budget: 0,
         entropy: 0,
+        flags: 0,
     };
+
+    /// The steering header this encapsulation carries (version 1; the writer sets 2 when it
+    /// appends the MAC).
+    #[inline(always)]
+    pub fn header(&self) -> SteerHeader {
+        SteerHeader {
+            version: STEER_VERSION,
+            flags: self.flags | if self.inner_v6 { STEER_INNER_V6 } else { 0 },
+            hop_budget: self.budget,
+            hop_count: (self.remaining[0] != NO_MEMBER) as u8
+                + (self.remaining[1] != NO_MEMBER) as u8,
+            hops: [self.remaining[0].to_be(), self.remaining[1].to_be()],
+        }
+    }
+}
+
+// With `steer_auth` the MAC sits right after the version-1-sized outer headers, where the
+// template copy must not reach.
+const _: () = assert!(template::COPY_V4 <= ENCAP_LEN_V4 && template::COPY_V6 <= ENCAP_LEN_V6);
+
+/// Bytes the MAC adds to the encapsulation: 0, or `STEER_MAC_LEN` with `steer_auth` (computed
+/// without a branch: the unauthenticated forward path stays straight).
+#[inline(always)]
+fn mac_len(cfg: &NodeConfig) -> usize {
+    ((cfg.flags & NODE_STEER_AUTH) >> NODE_STEER_AUTH.trailing_zeros()) as usize * STEER_MAC_LEN
 }
 
 /// Wraps the inner packet for `e.target` and sends it. Returns `pending` (the reason the path
@@ -92,7 +126,7 @@ fn try_encap_and_send(
     let outer_v6 = nh.flags & NEXT_HOP_V6 != 0;
     let (outer_len, frame_len) = lengths(cfg, e, outer_v6)?;
     let frame = make_room(ctx, e, outer_len, frame_len)?;
-    let udp_len = udp_len(e);
+    let udp_len = udp_len(frame_len, outer_v6);
     let words = nh.header.as_ptr().cast::<u64>();
     let udp_off = if outer_v6 {
         let base = frame
@@ -127,7 +161,7 @@ fn try_encap_and_send(
         }
         template::UDP_V4
     };
-    write_udp_and_steer(&frame, udp_off, e, udp_len)?;
+    write_udp_and_steer(cfg, &frame, udp_off, e, udp_len)?;
     count_member(e.target, frame_len as u64);
     Ok(pending.with_action(transmit(ctx, nh.ifindex)))
 }
@@ -148,7 +182,7 @@ unsafe fn copy_words<const N: usize>(dst: *mut u8, src: *const u64) {
 /// The outer header's length and the whole frame's, checked against the underlay's MTU.
 #[inline(always)]
 fn lengths(cfg: &NodeConfig, e: &Encap, outer_v6: bool) -> Result<(usize, usize), Reason> {
-    let outer_len = if outer_v6 { ENCAP_LEN_V6 } else { ENCAP_LEN_V4 };
+    let outer_len = if outer_v6 { ENCAP_LEN_V6 } else { ENCAP_LEN_V4 } + mac_len(cfg);
     let frame_len = outer_len + e.inner_len;
     if cfg.max_frame != 0 && frame_len > cfg.max_frame as usize {
         return Err(Reason::TooBig);
@@ -156,9 +190,12 @@ fn lengths(cfg: &NodeConfig, e: &Encap, outer_v6: bool) -> Result<(usize, usize)
     Ok((outer_len, frame_len))
 }
 
+/// The UDP length field: everything behind the outer IP header (so the MAC, if any, is
+/// counted without looking at the configuration again).
 #[inline(always)]
-fn udp_len(e: &Encap) -> u16 {
-    (udp::LEN + steer::LEN + e.inner_len) as u16
+fn udp_len(frame_len: usize, outer_v6: bool) -> u16 {
+    let ip_len = if outer_v6 { ipv6::LEN } else { ipv4::LEN };
+    (frame_len - eth::LEN - ip_len) as u16
 }
 
 /// Makes the frame exactly `outer_len` bytes of room followed by the inner packet.
@@ -188,9 +225,11 @@ fn make_room(
     Ok(frame)
 }
 
-/// The UDP header but its destination port, and the steering header.
+/// The UDP header but its destination port, and the steering header (with its MAC if
+/// `steer_auth` is on).
 #[inline(always)]
 fn write_udp_and_steer(
+    cfg: &NodeConfig,
     frame: &Frame,
     udp_off: usize,
     e: &Encap,
@@ -200,13 +239,12 @@ fn write_udp_and_steer(
         .at::<[u8; udp::LEN + steer::LEN]>(udp_off)
         .ok_or(Reason::EncapFailed)?
         .cast::<u8>();
-    let sh = SteerHeader {
-        version: STEER_VERSION,
-        flags: if e.inner_v6 { STEER_INNER_V6 } else { 0 },
-        hop_budget: e.budget,
-        hop_count: (e.remaining[0] != NO_MEMBER) as u8 + (e.remaining[1] != NO_MEMBER) as u8,
-        hops: [e.remaining[0].to_be(), e.remaining[1].to_be()],
-    };
+    let mut sh = e.header();
+    // With `steer_auth`, version 2 (without a branch). The MAC behind the header is in place
+    // already: `steer::sign` wrote it in front of the inner packet, and nothing here or in
+    // the outer headers covers those bytes.
+    const _: () = assert!(STEER_VERSION_AUTH == STEER_VERSION + 1);
+    sh.version += ((cfg.flags & NODE_STEER_AUTH) >> NODE_STEER_AUTH.trailing_zeros()) as u8;
     // SAFETY: every field lies inside the UDP and steering headers checked above. The
     // steering header goes out as one word (same size, any bit pattern is a u64).
     unsafe {
@@ -292,7 +330,7 @@ fn try_encap_via_fib(
     // Our own MAC, as the sender addressed it: needed if the kernel has to route the result.
     let our_mac = Frame::new(ctx).get(0, eth::DST).ok_or(Reason::Malformed)?;
     let frame = make_room(ctx, e, outer_len, frame_len)?;
-    let udp_len = udp_len(e);
+    let udp_len = udp_len(frame_len, outer_v6);
 
     let udp_off = if outer_v6 {
         let base = frame
@@ -336,7 +374,7 @@ fn try_encap_via_fib(
         }
         eth::LEN + ipv4::LEN
     };
-    write_udp_and_steer(&frame, udp_off, e, udp_len)?;
+    write_udp_and_steer(cfg, &frame, udp_off, e, udp_len)?;
     let port = frame
         .at::<[u8; udp::LEN]>(udp_off)
         .ok_or(Reason::EncapFailed)?

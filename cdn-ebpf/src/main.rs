@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod auth;
 mod bench;
 mod encap;
 mod maps;
@@ -16,7 +17,9 @@ mod wire;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 
+// Inlined into the entry point the macro generates: a call here would cost every packet.
 #[xdp]
+#[inline(always)]
 pub fn cdn_steer(ctx: XdpContext) -> u32 {
     let verdict = steer::process(&ctx);
     let verdict = trace::trace(&ctx, verdict);

@@ -8,14 +8,14 @@ use aya_ebpf::{
 use cdn_common::{
     counters::COUNTER_SLOTS,
     maps::{
-        Bucket, MAX_MEMBERS, MAX_SERVICES, Member, MemberAddr, MemberStats, NextHop, NodeConfig,
-        Service,
+        Bucket, MAX_MEMBERS, MAX_SERVICES, MAX_UNDERLAY_IFACES, Member, MemberAddr, MemberStats,
+        NextHop, NodeConfig, Service,
     },
     trace::{TRACE_RING_BYTES, TraceFilter},
 };
 
 /// This node's configuration: one entry.
-#[map(name = "CONFIG")]
+#[map(name = "NODE_CONFIG")]
 pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
 /// IPv4 VIP prefixes -> service.
@@ -42,6 +42,11 @@ pub static MEMBER_ADDRS: HashMap<MemberAddr, u16> = HashMap::with_max_entries(MA
 /// `cdn_common::maps::NextHop`).
 #[map(name = "NEXT_HOPS")]
 pub static NEXT_HOPS: Array<NextHop> = Array::with_max_entries(MAX_MEMBERS, 0);
+
+/// Interfaces steering packets are accepted on (ifindex -> 1); read only while
+/// `NODE_UNDERLAY_IFACES` is set.
+#[map(name = "UNDERLAY_IFACES")]
+pub static UNDERLAY_IFACES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_UNDERLAY_IFACES, 0);
 
 /// Egress interfaces for XDP_REDIRECT, keyed by ifindex.
 #[map(name = "DEVICES")]

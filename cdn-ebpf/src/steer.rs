@@ -6,8 +6,11 @@
 //! to the next hop.
 //!
 //! *Owner*: a steering packet to this node's underlay address and steering port. After checking
-//! that it comes from a member, the node accepts the inner packet if it owns the flow, or passes
-//! it on to the next hop it carries; the last hop always accepts.
+//! that it came in on an underlay interface, from a member, with a valid header (and MAC), and
+//! that its inner packet is one a client could have sent straight to the VIP, the node accepts
+//! the inner packet if it owns the flow, or passes it on to the next hop it carries; the last
+//! hop always accepts. A SYN another node redirected here is never redirected again (README
+//! "Steering trust").
 //!
 //! UDP flows follow their service's placement mode (`Service::flags`): *connected* (neither
 //! flag) is the owner check above, which only recognises connected sockets; *owner* sends a
@@ -26,15 +29,20 @@ use cdn_common::{
     counters::Reason,
     hash::{flow_hash_v4, flow_hash_v6},
     maps::{
-        MAX_SERVICE_PORTS, MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NodeConfig,
-        SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
+        MAX_SERVICE_PORTS, MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NODE_STEER_AUTH,
+        NODE_UNDERLAY_IFACES, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP,
+        SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
     },
-    wire::{STEER_INNER_V6, STEER_MAX_REMAINING, STEER_VERSION, SteerHeader, entropy_port},
+    wire::{
+        STEER_INNER_V6, STEER_MAC_LEN, STEER_MAX_REMAINING, STEER_SYN_REDIRECTED, STEER_VERSION,
+        STEER_VERSION_AUTH, SteerHeader, entropy_port,
+    },
 };
 
 use crate::{
+    auth::{sign, verify},
     encap::{Encap, decapsulate, encap_and_send},
-    maps::{CONFIG, MEMBER_ADDRS, SERVICES_V4, SERVICES_V6, TABLE},
+    maps::{CONFIG, MEMBER_ADDRS, SERVICES_V4, SERVICES_V6, TABLE, UNDERLAY_IFACES},
     packet::Frame,
     parse::{
         Flow, Kind, L2, dst_addr_off, parse_flow, parse_ip, parse_l2, peek_udp_dport,
@@ -293,13 +301,14 @@ fn try_ingress(
         remaining: [hops[1], hops[2]],
         budget: cfg.hop_budget,
         entropy: entropy_port(hash),
+        flags: 0,
     };
     if hops[0] != cfg.self_member {
         if udp_owner {
             // The owner accepts without looking further: no previous owner to carry.
             e.remaining = [NO_MEMBER; 2];
         }
-        return Ok(encapsulate(out, e, forwarded));
+        return signed(ctx, cfg, &flow, out, e, forwarded);
     }
     if udp_owner {
         return Ok(Verdict::pass(Reason::UdpOwnerAccept));
@@ -321,13 +330,28 @@ fn try_ingress(
     e.target = next;
     e.remaining = [hops[2], NO_MEMBER];
     e.budget = cfg.hop_budget - 1;
-    Ok(encapsulate(out, e, reason))
+    signed(ctx, cfg, &flow, out, e, reason)
+}
+
+/// `encapsulate`, with the MAC the header will carry if `steer_auth` is on.
+#[inline(always)]
+fn signed(
+    ctx: &XdpContext,
+    cfg: &NodeConfig,
+    flow: &Flow,
+    out: &mut Encap,
+    e: Encap,
+    reason: Reason,
+) -> Result<Verdict, Reason> {
+    let verdict = encapsulate(out, e, reason);
+    sign(ctx, cfg, flow, out)?;
+    Ok(verdict)
 }
 
 /// Key of the member-address map for the address at `off`, built as four words: built from
 /// bytes, the zeros of an IPv4-mapped key compile to a byte-wise `memset` call.
 #[inline(always)]
-fn member_key(frame: &Frame, off: usize, v6: bool) -> Option<MemberAddr> {
+pub(crate) fn member_key(frame: &Frame, off: usize, v6: bool) -> Option<MemberAddr> {
     let words: [u32; 4] = if v6 {
         frame.read::<[u32; 4]>(off)?
     } else {
@@ -358,22 +382,53 @@ fn try_owner_path(
     if outer.proto != proto::UDP {
         return Ok(Verdict::pass(Reason::NonVipPass));
     }
+    // Steering comes in on the underlay only: a forged source address on the uplink stops here.
+    if cfg.flags & NODE_UNDERLAY_IFACES != 0
+        && UNDERLAY_IFACES
+            .get_ptr(ctx.ingress_ifindex() as u32)
+            .is_none()
+    {
+        return Err(Reason::NotUnderlay);
+    }
     // No open relay: only members may hand us packets to accept or pass on.
     let source = member_key(frame, outer.src_off(), l2.v6).ok_or(Reason::Malformed)?;
-    if MEMBER_ADDRS.get_ptr(source).is_none() {
+    let Some(from) = MEMBER_ADDRS.get_ptr(source) else {
         return Err(Reason::Spoofed);
-    }
+    };
+    // SAFETY: a non-NULL lookup result points at the map's u16 value.
+    let from = unsafe { *from };
     let udp_off = outer.l4_off;
-    let entropy = u16::from_be(frame.get(udp_off, udp::SRC_PORT).ok_or(Reason::Malformed)?);
     let steer_off = udp_off + udp::LEN;
-    let sh = frame
+    let mut sh = frame
         .read::<SteerHeader>(steer_off)
         .ok_or(Reason::Malformed)?;
-    if sh.version != STEER_VERSION || sh.hop_count as usize > STEER_MAX_REMAINING {
+    let header_len = match sh.version {
+        STEER_VERSION => steer::LEN,
+        STEER_VERSION_AUTH => steer::LEN + STEER_MAC_LEN,
+        _ => return Err(Reason::BadEncap),
+    };
+    if sh.hop_count as usize > STEER_MAX_REMAINING {
         return Err(Reason::BadEncap);
     }
-    let inner_off = steer_off + steer::LEN;
+    if sh.version == STEER_VERSION && cfg.flags & NODE_STEER_AUTH != 0 {
+        return Err(Reason::AuthFailed);
+    }
+    let inner_off = steer_off + header_len;
     let inner_v6 = sh.flags & STEER_INNER_V6 != 0;
+    // Checked here, reported after the inner packet's own errors (see `verify`). A failure
+    // is remembered as version 0 (refused above), not in a variable of its own: the entry
+    // point's frame has no stack slot to spare.
+    if sh.version == STEER_VERSION_AUTH
+        && !verify(
+            ctx.ctx,
+            cfg,
+            steer_off,
+            outer.src_off(),
+            l2.v6 as u32 | (inner_v6 as u32) << 1,
+        )
+    {
+        sh.version = 0;
+    }
     let ip = parse_ip(frame, inner_off, inner_v6)?;
     if ip.l3_off + ip.ip_len > outer.l3_off + outer.ip_len {
         return Err(Reason::Malformed);
@@ -383,6 +438,18 @@ fn try_owner_path(
     let Some(svc) = service(frame, ip.dst_off(), inner_v6) else {
         return Err(Reason::BadEncap);
     };
+    if sh.version == 0 {
+        return Err(Reason::AuthFailed);
+    }
+    // The inner packet gets the checks a direct one gets: a member forwards only what a
+    // service serves, so anything else is forged (or a member's configuration is not ours).
+    match flow.kind {
+        Kind::IcmpLocal => return Err(Reason::BadEncap),
+        _ if !serves(svc, &flow) => return Err(Reason::PortMiss),
+        _ => {}
+    }
+    // A header never spends more than this node would have given it.
+    let budget = sh.hop_budget.min(cfg.hop_budget);
     // UDP placement other than `connected`: whoever receives the flow keeps it, whatever
     // hops the header still lists. An `owner` sender only ever sends to the owner in its
     // table; a `local` flow arrives only while configurations disagree (a rollout), and
@@ -400,28 +467,6 @@ fn try_owner_path(
             return Ok(Verdict::pass(reason));
         }
     }
-    // A new connection is taken only by the member that this node's own table names as the
-    // owner. Nodes whose health views differ for a moment (one saw a member flap, one just
-    // started) then still agree on where connections are made: the acceptor is always the
-    // owner in its own table, so every table later lists it as owner or previous owner.
-    if flow.kind == Kind::Tcp && flow.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN {
-        let (_, own) = bucket_of(cfg, frame, &flow, svc)?;
-        if own[0] != NO_MEMBER && own[0] != cfg.self_member {
-            if sh.hop_budget == 0 {
-                return Err(Reason::LoopGuard);
-            }
-            let e = Encap {
-                inner_off,
-                inner_len: ip.ip_len,
-                inner_v6,
-                target: own[0],
-                remaining: [own[1], own[2]],
-                budget: sh.hop_budget - 1,
-                entropy,
-            };
-            return Ok(encapsulate(out, e, Reason::SynRedirect));
-        }
-    }
     let next = if sh.hop_count >= 1 {
         u16::from_be(sh.hops[0])
     } else {
@@ -433,6 +478,51 @@ fn try_owner_path(
         NO_MEMBER
     };
     let draining = cfg.flags & NODE_DRAINING != 0 && next != NO_MEMBER;
+    // Read this late: kept from the start, it would take a stack slot across the calls above.
+    // Through a frame read anew from the context, so that the compiler repeats the bounds
+    // check instead of borrowing the steering header's, which the verifier cannot connect
+    // to this access.
+    let entropy = Frame::new(ctx)
+        .get(udp_off, udp::SRC_PORT)
+        .ok_or(Reason::Malformed)?;
+    let entropy = u16::from_be(entropy);
+    let mut e = Encap {
+        inner_off,
+        inner_len: ip.ip_len,
+        inner_v6,
+        target: next,
+        remaining: [after, NO_MEMBER],
+        budget: budget.wrapping_sub(1),
+        entropy,
+        flags: 0,
+    };
+    let syn = flow.kind == Kind::Tcp && flow.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
+    // A redirected SYN is never redirected again, so tables that disagree cannot bounce it:
+    // it is accepted here, or, by a draining node, passed on along its hops but never back.
+    if syn && sh.flags & STEER_SYN_REDIRECTED != 0 {
+        if draining && budget > 0 && next != from {
+            e.flags = STEER_SYN_REDIRECTED;
+            return signed(ctx, cfg, &flow, out, e, Reason::DrainPassOn);
+        }
+        decapsulate(ctx, inner_off, inner_v6)?;
+        return Ok(Verdict::pass(Reason::RedirectedSynAccept));
+    }
+    // A new connection is taken only by the member that this node's own table names as the
+    // owner. Nodes whose health views differ for a moment (one saw a member flap, one just
+    // started) then still agree on where connections are made: the acceptor is always the
+    // owner in its own table, so every table later lists it as owner or previous owner.
+    if syn {
+        let (_, own) = bucket_of(cfg, frame, &flow, svc)?;
+        if own[0] != NO_MEMBER && own[0] != cfg.self_member {
+            if budget == 0 {
+                return Err(Reason::LoopGuard);
+            }
+            e.target = own[0];
+            e.remaining = [own[1], own[2]];
+            e.flags = STEER_SYN_REDIRECTED;
+            return signed(ctx, cfg, &flow, out, e, Reason::SynRedirect);
+        }
+    }
     let reason = match check(ctx, &flow, &ip, draining) {
         Ownership::Ours => {
             decapsulate(ctx, inner_off, inner_v6)?;
@@ -445,17 +535,8 @@ fn try_owner_path(
         decapsulate(ctx, inner_off, inner_v6)?;
         return Ok(Verdict::pass(Reason::LastHopAccept));
     }
-    if sh.hop_budget == 0 {
+    if budget == 0 {
         return Err(Reason::LoopGuard);
     }
-    let e = Encap {
-        inner_off,
-        inner_len: ip.ip_len,
-        inner_v6,
-        target: next,
-        remaining: [after, NO_MEMBER],
-        budget: sh.hop_budget - 1,
-        entropy,
-    };
-    Ok(encapsulate(out, e, reason))
+    signed(ctx, cfg, &flow, out, e, reason)
 }

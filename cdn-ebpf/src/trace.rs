@@ -24,7 +24,7 @@ use cdn_common::{
         TRACE_EV_FLOW, TRACE_EV_STEERED, TRACE_EV_UNDERLAY_V6, TRACE_EV_V6, TRACE_MATCH_CLIENT,
         TRACE_MATCH_PORT, TRACE_MATCH_V6, TRACE_MATCH_VIP, TraceEvent, TraceFilter,
     },
-    wire::{STEER_INNER_V6, STEER_VERSION},
+    wire::{STEER_INNER_V6, STEER_MAC_LEN, STEER_VERSION, STEER_VERSION_AUTH},
 };
 
 use crate::{
@@ -179,11 +179,12 @@ fn find(frame: &Frame, cfg: &NodeConfig) -> Option<Found> {
     let [version, flags] = frame
         .read::<u16>(steer + steer::VERSION.off())?
         .to_le_bytes();
-    if version != STEER_VERSION {
-        return Some(plain);
-    }
+    let l3 = match version {
+        STEER_VERSION => steer + steer::LEN,
+        STEER_VERSION_AUTH => steer + steer::LEN + STEER_MAC_LEN,
+        _ => return Some(plain),
+    };
     let v6 = flags & STEER_INNER_V6 != 0;
-    let l3 = steer + steer::LEN;
     let (proto, l4) = ip_at(frame, l3, v6)?;
     Some(Found {
         l3,

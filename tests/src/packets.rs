@@ -352,3 +352,64 @@ pub fn icmp_too_big(flow: &Flow, router: IpAddr, vlan: Vlan) -> Vec<u8> {
     }
     out
 }
+
+/// `frame`, a version-1 steering frame (untagged, as [`steering_frame`] builds it), turned
+/// into version 2 with `flags` set and the MAC the reference model computes
+/// ([`crate::model::auth`]) for `flow` (client -> VIP) under `key` (`NodeConfig::auth_key`).
+pub fn signed_steering_frame(frame: &[u8], flags: u8, key: [u64; 2], flow: &Flow) -> Vec<u8> {
+    let v6 = frame[12..14] == [0x86, 0xdd];
+    let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+    let sh = l4 + 8;
+    let outer_src: IpAddr = if v6 {
+        <[u8; 16]>::try_from(&frame[22..38])
+            .expect("IPv6 source")
+            .into()
+    } else {
+        <[u8; 4]>::try_from(&frame[26..30])
+            .expect("IPv4 source")
+            .into()
+    };
+    let mut out = frame[..sh + 8].to_vec();
+    out[sh] = crate::model::auth::VERSION_AUTH;
+    out[sh + 1] |= flags;
+    let mac = crate::model::auth::mac(
+        key,
+        &crate::model::auth::Signed {
+            outer_src,
+            client: flow.src,
+            vip: flow.dst,
+            sport: flow.sport,
+            dport: flow.dport,
+            proto: if flow.udp { 17 } else { 6 },
+            flags: out[sh + 1],
+            budget: out[sh + 2],
+            hop_count: out[sh + 3],
+            hops: [
+                u16::from_be_bytes([out[sh + 4], out[sh + 5]]),
+                u16::from_be_bytes([out[sh + 6], out[sh + 7]]),
+            ],
+        },
+    );
+    out.extend_from_slice(&mac.to_le_bytes());
+    out.extend_from_slice(&frame[sh + 8..]);
+    // Lengths grow by the MAC's 8 bytes; the outer IPv4 checksum follows.
+    let grow = |b: &mut [u8], at: usize| {
+        let v = u16::from_be_bytes([b[at], b[at + 1]]) + 8;
+        b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+    };
+    grow(&mut out, l4 + 4);
+    if v6 {
+        grow(&mut out, 14 + 4);
+    } else {
+        grow(&mut out, 14 + 2);
+        out[24..26].fill(0);
+        let sum: u32 = out[14..34]
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum();
+        let folded = (sum & 0xffff) + (sum >> 16);
+        let folded = (folded & 0xffff) + (folded >> 16);
+        out[24..26].copy_from_slice(&(!(folded as u16)).to_be_bytes());
+    }
+    out
+}

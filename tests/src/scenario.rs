@@ -89,6 +89,8 @@ pub fn node_config() -> NodeConfig {
         self_member: SELF_ID,
         flags: NODE_READY,
         hop_budget: BUDGET,
+        // As the controller writes it: whether or not `steer_auth` is on.
+        auth_key: cdn_user::dataplane::steer_auth_key(KEY),
         ..NodeConfig::default()
     }
 }
@@ -229,6 +231,18 @@ impl Scenario {
         f(&mut cfg);
         self.dp.write_config(&cfg)?;
         Ok(())
+    }
+
+    /// Turns `steer_auth` on or off, with the key the controller derives from [`KEY`].
+    pub fn set_steer_auth(&mut self, on: bool) -> Result<()> {
+        self.update_config(|c| {
+            c.auth_key = cdn_user::dataplane::steer_auth_key(KEY);
+            if on {
+                c.flags |= cdn_common::maps::NODE_STEER_AUTH;
+            } else {
+                c.flags &= !cdn_common::maps::NODE_STEER_AUTH;
+            }
+        })
     }
 
     pub fn run(&mut self, frame: &[u8]) -> Result<Run> {

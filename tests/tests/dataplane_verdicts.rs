@@ -10,7 +10,10 @@ use std::collections::BTreeSet;
 use anyhow::{Context as _, Result};
 use cdn_common::{
     counters::Reason,
-    maps::{NODE_DRAINING, NodeConfig, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER},
+    maps::{
+        NODE_DRAINING, NODE_STEER_AUTH, NODE_UNDERLAY_IFACES, NodeConfig, SERVICE_UDP_LOCAL,
+        SERVICE_UDP_OWNER,
+    },
     wire::entropy_port,
 };
 use cdn_tests::{
@@ -182,6 +185,20 @@ fn owner_encap(inner: &[u8], target: u16, rest: &[u16], budget: u8) -> Result<Ou
         hops: rest,
         inner,
     })?;
+    Ok(Out::Encap { target, frame })
+}
+
+/// `owner_encap` for a redirected SYN: the header carries `STEER_SYN_REDIRECTED`.
+fn redirect_encap(inner: &[u8], target: u16, rest: &[u16], budget: u8) -> Result<Out> {
+    let Out::Encap { target, mut frame } = owner_encap(inner, target, rest, budget)? else {
+        anyhow::bail!("owner_encap encapsulates");
+    };
+    let ip_len = if member_addr(target).is_ipv6() {
+        40
+    } else {
+        20
+    };
+    frame[14 + ip_len + 8 + 1] |= cdn_common::wire::STEER_SYN_REDIRECTED;
     Ok(Out::Encap { target, frame })
 }
 
@@ -517,7 +534,7 @@ fn owner_cases(t: &mut Vec<Case>) -> Result<()> {
                 .expect(
                     xdp::TX,
                     Reason::SynRedirect,
-                    owner_encap(syn, 5, &[4], 1)?,
+                    redirect_encap(syn, 5, &[4], 1)?,
                 ),
             );
             // Disagreement with no budget left: dropped (the client retries the SYN).
@@ -529,6 +546,38 @@ fn owner_cases(t: &mut Vec<Case>) -> Result<()> {
                 )
                 .hops(f, &[5])
                 .expect(xdp::DROP, Reason::LoopGuard, Out::Dropped),
+            );
+            // Steering trust (README "Steering trust"): a redirected SYN is accepted whatever
+            // our table says; steering on an interface not listed as underlay, and a version-1
+            // header where `steer_auth` is on, are dropped.
+            let mut marked = steered(outer, 2, &[4], syn)?;
+            marked[14 + outer.ip_len() + 8 + 1] |= cdn_common::wire::STEER_SYN_REDIRECTED;
+            t.push(
+                Case::new(format!("redirected SYN accept {n}"), fam, marked)
+                    .hops(f, &[5, 4])
+                    .expect(
+                        xdp::PASS,
+                        Reason::RedirectedSynAccept,
+                        Out::Frame(decapsulated(syn)),
+                    ),
+            );
+            t.push(
+                Case::new(
+                    format!("not underlay {n}"),
+                    fam,
+                    steered(outer, 2, &[4], syn)?,
+                )
+                .config(|c| c.flags |= NODE_UNDERLAY_IFACES)
+                .expect(xdp::DROP, Reason::NotUnderlay, Out::Dropped),
+            );
+            t.push(
+                Case::new(
+                    format!("auth failed {n}"),
+                    fam,
+                    steered(outer, 2, &[4], syn)?,
+                )
+                .config(|c| c.flags |= NODE_STEER_AUTH)
+                .expect(xdp::DROP, Reason::AuthFailed, Out::Dropped),
             );
             // Not held here: passed on to 5 (IPv6 underlay) carrying [4].
             t.push(

@@ -68,6 +68,9 @@ fn program_agrees_with_the_model_on_a_million_frames() -> Result<()> {
         "syn_redirect/tx",
         "udp_local_accept/pass",
         "udp_owner_accept/pass",
+        "not_underlay/drop",
+        "auth_failed/drop",
+        "redirected_syn_accept/pass",
     ] {
         let n = report.verdicts.get(verdict).copied().unwrap_or(0);
         ensure!(n > 0, "no frame ended in {verdict}:\n{}", report.summary());

@@ -15,8 +15,8 @@ use cdn_tests::{
     netns::Netns,
     packets::{Flow, Tcp, Vlan, decapsulated, frame, ip_packet, steering_frame},
     scenario::{
-        CLIENT_V4, CLIENT_V6, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, VIP_V4, VIP_V6, addr,
-        member_addr, service,
+        CLIENT_V4, CLIENT_V6, SELF_ID, STEER_PORT, Scenario, TABLE_SIZE, UNDERLAY_V4, VIP_V4,
+        VIP_V6, addr, member_addr, service,
     },
     xdp,
 };
@@ -143,6 +143,13 @@ fn only_connected_udp_sockets_claim_a_flow() -> Result<()> {
     let ns = lab()?;
     ns.enter(|| -> Result<()> {
         let mut s = Scenario::new()?;
+        // UDP 80 served too: an inner packet to a port no service serves is dropped before
+        // any socket is looked at.
+        for (prefix, len, offset) in [("192.0.2.0", 24, 0), ("2001:db8::", 64, TABLE_SIZE)] {
+            let mut svc = service(offset);
+            svc.udp_ports[1] = 80;
+            s.dp.set_service(addr(prefix), len, &svc)?;
+        }
         for (client, vip) in [(CLIENT_V4, VIP_V4), (CLIENT_V6, VIP_V6)] {
             let connected = UdpSocket::bind(SocketAddr::new(addr(vip), 443))?;
             connected.connect(SocketAddr::new(addr(client), 5000))?;

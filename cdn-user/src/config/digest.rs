@@ -165,6 +165,7 @@ fn cluster(r: &mut Records, c: &ClusterSettings) {
         steer_port,
         table_size,
         hop_budget,
+        steer_auth,
         history_sync,
         members,
     } = c;
@@ -175,6 +176,11 @@ fn cluster(r: &mut Records, c: &ClusterSettings) {
     r.record("cluster.steer_port", steer_port);
     r.record("cluster.table_size", table_size);
     r.record("cluster.hop_budget", hop_budget);
+    // Recorded only when on, so that nodes from before the setting existed, which cannot
+    // have it on, keep the digest of their peers.
+    if *steer_auth {
+        r.record("cluster.steer_auth", steer_auth);
+    }
     r.record(
         "cluster.history_sync_ms",
         optional(history_sync.map(|d| d.as_millis())),

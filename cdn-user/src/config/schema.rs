@@ -46,6 +46,11 @@ pub struct NodeSettings {
     /// Network interfaces the XDP program attaches to (at least one). Each name is 1 to 15
     /// characters without `/`, `:` or whitespace; no duplicates.
     pub interfaces: Vec<String>,
+    /// The interfaces among `interfaces` that the underlay (the other members) is reached
+    /// through: steering packets arriving on any other one are dropped (`not_underlay`).
+    /// Empty: steering packets are trusted on every interface, by their outer source address
+    /// alone (and the MAC, with `cluster.steer_auth`).
+    pub underlay_interfaces: Vec<String>,
     /// This node's IPv4 underlay address. At least one of `underlay_v4` and `underlay_v6` is
     /// required; members whose underlay is IPv4 can only be reached if this is set.
     pub underlay_v4: Option<Ipv4Addr>,
@@ -93,6 +98,10 @@ pub struct ClusterSettings {
     pub table_size: u32,
     /// How many times a packet may be passed on from member to member; 1 to 8.
     pub hop_budget: u8,
+    /// Every steering packet carries a MAC (SipHash-2-4 keyed from `hash_key`) over its outer
+    /// source, inner flow and hop fields; packets without a valid one are dropped
+    /// (`auth_failed`). Must be the same on every node: see the README, "Steering trust".
+    pub steer_auth: bool,
     /// `history_sync_ms` (0 = never): how often this node merges a healthy member's hop
     /// history (through its `sync` endpoint) into its own. Nodes that saw a membership change
     /// differently (one saw a member flap, one was starting) each know owners the other does
@@ -417,6 +426,8 @@ use WhenAbsent::{Computed, Required, Unset, Value};
 pub const FIELDS: &[Field] = &[
     field("node.name", Required).restart(|a, b| a.node.name != b.node.name),
     field("node.interfaces", Required).restart(|a, b| a.node.interfaces != b.node.interfaces),
+    field("node.underlay_interfaces", Value("[]"))
+        .restart(|a, b| a.node.underlay_interfaces != b.node.underlay_interfaces),
     field("node.underlay_v4", Unset).text(Text::Ipv4),
     field("node.underlay_v6", Unset).text(Text::Ipv6),
     field("node.xdp_mode", Value("\"native\"")).restart(|a, b| a.node.xdp_mode != b.node.xdp_mode),
@@ -431,6 +442,7 @@ pub const FIELDS: &[Field] = &[
     field("cluster.table_size", Value("65537"))
         .restart(|a, b| a.cluster.table_size != b.cluster.table_size),
     field("cluster.hop_budget", Value("3")),
+    field("cluster.steer_auth", Value("false")),
     field("cluster.history_sync_ms", Value("5000")),
     field("cluster.members[].name", Required),
     field("cluster.members[].id", Required),

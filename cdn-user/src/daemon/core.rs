@@ -10,7 +10,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use cdn_common::maps::{NO_MEMBER, NODE_DRAINING, NODE_READY, NODE_TRACE, NodeConfig};
+use cdn_common::maps::{
+    NO_MEMBER, NODE_DRAINING, NODE_READY, NODE_STEER_AUTH, NODE_TRACE, NODE_UNDERLAY_IFACES,
+    NodeConfig,
+};
 use tokio::sync::watch;
 
 use crate::{
@@ -22,7 +25,7 @@ use crate::{
         probe::LocalFaultCounts,
     },
     config::{Config, HealthCheck, HealthProbe},
-    dataplane::{Attachment, DataPlane, tables::Tables},
+    dataplane::{Attachment, DataPlane, steer_auth_key, tables::Tables},
     operator::report::HealthChecksReport,
 };
 
@@ -84,6 +87,12 @@ impl Core {
         if self.tracing {
             flags |= NODE_TRACE;
         }
+        if !self.cfg.node.underlay_interfaces.is_empty() {
+            flags |= NODE_UNDERLAY_IFACES;
+        }
+        if self.cfg.cluster.steer_auth {
+            flags |= NODE_STEER_AUTH;
+        }
         NodeConfig {
             hash_key: self.cfg.cluster.hash_key,
             underlay_v4: self.cfg.node.underlay_v4.map_or([0; 4], |a| a.octets()),
@@ -93,6 +102,7 @@ impl Core {
             flags,
             hop_budget: self.cfg.cluster.hop_budget,
             max_frame: self.cfg.node.max_frame,
+            auth_key: steer_auth_key(self.cfg.cluster.hash_key),
             ..NodeConfig::default()
         }
     }

@@ -20,6 +20,28 @@ use crate::{
     },
 };
 
+/// The interface indexes of `[node] underlay_interfaces`. Read once: the list only changes
+/// with a restart, and an interface recreated under a new index needs one too (as its XDP
+/// attachment does).
+fn underlay_ifindexes(names: &[String]) -> Result<Vec<u32>> {
+    names
+        .iter()
+        .map(|name| {
+            let c = std::ffi::CString::new(name.as_str())
+                .with_context(|| format!("interface name {name:?}"))?;
+            // SAFETY: `c` is a NUL-terminated string that outlives the call.
+            let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            if index == 0 {
+                anyhow::bail!(
+                    "underlay interface {name}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            Ok(index)
+        })
+        .collect()
+}
+
 /// Loads the configuration and the data plane and attaches the program. Returns the state and
 /// the directory the XDP links are pinned in.
 pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
@@ -91,6 +113,11 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
         cfg,
     };
     core.write_members()?;
+    // Before the flag that makes the program read it (written with the node settings).
+    let underlay = underlay_ifindexes(&core.cfg.node.underlay_interfaces)?;
+    core.dp
+        .set_underlay_ifaces(&underlay)
+        .context("writing the underlay interfaces")?;
     core.write_node_config()?;
     let generic = core.cfg.node.xdp_mode == config::XdpMode::Generic;
     for interface in core.cfg.node.interfaces.clone() {

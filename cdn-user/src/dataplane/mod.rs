@@ -1,8 +1,9 @@
 //! The kernel side of the controller: the XDP program and typed access to its maps
-//! ([`program`]), where they are pinned ([`bpffs`]), the steering tables written into them
+//! ([`program`]), the steering MAC's key ([`auth`]), where they are pinned ([`bpffs`]), the steering tables written into them
 //! ([`tables`]), the next hops kept fresh for the program ([`nexthop`]), and the live trace's
 //! events ([`trace`]).
 
+pub mod auth;
 pub mod bpffs;
 pub mod clock;
 pub mod nexthop;
@@ -11,6 +12,7 @@ pub mod program;
 pub mod tables;
 pub mod trace;
 
+pub use auth::steer_auth_key;
 pub use bpffs::ensure_bpffs;
 pub use clock::monotonic_ns;
 pub use program::{Attachment, DataPlane, DataPlaneError, LoadOptions};

@@ -90,7 +90,7 @@ pub struct Attachment {
 }
 
 /// Every map, by name, as the program defines them.
-const ALL_MAPS: [&str; 13] = [
+const ALL_MAPS: [&str; 14] = [
     m::MAP_CONFIG,
     m::MAP_SERVICES_V4,
     m::MAP_SERVICES_V6,
@@ -104,6 +104,7 @@ const ALL_MAPS: [&str; 13] = [
     m::MAP_TRACE_FILTER,
     m::MAP_TRACE_EVENTS,
     m::MAP_TRACE_LOST,
+    m::MAP_UNDERLAY_IFACES,
 ];
 
 pub struct DataPlane {
@@ -122,6 +123,7 @@ pub struct DataPlane {
     links: BTreeMap<u16, Link>,
     trace_filter: Array<MapData, TraceFilter>,
     trace_lost: PerCpuArray<MapData, u64>,
+    underlay_ifaces: HashMap<MapData, u32, u8>,
     /// Lent to the one running trace at a time.
     trace_reader: Option<super::TraceReader>,
 }
@@ -175,6 +177,7 @@ impl DataPlane {
             links: BTreeMap::new(),
             trace_filter: take(&mut ebpf, m::MAP_TRACE_FILTER)?,
             trace_lost: take(&mut ebpf, m::MAP_TRACE_LOST)?,
+            underlay_ifaces: take(&mut ebpf, m::MAP_UNDERLAY_IFACES)?,
             trace_reader: Some(super::TraceReader::new(take::<RingBuf<MapData>>(
                 &mut ebpf,
                 m::MAP_TRACE_EVENTS,
@@ -288,6 +291,31 @@ impl DataPlane {
                     self.set_next_hop(id, &link)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Makes `ifindexes` the interfaces steering packets are accepted on (`[node]
+    /// underlay_interfaces`): entries are added before stale ones are removed, so a packet on
+    /// an interface in both the old and new list is never refused. The program reads the map
+    /// only while the configuration has `NODE_UNDERLAY_IFACES`, which the caller sets after.
+    pub fn set_underlay_ifaces(&mut self, ifindexes: &[u32]) -> Result<()> {
+        let name = m::MAP_UNDERLAY_IFACES;
+        for &ifindex in ifindexes {
+            self.underlay_ifaces
+                .insert(ifindex, 1, 0)
+                .map_err(map_err(name))?;
+        }
+        let stale: Vec<u32> = self
+            .underlay_ifaces
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !ifindexes.contains(k))
+            .collect();
+        for ifindex in stale {
+            self.underlay_ifaces
+                .remove(&ifindex)
+                .map_err(map_err(name))?;
         }
         Ok(())
     }

@@ -26,10 +26,10 @@ use cdn_common::{
 };
 use cdn_tests::{
     netns::Netns,
-    packets::{Flow, Tcp, Vlan, frame, ip_packet, steering_frame},
+    packets::{Flow, Tcp, Vlan, frame, ip_packet, signed_steering_frame, steering_frame},
     scenario::{
-        CLIENT_V4, CLIENT_V6, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, VIP_V4, VIP_V6, addr,
-        member_addr, service,
+        CLIENT_V4, CLIENT_V6, KEY, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, VIP_V4, VIP_V6,
+        addr, member_addr, service,
     },
     xdp,
 };
@@ -85,6 +85,8 @@ struct Path {
     method: Method,
     /// Timed with a live trace running (`NODE_TRACE`) with this filter; `None`: no trace.
     traced: Option<TraceFilter>,
+    /// Timed with `steer_auth` on (every encapsulation signed, every one received verified).
+    auth: bool,
 }
 
 /// Turns the live trace on (with `filter`) or off for the next runs.
@@ -113,6 +115,7 @@ fn time_path(s: &mut Scenario, p: &Path, repeat: u32) -> Result<(f64, f64)> {
         Method::Direct => (PROGRAM_NAME, BASELINE_PROGRAM_NAME),
     };
     set_tracing(s, p.traced)?;
+    s.set_steer_auth(p.auth)?;
     let (action, gross) = s.dp.time_run(program, &p.frame, repeat)?;
     if action != p.action {
         bail!(
@@ -245,6 +248,7 @@ fn run(args: &Args) -> Result<()> {
                 action,
                 method: *method,
                 traced: None,
+                auth: false,
             });
         }
     };
@@ -362,11 +366,47 @@ fn run(args: &Args) -> Result<()> {
             action,
             method,
             traced: Some(filter),
+            auth: false,
+        });
+    }
+    // The MAC's cost: the same paths with `steer_auth` on. The owner receives a version-2
+    // header (signed as the reference model signs it) and verifies it.
+    let key = cdn_user::dataplane::steer_auth_key(KEY);
+    for (name, frame, action) in [
+        (
+            "ingress forward IPv4, steer_auth",
+            plain(&fwd4, Tcp::ACK),
+            xdp::TX,
+        ),
+        (
+            "ingress forward IPv6, steer_auth",
+            plain(&fwd6, Tcp::ACK),
+            xdp::TX,
+        ),
+        (
+            "owner accept (decap), steer_auth",
+            signed_steering_frame(&steered(&established, &[4])?, 0, key, &established),
+            xdp::PASS,
+        ),
+        (
+            "owner pass-on to next hop, steer_auth",
+            signed_steering_frame(&steered(&unknown, &[4])?, 0, key, &unknown),
+            xdp::TX,
+        ),
+    ] {
+        paths.push(Path {
+            name: name.to_string(),
+            frame,
+            action,
+            method: Wrapped,
+            traced: None,
+            auth: true,
         });
     }
     let mut trace_reader = s.dp.take_trace_reader().context("the trace reader")?;
     for p in &paths {
         set_tracing(&mut s, p.traced)?;
+        s.set_steer_auth(p.auth)?;
         let run = s.run(&p.frame)?;
         if run.action != p.action {
             bail!(

@@ -9,8 +9,8 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use cdn_common::maps::{
-    Bucket, Link, NO_MEMBER, NODE_READY, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP,
-    SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
+    Bucket, Link, NO_MEMBER, NODE_READY, NODE_STEER_AUTH, NODE_UNDERLAY_IFACES, NodeConfig,
+    SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
 };
 use cdn_user::dataplane::{DataPlane, LoadOptions};
 use rand::{Rng, rngs::StdRng};
@@ -233,19 +233,22 @@ fn live_flows() -> Vec<Flow> {
     out
 }
 
-/// Writes the node's configuration as `env` has it. The steering-trust settings (spec §1 and
-/// §5: the underlay interface map and flag, `steer_auth`, the auth key) have no place in the
-/// data plane yet; once they do, write them here from `env.underlay_ifindexes`,
-/// `env.steer_auth` and `env.auth_key`, and flip `model::PROGRAM_RULES`.
+/// Writes the node's configuration as `env` has it, with the steering-trust settings (spec
+/// §1 and §5) when `rules` has them: the underlay interface map and its flag, `steer_auth`
+/// and the auth key.
 pub fn write_config(dp: &mut DataPlane, env: &Env, rules: &Rules) -> Result<()> {
-    dp.write_config(&env.cfg)?;
-    if rules.underlay_ifaces || rules.mac {
-        anyhow::bail!(
-            "rules {rules:?} need the steering-trust settings in the data plane: \
-             write them in difftest::world::write_config"
-        );
+    let mut cfg = env.cfg;
+    if rules.underlay_ifaces && !env.underlay_ifindexes.is_empty() {
+        dp.set_underlay_ifaces(&env.underlay_ifindexes)?;
+        cfg.flags |= NODE_UNDERLAY_IFACES;
     }
-    Ok(())
+    if rules.mac {
+        cfg.auth_key = env.auth_key;
+        if env.steer_auth {
+            cfg.flags |= NODE_STEER_AUTH;
+        }
+    }
+    Ok(dp.write_config(&cfg)?)
 }
 
 pub fn node_config(draining: bool, max_frame: u32, hop_budget: u8) -> NodeConfig {

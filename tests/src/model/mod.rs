@@ -91,16 +91,11 @@ impl Rules {
     }
 }
 
-/// THE switch: the rules of the program this crate is built against. Flip it to
-/// [`Rules::TRUST`] once the data plane implements the steering-trust rules (and write their
-/// settings in `difftest::world::write_config`).
-///
-/// Until then the program is known to differ from the trust rules exactly where issue #12
-/// says it is wrong: inner packets skip the port filter (item 1: an inner echo or SYN to an
-/// unserved port is accepted), the header's hop budget is not capped (item 4: budget 255
-/// passes on as 254) and redirected SYNs are not marked (item 4: ping-pong). Those classes
-/// are excluded from the CI run by this switch, not by the generator.
-pub const PROGRAM_RULES: Rules = Rules::BEFORE_TRUST;
+/// THE switch: the rules of the program this crate is built against. The data plane
+/// implements every steering-trust rule (README "Steering trust"), and
+/// `difftest::world::write_config` writes their settings; [`Rules::BEFORE_TRUST`] (or a
+/// subset, `cdn-difftest --rules`) still describes the program before that work.
+pub const PROGRAM_RULES: Rules = Rules::TRUST;
 
 /// A cached next hop as the model sees it.
 #[derive(Clone, Copy, Debug)]
@@ -150,9 +145,9 @@ pub enum Why {
 }
 
 impl Why {
-    pub const NOT_UNDERLAY: Why = Why::New("not_underlay");
-    pub const AUTH_FAILED: Why = Why::New("auth_failed");
-    pub const REDIRECTED_SYN_ACCEPT: Why = Why::New("redirected_syn_accept");
+    pub const NOT_UNDERLAY: Why = Why::Is(Reason::NotUnderlay);
+    pub const AUTH_FAILED: Why = Why::Is(Reason::AuthFailed);
+    pub const REDIRECTED_SYN_ACCEPT: Why = Why::Is(Reason::RedirectedSynAccept);
 
     /// The metric name.
     pub fn name(self) -> &'static str {

@@ -105,6 +105,17 @@ impl Checker<'_> {
                 self.problem(field, format!("duplicate interface {name:?} (also [{j}])"));
             }
         }
+        for (i, name) in node.underlay_interfaces.iter().enumerate() {
+            let field = format!("node.underlay_interfaces[{i}]");
+            if !node.interfaces.contains(name) {
+                self.problem(
+                    field,
+                    format!("{name:?} is not one of node.interfaces: the program only sees those"),
+                );
+            } else if let Some(j) = node.underlay_interfaces[..i].iter().position(|n| n == name) {
+                self.problem(field, format!("duplicate interface {name:?} (also [{j}])"));
+            }
+        }
         for (field, addr) in [
             ("node.underlay_v4", node.underlay_v4.map(IpAddr::V4)),
             ("node.underlay_v6", node.underlay_v6.map(IpAddr::V6)),

@@ -383,6 +383,46 @@ fn interfaces_are_checked() {
 }
 
 #[test]
+fn underlay_interfaces_are_attached_interfaces() {
+    let base = example_with(&[(
+        "interfaces = [\"eth0\"]",
+        "interfaces = [\"eth0\", \"eth1\"]",
+    )]);
+    // Absent: empty, every interface trusted; steer_auth off.
+    let config = parse(&base).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.node.underlay_interfaces.is_empty());
+    assert!(!config.cluster.steer_auth);
+    let text = base.replacen(
+        "# underlay_interfaces = [\"eth1\"]",
+        "underlay_interfaces = [\"eth1\"]",
+        1,
+    );
+    let config = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.node.underlay_interfaces, ["eth1"]);
+    let text = base.replacen(
+        "# underlay_interfaces = [\"eth1\"]",
+        "underlay_interfaces = [\"eth1\", \"eth2\", \"eth1\"]",
+        1,
+    );
+    assert_problem(
+        &text,
+        "node.underlay_interfaces[1]",
+        "\"eth2\" is not one of node.interfaces",
+    );
+    assert_problem(
+        &text,
+        "node.underlay_interfaces[2]",
+        "duplicate interface \"eth1\" (also [0])",
+    );
+    let config = parse(&example_with(&[(
+        "steer_auth = false",
+        "steer_auth = true",
+    )]))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.cluster.steer_auth);
+}
+
+#[test]
 fn paths_must_be_absolute() {
     assert_problem(
         &example_with(&[("bpffs = \"/sys/fs/bpf/cdn-steer\"", "bpffs = \"bpf\"")]),

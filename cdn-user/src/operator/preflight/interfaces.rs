@@ -52,6 +52,37 @@ pub const XDP_NATIVE_DRIVERS: &[&str] = &[
 /// Client packets this large must fit once encapsulated: the Internet's usual path MTU.
 pub const CLIENT_MTU: u32 = 1500;
 
+/// Whether steering trust rests on more than the outer source address: without
+/// `node.underlay_interfaces`, anyone who can send to the underlay address from any attached
+/// interface (the uplink) with a member's address as source can inject through the tunnel.
+pub(super) fn check_underlay(cfg: &Config) -> Finding {
+    let item = "node.underlay_interfaces";
+    if cfg.node.underlay_interfaces.is_empty() {
+        let also = if cfg.cluster.steer_auth {
+            " and the MAC (cluster.steer_auth)"
+        } else {
+            ""
+        };
+        return Finding::warning(
+            Group::Interfaces,
+            item,
+            format!(
+                "empty: steering packets are trusted on every attached interface, by their outer \
+                 source address{also} alone"
+            ),
+            Some("list the interfaces the other members are reached through".to_owned()),
+        );
+    }
+    Finding::ok(
+        Group::Interfaces,
+        item,
+        format!(
+            "steering packets accepted only on {}",
+            cfg.node.underlay_interfaces.join(", ")
+        ),
+    )
+}
+
 pub(super) fn check(cfg: &Config, links: &Links) -> Vec<Finding> {
     let mut out = Vec::new();
     for name in &cfg.node.interfaces {
@@ -304,5 +335,23 @@ mod tests {
         let f = mtu_finding(1600, 0, false);
         assert_eq!(f.status, Status::Warning, "{f:?}");
         assert_eq!(f.fix.as_deref(), Some("set node.max_frame = 1614"));
+    }
+
+    #[test]
+    fn an_empty_underlay_interface_list_is_a_warning() {
+        use crate::config::{EXAMPLE, parse};
+        use crate::operator::preflight::Status;
+        let cfg = parse(EXAMPLE).expect("the example parses");
+        let f = check_underlay(&cfg);
+        assert_eq!(f.status, Status::Warning, "{f:?}");
+        assert!(f.detail.contains("outer source address alone"), "{f:?}");
+        let listed = EXAMPLE.replacen(
+            "# underlay_interfaces = [\"eth1\"]",
+            "underlay_interfaces = [\"eth0\"]",
+            1,
+        );
+        let f = check_underlay(&parse(&listed).expect("parses"));
+        assert_eq!(f.status, Status::Ok, "{f:?}");
+        assert!(f.detail.ends_with("only on eth0"), "{f:?}");
     }
 }

@@ -163,6 +163,7 @@ pub fn run(cfg: &Config) -> Report {
     findings.extend(sysctl::check(cfg));
     findings.extend(vips::check(cfg));
     findings.extend(interfaces::check(cfg, &links));
+    findings.push(interfaces::check_underlay(cfg));
     findings.extend(interfaces::check_mtu(cfg, &links));
     findings.extend(bpffs::check(cfg));
     findings.extend(bird::check(cfg));
