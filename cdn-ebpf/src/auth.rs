@@ -20,8 +20,7 @@ use crate::{
     encap::Encap,
     maps::MEMBERS,
     packet::Frame,
-    parse::{Flow, parse_flow, parse_ip},
-    steer::member_key,
+    parse::{Flow, member_key, parse_flow, parse_ip},
     wire::steer,
 };
 

@@ -9,7 +9,7 @@
 //! and flows refer to their addresses by offset instead of copying them: the BPF stack is 512
 //! bytes for the whole call chain, and every copy would also cost time.
 
-use cdn_common::counters::Reason;
+use cdn_common::{counters::Reason, maps::MemberAddr};
 
 use crate::{
     packet::{Frame, MAX_HEADER_OFFSET},
@@ -420,4 +420,21 @@ fn parse_icmp(frame: &Frame, ip: &Ip, mut flow: Flow) -> Result<Flow, Reason> {
     flow.dst_off = src_addr_off(quoted, ip.v6);
     flow.ports = ports.rotate_left(16);
     Ok(flow)
+}
+
+/// Key of the member-address map for the address at `off`, built as four words: built from
+/// bytes, the zeros of an IPv4-mapped key compile to a byte-wise `memset` call.
+#[inline(always)]
+pub fn member_key(frame: &Frame, off: usize, v6: bool) -> Option<MemberAddr> {
+    let words: [u32; 4] = if v6 {
+        frame.read::<[u32; 4]>(off)?
+    } else {
+        // `::ffff:a.b.c.d`, as `MemberAddr::v4` lays it out.
+        let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        [0, 0, mapped, frame.read::<u32>(off)?]
+    };
+    // SAFETY: [u32; 4] and [u8; 16] have the same size and no invalid bit patterns.
+    Some(MemberAddr {
+        addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) },
+    })
 }

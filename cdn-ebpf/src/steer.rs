@@ -29,7 +29,7 @@ use cdn_common::{
     counters::Reason,
     hash::{flow_hash_v4, flow_hash_v6},
     maps::{
-        MAX_SERVICE_PORTS, MemberAddr, NO_MEMBER, NODE_DRAINING, NODE_READY, NODE_STEER_AUTH,
+        MAX_SERVICE_PORTS, NO_MEMBER, NODE_DRAINING, NODE_READY, NODE_STEER_AUTH,
         NODE_UNDERLAY_IFACES, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP,
         SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
     },
@@ -45,7 +45,7 @@ use crate::{
     maps::{CONFIG, MEMBER_ADDRS, SERVICES_V4, SERVICES_V6, TABLE, UNDERLAY_IFACES},
     packet::Frame,
     parse::{
-        Flow, Kind, L2, dst_addr_off, parse_flow, parse_ip, parse_l2, peek_udp_dport,
+        Flow, Kind, L2, dst_addr_off, member_key, parse_flow, parse_ip, parse_l2, peek_udp_dport,
         require_ip_header,
     },
     sockets::{Ownership, check},
@@ -346,23 +346,6 @@ fn signed(
     let verdict = encapsulate(out, e, reason);
     sign(ctx, cfg, flow, out)?;
     Ok(verdict)
-}
-
-/// Key of the member-address map for the address at `off`, built as four words: built from
-/// bytes, the zeros of an IPv4-mapped key compile to a byte-wise `memset` call.
-#[inline(always)]
-pub(crate) fn member_key(frame: &Frame, off: usize, v6: bool) -> Option<MemberAddr> {
-    let words: [u32; 4] = if v6 {
-        frame.read::<[u32; 4]>(off)?
-    } else {
-        // `::ffff:a.b.c.d`, as `MemberAddr::v4` lays it out.
-        let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-        [0, 0, mapped, frame.read::<u32>(off)?]
-    };
-    // SAFETY: [u32; 4] and [u8; 16] have the same size and no invalid bit patterns.
-    Some(MemberAddr {
-        addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) },
-    })
 }
 
 #[inline(always)]
