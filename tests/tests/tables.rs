@@ -56,8 +56,9 @@ udp_ports = [53]
 struct Bpffs(PathBuf);
 
 impl Bpffs {
-    fn new() -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("cdnt-bpffs-{}", std::process::id()));
+    /// `tag` tells the tests of this binary apart: they run at the same time.
+    fn new(tag: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("cdnt-bpffs-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         run("mount", &["-t", "bpf", "bpf", &dir.to_string_lossy()])?;
         Ok(Self(dir))
@@ -111,7 +112,7 @@ fn live_table(dp: &DataPlane, vip: &str, len: u8) -> Result<(u32, Vec<Bucket>)> 
 #[test]
 fn swaps_keep_history_and_survive_a_restart() -> Result<()> {
     let cfg = config::parse(CONFIG).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let fs = Bpffs::new()?;
+    let fs = Bpffs::new("swaps")?;
     let pins = fs.0.join("maps");
     std::fs::create_dir_all(&pins)?;
     let mut dp = load(&cfg, Some(pins.clone()))?;
@@ -214,5 +215,41 @@ fn two_nodes_fed_the_same_events_hold_identical_tables() -> Result<()> {
             ensure!(x == y, "tables differ for {vip} after members {ids:?}");
         }
     }
+    Ok(())
+}
+
+/// A pinned map whose layout this build defines differently (here: the verdict counters with
+/// the member-statistics layout, as after an upgrade that changed them) is created anew, and
+/// the maps whose layout is the same keep their contents.
+#[test]
+fn pins_of_another_layout_are_replaced_and_the_others_kept() -> Result<()> {
+    let cfg = config::parse(CONFIG)?;
+    let fs = Bpffs::new("stale")?;
+    let pins = fs.0.join("maps");
+    std::fs::create_dir_all(&pins)?;
+    let bucket = Bucket {
+        hops: [3, 2, NO_MEMBER],
+        _pad: 0,
+    };
+    {
+        let mut dp = load(&cfg, Some(pins.clone()))?;
+        dp.write_buckets(7, &[bucket])?;
+    }
+    // An older build's counters: another value size and number of entries.
+    let counters = pins.join(cdn_common::maps::MAP_COUNTERS);
+    std::fs::remove_file(&counters)?;
+    std::fs::rename(pins.join(cdn_common::maps::MAP_MEMBER_STATS), &counters)?;
+
+    let dp = load(&cfg, Some(pins))?;
+    let counts = dp.counters().context("counters after the layout change")?;
+    ensure!(
+        counts.slots.iter().all(|n| *n == 0),
+        "fresh counters expected"
+    );
+    let kept = dp.read_buckets(7, 1)?;
+    ensure!(
+        kept == vec![bucket],
+        "the table lost its contents: {kept:?}"
+    );
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod nexthop;
 pub mod object;
 pub mod program;
+pub mod stale_pins;
 pub mod tables;
 pub mod trace;
 

@@ -63,6 +63,14 @@ pub enum DataPlaneError {
     },
     #[error("pinned link {path}: {reason}")]
     Link { path: PathBuf, reason: String },
+    #[error("parsing the embedded XDP object: {0}")]
+    Object(String),
+    #[error("removing the stale pin {path}: {source}")]
+    StalePin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 type Result<T> = std::result::Result<T, DataPlaneError>;
@@ -154,6 +162,7 @@ impl DataPlane {
                 .collect(),
             None => Vec::new(),
         };
+        super::stale_pins::drop_stale_pins(&pins, opts.table_entries.max(1))?;
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
