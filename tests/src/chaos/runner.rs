@@ -274,6 +274,14 @@ impl<'a> Runner<'a> {
     }
 
     fn log(&mut self, episode: &Episode, phase: Phase, result: Result<String>) {
+        let at = self.now();
+        self.log_at(at, episode, phase, result);
+    }
+
+    /// As [`Self::log`], for an event that began at `at`: a fault is recorded from the moment
+    /// it was set off, not from when setting it off returned (killing a whole node takes a
+    /// while, and downloads fail meanwhile).
+    fn log_at(&mut self, at: Duration, episode: &Episode, phase: Phase, result: Result<String>) {
         let (note, failed) = match result {
             Ok(note) => (note, false),
             Err(e) => (format!("{e:#}"), true),
@@ -293,7 +301,7 @@ impl<'a> Runner<'a> {
             note
         );
         self.events.push(Event {
-            at: self.now(),
+            at,
             kind: episode.kind,
             phase,
             node,
@@ -307,12 +315,14 @@ impl<'a> Runner<'a> {
         match episode.kind {
             Kind::SynFlood | Kind::AckFlood => self.flood(episode),
             Kind::BadReload => {
+                let started = self.now();
                 let result = faults::begin(&mut self.lab, episode);
-                self.log(episode, Phase::Begin, result);
+                self.log_at(started, episode, Phase::Begin, result);
             }
             _ => {
+                let started = self.now();
                 let result = faults::begin(&mut self.lab, episode);
-                self.log(episode, Phase::Begin, result);
+                self.log_at(started, episode, Phase::Begin, result);
                 self.pause(episode.hold);
                 let result = faults::end(&mut self.lab, episode);
                 self.log(episode, Phase::End, result);
