@@ -67,8 +67,12 @@ fn node_config(interfaces: &[&str], bpffs: &Path, bird_socket: &Path) -> String 
         .map(|i| format!("\"{i}\""))
         .collect::<Vec<_>>()
         .join(", ");
+    // The first interface carries the steering traffic: without the list, check warns that
+    // steering packets are trusted on every interface.
+    let underlay = interfaces.split(", ").next().unwrap_or_default();
     format!(
-        "[node]\nname = \"a\"\ninterfaces = [{interfaces}]\nunderlay_v4 = \"10.1.1.2\"\n\
+        "[node]\nname = \"a\"\ninterfaces = [{interfaces}]\nunderlay_interfaces = [{underlay}]\n\
+         underlay_v4 = \"10.1.1.2\"\n\
          underlay_v6 = \"fd00:1::2\"\nmax_frame = 1614\nbpffs = \"{}\"\n\n\
          [cluster]\nhash_key = \"00112233445566778899aabbccddeeff\"\n\n\
          [[cluster.members]]\nname = \"a\"\nid = 0\nunderlay = \"10.1.1.2\"\n\n\
