@@ -166,10 +166,24 @@ mod tests {
         let fake = dir.join(NAME);
         fs::copy("/bin/sleep", &fake).unwrap();
 
-        let mut old = Command::new(&fake).arg("30").spawn().unwrap();
+        // Another test thread forking while the copy's write descriptor is still open gives its
+        // child that descriptor until it execs, and exec of the copy then fails with "text
+        // file busy": retried for a moment.
+        let spawn = || {
+            for _ in 0..50 {
+                match Command::new(&fake).arg("30").spawn() {
+                    Err(e) if e.raw_os_error() == Some(26) => {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    other => return other.unwrap(),
+                }
+            }
+            panic!("{} stayed busy for a second", fake.display());
+        };
+        let mut old = spawn();
         let before = pids_named(NAME).unwrap();
         assert!(before.contains(&old.id()));
-        let mut new = Command::new(&fake).arg("30").spawn().unwrap();
+        let mut new = spawn();
 
         stop_new_daemons(NAME, &before).unwrap();
         assert!(!new.wait().unwrap().success(), "the new daemon was killed");
