@@ -203,6 +203,27 @@ reasons! {
     /// A new connection another node redirected here (marked `STEER_SYN_REDIRECTED`):
     /// decapsulated and accepted, never redirected again.
     RedirectedSynAccept = "redirected_syn_accept", Verdict, [Pass];
+    /// QUIC packet whose destination connection ID names another member's server ID: sent
+    /// straight to that member.
+    QuicCidForwarded = "quic_cid_forwarded", Verdict, [Tx | Redirect | Pass | Aborted];
+    /// QUIC packet whose destination connection ID names this member: accepted (at ingress
+    /// untouched, or decapsulated from the steering packet another node sent).
+    QuicCidAccept = "quic_cid_accept", Verdict, [Pass];
+    /// QUIC packet without a routable connection ID (a client's first flight, another config
+    /// id, an unknown server ID): sent by flow hash to its bucket's current owner.
+    QuicHashForwarded = "quic_hash_forwarded", Verdict, [Tx | Redirect | Pass | Aborted];
+    /// QUIC packet without a routable connection ID, accepted here as its bucket's current
+    /// owner (at ingress untouched, or decapsulated).
+    QuicHashAccept = "quic_hash_accept", Verdict, [Pass];
+    /// Informational: a connection ID of our config id whose server ID no member has; the
+    /// packet is placed by flow hash.
+    QuicUnknownServer = "quic_unknown_server", Info, [Tx | Redirect | Pass | Aborted];
+    /// QUIC packet too short for the header it announces (short header: the configured CID
+    /// length; long header: its DCID length field): dropped.
+    QuicTruncated = "quic_truncated", Verdict, [Drop];
+    /// QUIC long header a client never sends to a server (Version Negotiation, Retry), or a
+    /// version-1 header whose DCID length exceeds 20: dropped.
+    QuicInvalid = "quic_invalid", Verdict, [Drop];
 }
 
 impl Reason {
@@ -232,6 +253,19 @@ impl Reason {
         }
         out
     };
+
+    /// Position of an informational reason in [`Reason::INFO`] (the program keeps them as one
+    /// bit each); [`Reason::INFO_COUNT`] for a verdict reason.
+    pub const fn info_index(self) -> u32 {
+        let mut i = 0;
+        while i < Self::INFO_COUNT {
+            if Self::INFO[i] as u32 == self as u32 {
+                return i as u32;
+            }
+            i += 1;
+        }
+        Self::INFO_COUNT as u32
+    }
 
     /// Verdict counters add up to the packets seen; informational ones come on top.
     pub const fn is_verdict(self) -> bool {
@@ -350,7 +384,15 @@ mod tests {
             assert_ne!(r.actions(), 0, "{name}");
         }
         // Only these two come on top of a verdict.
-        assert_eq!(Reason::INFO, [Reason::FibMiss, Reason::FibLookup]);
+        assert_eq!(
+            Reason::INFO,
+            [
+                Reason::FibMiss,
+                Reason::FibLookup,
+                Reason::QuicUnknownServer
+            ]
+        );
+        assert_eq!(Reason::QuicUnknownServer.info_index(), 2);
         for &r in Reason::ALL {
             assert_eq!(r.is_verdict(), !Reason::INFO.contains(&r), "{}", r.name());
         }

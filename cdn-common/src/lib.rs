@@ -4,6 +4,7 @@
 //! - [`wire`]: the steering encapsulation header carried between nodes.
 //! - [`hash`]: the keyed flow hash; the kernel and userspace call the same function.
 //! - [`trace`]: the live packet trace's filter and events.
+//! - [`quic_lb`]: the QUIC-LB connection-ID layout QUIC packets are routed by.
 //! - [`counters`]: why (reason) and what (action) for every packet, and the per-CPU counters
 //!   indexed by the pair, with their metric names.
 //!
@@ -14,6 +15,7 @@
 pub mod counters;
 pub mod hash;
 pub mod maps;
+pub mod quic_lb;
 pub mod trace;
 pub mod wire;
 
@@ -28,6 +30,7 @@ mod pod {
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for QuicServer {}
     unsafe impl aya::Pod for Member {}
     unsafe impl aya::Pod for MemberAddr {}
     unsafe impl aya::Pod for NextHop {}

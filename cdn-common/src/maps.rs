@@ -59,6 +59,9 @@ pub const MAP_TABLE: &str = "TABLE";
 pub const MAP_MEMBERS: &str = "MEMBERS";
 pub const MAP_MEMBER_ADDRS: &str = "MEMBER_ADDRS";
 pub const MAP_NEXT_HOPS: &str = "NEXT_HOPS";
+/// QUIC-LB server ID -> member id ([`NO_MEMBER`] where none), [`crate::quic_lb::QUIC_SERVER_IDS`]
+/// entries, indexed by the server ID's value.
+pub const MAP_QUIC_SERVERS: &str = "QUIC_SERVERS";
 pub const MAP_DEVICES: &str = "DEVICES";
 /// Indexed by (reason, action) since the verdict split; named anew so that a controller
 /// upgraded in place never reuses a pinned map of the old, per-reason layout.
@@ -176,6 +179,15 @@ pub struct Service {
     pub udp_ports: [u16; MAX_SERVICE_PORTS],
     /// Incremented by the controller at every table swap.
     pub generation: u32,
+    /// UDP ports whose packets are QUIC routed by connection ID (`SERVICE_QUIC`); a subset of
+    /// `udp_ports`, 0 marks an unused slot.
+    pub quic_ports: [u16; MAX_SERVICE_PORTS],
+    /// QUIC-LB configuration ([`crate::quic_lb::QuicLbConfig`]): config rotation bits,
+    /// server ID length and connection ID length.
+    pub quic_config_id: u8,
+    pub quic_server_id_len: u8,
+    pub quic_cid_len: u8,
+    pub _pad: u8,
 }
 
 /// `Service::flags`: TCP is served (on `tcp_ports`).
@@ -190,6 +202,10 @@ pub const SERVICE_UDP_OWNER: u32 = 1 << 3;
 /// `Service::flags`, UDP placement (`udp_mode = "local"`): a UDP flow is accepted by whichever
 /// node it lands on; nothing is steered.
 pub const SERVICE_UDP_LOCAL: u32 = 1 << 4;
+/// `Service::flags`: UDP to `quic_ports` is QUIC, routed by the server ID its destination
+/// connection ID carries (`QUIC_SERVERS`), or by flow hash to the current owner when it
+/// carries none (a client's first flight); the receiving member always accepts.
+pub const SERVICE_QUIC: u32 = 1 << 5;
 // Neither UDP placement flag: `udp_mode = "connected"`, the owner check finds connected
 // sockets along the bucket's hops, as for TCP.
 
@@ -214,6 +230,18 @@ impl Bucket {
         _pad: 0,
     };
 }
+
+/// One entry of `QUIC_SERVERS`, indexed by QUIC-LB server ID. The array starts zeroed, so an
+/// entry names a member only while `flags` has [`QUIC_SERVER_SET`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuicServer {
+    pub member: u16,
+    pub flags: u16,
+}
+
+/// `QuicServer::flags`: the entry names a configured member.
+pub const QUIC_SERVER_SET: u16 = 1;
 
 /// Address family tags.
 pub const FAMILY_NONE: u8 = 0;
@@ -432,7 +460,8 @@ mod tests {
             size_of::<NodeConfig>(),
             16 + 4 + 16 + 2 + 2 + 4 + 1 + 3 + 4 + 4 + 16
         );
-        assert_eq!(size_of::<Service>(), 4 + 4 + 4 + 16 + 16 + 4);
+        assert_eq!(size_of::<Service>(), 4 + 4 + 4 + 16 + 16 + 4 + 16 + 4);
+        assert_eq!(size_of::<QuicServer>(), 4);
         assert_eq!(size_of::<Bucket>(), 8);
         assert_eq!(size_of::<Member>(), 20);
         assert_eq!(size_of::<NextHop>(), NEXT_HOP_HEADER_LEN + 16);

@@ -62,7 +62,7 @@ pub struct TraceEvent {
     /// Outer addresses of the steering packet, network order, with [`TRACE_EV_STEERED`].
     pub underlay_src: [u8; 16],
     pub underlay_dst: [u8; 16],
-    /// Informational reasons counted on top of the verdict, one bit per reason index.
+    /// Informational reasons counted on top of the verdict: bit i for `Reason::INFO[i]`.
     pub info: u32,
     /// Interface the packet arrived on.
     pub ifindex: u32,

@@ -9,8 +9,9 @@ use cdn_common::{
     counters::COUNTER_SLOTS,
     maps::{
         Bucket, MAX_MEMBERS, MAX_SERVICES, MAX_UNDERLAY_IFACES, Member, MemberAddr, MemberStats,
-        NextHop, NodeConfig, Service,
+        NextHop, NodeConfig, QuicServer, Service,
     },
+    quic_lb::QUIC_SERVER_IDS,
     trace::{TRACE_RING_BYTES, TraceFilter},
 };
 
@@ -33,6 +34,11 @@ pub static TABLE: Array<Bucket> = Array::with_max_entries(1, 0);
 /// Member id -> underlay address.
 #[map(name = "MEMBERS")]
 pub static MEMBERS: Array<Member> = Array::with_max_entries(MAX_MEMBERS, 0);
+
+/// QUIC-LB server ID -> member (`cdn_common::quic_lb`): QUIC packets whose connection ID
+/// carries a server ID go straight to its member.
+#[map(name = "QUIC_SERVERS")]
+pub static QUIC_SERVERS: Array<QuicServer> = Array::with_max_entries(QUIC_SERVER_IDS, 0);
 
 /// Underlay address -> member id: steering packets from any other source are dropped.
 #[map(name = "MEMBER_ADDRS")]

@@ -264,7 +264,7 @@ fn emit(ctx: &XdpContext, verdict: Verdict) -> u32 {
         action: verdict.action() as u8,
         ..TraceEvent::default()
     };
-    let fib_lookup = verdict.info() & 1 << Reason::FibLookup as u32 != 0;
+    let fib_lookup = verdict.info() & 1 << Reason::FibLookup.info_index() != 0;
     if verdict.action() == Action::Redirect as u32 && !fib_lookup {
         event.egress_ifindex = NEXT_HOPS
             .get(event.target as u32)

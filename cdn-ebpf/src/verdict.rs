@@ -9,7 +9,7 @@
 //! bit  16      encapsulation pending (see `Verdict::encapsulate`)
 //! bit  17      a target member is recorded (for the live trace)
 //! bits 18..28  that member's id
-//! bits 32..64  informational reasons that happened on the way, one bit per reason index
+//! bits 32..64  informational reasons that happened on the way, bit i for `Reason::INFO[i]`
 //! ```
 
 use cdn_common::{
@@ -32,7 +32,7 @@ const _: () = assert!(
     "member ids fit in 10 bits"
 );
 
-const _: () = assert!(Reason::COUNT <= 32, "info reasons are a 32-bit mask");
+const _: () = assert!(Reason::INFO_COUNT <= 32, "info reasons are a 32-bit mask");
 const _: () = assert!(Reason::COUNT <= 0xff && Action::COUNT <= 0xff);
 
 #[repr(transparent)]
@@ -79,7 +79,8 @@ impl Verdict {
     /// Records an informational reason, counted on top of the verdict.
     #[inline(always)]
     pub const fn with_info(self, info: Reason) -> Self {
-        Self(self.0 | 1 << (INFO_SHIFT + info as u32))
+        // `info` is a constant at every call site, so the index is folded at compile time.
+        Self(self.0 | 1 << (INFO_SHIFT + info.info_index()))
     }
 
     /// Records the member the packet is (or was to be) encapsulated for, for the live trace.
@@ -104,7 +105,7 @@ impl Verdict {
         ((self.0 >> REASON_SHIFT) & 0xff) as u32
     }
 
-    /// The informational reasons, one bit per reason index.
+    /// The informational reasons, bit i for `Reason::INFO[i]`.
     #[inline(always)]
     pub const fn info(self) -> u32 {
         (self.0 >> INFO_SHIFT) as u32
@@ -133,9 +134,9 @@ pub fn finish(v: Verdict) -> u32 {
     let info = v.0 >> INFO_SHIFT;
     if info != 0 {
         // Fixed trip count (the informational reasons), unrolled.
-        for r in Reason::INFO {
-            if info & 1 << r as u32 != 0 {
-                count_slot(r as u32 * Action::COUNT + action);
+        for (i, r) in Reason::INFO.iter().enumerate() {
+            if info & 1 << i != 0 {
+                count_slot(*r as u32 * Action::COUNT + action);
             }
         }
     }

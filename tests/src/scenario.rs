@@ -75,6 +75,7 @@ pub fn service(offset: u32) -> Service {
         tcp_ports,
         udp_ports,
         generation: 1,
+        ..Service::default()
     }
 }
 

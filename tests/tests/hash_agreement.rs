@@ -59,6 +59,7 @@ fn kernel_and_userspace_hash_agree_on_10000_random_flows() -> Result<()> {
         tcp_ports: [0; 8],
         udp_ports: [0; 8],
         generation: 1,
+        ..Service::default()
     };
     dp.set_service("192.0.2.0".parse()?, 24, &service(0))?;
     dp.set_service("2001:db8::".parse()?, 64, &service(BUCKETS))?;

@@ -370,7 +370,7 @@ fn record(e: &TraceEvent, names: &mut Names) -> TraceRecord {
         action: Action::from_xdp(u32::from(e.action)).name().into(),
         info: Reason::INFO
             .iter()
-            .filter(|r| e.info & 1 << **r as u32 != 0)
+            .filter(|r| e.info & 1 << r.info_index() != 0)
             .map(|r| r.name().to_string())
             .collect(),
         hop: reason.and_then(hop).map(str::to_string),

@@ -27,7 +27,8 @@ use cdn_common::{
     counters::{COUNTER_SLOTS, PacketCounts},
     maps::{
         self as m, Bucket, FAMILY_NONE, FAMILY_V4, FAMILY_V6, Link, MAX_MEMBERS, Member,
-        MemberAddr, MemberStats, NextHop, NodeConfig, Service, Underlay,
+        MemberAddr, MemberStats, NextHop, NodeConfig, QUIC_SERVER_SET, QuicServer, Service,
+        Underlay,
     },
     trace::TraceFilter,
 };
@@ -98,7 +99,7 @@ pub struct Attachment {
 }
 
 /// Every map, by name, as the program defines them.
-const ALL_MAPS: [&str; 14] = [
+const ALL_MAPS: [&str; 15] = [
     m::MAP_CONFIG,
     m::MAP_SERVICES_V4,
     m::MAP_SERVICES_V6,
@@ -113,6 +114,7 @@ const ALL_MAPS: [&str; 14] = [
     m::MAP_TRACE_EVENTS,
     m::MAP_TRACE_LOST,
     m::MAP_UNDERLAY_IFACES,
+    m::MAP_QUIC_SERVERS,
 ];
 
 pub struct DataPlane {
@@ -132,6 +134,7 @@ pub struct DataPlane {
     trace_filter: Array<MapData, TraceFilter>,
     trace_lost: PerCpuArray<MapData, u64>,
     underlay_ifaces: HashMap<MapData, u32, u8>,
+    quic_servers: Array<MapData, QuicServer>,
     /// Lent to the one running trace at a time.
     trace_reader: Option<super::TraceReader>,
 }
@@ -187,6 +190,7 @@ impl DataPlane {
             trace_filter: take(&mut ebpf, m::MAP_TRACE_FILTER)?,
             trace_lost: take(&mut ebpf, m::MAP_TRACE_LOST)?,
             underlay_ifaces: take(&mut ebpf, m::MAP_UNDERLAY_IFACES)?,
+            quic_servers: take(&mut ebpf, m::MAP_QUIC_SERVERS)?,
             trace_reader: Some(super::TraceReader::new(take::<RingBuf<MapData>>(
                 &mut ebpf,
                 m::MAP_TRACE_EVENTS,
@@ -531,6 +535,51 @@ impl DataPlane {
             }),
             _ => None,
         })
+    }
+
+    /// Routes QUIC-LB server ID `server_id` to `member` (or, with `None`, to nobody: such
+    /// connection IDs are placed by flow hash). Writes only what changed.
+    pub fn set_quic_server(&mut self, server_id: u32, member: Option<u16>) -> Result<()> {
+        let entry = match member {
+            Some(id) => {
+                Self::check_id(id)?;
+                QuicServer {
+                    member: id,
+                    flags: QUIC_SERVER_SET,
+                }
+            }
+            None => QuicServer::default(),
+        };
+        if self.quic_servers_entry(server_id)? != entry {
+            self.quic_servers
+                .set(server_id, entry, 0)
+                .map_err(map_err(m::MAP_QUIC_SERVERS))?;
+        }
+        Ok(())
+    }
+
+    /// The member QUIC-LB server ID `server_id` routes to, if any.
+    pub fn quic_server(&self, server_id: u32) -> Result<Option<u16>> {
+        let entry = self.quic_servers_entry(server_id)?;
+        Ok((entry.flags & QUIC_SERVER_SET != 0).then_some(entry.member))
+    }
+
+    /// Every server ID that routes somewhere, with its member: one pass over the array (a
+    /// restarted controller finds what a previous one left in the pinned map).
+    pub fn quic_servers(&self) -> Result<Vec<(u32, u16)>> {
+        let mut out = Vec::new();
+        for server_id in 0..cdn_common::quic_lb::QUIC_SERVER_IDS {
+            if let Some(member) = self.quic_server(server_id)? {
+                out.push((server_id, member));
+            }
+        }
+        Ok(out)
+    }
+
+    fn quic_servers_entry(&self, server_id: u32) -> Result<QuicServer> {
+        self.quic_servers
+            .get(&server_id, 0)
+            .map_err(map_err(m::MAP_QUIC_SERVERS))
     }
 
     /// Makes `ifindex` a target for XDP_REDIRECT.

@@ -138,6 +138,7 @@ fn service_entry(svc: &ServiceSettings, offset: u32, size: u32, generation: u32)
         tcp_ports,
         udp_ports,
         generation,
+        ..Service::default()
     }
 }
 

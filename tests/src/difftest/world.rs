@@ -283,6 +283,7 @@ fn service(vip: &Vip) -> Service {
         tcp_ports,
         udp_ports,
         generation: 1,
+        ..Service::default()
     }
 }
 

@@ -63,6 +63,7 @@ fn env(owner: &[u16]) -> Env {
                 tcp_ports: ports,
                 udp_ports: ports,
                 generation: 1,
+                ..Service::default()
             },
         )],
         table: vec![Bucket { hops, _pad: 0 }],
