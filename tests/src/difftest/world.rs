@@ -379,8 +379,13 @@ pub fn load(rng: &mut StdRng, links: &Links) -> Result<(DataPlane, Env)> {
     // Some server IDs name members (this node, members without a next hop or address
     // among them), the others nobody.
     for id in 0..QUIC_SERVER_IDS {
-        if rng.random_range(0..3) > 0 {
-            let member = [SELF_ID, 0, 2, 3, 4, 6, 7, 9][rng.random_range(0..8)];
+        if id == 1 || rng.random_range(0..3) > 0 {
+            // Server ID 1 is always this node's own.
+            let member = if id == 1 {
+                SELF_ID
+            } else {
+                [SELF_ID, 0, 2, 3, 4, 6, 7, 9][rng.random_range(0..8)]
+            };
             dp.set_quic_server(id, Some(member))?;
             env.quic_servers.insert(id, member);
         }
