@@ -151,17 +151,6 @@ pub fn ingress(
     out: &mut Encap,
 ) -> Result<Verdict, Reason> {
     let cid = read_cid(frame, ip.l4_off, svc)?;
-    let mut e = Encap {
-        inner_off: ip.l3_off,
-        inner_len: ip.ip_len,
-        inner_v6: ip.v6,
-        target: NO_MEMBER,
-        // The receiver accepts without looking further: nobody to pass it on to.
-        remaining: [NO_MEMBER; 2],
-        budget: cfg.hop_budget,
-        entropy: 0,
-        flags: 0,
-    };
     let unknown = cid.server != NO_SERVER;
     if unknown {
         let member = member_of(cid.server);
@@ -170,11 +159,11 @@ pub fn ingress(
             if member == cfg.self_member {
                 return Ok(Verdict::pass(Reason::QuicCidAccept));
             }
-            e.target = member;
             // Stable for the connection on this path, and no SipHash: the CID's octets and
             // the ports, multiplied to spread them into the bits `entropy_port` keeps.
             let mixed = (cid.word ^ flow.ports) as u64;
-            e.entropy = entropy_port(mixed.wrapping_mul(ENTROPY_MUL));
+            let entropy = entropy_port(mixed.wrapping_mul(ENTROPY_MUL));
+            let e = to_member(cfg, ip, member, entropy);
             return signed(ctx, cfg, flow, out, e, Reason::QuicCidForwarded);
         }
     }
@@ -185,8 +174,9 @@ pub fn ingress(
     let verdict = if hops[0] == cfg.self_member {
         Verdict::pass(Reason::QuicHashAccept)
     } else {
-        e.target = hops[0];
-        e.entropy = entropy_port(hash);
+        // Built here, not before the lookups: kept across them it would take stack slots the
+        // entry point's frame has no room for.
+        let e = to_member(cfg, ip, hops[0], entropy_port(hash));
         signed(ctx, cfg, flow, out, e, Reason::QuicHashForwarded)?
     };
     Ok(if unknown {
@@ -194,6 +184,22 @@ pub fn ingress(
     } else {
         verdict
     })
+}
+
+/// The encapsulation of the packet `ip` to `target`, with no further hop: the receiver
+/// accepts without looking further.
+#[inline(always)]
+fn to_member(cfg: &NodeConfig, ip: &Ip, target: u16, entropy: u16) -> Encap {
+    Encap {
+        inner_off: ip.l3_off,
+        inner_len: ip.ip_len,
+        inner_v6: ip.v6,
+        target,
+        remaining: [NO_MEMBER; 2],
+        budget: cfg.hop_budget,
+        entropy,
+        flags: 0,
+    }
 }
 
 /// Multiplier of the CID path's entropy (2^64 / golden ratio, odd).
