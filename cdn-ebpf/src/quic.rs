@@ -151,8 +151,9 @@ pub fn ingress(
     out: &mut Encap,
 ) -> Result<Verdict, Reason> {
     let cid = read_cid(frame, ip.l4_off, svc)?;
-    let unknown = cid.server != NO_SERVER;
-    if unknown {
+    // Our config id: the CID names a server, which is unknown unless a member has its ID.
+    let names_server = cid.server != NO_SERVER;
+    if names_server {
         let member = member_of(cid.server);
         if member != NO_MEMBER {
             // Its connections live there, healthy or not.
@@ -179,7 +180,7 @@ pub fn ingress(
         let e = to_member(cfg, ip, hops[0], entropy_port(hash));
         signed(ctx, cfg, flow, out, e, Reason::QuicHashForwarded)?
     };
-    Ok(if unknown {
+    Ok(if names_server {
         verdict.with_info(Reason::QuicUnknownServer)
     } else {
         verdict
