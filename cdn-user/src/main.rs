@@ -8,7 +8,7 @@ use cdn_user::{
     operator::{
         check, cli,
         control::{self, ControlError, DriftReport, Request, Response, StatusReport, TraceSpec},
-        logging, lookup,
+        logging, lookup, quic,
     },
 };
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
@@ -102,11 +102,18 @@ enum Command {
     #[command(after_help = EXIT_CODES)]
     Lookup {
         /// Client address and port, e.g. 198.51.100.7:40000 or [2001:db8::7]:40000.
-        src: SocketAddr,
+        #[arg(required_unless_present = "cid")]
+        src: Option<SocketAddr>,
         /// VIP and port, e.g. 192.0.2.1:443.
-        dst: SocketAddr,
+        #[arg(required_unless_present = "cid")]
+        dst: Option<SocketAddr>,
         #[arg(value_enum, default_value_t = Proto::Tcp)]
         proto: Proto,
+        /// A QUIC destination connection ID in hex: which member it routes to under each QUIC
+        /// service's QUIC-LB settings (with a UDP flow to a QUIC port: where that flow's
+        /// packets carrying it go).
+        #[arg(long)]
+        cid: Option<String>,
         #[command(flatten)]
         daemon: DaemonArgs,
         /// Compute the owner from the configuration alone, without a daemon: every member
@@ -161,7 +168,7 @@ enum Generated {
 
 /// How a client command finds the daemon's control socket. Without either option: the
 /// default socket path.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct DaemonArgs {
     /// Configuration of the daemon: its node.control_socket is used (only that key has to be
     /// readable, so a file the daemon refused still works if it parses as TOML).
@@ -329,20 +336,57 @@ fn run(cli: Cli) -> Result<(), CliError> {
             src,
             dst,
             proto,
+            cid,
             daemon,
             offline,
             json,
         } => {
             let udp = matches!(proto, Proto::Udp);
-            let doc = match (offline, &daemon.config) {
+            let cfg = match (offline, &daemon.config) {
                 (true, Some(path)) => {
-                    let cfg = config::load(path).map_err(|e| CliError::Config(e.to_string()))?;
-                    lookup::offline(&cfg, src, dst, udp).map_err(|e| match e {
-                        lookup::LookupError::Table(_) => CliError::Failed(e.into()),
-                        _ => CliError::Refused(e.to_string()),
-                    })?
+                    Some(config::load(path).map_err(|e| CliError::Config(e.to_string()))?)
                 }
-                _ => {
+                _ => None,
+            };
+            let cid = match cid {
+                None => None,
+                Some(text) => Some(match &cfg {
+                    Some(cfg) => {
+                        let bytes =
+                            quic::parse_cid(&text).map_err(|e| CliError::Refused(e.to_string()))?;
+                        quic::decode(cfg, lookup::Source::Offline, &bytes, |sid| {
+                            quic::configured_member(cfg, sid)
+                        })
+                    }
+                    None => {
+                        let response =
+                            runtime()?.block_on(ask(daemon.clone(), Request::Cid { cid: text }))?;
+                        let Response::Cid(doc) = response else {
+                            return Err(anyhow::anyhow!("unexpected answer from the daemon").into());
+                        };
+                        *doc
+                    }
+                }),
+            };
+            let (Some(src), Some(dst)) = (src, dst) else {
+                // Only a connection ID (clap requires both addresses otherwise).
+                let cid = cid.context("lookup needs a flow or --cid")?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&cid).map_err(anyhow::Error::from)?
+                    );
+                } else {
+                    print!("{}", quic::render(&cid));
+                }
+                return Ok(());
+            };
+            let mut doc = match &cfg {
+                Some(cfg) => lookup::offline(cfg, src, dst, udp).map_err(|e| match e {
+                    lookup::LookupError::Table(_) => CliError::Failed(e.into()),
+                    _ => CliError::Refused(e.to_string()),
+                })?,
+                None => {
                     let response =
                         runtime()?.block_on(ask(daemon, Request::Lookup { src, dst, udp }))?;
                     let Response::Lookup(r) = response else {
@@ -351,6 +395,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     lookup::live(r, src, dst, udp)
                 }
             };
+            if let Some(cid) = &cid {
+                quic::flow_with_cid(&mut doc, cid);
+            }
             if json {
                 println!(
                     "{}",
@@ -561,6 +608,7 @@ fn print_status(s: &StatusReport) {
     if let Some(drift) = &s.drift {
         print_drift(drift);
     }
+    print!("{}", quic::render_status(s));
     println!("data plane counters (packets, reason/action):");
     for (name, n) in s.counters.iter().filter(|(_, n)| *n > 0) {
         println!("  {name:<26} {n}");
