@@ -12,6 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+use cdn_common::quic_lb::{MAX_CID_LEN, QuicLbConfig};
 use cdn_test_support::{
     Netns,
     process::{Group, Process},
@@ -19,7 +20,6 @@ use cdn_test_support::{
     scratch::ScratchDir,
     wait,
 };
-use cdn_common::quic_lb::{MAX_CID_LEN, QuicLbConfig};
 use cdn_user::operator::lookup::{LookupDocument, OFFLINE_ASSUMPTION, Source};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
@@ -162,7 +162,10 @@ fn quic_cids(ns: &Netns, cfg: &str, flows: &[(String, String)]) -> Result<()> {
             args.push("--offline");
         }
         let out = steer(ns, &args)?;
-        ensure!(out.status.code() == Some(4), "bad cid (offline {offline}): {out:?}");
+        ensure!(
+            out.status.code() == Some(4),
+            "bad cid (offline {offline}): {out:?}"
+        );
     }
     Ok(())
 }
@@ -272,7 +275,11 @@ fn offline_owner_is_the_live_daemons_with_every_member_up() -> Result<()> {
             live.quic
         );
         if quic {
-            ensure!(live.accepted_by.starts_with("QUIC: "), "{}", live.accepted_by);
+            ensure!(
+                live.accepted_by.starts_with("QUIC: "),
+                "{}",
+                live.accepted_by
+            );
             quic_flows.push((src.clone(), dst.clone()));
         }
         owners.insert(

@@ -274,10 +274,7 @@ fn daemon_writes_server_ids_clears_leftovers_and_follows_reloads() -> Result<()>
         .iter()
         .filter_map(|b| b.as_str().map(str::to_owned))
         .collect();
-    ensure!(
-        bytes == ["0x05", "0x00", "0x01", "0x00"],
-        "bpftool: {dump}"
-    );
+    ensure!(bytes == ["0x05", "0x00", "0x01", "0x00"], "bpftool: {dump}");
 
     // The CLI reads the same: live and offline agree.
     ensure!(cid_member(&ns, &cfg_file, &cid_for(300, 8)?)?.as_deref() == Some("c"));
@@ -287,7 +284,11 @@ fn daemon_writes_server_ids_clears_leftovers_and_follows_reloads() -> Result<()>
     // Reload without c, with longer connection IDs: c's server ID is cleared.
     std::fs::write(&cfg_path, config(&bpffs, &socket, false, 12))?;
     let out = steer(&ns, &["reload", "--config", &cfg_file])?;
-    ensure!(out.status.success(), "reload: {out:?}\n{}", daemon.log_text());
+    ensure!(
+        out.status.success(),
+        "reload: {out:?}\n{}",
+        daemon.log_text()
+    );
     let servers = dp.quic_servers()?;
     ensure!(
         servers == [(3, 3), (4, 4)],

@@ -59,7 +59,7 @@ pub enum CidError {
 /// Parses a connection ID written in hex (`:` or `-` between octets allowed).
 pub fn parse_cid(text: &str) -> Result<Vec<u8>, CidError> {
     let digits: String = text.chars().filter(|c| !matches!(c, ':' | '-')).collect();
-    if digits.len() % 2 != 0 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !digits.len().is_multiple_of(2) || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(CidError::NotHex(text.to_owned()));
     }
     let cid = (0..digits.len())
