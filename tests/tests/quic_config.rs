@@ -227,7 +227,9 @@ fn daemon_writes_server_ids_clears_leftovers_and_follows_reloads() -> Result<()>
 
     let dp = pinned(&maps, &parsed)?;
     // Every member, b (down) too; the leftover 777 gone, 4 corrected.
+    let scan = std::time::Instant::now();
     let servers = dp.quic_servers()?;
+    eprintln!("full QUIC_SERVERS scan: {:?}", scan.elapsed());
     ensure!(
         servers == [(3, 3), (4, 4), (300, 5)],
         "QUIC_SERVERS after start: {servers:?}\n{}",
@@ -275,6 +277,35 @@ fn daemon_writes_server_ids_clears_leftovers_and_follows_reloads() -> Result<()>
         .filter_map(|b| b.as_str().map(str::to_owned))
         .collect();
     ensure!(bytes == ["0x05", "0x00", "0x01", "0x00"], "bpftool: {dump}");
+
+    // status shows the settings, every server ID as the map holds it, and the counters.
+    let out = steer(&ns, &["status", "--json", "--config", &cfg_file])?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        status["services"][0]["quic"]
+            == serde_json::json!({"ports": [443], "config_id": 1, "server_id_len": 2, "cid_len": 8}),
+        "status services: {}",
+        status["services"]
+    );
+    ensure!(
+        status["quic_servers"]
+            == serde_json::json!([
+                {"server_id": 3, "member": "a", "mapped_to": 3},
+                {"server_id": 4, "member": "b", "mapped_to": 4},
+                {"server_id": 300, "member": "c", "mapped_to": 5},
+            ]),
+        "status quic_servers: {}",
+        status["quic_servers"]
+    );
+    let out = steer(&ns, &["status", "--config", &cfg_file])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "  web              ports 443          config id 1, server_id_len 2, cid_len 8",
+        "  server IDs: 3 -> a (id 3), 4 -> b (id 4), 300 -> c (id 5)",
+        "  packets: quic_cid_forwarded 0, quic_cid_accept 0,",
+    ] {
+        ensure!(text.contains(line), "status lacks {line:?}:\n{text}");
+    }
 
     // The CLI reads the same: live and offline agree.
     ensure!(cid_member(&ns, &cfg_file, &cid_for(300, 8)?)?.as_deref() == Some("c"));
