@@ -348,38 +348,24 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 }
                 _ => None,
             };
-            let cid = match cid {
-                None => None,
-                Some(text) => Some(match &cfg {
-                    Some(cfg) => {
-                        let bytes =
-                            quic::parse_cid(&text).map_err(|e| CliError::Refused(e.to_string()))?;
-                        quic::decode(cfg, lookup::Source::Offline, &bytes, |sid| {
-                            quic::configured_member(cfg, sid)
-                        })
-                    }
-                    None => {
-                        let response =
-                            runtime()?.block_on(ask(daemon.clone(), Request::Cid { cid: text }))?;
-                        let Response::Cid(doc) = response else {
-                            return Err(anyhow::anyhow!("unexpected answer from the daemon").into());
-                        };
-                        *doc
-                    }
-                }),
+            let cid = match (cid, &cfg) {
+                (None, _) => None,
+                (Some(text), Some(cfg)) => {
+                    Some(quic::offline(cfg, &text).map_err(|e| CliError::Refused(e.to_string()))?)
+                }
+                (Some(cid), None) => {
+                    let response =
+                        runtime()?.block_on(ask(daemon.clone(), Request::Cid { cid }))?;
+                    let Response::Cid(doc) = response else {
+                        return Err(anyhow::anyhow!("unexpected answer from the daemon").into());
+                    };
+                    Some(*doc)
+                }
             };
             let (Some(src), Some(dst)) = (src, dst) else {
                 // Only a connection ID (clap requires both addresses otherwise).
                 let cid = cid.context("lookup needs a flow or --cid")?;
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&cid).map_err(anyhow::Error::from)?
-                    );
-                } else {
-                    print!("{}", quic::render(&cid));
-                }
-                return Ok(());
+                return print_doc(&cid, json, quic::render);
             };
             let mut doc = match &cfg {
                 Some(cfg) => lookup::offline(cfg, src, dst, udp).map_err(|e| match e {
@@ -398,15 +384,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             if let Some(cid) = &cid {
                 quic::flow_with_cid(&mut doc, cid);
             }
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&doc).map_err(anyhow::Error::from)?
-                );
-            } else {
-                print!("{}", lookup::render(&doc));
-            }
-            Ok(())
+            print_doc(&doc, json, lookup::render)
         }
         Command::Trace {
             vip,
@@ -500,6 +478,21 @@ fn done(response: Response) -> Result<(), CliError> {
         }
         _ => Err(anyhow::anyhow!("unexpected answer from the daemon").into()),
     }
+}
+
+/// A command's answer: one JSON document, or its text.
+fn print_doc<T: serde::Serialize>(
+    doc: &T,
+    json: bool,
+    text: fn(&T) -> String,
+) -> Result<(), CliError> {
+    if json {
+        let doc = serde_json::to_string_pretty(doc).map_err(anyhow::Error::from)?;
+        println!("{doc}");
+    } else {
+        print!("{}", text(doc));
+    }
+    Ok(())
 }
 
 fn print_status(s: &StatusReport) {

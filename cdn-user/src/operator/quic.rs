@@ -165,6 +165,14 @@ pub fn decode(
     }
 }
 
+/// `lookup --cid --offline`: `text` decoded with the configuration's server IDs.
+pub fn offline(cfg: &Config, text: &str) -> Result<CidDocument, CidError> {
+    let cid = parse_cid(text)?;
+    Ok(decode(cfg, Source::Offline, &cid, |sid| {
+        configured_member(cfg, sid)
+    }))
+}
+
 /// The configuration's own resolution of a server ID: the member whose `quic_server_id` it is.
 pub fn configured_member(cfg: &Config, server_id: u32) -> Option<u16> {
     cfg.cluster
