@@ -26,7 +26,7 @@ use crate::{
     maps::QUIC_SERVERS,
     packet::Frame,
     parse::{Flow, Ip},
-    steer::{bucket_of, signed},
+    placement::{bucket_of, lists_port, signed},
     verdict::Verdict,
     wire::udp,
 };
@@ -59,8 +59,7 @@ const NOT_ROUTABLE: Cid = Cid {
 /// Is UDP to `port` of `svc` QUIC? For services without `SERVICE_QUIC` this is one flag test.
 #[inline(always)]
 pub fn is_quic(svc: &Service, port: u16) -> bool {
-    svc.flags & cdn_common::maps::SERVICE_QUIC != 0
-        && crate::steer::lists_port(&svc.quic_ports, port)
+    svc.flags & cdn_common::maps::SERVICE_QUIC != 0 && lists_port(&svc.quic_ports, port)
 }
 
 /// Reads the DCID of the QUIC packet in the UDP datagram at `udp_off` (already validated by

@@ -29,10 +29,8 @@
 use aya_ebpf::{cty::c_void, helpers::generated::bpf_map_lookup_elem, programs::XdpContext};
 use cdn_common::{
     counters::Reason,
-    hash::{flow_hash_v4, flow_hash_v6},
     maps::{
-        MAX_SERVICE_PORTS, NO_MEMBER, NODE_DRAINING, NODE_READY, NODE_STEER_AUTH,
-        NODE_UNDERLAY_IFACES, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP,
+        NO_MEMBER, NODE_DRAINING, NODE_READY, NODE_STEER_AUTH, NODE_UNDERLAY_IFACES, NodeConfig,
         SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
     },
     wire::{
@@ -42,14 +40,15 @@ use cdn_common::{
 };
 
 use crate::{
-    auth::{sign, verify},
+    auth::verify,
     encap::{Encap, decapsulate, encap_and_send},
-    maps::{CONFIG, MEMBER_ADDRS, SERVICES_V4, SERVICES_V6, TABLE, UNDERLAY_IFACES},
+    maps::{CONFIG, MEMBER_ADDRS, SERVICES_V4, SERVICES_V6, UNDERLAY_IFACES},
     packet::Frame,
     parse::{
-        Flow, Kind, L2, dst_addr_off, member_key, parse_flow, parse_ip, parse_l2, peek_udp_dport,
+        Kind, L2, dst_addr_off, member_key, parse_flow, parse_ip, parse_l2, peek_udp_dport,
         require_ip_header,
     },
+    placement::{bucket_of, serves, signed},
     quic::{self, is_quic},
     sockets::{Ownership, check},
     verdict::Verdict,
@@ -79,13 +78,6 @@ pub fn process(ctx: &XdpContext) -> Verdict {
         return encap_and_send(ctx, cfg, &encap, verdict).with_target(encap.target);
     }
     verdict
-}
-
-/// Asks `process` to encapsulate as `with` says, counting `reason` if that works.
-#[inline(always)]
-fn encapsulate(e: &mut Encap, with: Encap, reason: Reason) -> Verdict {
-    *e = with;
-    Verdict::encapsulate(reason)
 }
 
 #[inline(always)]
@@ -172,90 +164,6 @@ fn lookup(map: *mut c_void, key: *const c_void) -> *mut c_void {
     unsafe { bpf_map_lookup_elem(map, key) }
 }
 
-/// Does the service list this flow's protocol and port?
-#[inline(always)]
-fn serves(svc: &Service, flow: &Flow) -> bool {
-    let (proto_flag, ports) = if flow.proto == proto::UDP {
-        (SERVICE_UDP, &svc.udp_ports)
-    } else {
-        (SERVICE_TCP, &svc.tcp_ports)
-    };
-    if svc.flags & proto_flag == 0 {
-        return false;
-    }
-    if svc.flags & SERVICE_ALL_PORTS != 0 {
-        return true;
-    }
-    let port = flow.dst_port();
-    port != 0 && lists_port(ports, port)
-}
-
-/// Whether `ports` holds `port`, without a loop: the verifier cannot follow a loop that walks
-/// the stack by pointer, and the compiler does not always unroll one. The list is read as
-/// four words of two ports each; a port matches where a 16-bit lane of `word ^ (port, port)`
-/// is zero, which the usual bit trick detects for all lanes at once (exact for "any lane").
-#[inline(always)]
-pub(crate) fn lists_port(ports: &[u16; MAX_SERVICE_PORTS], port: u16) -> bool {
-    const _: () = assert!(MAX_SERVICE_PORTS == 8, "read as four words");
-    const LOW: u32 = 0x0001_0001;
-    const HIGH: u32 = 0x8000_8000;
-    // SAFETY: [u16; 8] and [u32; 4] have the same size and no invalid bit patterns; the list
-    // sits at a 4-byte aligned offset of the 4-byte aligned `Service`.
-    let words: [u32; 4] = unsafe { core::ptr::read(ports.as_ptr().cast::<[u32; 4]>()) };
-    let both = port as u32 * LOW;
-    let zero_lane = |w: u32| {
-        let x = w ^ both;
-        x.wrapping_sub(LOW) & !x & HIGH
-    };
-    zero_lane(words[0]) | zero_lane(words[1]) | zero_lane(words[2]) | zero_lane(words[3]) != 0
-}
-
-#[inline(always)]
-fn flow_hash(cfg: &NodeConfig, frame: &Frame, flow: &Flow) -> Result<u64, Reason> {
-    if flow.v6 {
-        let src = frame
-            .read::<[u64; 2]>(flow.src_off)
-            .ok_or(Reason::Malformed)?;
-        let dst = frame
-            .read::<[u64; 2]>(flow.dst_off)
-            .ok_or(Reason::Malformed)?;
-        Ok(flow_hash_v6(
-            &cfg.hash_key,
-            src,
-            dst,
-            flow.ports,
-            flow.proto,
-        ))
-    } else {
-        let src = frame.read::<u32>(flow.src_off).ok_or(Reason::Malformed)?;
-        let dst = frame.read::<u32>(flow.dst_off).ok_or(Reason::Malformed)?;
-        Ok(flow_hash_v4(
-            &cfg.hash_key,
-            src,
-            dst,
-            flow.ports,
-            flow.proto,
-        ))
-    }
-}
-
-/// The flow's hash and its bucket's hops in this node's table.
-#[inline(always)]
-pub(crate) fn bucket_of(
-    cfg: &NodeConfig,
-    frame: &Frame,
-    flow: &Flow,
-    svc: &Service,
-) -> Result<(u64, [u16; 3]), Reason> {
-    if svc.table_size == 0 {
-        return Err(Reason::NoRoute);
-    }
-    let hash = flow_hash(cfg, frame, flow)?;
-    let index = svc.table_offset + (hash % svc.table_size as u64) as u32;
-    let hops = TABLE.get(index).ok_or(Reason::NoRoute)?.hops;
-    Ok((hash, hops))
-}
-
 #[inline(always)]
 fn ingress(ctx: &XdpContext, cfg: &NodeConfig, l2: L2, svc: &Service, out: &mut Encap) -> Verdict {
     settle(try_ingress(ctx, cfg, l2, svc, out))
@@ -339,21 +247,6 @@ fn try_ingress(
     e.remaining = [hops[2], NO_MEMBER];
     e.budget = cfg.hop_budget - 1;
     signed(ctx, cfg, &flow, out, e, reason)
-}
-
-/// `encapsulate`, with the MAC the header will carry if `steer_auth` is on.
-#[inline(always)]
-pub(crate) fn signed(
-    ctx: &XdpContext,
-    cfg: &NodeConfig,
-    flow: &Flow,
-    out: &mut Encap,
-    e: Encap,
-    reason: Reason,
-) -> Result<Verdict, Reason> {
-    let verdict = encapsulate(out, e, reason);
-    sign(ctx, cfg, flow, out)?;
-    Ok(verdict)
 }
 
 #[inline(always)]

@@ -1,0 +1,121 @@
+//! Where a packet of a service goes: the service's port lists, the flow's bucket in the
+//! table, and the request to encapsulate it. Shared by the two paths (`steer`) and QUIC
+//! routing (`quic`), below both of them.
+
+use aya_ebpf::programs::XdpContext;
+use cdn_common::{
+    counters::Reason,
+    hash::{flow_hash_v4, flow_hash_v6},
+    maps::{MAX_SERVICE_PORTS, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP, Service},
+};
+
+use crate::{
+    auth::sign, encap::Encap, maps::TABLE, packet::Frame, parse::Flow, verdict::Verdict,
+    wire::proto,
+};
+
+/// Asks `process` to encapsulate as `with` says, counting `reason` if that works.
+#[inline(always)]
+fn encapsulate(e: &mut Encap, with: Encap, reason: Reason) -> Verdict {
+    *e = with;
+    Verdict::encapsulate(reason)
+}
+
+/// Does the service list this flow's protocol and port?
+#[inline(always)]
+pub fn serves(svc: &Service, flow: &Flow) -> bool {
+    let (proto_flag, ports) = if flow.proto == proto::UDP {
+        (SERVICE_UDP, &svc.udp_ports)
+    } else {
+        (SERVICE_TCP, &svc.tcp_ports)
+    };
+    if svc.flags & proto_flag == 0 {
+        return false;
+    }
+    if svc.flags & SERVICE_ALL_PORTS != 0 {
+        return true;
+    }
+    let port = flow.dst_port();
+    port != 0 && lists_port(ports, port)
+}
+
+/// Whether `ports` holds `port`, without a loop: the verifier cannot follow a loop that walks
+/// the stack by pointer, and the compiler does not always unroll one. The list is read as
+/// four words of two ports each; a port matches where a 16-bit lane of `word ^ (port, port)`
+/// is zero, which the usual bit trick detects for all lanes at once (exact for "any lane").
+#[inline(always)]
+pub fn lists_port(ports: &[u16; MAX_SERVICE_PORTS], port: u16) -> bool {
+    const _: () = assert!(MAX_SERVICE_PORTS == 8, "read as four words");
+    const LOW: u32 = 0x0001_0001;
+    const HIGH: u32 = 0x8000_8000;
+    // SAFETY: [u16; 8] and [u32; 4] have the same size and no invalid bit patterns; the list
+    // sits at a 4-byte aligned offset of the 4-byte aligned `Service`.
+    let words: [u32; 4] = unsafe { core::ptr::read(ports.as_ptr().cast::<[u32; 4]>()) };
+    let both = port as u32 * LOW;
+    let zero_lane = |w: u32| {
+        let x = w ^ both;
+        x.wrapping_sub(LOW) & !x & HIGH
+    };
+    zero_lane(words[0]) | zero_lane(words[1]) | zero_lane(words[2]) | zero_lane(words[3]) != 0
+}
+
+#[inline(always)]
+fn flow_hash(cfg: &NodeConfig, frame: &Frame, flow: &Flow) -> Result<u64, Reason> {
+    if flow.v6 {
+        let src = frame
+            .read::<[u64; 2]>(flow.src_off)
+            .ok_or(Reason::Malformed)?;
+        let dst = frame
+            .read::<[u64; 2]>(flow.dst_off)
+            .ok_or(Reason::Malformed)?;
+        Ok(flow_hash_v6(
+            &cfg.hash_key,
+            src,
+            dst,
+            flow.ports,
+            flow.proto,
+        ))
+    } else {
+        let src = frame.read::<u32>(flow.src_off).ok_or(Reason::Malformed)?;
+        let dst = frame.read::<u32>(flow.dst_off).ok_or(Reason::Malformed)?;
+        Ok(flow_hash_v4(
+            &cfg.hash_key,
+            src,
+            dst,
+            flow.ports,
+            flow.proto,
+        ))
+    }
+}
+
+/// The flow's hash and its bucket's hops in this node's table.
+#[inline(always)]
+pub fn bucket_of(
+    cfg: &NodeConfig,
+    frame: &Frame,
+    flow: &Flow,
+    svc: &Service,
+) -> Result<(u64, [u16; 3]), Reason> {
+    if svc.table_size == 0 {
+        return Err(Reason::NoRoute);
+    }
+    let hash = flow_hash(cfg, frame, flow)?;
+    let index = svc.table_offset + (hash % svc.table_size as u64) as u32;
+    let hops = TABLE.get(index).ok_or(Reason::NoRoute)?.hops;
+    Ok((hash, hops))
+}
+
+/// `encapsulate`, with the MAC the header will carry if `steer_auth` is on.
+#[inline(always)]
+pub fn signed(
+    ctx: &XdpContext,
+    cfg: &NodeConfig,
+    flow: &Flow,
+    out: &mut Encap,
+    e: Encap,
+    reason: Reason,
+) -> Result<Verdict, Reason> {
+    let verdict = encapsulate(out, e, reason);
+    sign(ctx, cfg, flow, out)?;
+    Ok(verdict)
+}
