@@ -5,14 +5,16 @@
 
 use anyhow::{Result, ensure};
 use cdn_common::maps::Bucket;
+use cdn_common::quic_lb::QuicLbConfig;
 use cdn_common::{counters::Reason, wire::entropy_port};
 use cdn_tests::{
     packets::{
-        ExpectedEncap, Flow, NODE_MAC, Tcp, Vlan, expected_encap, frame, icmp_too_big, ip_packet,
-        steering_frame,
+        ExpectedEncap, Flow, NODE_MAC, QUIC_V1, QUIC_V2, Tcp, Vlan, expected_encap, frame,
+        icmp_too_big, ip_packet, quic_cid, quic_cid_entropy, quic_initial, quic_long,
+        quic_long_first, quic_short, steering_frame,
     },
     scenario::{
-        BUDGET, CLIENT_V4, CLIENT_V6, KEY, STEER_PORT, Scenario, TABLE_SIZE, UNDERLAY_V4,
+        BUDGET, CLIENT_V4, CLIENT_V6, KEY, SELF_ID, STEER_PORT, Scenario, TABLE_SIZE, UNDERLAY_V4,
         UNDERLAY_V6, VIP_V4, VIP_V6, addr, member_addr, member_mac,
     },
     xdp,
@@ -287,5 +289,228 @@ fn mutated_packets_never_get_a_wrong_verdict() -> Result<()> {
         forwarded > 1000,
         "too few mutants stayed forwardable: {forwarded}/{checked}"
     );
+    Ok(())
+}
+
+/// The QUIC configuration of [`mutated_quic_packets_never_get_a_wrong_verdict`]: UDP 443 of
+/// both services is QUIC; server ID [`QUIC_THERE`] is member 4's, [`QUIC_HERE`] this node's.
+const QUIC: QuicLbConfig = QuicLbConfig {
+    config_id: 1,
+    server_id_len: 2,
+    cid_len: 8,
+};
+const QUIC_HERE: u32 = 0x0101;
+const QUIC_THERE: u32 = 0x0104;
+
+/// What the QUIC oracle expects of a well-formed UDP packet to VIP:443.
+#[derive(Debug, PartialEq)]
+enum QuicWant {
+    /// Encapsulated to `member` with no further hop; `cid`: with the CID path's entropy.
+    Forward {
+        member: u16,
+        cid: Option<Vec<u8>>,
+        reason: Reason,
+    },
+    /// Accepted here untouched.
+    Accept(Reason),
+    Drop(Reason),
+}
+
+/// An independent reading of the README's QUIC rules, from the UDP payload alone. Every
+/// bucket names member 2 (see [`scenario`]).
+fn quic_oracle(payload: &[u8]) -> QuicWant {
+    let by_hash = QuicWant::Forward {
+        member: 2,
+        cid: None,
+        reason: Reason::QuicHashForwarded,
+    };
+    let Some(&first) = payload.first() else {
+        return QuicWant::Drop(Reason::QuicTruncated);
+    };
+    let cid_len = usize::from(QUIC.cid_len);
+    let dcid = if first & 0x80 == 0 {
+        match payload.get(1..1 + cid_len) {
+            Some(d) => d,
+            None => return QuicWant::Drop(Reason::QuicTruncated),
+        }
+    } else {
+        if payload.len() < 6 {
+            return QuicWant::Drop(Reason::QuicTruncated);
+        }
+        let version = u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]);
+        let dcid_len = usize::from(payload[5]);
+        let kind = (first >> 4) & 3;
+        let known = version == QUIC_V1 || version == QUIC_V2;
+        if version == 0
+            || (version == QUIC_V1 && kind == 3)
+            || (version == QUIC_V2 && kind == 0)
+            || (known && dcid_len > 20)
+        {
+            return QuicWant::Drop(Reason::QuicInvalid);
+        }
+        let Some(d) = payload.get(6..6 + dcid_len) else {
+            return QuicWant::Drop(Reason::QuicTruncated);
+        };
+        if dcid_len != cid_len {
+            return by_hash;
+        }
+        d
+    };
+    match QUIC.decode(dcid) {
+        Some(QUIC_HERE) => QuicWant::Accept(Reason::QuicCidAccept),
+        Some(QUIC_THERE) => QuicWant::Forward {
+            member: 4,
+            cid: Some(dcid.to_vec()),
+            reason: Reason::QuicCidForwarded,
+        },
+        _ => by_hash,
+    }
+}
+
+fn quic_corpus() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for (src, dst) in [(CLIENT_V4, VIP_V4), (CLIENT_V6, VIP_V6)] {
+        let f = Flow::udp(src, 40000, dst, 443);
+        for vlan in [Vlan::None, Vlan::Single(7)] {
+            for server in [QUIC_HERE, QUIC_THERE, 0x0999] {
+                let cid = quic_cid(&QUIC, server, server as u8);
+                out.push(frame(&f, Tcp::ACK, vlan, &quic_short(&cid, &[0x5a; 24])));
+                for version in [QUIC_V1, QUIC_V2] {
+                    let p = quic_long(
+                        quic_long_first(version, 2),
+                        version,
+                        &cid,
+                        &[3; 8],
+                        &[9; 16],
+                    );
+                    out.push(frame(&f, Tcp::ACK, vlan, &p));
+                }
+            }
+            out.push(frame(&f, Tcp::ACK, vlan, &quic_initial(&[0x77; 8], 64)));
+        }
+    }
+    out
+}
+
+/// The mutation corpus with QUIC: mutants of short and long headers (ours, another member's,
+/// unknown server IDs, client Initials) must get exactly the verdict the QUIC oracle gives
+/// whenever etherparse still sees a well-formed UDP packet to VIP:443, byte-exact
+/// encapsulations included; everything else must not be forwarded as QUIC.
+#[test]
+fn mutated_quic_packets_never_get_a_wrong_verdict() -> Result<()> {
+    let mut s = scenario()?;
+    s.set_quic(Some(&QUIC), 0)?;
+    s.dp.set_quic_server(QUIC_HERE, Some(SELF_ID))?;
+    s.dp.set_quic_server(QUIC_THERE, Some(4))?;
+    let mut rng = StdRng::seed_from_u64(0x9_0000);
+    let corpus = quic_corpus();
+    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+    for round in 0..12_000 {
+        let mut pkt = corpus[round % corpus.len()].clone();
+        // Mutate the QUIC header more often than the rest: that is what is under test.
+        for _ in 0..rng.random_range(1..=3) {
+            let len = pkt.len();
+            let i = if rng.random_bool(0.7) {
+                // Around the UDP payload's start (the headers before it are 42..70 octets).
+                rng.random_range(len.saturating_sub(60).min(len - 1)..len)
+            } else {
+                rng.random_range(0..len)
+            };
+            pkt[i] = match rng.random_range(0..3) {
+                0 => rng.random(),
+                1 => pkt[i] ^ (1 << rng.random_range(0..8)),
+                _ => [0, 0xff, 0x80, 0x40, 0x20, 8, 20, 21][rng.random_range(0..8)],
+            };
+        }
+        let run = s.run(&pkt)?;
+        let verdict = run.verdict();
+        *seen.entry(verdict.name()).or_default() += 1;
+        let payload = match (oracle(&pkt), SlicedPacket::from_ethernet(&pkt)) {
+            (
+                Oracle::Forward { flow, ip },
+                Ok(SlicedPacket {
+                    transport: Some(TransportSlice::Udp(u)),
+                    ..
+                }),
+            ) if flow.udp => Some((flow, ip, u.payload().to_vec())),
+            _ => None,
+        };
+        let Some((flow, ip, payload)) = payload else {
+            ensure!(
+                !matches!(
+                    verdict,
+                    Reason::QuicCidForwarded
+                        | Reason::QuicHashForwarded
+                        | Reason::QuicCidAccept
+                        | Reason::QuicHashAccept
+                ),
+                "round {round}: QUIC verdict {verdict:?} for a packet etherparse rejects\n{pkt:02x?}"
+            );
+            continue;
+        };
+        let want = quic_oracle(&payload);
+        let ctx = || format!("round {round}: {flow:?} payload {payload:02x?}");
+        match want {
+            QuicWant::Drop(reason) => ensure!(
+                run.action == xdp::DROP && verdict == reason,
+                "{}: want drop {reason:?}, got action {} {verdict:?}",
+                ctx(),
+                run.action
+            ),
+            QuicWant::Accept(reason) => ensure!(
+                run.action == xdp::PASS && verdict == reason && run.out == pkt,
+                "{}: want untouched {reason:?}, got action {} {verdict:?}",
+                ctx(),
+                run.action
+            ),
+            QuicWant::Forward {
+                member,
+                cid,
+                reason,
+            } => {
+                ensure!(
+                    run.action == xdp::TX && verdict == reason,
+                    "{}: want {reason:?} to {member}, got action {} {verdict:?}",
+                    ctx(),
+                    run.action
+                );
+                let entropy = match &cid {
+                    Some(cid) => quic_cid_entropy(&flow, cid),
+                    None => entropy_port(flow.hash(&KEY)),
+                };
+                let expected = expected_encap(&ExpectedEncap {
+                    dst_mac: member_mac(member),
+                    src_mac: NODE_MAC,
+                    outer_src: addr(UNDERLAY_V4),
+                    outer_dst: member_addr(member),
+                    entropy,
+                    steer_port: STEER_PORT,
+                    budget: BUDGET,
+                    hops: &[],
+                    inner: &ip,
+                })?;
+                ensure!(
+                    run.out == expected,
+                    "{}: wrong encapsulation\nout {:02x?}\nexp {expected:02x?}",
+                    ctx(),
+                    run.out
+                );
+            }
+        }
+    }
+    // The mutants must have exercised every QUIC verdict, not just stayed one kind.
+    for reason in [
+        Reason::QuicCidForwarded,
+        Reason::QuicCidAccept,
+        Reason::QuicHashForwarded,
+        Reason::QuicTruncated,
+        Reason::QuicInvalid,
+    ] {
+        ensure!(
+            seen.get(reason.name()).copied().unwrap_or(0) >= 50,
+            "too few mutants got {}: {seen:?}",
+            reason.name()
+        );
+    }
     Ok(())
 }
