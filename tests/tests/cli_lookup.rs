@@ -6,7 +6,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr, TcpListener},
-    path::{Path, PathBuf},
+    path::Path,
     process::Output,
     time::Duration,
 };
@@ -14,43 +14,14 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use cdn_common::quic_lb::{MAX_CID_LEN, QuicLbConfig};
 use cdn_test_support::{
-    Netns,
+    BpfMount, Netns,
+    binaries::cdn_steer,
     process::{Group, Process},
-    run,
     scratch::ScratchDir,
     wait,
 };
 use cdn_user::operator::lookup::{LookupDocument, OFFLINE_ASSUMPTION, Source};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
-
-fn cdn_steer() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|d| d.join("cdn-steer"))
-        .find(|p| p.is_file())
-        .context("cdn-steer not built (cargo build --release -p cdn-user --bin cdn-steer)")
-}
-
-/// A bpf filesystem mounted on a directory, unmounted when dropped.
-struct BpfMount(PathBuf);
-
-impl BpfMount {
-    fn new(at: &Path) -> Result<Self> {
-        std::fs::create_dir_all(at)?;
-        run("mount", &["-t", "bpf", "bpf", &at.to_string_lossy()])?;
-        Ok(Self(at.to_owned()))
-    }
-}
-
-impl Drop for BpfMount {
-    fn drop(&mut self) {
-        if let Err(e) = run("umount", &[&self.0.to_string_lossy()]) {
-            eprintln!("cleanup: {e:#}");
-        }
-    }
-}
 
 const MEMBERS: [(&str, &str); 3] = [("a", "10.9.0.1"), ("b", "10.9.0.2"), ("c", "10.9.0.3")];
 const VIP_V4: &str = "192.0.2.1";
@@ -186,7 +157,7 @@ fn offline_owner_is_the_live_daemons_with_every_member_up() -> Result<()> {
 
     let socket = dir.path().join("ctl.sock");
     let cfg_path = dir.path().join("node.toml");
-    std::fs::write(&cfg_path, config(&mount.0.join("a"), &socket))?;
+    std::fs::write(&cfg_path, config(&mount.join("a"), &socket))?;
     let cfg = cfg_path.to_string_lossy().into_owned();
 
     // No daemon yet: unreachable is exit code 3.

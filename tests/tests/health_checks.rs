@@ -17,43 +17,14 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use cdn_test_support::{
-    Netns, Process, cmd::run, process::Group, scratch::ScratchDir, wait::until,
+    BpfMount, Netns, Process, binaries::cdn_steer, cmd::run, process::Group, scratch::ScratchDir,
+    wait::until,
 };
 use serde_json::Value;
 
 const VIP: &str = "192.0.2.1";
 const HTTPD: &str = env!("CARGO_BIN_EXE_cdn-lab-httpd");
 const PATIENCE: Duration = Duration::from_secs(10);
-
-/// The `cdn-steer` binary next to this test executable (`target/<profile>/`).
-fn cdn_steer() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|d| d.join("cdn-steer"))
-        .find(|p| p.is_file())
-        .context("cdn-steer not built: cargo build --release -p cdn-user --bin cdn-steer")
-}
-
-/// A bpffs mounted in this (the host's) mount namespace, unmounted when dropped.
-struct BpfMount(PathBuf);
-
-impl BpfMount {
-    fn new(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        run("mount", &["-t", "bpf", "bpf", &dir.to_string_lossy()])?;
-        Ok(Self(dir.to_path_buf()))
-    }
-}
-
-impl Drop for BpfMount {
-    fn drop(&mut self) {
-        if let Err(e) = run("umount", &[&self.0.to_string_lossy()]) {
-            eprintln!("cleanup: {e:#}");
-        }
-    }
-}
 
 /// The two namespaces and a scratch directory. Processes are started by the tests and must be
 /// dropped before this (declare them after it).

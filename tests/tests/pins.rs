@@ -14,42 +14,12 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use cdn_test_support::{
-    Netns,
+    BpfMount, Netns,
+    binaries::cdn_steer,
     process::{Group, Process},
-    run,
     scratch::ScratchDir,
     wait,
 };
-
-fn cdn_steer() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|d| d.join("cdn-steer"))
-        .find(|p| p.is_file())
-        .context("cdn-steer not built (cargo build --release -p cdn-user --bin cdn-steer)")
-}
-
-/// A bpf filesystem mounted in the test's (the host's) mount namespace, unmounted when
-/// dropped: the pinned link goes with it.
-struct BpfMount(PathBuf);
-
-impl BpfMount {
-    fn new(at: &Path) -> Result<Self> {
-        std::fs::create_dir_all(at)?;
-        run("mount", &["-t", "bpf", "bpf", &at.to_string_lossy()])?;
-        Ok(Self(at.to_owned()))
-    }
-}
-
-impl Drop for BpfMount {
-    fn drop(&mut self) {
-        if let Err(e) = run("umount", &[&self.0.to_string_lossy()]) {
-            eprintln!("cleanup: {e:#}");
-        }
-    }
-}
 
 /// One node that is its own only member, in a network namespace with `eth0` and a listener
 /// for its health check.
@@ -226,7 +196,7 @@ fn ephemeral_pins_run_when_allowed_and_end_with_the_daemon() -> Result<()> {
 fn pins_on_a_host_bpffs_keep_xdp_through_kill_9() -> Result<()> {
     let host = ScratchDir::new("pins-host")?;
     let mount = BpfMount::new(&host.path().join("bpffs"))?;
-    let mut node = Node::new("pins-host", &mount.0.join("a"))?;
+    let mut node = Node::new("pins-host", &mount.join("a"))?;
     node.start(&[])?;
     node.kill9()?;
     // Give a detach that should not happen the time to happen.
@@ -237,7 +207,7 @@ fn pins_on_a_host_bpffs_keep_xdp_through_kill_9() -> Result<()> {
         node.log()
     );
     ensure!(
-        mount.0.join("a/links/eth0").exists(),
+        mount.join("a/links/eth0").exists(),
         "the link pin is gone from the host's bpffs"
     );
     // The next daemon takes the pins over.
@@ -255,7 +225,7 @@ fn pins_on_a_host_bpffs_keep_xdp_through_kill_9() -> Result<()> {
 fn a_refused_reload_leaves_the_daemon_reachable_by_socket() -> Result<()> {
     let host = ScratchDir::new("pins-reload")?;
     let mount = BpfMount::new(&host.path().join("bpffs"))?;
-    let mut node = Node::new("pins-reload", &mount.0.join("a"))?;
+    let mut node = Node::new("pins-reload", &mount.join("a"))?;
     node.start(&[])?;
     let (cfg, socket) = (
         node.config.to_string_lossy().into_owned(),

@@ -4,47 +4,16 @@
 //! protocols), then set right by running the fixes the check itself names. The binary runs in
 //! the namespace with `ip netns exec`, as an operator would run it there.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Output,
-};
+use std::{path::Path, process::Output};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use cdn_test_support::{Netns, bird::Bird, process::Group, run, scratch::ScratchDir};
+use cdn_test_support::{
+    BpfMount, Netns, binaries::cdn_steer, bird::Bird, process::Group, scratch::ScratchDir,
+};
 use cdn_user::operator::{
     check::{CheckDocument, Verdict},
     preflight::{Finding, Group as Part, Status},
 };
-
-/// `cdn-steer`, next to this test executable (`target/<profile>/`, the test is in `deps/`).
-fn cdn_steer() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|d| d.join("cdn-steer"))
-        .find(|p| p.is_file())
-        .context("cdn-steer not built (cargo build --release -p cdn-user --bin cdn-steer)")
-}
-
-/// A bpf filesystem mounted on a directory, unmounted when dropped.
-struct BpfMount(PathBuf);
-
-impl BpfMount {
-    fn new(at: &Path) -> Result<Self> {
-        std::fs::create_dir_all(at)?;
-        run("mount", &["-t", "bpf", "bpf", &at.to_string_lossy()])?;
-        Ok(Self(at.to_owned()))
-    }
-}
-
-impl Drop for BpfMount {
-    fn drop(&mut self) {
-        if let Err(e) = run("umount", &[&self.0.to_string_lossy()]) {
-            eprintln!("cleanup: {e:#}");
-        }
-    }
-}
 
 fn bird_config(protocols: &[&str]) -> String {
     let mut c = "router id 10.1.1.2;\nprotocol device {}\n".to_owned();
@@ -241,7 +210,7 @@ fn a_bad_host_is_named_and_the_named_fixes_make_it_good() -> Result<()> {
     let good = dir.path().join("good.toml");
     std::fs::write(
         &good,
-        node_config(&["eth0"], &mount.0.join("node"), bird.socket()),
+        node_config(&["eth0"], &mount.join("node"), bird.socket()),
     )?;
     let (doc, code) = check(&ns, &good, &[])?;
     let not_ok: Vec<&Finding> = doc

@@ -5,12 +5,7 @@
 //! Checked through the pinned maps (`DataPlane`, and one entry with `bpftool`), and through
 //! `lookup --cid`, live against offline.
 
-use std::{
-    net::TcpListener,
-    path::{Path, PathBuf},
-    process::Output,
-    time::Duration,
-};
+use std::{net::TcpListener, path::Path, process::Output, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use cdn_common::{
@@ -18,7 +13,8 @@ use cdn_common::{
     quic_lb::{MAX_CID_LEN, QuicLbConfig},
 };
 use cdn_test_support::{
-    Netns,
+    BpfMount, Netns,
+    binaries::cdn_steer,
     process::{Group, Process},
     run,
     scratch::ScratchDir,
@@ -29,35 +25,6 @@ use cdn_user::{
     dataplane::{DataPlane, LoadOptions, tables},
     operator::quic::CidDocument,
 };
-
-fn cdn_steer() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|d| d.join("cdn-steer"))
-        .find(|p| p.is_file())
-        .context("cdn-steer not built (cargo build --release -p cdn-user --bin cdn-steer)")
-}
-
-/// A bpf filesystem mounted on a directory, unmounted (with its pins) when dropped.
-struct BpfMount(PathBuf);
-
-impl BpfMount {
-    fn new(at: &Path) -> Result<Self> {
-        std::fs::create_dir_all(at)?;
-        run("mount", &["-t", "bpf", "bpf", &at.to_string_lossy()])?;
-        Ok(Self(at.to_owned()))
-    }
-}
-
-impl Drop for BpfMount {
-    fn drop(&mut self) {
-        if let Err(e) = run("umount", &[&self.0.to_string_lossy()]) {
-            eprintln!("cleanup: {e:#}");
-        }
-    }
-}
 
 const VIP: &str = "192.0.2.1";
 
@@ -175,7 +142,7 @@ fn daemon_writes_server_ids_clears_leftovers_and_follows_reloads() -> Result<()>
     std::thread::spawn(move || for _ in listener.incoming() {});
 
     let socket = dir.path().join("ctl.sock");
-    let bpffs = mount.0.join("a");
+    let bpffs = mount.join("a");
     let maps = bpffs.join("maps");
     let cfg_path = dir.path().join("node.toml");
     let text = config(&bpffs, &socket, true, 8);

@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use cdn_test_support::{
-    Netns, Process, cmd::run, process::Group, scratch::ScratchDir, wait::until,
+    BpfMount, Netns, Process, binaries::cdn_steer, process::Group, scratch::ScratchDir, wait::until,
 };
 
 const UNIT: &str = concat!(
@@ -30,36 +30,6 @@ const UNIT: &str = concat!(
 );
 /// WATCHDOG_USEC given to the daemon: it should ping every 200 ms.
 const WATCHDOG_USEC: u64 = 400_000;
-
-/// The `cdn-steer` binary next to this test executable (`target/<profile>/`).
-fn cdn_steer() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|d| d.join("cdn-steer"))
-        .find(|p| p.is_file())
-        .context("cdn-steer not built: cargo build --release -p cdn-user --bin cdn-steer")
-}
-
-/// A bpffs mounted in this (the host's) mount namespace, unmounted when dropped.
-struct BpfMount(PathBuf);
-
-impl BpfMount {
-    fn new(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        run("mount", &["-t", "bpf", "bpf", &dir.to_string_lossy()])?;
-        Ok(Self(dir.to_path_buf()))
-    }
-}
-
-impl Drop for BpfMount {
-    fn drop(&mut self) {
-        if let Err(e) = run("umount", &[&self.0.to_string_lossy()]) {
-            eprintln!("cleanup: {e:#}");
-        }
-    }
-}
 
 /// A namespace with one veth pair (10.77.0.1 on veth0, where XDP goes; 10.77.0.2 on veth1)
 /// and a configuration: member n1 (this node, healthy once its own /ready answers) and n2

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, ensure};
 use cdn_common::maps::{Bucket, NO_MEMBER};
-use cdn_tests::netns::run;
+use cdn_test_support::BpfMount;
 use cdn_user::{
     cluster::maglev::{self, MaglevMember},
     config::{self, Config},
@@ -52,26 +52,6 @@ vips = ["198.51.100.0/24"]
 udp_ports = [53]
 "#;
 
-/// A bpf filesystem mounted for the test and unmounted (with its pins) when dropped.
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    /// `tag` tells the tests of this binary apart: they run at the same time.
-    fn new(tag: &str) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("cdnt-bpffs-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        run("mount", &["-t", "bpf", "bpf", &dir.to_string_lossy()])?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = run("umount", &[&self.0.to_string_lossy()]);
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 fn owners(cfg: &Config, ids: &[u16]) -> Result<Vec<u16>> {
     let members: Vec<MaglevMember<'_>> = cfg
         .cluster
@@ -112,8 +92,8 @@ fn live_table(dp: &DataPlane, vip: &str, len: u8) -> Result<(u32, Vec<Bucket>)> 
 #[test]
 fn swaps_keep_history_and_survive_a_restart() -> Result<()> {
     let cfg = config::parse(CONFIG).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let fs = Bpffs::new("swaps")?;
-    let pins = fs.0.join("maps");
+    let fs = BpfMount::temp("swaps")?;
+    let pins = fs.join("maps");
     std::fs::create_dir_all(&pins)?;
     let mut dp = load(&cfg, Some(pins.clone()))?;
     let mut t = Tables::recover(&dp, &cfg)?;
@@ -224,8 +204,8 @@ fn two_nodes_fed_the_same_events_hold_identical_tables() -> Result<()> {
 #[test]
 fn pins_of_another_layout_are_replaced_and_the_others_kept() -> Result<()> {
     let cfg = config::parse(CONFIG)?;
-    let fs = Bpffs::new("stale")?;
-    let pins = fs.0.join("maps");
+    let fs = BpfMount::temp("stale")?;
+    let pins = fs.join("maps");
     std::fs::create_dir_all(&pins)?;
     let bucket = Bucket {
         hops: [3, 2, NO_MEMBER],

@@ -15,8 +15,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 use aya::maps::{Array, Map, MapData};
 use cdn_common::maps::{MAP_CONFIG, NODE_READY, NODE_TRACE, NodeConfig};
 use cdn_test_support::{
+    BpfMount,
     process::{Group, Process},
-    run,
     scratch::ScratchDir,
     wait,
 };
@@ -26,26 +26,6 @@ use serde_json::Value;
 const NODE: &str = "10.77.0.1";
 const CLIENT: &str = "10.77.0.2";
 const VIP: &str = "192.0.2.1";
-
-/// A bpf filesystem mounted on a scratch directory (pins must outlive `ip netns exec`'s
-/// private /sys), unmounted when dropped.
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn mount(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        run("mount", &["-t", "bpf", "bpf", &dir.to_string_lossy()])?;
-        Ok(Self(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        if let Err(e) = run("umount", &[&self.0.to_string_lossy()]) {
-            eprintln!("cleanup: {e:#}");
-        }
-    }
-}
 
 /// One node (member 1 of a one-member cluster) and a client on a veth pair.
 struct Setup {
@@ -57,7 +37,7 @@ struct Setup {
     pins: PathBuf,
     node: Netns,
     client: Netns,
-    _bpffs: Bpffs,
+    _bpffs: BpfMount,
     dir: ScratchDir,
 }
 
@@ -92,8 +72,8 @@ impl Setup {
         // The member's health check (a TCP connect to port 80) and the test's connections
         // are answered by this listener; the kernel completes handshakes without accept().
         let listener = node.enter(|| TcpListener::bind("0.0.0.0:80"))??;
-        let bpffs = Bpffs::mount(&dir.path().join("bpffs"))?;
-        let pins = bpffs.0.join("node1");
+        let bpffs = BpfMount::new(&dir.path().join("bpffs"))?;
+        let pins = bpffs.join("node1");
         let config = dir.path().join("node1.toml");
         std::fs::write(&config, config_text(&dir, &pins))?;
         let daemon = start_daemon(&node, &bin, &config, &dir, "daemon")?;
