@@ -115,8 +115,7 @@ impl Relay {
                     let dcid = if p[0] & 0x80 == 0 {
                         p.get(1..1 + cid_len)
                     } else {
-                        p.get(5)
-                            .and_then(|&len| p.get(6..6 + usize::from(len)))
+                        p.get(5).and_then(|&len| p.get(6..6 + usize::from(len)))
                     };
                     if let Ok(mut w) = wire.lock() {
                         w.client_dcids.extend(dcid.map(<[u8]>::to_vec));

@@ -46,13 +46,8 @@ pub fn endpoint(spec: &ServerSpec, socket: UdpSocket) -> Result<quinn::Endpoint>
     server.transport_config(Arc::new(transport));
     // Clients that change address keep their connection (QUIC connection migration).
     server.migration(true);
-    quinn::Endpoint::new(
-        config,
-        Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .context("starting the QUIC endpoint")
+    quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+        .context("starting the QUIC endpoint")
 }
 
 /// Accepts connections on `endpoint` until it is closed; each connection and each request

@@ -31,21 +31,29 @@ impl Lab {
             &format!("httpd ({})", node.name),
             &self.bin.httpd,
             &[
-                "--size",
-                &size,
-                "--seed",
-                &seed,
-                "--listen",
-                &format!("{VIP_V4}:80"),
-                "--listen",
-                &format!("[{VIP_V6}]:80"),
-                "--udp",
-                &format!("{VIP_V4}:{UDP_PORT}"),
-                "--udp",
-                &format!("[{VIP_V6}]:{UDP_PORT}"),
-                "--name",
-                &node.name,
-            ],
+                &[
+                    "--size",
+                    &size,
+                    "--seed",
+                    &seed,
+                    "--listen",
+                    &format!("{VIP_V4}:80"),
+                    "--listen",
+                    &format!("[{VIP_V6}]:80"),
+                    "--udp",
+                    &format!("{VIP_V4}:{UDP_PORT}"),
+                    "--udp",
+                    &format!("[{VIP_V6}]:{UDP_PORT}"),
+                    "--name",
+                    &node.name,
+                ][..],
+                &self
+                    .h3_httpd_args(i)
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            ]
+            .concat(),
             &log,
         )?;
         self.nodes[i].httpd = Some(httpd);
