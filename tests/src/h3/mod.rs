@@ -35,7 +35,7 @@ impl Identity {
         })
     }
 
-    /// Writes `<base>.crt.der` and `<base>.key.der`.
+    /// Writes the certificate and the key (DER) to `cert` and `key`.
     pub fn write(&self, cert: &Path, key: &Path) -> Result<()> {
         std::fs::write(cert, &self.cert).with_context(|| format!("writing {}", cert.display()))?;
         std::fs::write(key, &self.key).with_context(|| format!("writing {}", key.display()))?;
