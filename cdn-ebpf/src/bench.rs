@@ -42,6 +42,11 @@ const SAVED_BYTES: usize = BENCH_FRAME_BYTES;
 #[map(name = "BENCH_SAVED")]
 static BENCH_SAVED: PerCpuArray<[u8; SAVED_BYTES]> = PerCpuArray::with_max_entries(1, 0);
 
+/// Length of the saved frame. Kept in a map rather than across the packet path in a stack
+/// slot: the path's frame together with the next-hop fallback's leaves none to spare.
+#[map(name = "BENCH_SAVED_LEN")]
+static BENCH_SAVED_LEN: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
 fn frame_len(ctx: &XdpContext) -> u32 {
     // SAFETY: plain helper call on our context.
@@ -60,7 +65,7 @@ fn copy_len(len: u32) -> u32 {
 
 /// Copies the frame into the per-CPU save area; its length, or `None` if it cannot be saved.
 #[inline(always)]
-fn save(ctx: &XdpContext) -> Option<u32> {
+fn save(ctx: &XdpContext) -> Option<()> {
     let len = frame_len(ctx);
     if !(14..SAVED_BYTES as u32).contains(&len) {
         return None;
@@ -69,13 +74,17 @@ fn save(ctx: &XdpContext) -> Option<u32> {
     let saved = BENCH_SAVED.get_ptr_mut(0)?;
     // SAFETY: copies `len` (<= the map value's size) bytes into our map value.
     let rc = unsafe { bpf_xdp_load_bytes(ctx.ctx, 0, saved.cast::<c_void>(), len) };
-    (rc == 0).then_some(len)
+    let saved_len = BENCH_SAVED_LEN.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot of our map; XDP runs with preemption disabled.
+    unsafe { *saved_len = len };
+    (rc == 0).then_some(())
 }
 
 /// Moves the frame's start back to where it was (the paths only ever grow or shrink the head)
 /// and copies the saved bytes back.
 #[inline(always)]
-fn restore(ctx: &XdpContext, len: u32) -> Option<()> {
+fn restore(ctx: &XdpContext) -> Option<()> {
+    let len = *BENCH_SAVED_LEN.get(0)?;
     let saved = BENCH_SAVED.get_ptr_mut(0)?;
     write_frame(ctx, len, saved)
 }
@@ -100,14 +109,14 @@ fn write_frame(ctx: &XdpContext, len: u32, from: *mut [u8; SAVED_BYTES]) -> Opti
 #[xdp]
 #[inline(always)]
 pub fn bench_steer(ctx: XdpContext) -> u32 {
-    let Some(len) = save(&ctx) else {
+    if save(&ctx).is_none() {
         return xdp_action::XDP_ABORTED;
-    };
+    }
     let verdict = steer::process(&ctx);
     let verdict = trace::trace(&ctx, verdict);
     // A frame that cannot be put back makes the run invalid: it is counted as aborted, like
     // the action returned.
-    let verdict = match restore(&ctx, len) {
+    let verdict = match restore(&ctx) {
         Some(()) => verdict,
         None => verdict.with_action(Action::Aborted),
     };
@@ -117,10 +126,10 @@ pub fn bench_steer(ctx: XdpContext) -> u32 {
 /// Nothing between `save` and `restore`: the harness's cost.
 #[xdp]
 pub fn bench_baseline(ctx: XdpContext) -> u32 {
-    let Some(len) = save(&ctx) else {
+    if save(&ctx).is_none() {
         return xdp_action::XDP_ABORTED;
-    };
-    match restore(&ctx, len) {
+    }
+    match restore(&ctx) {
         Some(()) => xdp_action::XDP_PASS,
         None => xdp_action::XDP_ABORTED,
     }

@@ -9,6 +9,7 @@ mod encap;
 mod maps;
 mod packet;
 mod parse;
+mod quic;
 mod sockets;
 mod steer;
 mod trace;

@@ -16,6 +16,8 @@
 //! flag) is the owner check above, which only recognises connected sockets; *owner* sends a
 //! flow to its bucket's current owner alone, which accepts it without a socket check (at most
 //! one internal forward); *local* accepts it wherever it lands. TCP and ICMP ignore the mode.
+//! UDP to a QUIC port of a `SERVICE_QUIC` service ignores it too: it is routed by connection
+//! ID, or else like *owner* (`quic`).
 //!
 //! Both paths, the owner check and the encapsulation are inlined into the entry point: a call
 //! between BPF functions costs about 8 ns on hosts that mitigate return-address attacks, more
@@ -48,6 +50,7 @@ use crate::{
         Flow, Kind, L2, dst_addr_off, member_key, parse_flow, parse_ip, parse_l2, peek_udp_dport,
         require_ip_header,
     },
+    quic::{self, is_quic},
     sockets::{Ownership, check},
     verdict::Verdict,
     wire::{proto, steer, tcp, udp},
@@ -192,7 +195,7 @@ fn serves(svc: &Service, flow: &Flow) -> bool {
 /// four words of two ports each; a port matches where a 16-bit lane of `word ^ (port, port)`
 /// is zero, which the usual bit trick detects for all lanes at once (exact for "any lane").
 #[inline(always)]
-fn lists_port(ports: &[u16; MAX_SERVICE_PORTS], port: u16) -> bool {
+pub(crate) fn lists_port(ports: &[u16; MAX_SERVICE_PORTS], port: u16) -> bool {
     const _: () = assert!(MAX_SERVICE_PORTS == 8, "read as four words");
     const LOW: u32 = 0x0001_0001;
     const HIGH: u32 = 0x8000_8000;
@@ -238,7 +241,7 @@ fn flow_hash(cfg: &NodeConfig, frame: &Frame, flow: &Flow) -> Result<u64, Reason
 
 /// The flow's hash and its bucket's hops in this node's table.
 #[inline(always)]
-fn bucket_of(
+pub(crate) fn bucket_of(
     cfg: &NodeConfig,
     frame: &Frame,
     flow: &Flow,
@@ -280,6 +283,11 @@ fn try_ingress(
         Kind::Tcp | Kind::Udp => {
             if !serves(svc, &flow) {
                 return Err(Reason::PortMiss);
+            }
+            // QUIC ports of a QUIC service are routed by connection ID (`quic`); for other
+            // services this costs one flag test.
+            if flow.kind == Kind::Udp && is_quic(svc, flow.dst_port()) {
+                return quic::ingress(ctx, cfg, frame, &ip, &flow, svc, out);
             }
             // Before hashing: a local-mode flow needs no bucket.
             if flow.kind == Kind::Udp && svc.flags & SERVICE_UDP_LOCAL != 0 {
@@ -335,7 +343,7 @@ fn try_ingress(
 
 /// `encapsulate`, with the MAC the header will carry if `steer_auth` is on.
 #[inline(always)]
-fn signed(
+pub(crate) fn signed(
     ctx: &XdpContext,
     cfg: &NodeConfig,
     flow: &Flow,
@@ -438,7 +446,10 @@ fn try_owner_path(
     // table; a `local` flow arrives only while configurations disagree (a rollout), and
     // accepting it is what `local` means.
     if flow.kind == Kind::Udp {
-        let reason = if svc.flags & SERVICE_UDP_LOCAL != 0 {
+        let reason = if is_quic(svc, flow.dst_port()) {
+            // Decoded before decapsulating: the inner packet's offsets are those of now.
+            Some(quic::owner_reason(cfg, frame, &ip, svc))
+        } else if svc.flags & SERVICE_UDP_LOCAL != 0 {
             Some(Reason::UdpLocalAccept)
         } else if svc.flags & SERVICE_UDP_OWNER != 0 {
             Some(Reason::UdpOwnerAccept)

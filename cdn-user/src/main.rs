@@ -8,7 +8,7 @@ use cdn_user::{
     operator::{
         check, cli,
         control::{self, ControlError, DriftReport, Request, Response, StatusReport, TraceSpec},
-        logging, lookup,
+        logging, lookup, quic,
     },
 };
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
@@ -102,11 +102,18 @@ enum Command {
     #[command(after_help = EXIT_CODES)]
     Lookup {
         /// Client address and port, e.g. 198.51.100.7:40000 or [2001:db8::7]:40000.
-        src: SocketAddr,
+        #[arg(required_unless_present = "cid")]
+        src: Option<SocketAddr>,
         /// VIP and port, e.g. 192.0.2.1:443.
-        dst: SocketAddr,
+        #[arg(required_unless_present = "cid")]
+        dst: Option<SocketAddr>,
         #[arg(value_enum, default_value_t = Proto::Tcp)]
         proto: Proto,
+        /// A QUIC destination connection ID in hex: which member it routes to under each QUIC
+        /// service's QUIC-LB settings (with a UDP flow to a QUIC port: where that flow's
+        /// packets carrying it go).
+        #[arg(long)]
+        cid: Option<String>,
         #[command(flatten)]
         daemon: DaemonArgs,
         /// Compute the owner from the configuration alone, without a daemon: every member
@@ -161,7 +168,7 @@ enum Generated {
 
 /// How a client command finds the daemon's control socket. Without either option: the
 /// default socket path.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct DaemonArgs {
     /// Configuration of the daemon: its node.control_socket is used (only that key has to be
     /// readable, so a file the daemon refused still works if it parses as TOML).
@@ -329,20 +336,43 @@ fn run(cli: Cli) -> Result<(), CliError> {
             src,
             dst,
             proto,
+            cid,
             daemon,
             offline,
             json,
         } => {
             let udp = matches!(proto, Proto::Udp);
-            let doc = match (offline, &daemon.config) {
+            let cfg = match (offline, &daemon.config) {
                 (true, Some(path)) => {
-                    let cfg = config::load(path).map_err(|e| CliError::Config(e.to_string()))?;
-                    lookup::offline(&cfg, src, dst, udp).map_err(|e| match e {
-                        lookup::LookupError::Table(_) => CliError::Failed(e.into()),
-                        _ => CliError::Refused(e.to_string()),
-                    })?
+                    Some(config::load(path).map_err(|e| CliError::Config(e.to_string()))?)
                 }
-                _ => {
+                _ => None,
+            };
+            let cid = match (cid, &cfg) {
+                (None, _) => None,
+                (Some(text), Some(cfg)) => {
+                    Some(quic::offline(cfg, &text).map_err(|e| CliError::Refused(e.to_string()))?)
+                }
+                (Some(cid), None) => {
+                    let response =
+                        runtime()?.block_on(ask(daemon.clone(), Request::Cid { cid }))?;
+                    let Response::Cid(doc) = response else {
+                        return Err(anyhow::anyhow!("unexpected answer from the daemon").into());
+                    };
+                    Some(*doc)
+                }
+            };
+            let (Some(src), Some(dst)) = (src, dst) else {
+                // Only a connection ID (clap requires both addresses otherwise).
+                let cid = cid.context("lookup needs a flow or --cid")?;
+                return print_doc(&cid, json, quic::render);
+            };
+            let mut doc = match &cfg {
+                Some(cfg) => lookup::offline(cfg, src, dst, udp).map_err(|e| match e {
+                    lookup::LookupError::Table(_) => CliError::Failed(e.into()),
+                    _ => CliError::Refused(e.to_string()),
+                })?,
+                None => {
                     let response =
                         runtime()?.block_on(ask(daemon, Request::Lookup { src, dst, udp }))?;
                     let Response::Lookup(r) = response else {
@@ -351,15 +381,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     lookup::live(r, src, dst, udp)
                 }
             };
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&doc).map_err(anyhow::Error::from)?
-                );
-            } else {
-                print!("{}", lookup::render(&doc));
+            if let Some(cid) = &cid {
+                quic::flow_with_cid(&mut doc, cid);
             }
-            Ok(())
+            print_doc(&doc, json, lookup::render)
         }
         Command::Trace {
             vip,
@@ -453,6 +478,21 @@ fn done(response: Response) -> Result<(), CliError> {
         }
         _ => Err(anyhow::anyhow!("unexpected answer from the daemon").into()),
     }
+}
+
+/// A command's answer: one JSON document, or its text.
+fn print_doc<T: serde::Serialize>(
+    doc: &T,
+    json: bool,
+    text: fn(&T) -> String,
+) -> Result<(), CliError> {
+    if json {
+        let doc = serde_json::to_string_pretty(doc).map_err(anyhow::Error::from)?;
+        println!("{doc}");
+    } else {
+        print!("{}", text(doc));
+    }
+    Ok(())
 }
 
 fn print_status(s: &StatusReport) {
@@ -561,6 +601,7 @@ fn print_status(s: &StatusReport) {
     if let Some(drift) = &s.drift {
         print_drift(drift);
     }
+    print!("{}", quic::render_status(s));
     println!("data plane counters (packets, reason/action):");
     for (name, n) in s.counters.iter().filter(|(_, n)| *n > 0) {
         println!("  {name:<26} {n}");

@@ -413,3 +413,72 @@ pub fn signed_steering_frame(frame: &[u8], flags: u8, key: [u64; 2], flow: &Flow
     }
     out
 }
+
+/// QUIC version 1 and 2 (RFC 9000, RFC 9369).
+pub const QUIC_V1: u32 = 0x0000_0001;
+pub const QUIC_V2: u32 = 0x6b33_43cf;
+
+/// A QUIC-LB connection ID of `cfg` for `server_id` (see `cdn_common::quic_lb`), its nonce
+/// derived from `nonce`.
+pub fn quic_cid(cfg: &cdn_common::quic_lb::QuicLbConfig, server_id: u32, nonce: u8) -> Vec<u8> {
+    let mut out = [0u8; cdn_common::quic_lb::MAX_CID_LEN];
+    let nonce = std::array::from_fn(|i| nonce.wrapping_add((i as u8).wrapping_mul(37)));
+    let len = cfg
+        .encode(server_id, &nonce, &mut out)
+        .expect("valid test QUIC-LB configuration");
+    out[..len].to_vec()
+}
+
+/// A QUIC short-header packet (1-RTT) with destination connection ID `dcid`, then `rest`
+/// (packet number and protected payload, opaque here).
+pub fn quic_short(dcid: &[u8], rest: &[u8]) -> Vec<u8> {
+    // Fixed bit set, spin and key phase clear, 2-octet packet number.
+    let mut p = vec![0x41];
+    p.extend_from_slice(dcid);
+    p.extend_from_slice(rest);
+    p
+}
+
+/// A QUIC long-header packet: `first` octet, `version`, DCID, SCID, then `rest`.
+pub fn quic_long(first: u8, version: u32, dcid: &[u8], scid: &[u8], rest: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    p.extend_from_slice(&version.to_be_bytes());
+    p.push(dcid.len() as u8);
+    p.extend_from_slice(dcid);
+    p.push(scid.len() as u8);
+    p.extend_from_slice(scid);
+    p.extend_from_slice(rest);
+    p
+}
+
+/// First octet of a QUIC long header of `version` and packet type (the version-1 numbering:
+/// 0 Initial, 1 0-RTT, 2 Handshake, 3 Retry; translated for version 2).
+pub fn quic_long_first(version: u32, v1_type: u8) -> u8 {
+    let bits = if version == QUIC_V2 {
+        (v1_type + 1) & 3
+    } else {
+        v1_type & 3
+    };
+    0xc0 | bits << 4 | 0x01
+}
+
+/// A client's Initial (version 1) with its own DCID `dcid`, padded to `pad` octets.
+pub fn quic_initial(dcid: &[u8], pad: usize) -> Vec<u8> {
+    let mut p = quic_long(
+        quic_long_first(QUIC_V1, 0),
+        QUIC_V1,
+        dcid,
+        &[0x5c; 8],
+        &[0, 0x44, 0x00, 0],
+    );
+    p.resize(p.len().max(pad), 0);
+    p
+}
+
+/// The steering entropy (outer UDP source port) of a packet the program forwards by connection
+/// ID: the DCID's first four octets and the flow's ports, mixed, instead of the flow hash.
+pub fn quic_cid_entropy(flow: &Flow, dcid: &[u8]) -> u16 {
+    let word = u32::from_be_bytes([dcid[0], dcid[1], dcid[2], dcid[3]]);
+    let mixed = u64::from(word ^ ports_word(flow.sport, flow.dport));
+    cdn_common::wire::entropy_port(mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}

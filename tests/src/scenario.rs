@@ -6,7 +6,11 @@ use std::net::IpAddr;
 use anyhow::{Context as _, Result};
 use cdn_common::{
     counters::{Action, Reason},
-    maps::{Bucket, Link, NO_MEMBER, NODE_READY, NodeConfig, SERVICE_TCP, SERVICE_UDP, Service},
+    maps::{
+        Bucket, Link, NO_MEMBER, NODE_READY, NodeConfig, SERVICE_QUIC, SERVICE_TCP, SERVICE_UDP,
+        Service,
+    },
+    quic_lb::QuicLbConfig,
 };
 use cdn_user::dataplane::{DataPlane, LoadOptions};
 
@@ -59,6 +63,22 @@ pub fn member_addr(id: u16) -> IpAddr {
         .find(|(m, _)| *m == id)
         .expect("member of the scenario");
     addr(a)
+}
+
+/// UDP port of [`quic_service`] that is not QUIC (it follows `udp_mode`).
+pub const NON_QUIC_UDP_PORT: u16 = 4433;
+
+/// [`service`] with QUIC routing on UDP 443 under `cfg`; UDP [`NON_QUIC_UDP_PORT`] is served
+/// too, as plain UDP.
+pub fn quic_service(offset: u32, cfg: &QuicLbConfig) -> Service {
+    let mut svc = service(offset);
+    svc.udp_ports[1] = NON_QUIC_UDP_PORT;
+    svc.quic_ports[0] = 443;
+    svc.flags |= SERVICE_QUIC;
+    svc.quic_config_id = cfg.config_id;
+    svc.quic_server_id_len = cfg.server_id_len;
+    svc.quic_cid_len = cfg.cid_len;
+    svc
 }
 
 /// TCP 80 and 443, UDP 443.
@@ -205,6 +225,20 @@ impl Scenario {
                 flags,
                 ..service(offset)
             };
+            self.dp.set_service(addr(prefix), len, &svc)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites both services as [`quic_service`] under `cfg` (`None`: plain [`service`]),
+    /// with `flags` added to their `Service::flags`.
+    pub fn set_quic(&mut self, cfg: Option<&QuicLbConfig>, flags: u32) -> Result<()> {
+        for (prefix, len, offset) in [("192.0.2.0", 24, 0), ("2001:db8::", 64, TABLE_SIZE)] {
+            let mut svc = match cfg {
+                Some(cfg) => quic_service(offset, cfg),
+                None => service(offset),
+            };
+            svc.flags |= flags;
             self.dp.set_service(addr(prefix), len, &svc)?;
         }
         Ok(())

@@ -1,6 +1,7 @@
 //! `cdn-steer lookup --offline` against the live daemon: with every member healthy, the owner
 //! computed from the configuration alone is the one the daemon's tables hold, for TCP and UDP
-//! flows to IPv4 and IPv6 VIPs. Also the exit codes of the client commands: 3 when no daemon
+//! flows to IPv4 and IPv6 VIPs, and for QUIC flows with and without a connection ID
+//! (`--cid`). Also the exit codes of the client commands: 3 when no daemon
 //! answers, 4 when it refuses the request, 64 for a usage error.
 
 use std::{
@@ -11,6 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+use cdn_common::quic_lb::{MAX_CID_LEN, QuicLbConfig};
 use cdn_test_support::{
     Netns,
     process::{Group, Process},
@@ -74,7 +76,7 @@ fn config(bpffs: &Path, socket: &Path) -> String {
     }
     c.push_str(&format!(
         "[[services]]\nname = \"web\"\nvips = [\"{VIP_V4}/32\"]\ntcp_ports = [80]\n\
-         udp_ports = [443]\n\n\
+         udp_ports = [443]\nquic = {{ ports = [443], config_id = 2 }}\n\n\
          [[services]]\nname = \"web6\"\nvips = [\"{VIP_V6}/128\"]\ntcp_ports = [80]\n\
          udp_ports = [443]\nudp_mode = \"local\"\n\n\
          [metrics]\nlisten = \"10.9.0.1:9465\"\n"
@@ -103,6 +105,69 @@ fn lookup(ns: &Netns, config: &str, flow: &[&str], offline: bool) -> Result<Look
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// A connection ID of the `web` service's layout (config id 2, 2 octets of server ID, 8 in
+/// all) naming `server_id`.
+fn cid(server_id: u32) -> Result<String> {
+    let lb = QuicLbConfig {
+        config_id: 2,
+        server_id_len: 2,
+        cid_len: 8,
+    };
+    let mut out = [0; MAX_CID_LEN];
+    let len = lb
+        .encode(server_id, &[0x77; MAX_CID_LEN], &mut out)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(out[..len].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// QUIC flows with a connection ID: one naming member b (id 4, its server ID by default) goes
+/// to b whoever owns the flow's bucket; a client's first-flight DCID (config id 7 here, random
+/// otherwise) goes to the owner. Live and offline alike.
+fn quic_cids(ns: &Netns, cfg: &str, flows: &[(String, String)]) -> Result<()> {
+    ensure!(!flows.is_empty(), "no QUIC flow among the lookups");
+    let to_b = cid(4)?;
+    let first_flight = "e1d2c3b4a5968778";
+    for (src, dst) in flows.iter().take(6) {
+        for offline in [false, true] {
+            let flow = [src.as_str(), dst.as_str(), "udp", "--cid", &to_b];
+            let doc = lookup(ns, cfg, &flow, offline)?;
+            let placed = doc.quic.as_ref().and_then(|q| q.cid.as_ref());
+            ensure!(
+                placed.and_then(|c| c.server_id) == Some(4)
+                    && doc.accepted_by.starts_with("b (id 4), by connection ID"),
+                "cid to b, offline {offline}: {doc:#?}"
+            );
+            let flow = [src.as_str(), dst.as_str(), "udp", "--cid", first_flight];
+            let doc = lookup(ns, cfg, &flow, offline)?;
+            let owner = doc.owner.as_ref().context("an owner")?;
+            ensure!(
+                doc.accepted_by
+                    .starts_with(&format!("{}, the owner, by flow hash", owner.name)),
+                "first flight, offline {offline}: {doc:#?}"
+            );
+        }
+    }
+    // Text output names the member; a bad CID is refused (exit code 4) live and offline.
+    let out = steer(ns, &["lookup", "--cid", &to_b, "--config", cfg])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("server ID 4 is b (id 4)"),
+        "{out:?}"
+    );
+    for offline in [false, true] {
+        let mut args = vec!["lookup", "--cid", "0x12", "--config", cfg];
+        if offline {
+            args.push("--offline");
+        }
+        let out = steer(ns, &args)?;
+        ensure!(
+            out.status.code() == Some(4),
+            "bad cid (offline {offline}): {out:?}"
+        );
+    }
+    Ok(())
 }
 
 #[test]
@@ -161,6 +226,7 @@ fn offline_owner_is_the_live_daemons_with_every_member_up() -> Result<()> {
 
     let mut rng = StdRng::seed_from_u64(7);
     let mut owners = std::collections::BTreeSet::new();
+    let mut quic_flows = Vec::new();
     for i in 0..120 {
         let v6 = i % 2 == 1;
         let src: SocketAddr = if v6 {
@@ -201,6 +267,21 @@ fn offline_owner_is_the_live_daemons_with_every_member_up() -> Result<()> {
             ),
             "flow {flow:?}: live {live:#?}\noffline {offline:#?}"
         );
+        // UDP to the IPv4 VIP is QUIC (web has quic on 443); web6 has none.
+        let quic = proto == "udp" && !v6;
+        ensure!(
+            live.quic.is_some() == quic && offline.quic == live.quic,
+            "flow {flow:?}: QUIC {quic}, live {:?}",
+            live.quic
+        );
+        if quic {
+            ensure!(
+                live.accepted_by.starts_with("QUIC: "),
+                "{}",
+                live.accepted_by
+            );
+            quic_flows.push((src.clone(), dst.clone()));
+        }
         owners.insert(
             live.owner
                 .context("an empty bucket with every member up")?
@@ -208,6 +289,7 @@ fn offline_owner_is_the_live_daemons_with_every_member_up() -> Result<()> {
         );
     }
     ensure!(owners.len() == 3, "120 flows reached only {owners:?}");
+    quic_cids(&ns, &cfg, &quic_flows)?;
 
     // The daemon refuses a lookup for an address that is no VIP: exit code 4, offline too.
     for offline in [false, true] {

@@ -14,16 +14,19 @@ use cdn_common::{
         NODE_DRAINING, NODE_STEER_AUTH, NODE_UNDERLAY_IFACES, NodeConfig, SERVICE_UDP_LOCAL,
         SERVICE_UDP_OWNER,
     },
+    quic_lb::QuicLbConfig,
     wire::entropy_port,
 };
 use cdn_tests::{
     packets::{
-        CLIENT_MAC, ExpectedEncap, Flow, NODE_MAC, Tcp, Vlan, decapsulated, expected_encap, frame,
-        icmp_too_big, ip_packet, steering_frame,
+        CLIENT_MAC, ExpectedEncap, Flow, NODE_MAC, QUIC_V1, QUIC_V2, Tcp, Vlan, decapsulated,
+        expected_encap, frame, icmp_too_big, ip_packet, quic_cid, quic_cid_entropy, quic_initial,
+        quic_long, quic_long_first, quic_short, steering_frame,
     },
     scenario::{
-        BUDGET, CLIENT_V4, CLIENT_V6, KEY, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, UNDERLAY_V6,
-        VIP_V4, VIP_V6, addr, member_addr, member_mac, node_config, service,
+        BUDGET, CLIENT_V4, CLIENT_V6, KEY, NON_QUIC_UDP_PORT, SELF_ID, STEER_PORT, Scenario,
+        UNDERLAY_V4, UNDERLAY_V6, VIP_V4, VIP_V6, addr, member_addr, member_mac, node_config,
+        service,
     },
     xdp,
 };
@@ -53,6 +56,10 @@ struct Case {
     service_flags: u32,
     /// Buckets written before the run.
     hops: Vec<(Flow, Vec<u16>)>,
+    /// QUIC routing of both services (`None`: the plain scenario service).
+    quic: Option<QuicLbConfig>,
+    /// Whether `quic_unknown_server` must be counted on top of the verdict.
+    unknown_server: bool,
     input: Vec<u8>,
     action: u32,
     reason: Reason,
@@ -67,6 +74,8 @@ impl Case {
             config: node_config(),
             service_flags: service(0).flags,
             hops: Vec::new(),
+            quic: None,
+            unknown_server: false,
             input,
             action: xdp::PASS,
             reason: Reason::NonVipPass,
@@ -87,6 +96,16 @@ impl Case {
     /// Adds a UDP placement flag to the services (none: `connected`).
     fn udp_mode(mut self, flag: u32) -> Self {
         self.service_flags |= flag;
+        self
+    }
+
+    fn quic(mut self, cfg: QuicLbConfig) -> Self {
+        self.quic = Some(cfg);
+        self
+    }
+
+    fn unknown_server(mut self) -> Self {
+        self.unknown_server = true;
         self
     }
 
@@ -785,10 +804,296 @@ fn udp_mode_cases(t: &mut Vec<Case>) -> Result<()> {
     Ok(())
 }
 
+/// QUIC-LB configuration of the QUIC cases.
+const QUIC: QuicLbConfig = QuicLbConfig {
+    config_id: 1,
+    server_id_len: 2,
+    cid_len: 8,
+};
+
+/// `QUIC_SERVERS` as the QUIC cases see it: server ID -> member.
+const QUIC_SERVERS: [(u32, u16); 3] = [(0x0101, SELF_ID), (0x0202, 2), (0x0303, 3)];
+
+/// A server ID no member has.
+const UNKNOWN_SERVER: u32 = 0x0999;
+
+/// The encapsulation of a QUIC packet to `target` (no further hop), with the entropy of the
+/// CID path (`dcid`) or of the flow hash (`None`).
+fn quic_encap(
+    flow: &Flow,
+    input: &[u8],
+    vlan: Vlan,
+    target: u16,
+    dcid: Option<&[u8]>,
+) -> Result<Out> {
+    let frame = expected_encap(&ExpectedEncap {
+        dst_mac: member_mac(target),
+        src_mac: NODE_MAC,
+        outer_src: underlay_for(target),
+        outer_dst: member_addr(target),
+        entropy: match dcid {
+            Some(cid) => quic_cid_entropy(flow, cid),
+            None => entropy_port(flow.hash(&KEY)),
+        },
+        steer_port: STEER_PORT,
+        budget: BUDGET,
+        hops: &[],
+        inner: ip_packet(input, vlan),
+    })?;
+    Ok(Out::Encap { target, frame })
+}
+
+/// QUIC routing by connection ID (README "QUIC routing in the data plane").
+fn quic_cases(t: &mut Vec<Case>) -> Result<()> {
+    for fam in Fam::BOTH {
+        let n = fam.name();
+        let u = fam.udp(50000, 443);
+        let own = quic_cid(&QUIC, 0x0101, 1);
+        for vlan in [Vlan::None, Vlan::Single(7)] {
+            // Our own server ID: accepted here whatever the bucket says.
+            let input = frame(&u, Tcp::ACK, vlan, &quic_short(&own, &[0xaa; 40]));
+            t.push(
+                Case::new(format!("QUIC CID self {n} {vlan:?}"), fam, input)
+                    .quic(QUIC)
+                    .hops(u, &[2, 4])
+                    .expect(xdp::PASS, Reason::QuicCidAccept, Out::Unchanged),
+            );
+            // Another member's server ID (2: IPv4 underlay, 3: IPv6): straight there with no
+            // further hop, whatever the bucket says.
+            for (server, target) in [(0x0202, 2u16), (0x0303, 3)] {
+                let cid = quic_cid(&QUIC, server, 9);
+                let input = frame(&u, Tcp::ACK, vlan, &quic_short(&cid, &[0xbb; 30]));
+                let out = quic_encap(&u, &input, vlan, target, Some(&cid))?;
+                t.push(
+                    Case::new(format!("QUIC CID -> {target} {n} {vlan:?}"), fam, input)
+                        .quic(QUIC)
+                        .hops(u, &[SELF_ID, 4, 5])
+                        .expect(xdp::TX, Reason::QuicCidForwarded, out),
+                );
+            }
+        }
+        // Long header (a Handshake packet, both versions) carrying the server's CID.
+        for version in [QUIC_V1, QUIC_V2] {
+            let cid = quic_cid(&QUIC, 0x0303, 3);
+            let p = quic_long(
+                quic_long_first(version, 2),
+                version,
+                &cid,
+                &[7; 8],
+                &[1; 20],
+            );
+            let input = frame(&u, Tcp::ACK, Vlan::None, &p);
+            let out = quic_encap(&u, &input, Vlan::None, 3, Some(&cid))?;
+            t.push(
+                Case::new(
+                    format!("QUIC handshake {version:#x} CID -> 3 {n}"),
+                    fam,
+                    input,
+                )
+                .quic(QUIC)
+                .hops(u, &[2])
+                .expect(xdp::TX, Reason::QuicCidForwarded, out),
+            );
+        }
+        // Our config id, a server ID nobody has: by hash, counted.
+        let unknown = quic_cid(&QUIC, UNKNOWN_SERVER, 5);
+        let input = frame(&u, Tcp::ACK, Vlan::None, &quic_short(&unknown, &[1; 9]));
+        let out = quic_encap(&u, &input, Vlan::None, 2, None)?;
+        t.push(
+            Case::new(
+                format!("QUIC unknown server -> hash {n}"),
+                fam,
+                input.clone(),
+            )
+            .quic(QUIC)
+            .hops(u, &[2, 4])
+            .unknown_server()
+            .expect(xdp::TX, Reason::QuicHashForwarded, out),
+        );
+        t.push(
+            Case::new(
+                format!("QUIC unknown server accept {n}"),
+                fam,
+                input.clone(),
+            )
+            .quic(QUIC)
+            .hops(u, &[SELF_ID, 4])
+            .unknown_server()
+            .expect(xdp::PASS, Reason::QuicHashAccept, Out::Unchanged),
+        );
+        t.push(
+            Case::new(format!("QUIC unknown server no route {n}"), fam, input)
+                .quic(QUIC)
+                .hops(u, &[])
+                .expect(xdp::DROP, Reason::NoRoute, Out::Dropped),
+        );
+        // Another config id (2; and 7, unroutable) naming a known server: by hash.
+        for config_id in [2u8, 7] {
+            let mut cid = quic_cid(&QUIC, 0x0202, 4);
+            cid[0] = config_id << 5 | (cid[0] & 0x1f);
+            let input = frame(&u, Tcp::ACK, Vlan::None, &quic_short(&cid, &[2; 9]));
+            let out = quic_encap(&u, &input, Vlan::None, 3, None)?;
+            t.push(
+                Case::new(
+                    format!("QUIC config {config_id} -> hash {n}"),
+                    fam,
+                    input.clone(),
+                )
+                .quic(QUIC)
+                .hops(u, &[3, 2])
+                .expect(xdp::TX, Reason::QuicHashForwarded, out),
+            );
+            t.push(
+                Case::new(format!("QUIC config {config_id} accept {n}"), fam, input)
+                    .quic(QUIC)
+                    .hops(u, &[SELF_ID, 2])
+                    .expect(xdp::PASS, Reason::QuicHashAccept, Out::Unchanged),
+            );
+        }
+        // Client Initials with their own DCID (8 octets of another config id, and 16 octets
+        // whose first ones would name member 2): by hash, even under `udp_mode = "local"`.
+        let long_dcid = [quic_cid(&QUIC, 0x0202, 6), vec![0x77; 8]].concat();
+        for dcid in [vec![0xe7, 1, 1, 2, 3, 4, 5, 6], long_dcid] {
+            let input = frame(&u, Tcp::ACK, Vlan::None, &quic_initial(&dcid, 1200));
+            let out = quic_encap(&u, &input, Vlan::None, 3, None)?;
+            t.push(
+                Case::new(
+                    format!("QUIC Initial {} -> hash {n}", dcid.len()),
+                    fam,
+                    input,
+                )
+                .quic(QUIC)
+                .udp_mode(SERVICE_UDP_LOCAL)
+                .hops(u, &[3, 2])
+                .expect(xdp::TX, Reason::QuicHashForwarded, out),
+            );
+        }
+        // What clients never send: Version Negotiation, Retry (v1 type 3, v2 type 0), a
+        // version-1 DCID over 20 octets.
+        let cid = quic_cid(&QUIC, 0x0101, 1);
+        for (what, p) in [
+            ("VN", quic_long(0x80, 0, &cid, &[1; 8], &[0, 0, 0, 1])),
+            (
+                "retry v1",
+                quic_long(0xf0, QUIC_V1, &cid, &[1; 8], &[9; 20]),
+            ),
+            (
+                "retry v2",
+                quic_long(0xc0, QUIC_V2, &cid, &[1; 8], &[9; 20]),
+            ),
+            (
+                "DCID 21",
+                quic_long(0xc0, QUIC_V1, &[3; 21], &[1; 8], &[9; 20]),
+            ),
+        ] {
+            t.push(
+                Case::new(
+                    format!("QUIC invalid {what} {n}"),
+                    fam,
+                    frame(&u, Tcp::ACK, Vlan::None, &p),
+                )
+                .quic(QUIC)
+                .hops(u, &[SELF_ID])
+                .expect(xdp::DROP, Reason::QuicInvalid, Out::Dropped),
+            );
+        }
+        // Shorter than the header announces: empty, a short header cut inside its CID, a long
+        // header cut inside its fixed part and inside its DCID.
+        let short = quic_short(&cid, &[]);
+        let long = quic_long(quic_long_first(QUIC_V1, 2), QUIC_V1, &cid, &[], &[]);
+        for (what, p) in [
+            ("empty", &short[..0]),
+            ("short", &short[..short.len() - 1]),
+            ("long fixed", &long[..5]),
+            ("long DCID", &long[..13]),
+        ] {
+            t.push(
+                Case::new(
+                    format!("QUIC truncated {what} {n}"),
+                    fam,
+                    frame(&u, Tcp::ACK, Vlan::None, p),
+                )
+                .quic(QUIC)
+                .hops(u, &[SELF_ID])
+                .expect(xdp::DROP, Reason::QuicTruncated, Out::Dropped),
+            );
+        }
+        // The service's other UDP port is plain UDP: it follows `udp_mode`.
+        let plain = fam.udp(50000, NON_QUIC_UDP_PORT);
+        let input = frame(&plain, Tcp::ACK, Vlan::None, &quic_short(&own, &[1; 9]));
+        let out = ingress_encap(&plain, &input, Vlan::None, 2, &[], BUDGET)?;
+        t.push(
+            Case::new(
+                format!("QUIC service plain UDP owner {n}"),
+                fam,
+                input.clone(),
+            )
+            .quic(QUIC)
+            .udp_mode(SERVICE_UDP_OWNER)
+            .hops(plain, &[2, 4])
+            .expect(xdp::TX, Reason::Forwarded, out),
+        );
+        let out = ingress_encap(&plain, &input, Vlan::None, 2, &[4], BUDGET - 1)?;
+        t.push(
+            Case::new(format!("QUIC service plain UDP connected {n}"), fam, input)
+                .quic(QUIC)
+                .hops(plain, &[SELF_ID, 2, 4])
+                .expect(xdp::TX, Reason::PassedOn, out),
+        );
+
+        // Owner path: always accepted and decapsulated, whatever the hops and our table say.
+        let other = quic_cid(&QUIC, 0x0202, 2);
+        let packets = [
+            ("own CID", quic_short(&own, &[3; 20]), Reason::QuicCidAccept),
+            (
+                "own CID long",
+                quic_long(quic_long_first(QUIC_V2, 1), QUIC_V2, &own, &[], &[3; 20]),
+                Reason::QuicCidAccept,
+            ),
+            (
+                "other CID",
+                quic_short(&other, &[3; 20]),
+                Reason::QuicHashAccept,
+            ),
+            (
+                "Initial",
+                quic_initial(&[0xe1; 8], 100),
+                Reason::QuicHashAccept,
+            ),
+            (
+                "VN",
+                quic_long(0x80, 0, &own, &[], &[0, 0, 0, 1]),
+                Reason::QuicHashAccept,
+            ),
+            ("truncated", own[..4].to_vec(), Reason::QuicHashAccept),
+        ];
+        for (what, p, reason) in packets {
+            let inner_frame = frame(&u, Tcp::ACK, Vlan::None, &p);
+            let inner = ip_packet(&inner_frame, Vlan::None);
+            for outer in Fam::BOTH {
+                t.push(
+                    Case::new(
+                        format!("steered QUIC {what} inner {n} outer {}", outer.name()),
+                        fam,
+                        steered(outer, 2, &[5, 4], inner)?,
+                    )
+                    .quic(QUIC)
+                    .hops(u, &[5, 4])
+                    .expect(xdp::PASS, reason, Out::Frame(decapsulated(inner))),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs one case; returns an error naming the case on any mismatch.
 fn run_case(s: &mut Scenario, case: &Case) -> Result<()> {
     s.dp.write_config(&case.config)?;
-    s.set_service_flags(case.service_flags)?;
+    match &case.quic {
+        Some(q) => s.set_quic(Some(q), case.service_flags)?,
+        None => s.set_service_flags(case.service_flags)?,
+    }
     for (flow, hops) in &case.hops {
         s.set_hops(flow, hops)?;
     }
@@ -805,6 +1110,11 @@ fn run_case(s: &mut Scenario, case: &Case) -> Result<()> {
         run.action,
         case.action,
         case.reason
+    );
+    anyhow::ensure!(
+        run.counted(Reason::QuicUnknownServer) == u64::from(case.unknown_server),
+        "quic_unknown_server: {:?}",
+        run.counted
     );
     match &case.out {
         Out::Unchanged => anyhow::ensure!(run.out == case.input, "packet modified"),
@@ -842,8 +1152,12 @@ fn every_verdict_of_the_table() -> Result<()> {
     odd_packet_cases(&mut table)?;
     owner_cases(&mut table)?;
     udp_mode_cases(&mut table)?;
+    quic_cases(&mut table)?;
 
     let mut s = Scenario::new()?;
+    for (server, member) in QUIC_SERVERS {
+        s.dp.set_quic_server(server, Some(member))?;
+    }
     let mut seen = BTreeSet::new();
     for case in &table {
         run_case(&mut s, case).with_context(|| case.name.clone())?;

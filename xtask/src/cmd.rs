@@ -45,6 +45,15 @@ pub fn workspace_root() -> &'static Path {
         .expect("xtask's manifest directory has a parent")
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR` if set (relative to the workspace root, as
+/// cargo takes it), else `target/` in the workspace root.
+pub fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
 /// A command for `program`, with the cargo bin directory on its `PATH`. Since `PATH` is set on
 /// the command, std also uses it to find `program` itself.
 pub fn new(program: &str) -> Command {

@@ -4,6 +4,7 @@
 mod apt;
 mod cmd;
 mod deb;
+mod disk;
 mod dist;
 mod setup;
 mod test;

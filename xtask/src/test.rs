@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
-use crate::{cmd, deb, dist, setup, toolchain};
+use crate::{cmd, deb, disk, dist, setup, toolchain};
 
 /// The machines this runs on have two cores. The integration tests build network namespaces,
 /// veths and BIRD instances and measure packet rates; running more at once only adds noise and
@@ -21,6 +21,7 @@ pub struct Options {
 
 pub fn run(options: &Options) -> Result<()> {
     let mut stages = Stages::default();
+    disk::ensure_room_for_build(&cmd::target_dir())?;
     stages.run("setup", setup::run)?;
     if !options.skip_lint {
         stages.run("fmt", || {

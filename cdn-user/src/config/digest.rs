@@ -19,7 +19,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
 
 use super::schema::{
-    ClusterSettings, Config, HealthCheck, HealthProbe, MemberSettings, ServiceSettings,
+    ClusterSettings, Config, HealthCheck, HealthProbe, MemberSettings, QuicSettings,
+    ServiceSettings,
 };
 
 /// A SHA-256 digest.
@@ -201,6 +202,7 @@ fn member(r: &mut Records, m: &MemberSettings) {
         weight,
         health,
         sync,
+        quic_server_id,
     } = m;
     let path = |key: &str| format!("cluster.members[{name}].{key}");
     r.record(&path("name"), name);
@@ -208,6 +210,11 @@ fn member(r: &mut Records, m: &MemberSettings) {
     r.record(&path("underlay"), underlay);
     r.record(&path("weight"), weight);
     r.record(&path("sync"), optional(sync.as_ref()));
+    // Recorded only when it differs from the default (the id), so that nodes from before QUIC
+    // routing, which cannot set it, keep the digest of their peers.
+    if *quic_server_id != u32::from(*id) {
+        r.record(&path("quic_server_id"), quic_server_id);
+    }
     let HealthCheck {
         probe,
         port,
@@ -242,6 +249,7 @@ fn service(r: &mut Records, s: &ServiceSettings) {
         tcp_ports,
         udp_ports,
         udp_mode,
+        quic,
     } = s;
     let path = |key: &str| format!("services[{name}].{key}");
     r.record(&path("name"), name);
@@ -256,6 +264,22 @@ fn service(r: &mut Records, s: &ServiceSettings) {
         r.record(&path(key), ports.join(" "));
     }
     r.record(&path("udp_mode"), udp_mode.name());
+    // Only when set, for the same reason as `quic_server_id`.
+    if let Some(QuicSettings {
+        ports,
+        config_id,
+        server_id_len,
+        cid_len,
+    }) = quic
+    {
+        let mut ports = ports.clone();
+        ports.sort_unstable();
+        let ports: Vec<String> = ports.iter().map(ToString::to_string).collect();
+        r.record(&path("quic.ports"), ports.join(" "));
+        r.record(&path("quic.config_id"), config_id);
+        r.record(&path("quic.server_id_len"), server_id_len);
+        r.record(&path("quic.cid_len"), cid_len);
+    }
 }
 
 #[cfg(test)]
@@ -296,7 +320,7 @@ mod tests {
         }
         // A member is its header with its health table; reverse the members and the services.
         let mut members: Vec<Vec<(String, Vec<String>)>> = Vec::new();
-        let mut services = Vec::new();
+        let mut services: Vec<Vec<(String, Vec<String>)>> = Vec::new();
         let mut rest = Vec::new();
         for (header, mut keys) in tables {
             keys.reverse();
@@ -308,7 +332,11 @@ mod tests {
                     .last_mut()
                     .expect("a health table follows its member")
                     .push((header, keys)),
-                "[[services]]" => services.push((header, keys)),
+                "[[services]]" => services.push(vec![(header, keys)]),
+                "[services.quic]" => services
+                    .last_mut()
+                    .expect("a quic table follows its service")
+                    .push((header, keys)),
                 _ => rest.push((header, keys)),
             }
         }
@@ -332,7 +360,7 @@ mod tests {
         };
         rest.iter().for_each(&mut write);
         members.iter().flatten().for_each(&mut write);
-        services.iter().for_each(&mut write);
+        services.iter().flatten().for_each(&mut write);
         out
     }
 
@@ -376,6 +404,14 @@ mod tests {
             &[("sync = \"10.0.0.1:9466\"", "sync = \"10.0.0.1:9467\"")],
             &[("rise = 2", "rise = 3")],
             &[("path = \"/healthz\"", "path = \"/health\"")],
+            &[("quic_server_id = 12", "quic_server_id = 13")],
+            &[("cid_len = 8", "cid_len = 9")],
+            &[("config_id = 0", "config_id = 1")],
+            &[("server_id_len = 2", "server_id_len = 1")],
+            &[
+                ("udp_ports = [443]", "udp_ports = [443, 53]"),
+                ("\nports = [443]", "\nports = [443, 53]"),
+            ],
         ];
         let mut seen = vec![base];
         for edits in changes {

@@ -132,6 +132,11 @@ pub(super) const FIRST_TCP_PORT: Compute =
         })
     });
 
+/// `cluster.members[].quic_server_id`: the member's `id` (left out when that is missing,
+/// which serde reports).
+pub(super) const MEMBER_ID: Compute =
+    Compute(|_, member| Ok(member.get("id").map(|id| id.get_ref().clone())));
+
 /// `cluster.members[].health.path`: `"/"`, for an HTTP check only (a TCP check takes none).
 pub(super) const HTTP_PATH: Compute = Compute(|_, health| {
     let http = health

@@ -38,8 +38,8 @@ pub use listeners::{Listeners, SharedWhy};
 pub use prefix::{Prefix, PrefixError};
 pub use schema::{
     BgpSettings, ClusterSettings, Config, DEFAULT_CONTROL_SOCKET, FIELDS, Field, HealthCheck,
-    HealthProbe, MemberSettings, MetricsSettings, NodeSettings, ServiceSettings, UdpMode,
-    WhenAbsent, XdpMode, restart_only_changes,
+    HealthProbe, MemberSettings, MetricsSettings, NodeSettings, QuicSettings, ServiceSettings,
+    UdpMode, WhenAbsent, XdpMode, restart_only_changes,
 };
 
 /// A complete, valid configuration for the first node of a three-member cluster, every key

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use super::document::{Compute, FIRST_TCP_PORT, HTTP_PATH, Text, parse_hash_key};
+use cdn_common::quic_lb::QuicLbConfig;
+
+use super::document::{Compute, FIRST_TCP_PORT, HTTP_PATH, MEMBER_ID, Text, parse_hash_key};
 use super::prefix::Prefix;
 
 /// A checked configuration. Built only by [`super::parse`] and [`super::load`], so every rule
@@ -141,6 +143,11 @@ pub struct MemberSettings {
     /// checks of `/ready` at its port. When it is left out, or equal to the member's
     /// `[metrics] listen`, the member serves the peer plane and metrics on one listener.
     pub sync: Option<SocketAddr>,
+    /// The QUIC-LB server ID this member's QUIC servers put into the connection IDs they
+    /// issue: packets whose destination connection ID carries it are routed here. Unique; it
+    /// must fit the smallest `server_id_len` of the services with `quic`. Default: the
+    /// member's `id`.
+    pub quic_server_id: u32,
 }
 
 /// `[cluster.members.health]`: the health check of one member.
@@ -250,6 +257,37 @@ pub struct ServiceSettings {
     pub udp_ports: Vec<u16>,
     /// Who accepts a UDP flow (see [`UdpMode`]).
     pub udp_mode: UdpMode,
+    /// `quic` (optional): QUIC on some of the UDP ports, routed by the server ID in the
+    /// connection ID (QUIC-LB plaintext). Absent: no QUIC routing; its UDP follows `udp_mode`.
+    pub quic: Option<QuicSettings>,
+}
+
+/// `[services.quic]`: QUIC-LB routing of one service's QUIC ports. Every QUIC server behind
+/// the service must issue connection IDs of this layout (see `cdn_common::quic_lb`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicSettings {
+    /// UDP ports carrying QUIC (at least one), each one of the service's `udp_ports`, no
+    /// duplicates.
+    pub ports: Vec<u16>,
+    /// Config rotation bits of the connection IDs, 0 to 6 (7 marks an unroutable CID).
+    pub config_id: u8,
+    /// Octets of server ID in a connection ID, 1 or 2.
+    pub server_id_len: u8,
+    /// Octets of the whole connection ID: the first octet, the server ID and a nonce of at
+    /// least 4 octets; at most 20.
+    pub cid_len: u8,
+}
+
+impl QuicSettings {
+    /// The QUIC-LB configuration both sides use.
+    pub const fn lb(&self) -> QuicLbConfig {
+        QuicLbConfig {
+            config_id: self.config_id,
+            server_id_len: self.server_id_len,
+            cid_len: self.cid_len,
+        }
+    }
 }
 
 /// Who accepts a UDP flow of a service. TCP always finds its connection by socket lookup.
@@ -449,6 +487,10 @@ pub const FIELDS: &[Field] = &[
     field("cluster.members[].underlay", Required).text(Text::Ip),
     field("cluster.members[].weight", Value("100")),
     field("cluster.members[].sync", Unset).text(Text::SocketAddr),
+    field(
+        "cluster.members[].quic_server_id",
+        Computed("the member's `id`", MEMBER_ID),
+    ),
     field("cluster.members[].health.kind", Value("\"tcp\"")),
     field(
         "cluster.members[].health.port",
@@ -469,6 +511,10 @@ pub const FIELDS: &[Field] = &[
     field("services[].tcp_ports", Value("[]")),
     field("services[].udp_ports", Value("[]")),
     field("services[].udp_mode", Value("\"owner\"")),
+    field("services[].quic.ports", Required),
+    field("services[].quic.config_id", Value("0")),
+    field("services[].quic.server_id_len", Value("2")),
+    field("services[].quic.cid_len", Value("8")),
     field("bgp.enabled", Value("true")).restart(|a, b| bgp_differs(a, b, |s| &s.enabled)),
     field("bgp.bird_socket", Value("\"/run/bird/bird.ctl\""))
         .restart(|a, b| bgp_differs(a, b, |s| &s.bird_socket)),

@@ -50,6 +50,9 @@ pub(super) struct Core {
     pub(super) owners: Vec<u16>,
     /// Ids written to the member maps, so removed members can be cleared.
     pub(super) written_members: Vec<u16>,
+    /// QUIC-LB server IDs written to `QUIC_SERVERS`, so those no longer configured can be
+    /// cleared. At start: what a previous controller left in the pinned map.
+    pub(super) written_quic_servers: Vec<u32>,
     /// The mass-flap rule, local faults and this node's own service checks.
     pub(super) checks: LocalChecks,
 }
@@ -131,6 +134,29 @@ impl Core {
             }
         }
         self.written_members = ids;
+        self.write_quic_servers()
+    }
+
+    /// Every configured member's QUIC-LB server ID into `QUIC_SERVERS`, whatever its health:
+    /// the connections whose IDs carry it live on that member, healthy or not. Server IDs no
+    /// longer configured are cleared, so their CIDs fall back to the flow hash.
+    fn write_quic_servers(&mut self) -> Result<()> {
+        let mut ids = Vec::with_capacity(self.cfg.cluster.members.len());
+        for m in &self.cfg.cluster.members {
+            self.dp
+                .set_quic_server(m.quic_server_id, Some(m.id))
+                .with_context(|| format!("writing the QUIC server ID of member {}", m.name))?;
+            ids.push(m.quic_server_id);
+        }
+        for old in std::mem::take(&mut self.written_quic_servers) {
+            if !ids.contains(&old) {
+                self.dp
+                    .set_quic_server(old, None)
+                    .with_context(|| format!("clearing QUIC server ID {old}"))?;
+                log::info!(server_id = old; "QUIC server ID no longer configured: cleared");
+            }
+        }
+        self.written_quic_servers = ids;
         Ok(())
     }
 

@@ -92,6 +92,13 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
     // Node settings as they were (READY stays if a previous controller set it), so a running
     // data plane keeps steering while we start.
     let previous_flags = if restarted { dp.config()?.flags } else { 0 };
+    // Whatever server IDs a previous controller set, to clear those no longer configured.
+    let leftover_quic_servers = dp
+        .quic_servers()
+        .context("reading the QUIC server IDs")?
+        .into_iter()
+        .map(|(server_id, _)| server_id)
+        .collect();
     let mut core = Core {
         config_path: std::fs::canonicalize(&opts.config_path)
             .unwrap_or_else(|_| opts.config_path.clone()),
@@ -109,6 +116,7 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
         started: SystemTime::now(),
         owners: Vec::new(),
         written_members: (0..MAX_MEMBERS as u16).collect(),
+        written_quic_servers: leftover_quic_servers,
         checks: Default::default(),
         cfg,
     };

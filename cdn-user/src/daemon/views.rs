@@ -25,7 +25,9 @@ use crate::{
             AttachmentStatus, BgpStatus, Caller, LookupReport, MemberReport, Request, Response,
             ServiceStatus, StatusReport,
         },
+        lookup::Source,
         metrics,
+        quic::{self, CidDocument, QuicServerStatus, QuicStatus},
         report::{DriftReport, PeerDigests},
     },
 };
@@ -42,6 +44,42 @@ impl Core {
             .iter()
             .find(|s| s.name == name)
             .map_or(UdpMode::default(), |s| s.udp_mode)
+    }
+
+    /// The QUIC settings of the service named `name`, if it has any.
+    fn quic_of(&self, name: &str) -> Option<QuicStatus> {
+        self.cfg
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.quic.as_ref())
+            .map(QuicStatus::from)
+    }
+
+    /// Every member's server ID with what the live map holds for it.
+    fn quic_server_reports(&self) -> Result<Vec<QuicServerStatus>> {
+        self.cfg
+            .cluster
+            .members
+            .iter()
+            .map(|m| {
+                Ok(QuicServerStatus {
+                    server_id: m.quic_server_id,
+                    member: m.name.clone(),
+                    mapped_to: self.dp.quic_server(m.quic_server_id)?,
+                })
+            })
+            .collect()
+    }
+
+    /// A connection ID decoded for every QUIC service, resolved through the live map.
+    pub(super) fn cid(&self, cid: &str) -> Result<CidDocument> {
+        let bytes = quic::parse_cid(cid)?;
+        Ok(quic::decode(&self.cfg, Source::Live, &bytes, |sid| {
+            // A map read that fails leaves the server ID unresolved; the answer says "by
+            // hash", and the daemon's log has the map error from elsewhere.
+            self.dp.quic_server(sid).ok().flatten()
+        }))
     }
 
     /// Every member as status and metrics show it: the one member report.
@@ -95,9 +133,12 @@ impl Core {
                 slot: t.slot,
                 active_half: t.active,
                 udp_mode: self.udp_mode_of(name).name().to_string(),
+                quic: self.quic_of(name),
             })
             .collect();
+        let quic_servers = self.quic_server_reports()?;
         Ok(StatusReport {
+            quic_servers,
             node: self.cfg.node.name.clone(),
             config_path: self.config_path.display().to_string(),
             attachments: self
@@ -229,6 +270,7 @@ impl Core {
             ),
         };
         Ok(LookupReport {
+            quic: self.quic_of(name),
             accepted_by,
             service: name.to_string(),
             hash,
@@ -261,6 +303,7 @@ impl Core {
                     buckets: self.tables.size(),
                     udp_mode: self.udp_mode_of(name).name().to_string(),
                     table_digest: sync::table_digest(t.buckets()),
+                    quic: self.quic_of(name),
                 })
                 .collect(),
             draining: self.draining,
@@ -401,6 +444,10 @@ pub(super) fn handle_request(
         Request::Lookup { src, dst, udp } => {
             shared.lock().lookup(src, dst, udp).map(Response::Lookup)
         }
+        Request::Cid { cid } => shared
+            .lock()
+            .cid(&cid)
+            .map(|doc| Response::Cid(Box::new(doc))),
         Request::Drain => set_draining(&mut shared.lock(), rebuild, true, caller),
         Request::Undrain => set_draining(&mut shared.lock(), rebuild, false, caller),
         // Without the lock: the main loop takes it to reload.

@@ -20,8 +20,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use cdn_common::maps::{
-    Bucket, MAX_SERVICE_PORTS, SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER,
-    Service,
+    Bucket, MAX_SERVICE_PORTS, SERVICE_QUIC, SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL,
+    SERVICE_UDP_OWNER, Service,
 };
 use thiserror::Error;
 
@@ -131,7 +131,7 @@ fn service_entry(svc: &ServiceSettings, offset: u32, size: u32, generation: u32)
         UdpMode::Local => SERVICE_UDP_LOCAL,
         UdpMode::Connected => 0,
     };
-    Service {
+    let mut service = Service {
         table_offset: offset,
         table_size: size,
         flags,
@@ -139,7 +139,17 @@ fn service_entry(svc: &ServiceSettings, offset: u32, size: u32, generation: u32)
         udp_ports,
         generation,
         ..Service::default()
+    };
+    if let Some(quic) = &svc.quic {
+        service.flags |= SERVICE_QUIC;
+        for (slot, port) in service.quic_ports.iter_mut().zip(&quic.ports) {
+            *slot = *port;
+        }
+        service.quic_config_id = quic.config_id;
+        service.quic_server_id_len = quic.server_id_len;
+        service.quic_cid_len = quic.cid_len;
     }
+    service
 }
 
 impl Tables {

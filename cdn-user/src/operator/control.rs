@@ -62,6 +62,11 @@ pub enum Request {
         dst: SocketAddr,
         udp: bool,
     },
+    /// Decode a QUIC connection ID (hex) for every QUIC service, with the members the live
+    /// `QUIC_SERVERS` map names.
+    Cid {
+        cid: String,
+    },
     /// Re-read the daemon's configuration file, as SIGHUP does. Answered with `Done` when the
     /// new configuration is in force, `Error` with the reason when it was refused.
     Reload,
@@ -111,6 +116,7 @@ pub type Handler = Arc<dyn Fn(Request, Caller) -> Response + Send + Sync>;
 pub enum Response {
     Status(Box<StatusReport>),
     Lookup(LookupReport),
+    Cid(Box<super::quic::CidDocument>),
     Done {
         message: String,
     },
@@ -247,6 +253,9 @@ pub struct StatusReport {
     /// This node's digests against its peers'; `None` from a daemon that does not compare.
     #[serde(default)]
     pub drift: Option<DriftReport>,
+    /// Every member's QUIC-LB server ID and what the live map holds for it.
+    #[serde(default)]
+    pub quic_servers: Vec<super::quic::QuicServerStatus>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -265,6 +274,9 @@ pub struct ServiceStatus {
     pub active_half: u32,
     /// Who accepts its UDP flows: `owner`, `local` or `connected`.
     pub udp_mode: String,
+    /// Its `[services.quic]`, if any.
+    #[serde(default)]
+    pub quic: Option<super::quic::QuicStatus>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -286,6 +298,9 @@ pub struct LookupReport {
     pub hops: Vec<(u16, String)>,
     /// Which member accepts the flow, as the service's placement decides it.
     pub accepted_by: String,
+    /// The service's QUIC settings, if it has any.
+    #[serde(default)]
+    pub quic: Option<super::quic::QuicStatus>,
 }
 
 #[derive(Debug, Error)]

@@ -16,7 +16,10 @@ use thiserror::Error;
 use crate::{
     cluster::maglev::{self, MaglevError, MaglevMember},
     config::{Config, UdpMode},
-    operator::control::LookupReport,
+    operator::{
+        control::LookupReport,
+        quic::{self, CidService, QuicStatus},
+    },
 };
 
 /// What an offline answer assumes, shown with it.
@@ -64,6 +67,18 @@ pub struct LookupDocument {
     pub hops: Vec<MemberRef>,
     /// Who accepts the flow, as the service's placement decides it.
     pub accepted_by: String,
+    /// For UDP to a QUIC port of the service: its QUIC settings and, with `--cid`, how that
+    /// connection ID is placed; `null` otherwise.
+    #[serde(default)]
+    pub quic: Option<QuicFlow>,
+}
+
+/// The QUIC part of a flow lookup (see [`crate::operator::quic::flow`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuicFlow {
+    pub settings: QuicStatus,
+    /// The connection ID asked with `--cid`, decoded under this service's settings.
+    pub cid: Option<CidService>,
 }
 
 /// Why a flow cannot be looked up.
@@ -162,7 +177,7 @@ pub fn offline(
                 .member(id)
                 .map_or_else(|| "(unknown)".to_owned(), |m| m.name.clone()),
         });
-    Ok(LookupDocument {
+    let mut doc = LookupDocument {
         source: Source::Offline,
         assumption: Some(OFFLINE_ASSUMPTION.to_owned()),
         src,
@@ -179,7 +194,13 @@ pub fn offline(
         ),
         hops: owner.iter().cloned().collect(),
         owner,
-    })
+        quic: None,
+    };
+    quic::flow(
+        &mut doc,
+        service.quic.as_ref().map(QuicStatus::from).as_ref(),
+    );
+    Ok(doc)
 }
 
 /// The daemon's answer as a document.
@@ -189,7 +210,7 @@ pub fn live(report: LookupReport, src: SocketAddr, dst: SocketAddr, udp: bool) -
         .into_iter()
         .map(|(id, name)| MemberRef { id, name })
         .collect();
-    LookupDocument {
+    let mut doc = LookupDocument {
         source: Source::Live,
         assumption: None,
         src,
@@ -202,7 +223,10 @@ pub fn live(report: LookupReport, src: SocketAddr, dst: SocketAddr, udp: bool) -
         owner: hops.first().cloned(),
         hops,
         accepted_by: report.accepted_by,
-    }
+        quic: None,
+    };
+    quic::flow(&mut doc, report.quic.as_ref());
+    doc
 }
 
 /// The answer as text.
@@ -229,6 +253,23 @@ pub fn render(doc: &LookupDocument) -> String {
             for (i, m) in rest.iter().enumerate() {
                 let _ = writeln!(out, "previous owner {}: {} (id {})", i + 1, m.name, m.id);
             }
+        }
+    }
+    if let Some(quic) = &doc.quic {
+        let _ = writeln!(
+            out,
+            "QUIC port (config id {}, server_id_len {}, cid_len {})",
+            quic.settings.config_id, quic.settings.server_id_len, quic.settings.cid_len
+        );
+        if let Some(cid) = &quic.cid {
+            let server = cid
+                .server_id
+                .map_or_else(|| "none".to_owned(), |sid| sid.to_string());
+            let _ = writeln!(
+                out,
+                "connection ID server ID: {server}; placed {}",
+                cid.placement
+            );
         }
     }
     let _ = writeln!(out, "accepted by: {}", doc.accepted_by);

@@ -68,6 +68,9 @@ pub struct ServiceMetrics {
     pub udp_mode: String,
     /// Digest of the active table (`crate::cluster::sync::table_digest`).
     pub table_digest: Digest,
+    /// Its QUIC settings: the `quic_*` labels of `cdn_steer_service_info`, only on services
+    /// that have QUIC (the others keep the labels they had before QUIC routing existed).
+    pub quic: Option<super::quic::QuicStatus>,
 }
 
 /// State of the BGP announcement through BIRD.
@@ -350,13 +353,23 @@ impl Collector for SnapshotCollector {
         family(
             enc,
             "cdn_steer_service",
-            "Services, with the placement of their UDP flows (owner, local or connected).",
+            "Services, with the placement of their UDP flows (owner, local or connected) and, \
+             for a service with QUIC routing, its QUIC-LB settings.",
             None,
             s.services.iter().map(|v| {
-                let labels = [
+                let mut labels = vec![
                     ("service", v.name.clone()),
                     ("udp_mode", v.udp_mode.clone()),
                 ];
+                if let Some(q) = &v.quic {
+                    let ports: Vec<String> = q.ports.iter().map(u16::to_string).collect();
+                    labels.extend([
+                        ("quic_ports", ports.join(",")),
+                        ("quic_config_id", q.config_id.to_string()),
+                        ("quic_server_id_len", q.server_id_len.to_string()),
+                        ("quic_cid_len", q.cid_len.to_string()),
+                    ]);
+                }
                 (NO_LABELS, Info::new(labels))
             }),
         )?;
@@ -602,6 +615,12 @@ mod tests {
                     buckets: 65537,
                     udp_mode: "owner".into(),
                     table_digest: Digest([1; 32]),
+                    quic: Some(crate::operator::quic::QuicStatus {
+                        ports: vec![443, 8443],
+                        config_id: 1,
+                        server_id_len: 2,
+                        cid_len: 8,
+                    }),
                 },
                 ServiceMetrics {
                     name: "dns".into(),
@@ -609,6 +628,7 @@ mod tests {
                     buckets: 251,
                     udp_mode: "owner".into(),
                     table_digest: Digest([2; 32]),
+                    quic: None,
                 },
             ],
             draining: false,
@@ -684,7 +704,7 @@ mod tests {
                 r#"cdn_steer_member_weight{member="node-a"} 100"#,
                 r#"cdn_steer_member_weight{member="node-b"} 50"#,
                 &format!(r#"cdn_steer_member_weight{{member="{c}"}} 50"#),
-                r#"cdn_steer_service_info{service="web",udp_mode="owner"} 1"#,
+                r#"cdn_steer_service_info{service="web",udp_mode="owner",quic_ports="443,8443",quic_config_id="1",quic_server_id_len="2",quic_cid_len="8"} 1"#,
                 r#"cdn_steer_service_info{service="dns",udp_mode="owner"} 1"#,
                 r#"cdn_steer_table_generation{service="web"} 3"#,
                 r#"cdn_steer_table_generation{service="dns"} 12"#,

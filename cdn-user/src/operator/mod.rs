@@ -10,4 +10,5 @@ pub mod logging;
 pub mod lookup;
 pub mod metrics;
 pub mod preflight;
+pub mod quic;
 pub mod report;

@@ -22,14 +22,18 @@ use cdn_common::{
         BASELINE_PROGRAM_NAME, BENCH_BASELINE_PROGRAM_NAME, BENCH_PROGRAM_NAME, NODE_TRACE,
         PROGRAM_NAME, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
     },
+    quic_lb::QuicLbConfig,
     trace::{TRACE_MATCH_VIP, TraceFilter},
 };
 use cdn_tests::{
     netns::Netns,
-    packets::{Flow, Tcp, Vlan, frame, ip_packet, signed_steering_frame, steering_frame},
+    packets::{
+        Flow, Tcp, Vlan, frame, ip_packet, quic_cid, quic_initial, quic_short,
+        signed_steering_frame, steering_frame,
+    },
     scenario::{
         CLIENT_V4, CLIENT_V6, KEY, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, VIP_V4, VIP_V6,
-        addr, member_addr, service,
+        addr, member_addr, quic_service, service,
     },
     xdp,
 };
@@ -168,6 +172,15 @@ fn run(args: &Args) -> Result<()> {
     // One VIP per other UDP placement mode, inside the scenario's prefix and sharing its table.
     const VIP_UDP_OWNER: &str = "192.0.2.20";
     const VIP_UDP_LOCAL: &str = "192.0.2.30";
+    // A QUIC service (UDP 443 routed by connection ID), sharing the scenario's table too.
+    const VIP_QUIC: &str = "192.0.2.40";
+    const QUIC_BENCH: QuicLbConfig = QuicLbConfig {
+        config_id: 1,
+        server_id_len: 2,
+        cid_len: 8,
+    };
+    const QUIC_SERVER: u32 = 0x0202;
+    s.dp.set_service(addr(VIP_QUIC), 32, &quic_service(0, &QUIC_BENCH))?;
     for (vip, mode) in [
         (VIP_UDP_OWNER, SERVICE_UDP_OWNER),
         (VIP_UDP_LOCAL, SERVICE_UDP_LOCAL),
@@ -212,10 +225,16 @@ fn run(args: &Args) -> Result<()> {
     let udp_owner_fwd = udp_flow(VIP_UDP_OWNER)?;
     let udp_owner_self = udp_flow(VIP_UDP_OWNER)?;
     let udp_local = udp_flow(VIP_UDP_LOCAL)?;
+    let quic_cid_flow = udp_flow(VIP_QUIC)?;
+    let quic_initial_flow = udp_flow(VIP_QUIC)?;
     s.set_hops(&udp_connected, &[SELF_ID, 2, 4])?;
     s.set_hops(&udp_owner_fwd, &[2, 4])?;
     s.set_hops(&udp_owner_self, &[SELF_ID, 2])?;
     s.set_hops(&udp_local, &[2, 4])?;
+    // QUIC: the CID names member 2 while the bucket names this node; the Initial hashes to 2.
+    s.set_hops(&quic_cid_flow, &[SELF_ID, 4])?;
+    s.set_hops(&quic_initial_flow, &[2, 4])?;
+    s.dp.set_quic_server(QUIC_SERVER, Some(2))?;
     let steered = |flow: &Flow, hops: &[u16]| -> Result<Vec<u8>> {
         let inner = padded(|n| {
             let f = frame(flow, Tcp::ACK, Vlan::None, &vec![0u8; n]);
@@ -268,6 +287,33 @@ fn run(args: &Args) -> Result<()> {
     add(
         "ingress forward IPv6 (established flow)",
         plain(&fwd6, Tcp::ACK),
+        xdp::TX,
+        &[Wrapped],
+    );
+    let quic_cid = quic_cid(&QUIC_BENCH, QUIC_SERVER, 7);
+    add(
+        "QUIC short header, CID -> other member",
+        padded(|n| {
+            frame(
+                &quic_cid_flow,
+                Tcp::ACK,
+                Vlan::None,
+                &quic_short(&quic_cid, &vec![0u8; n]),
+            )
+        }),
+        xdp::TX,
+        &[Wrapped],
+    );
+    add(
+        "QUIC Initial (hash)",
+        padded(|n| {
+            frame(
+                &quic_initial_flow,
+                Tcp::ACK,
+                Vlan::None,
+                &quic_initial(&[0xe5; 8], n),
+            )
+        }),
         xdp::TX,
         &[Wrapped],
     );

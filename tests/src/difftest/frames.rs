@@ -9,9 +9,11 @@ use etherparse::PacketBuilder;
 use crate::model::{auth, frame};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom as _};
 
+use cdn_common::quic_lb::MAX_CID_LEN;
+
 use super::world::{
     CLIENT_V4, CLIENT_V6, KEY, LIVE_TCP_PORT, LIVE_UDP_PORT, Links, MEMBERS, NODE_MAC, PEER_MAC,
-    STEER_PORT, STRANGERS, UNDERLAY_V4, UNDERLAY_V6, addr,
+    QUIC_SERVER_IDS, QUIC_VIPS, STEER_PORT, STRANGERS, UNDERLAY_V4, UNDERLAY_V6, addr,
 };
 
 /// One generated frame.
@@ -134,9 +136,61 @@ impl Gen {
         out
     }
 
+    /// A QUIC packet as clients (and attackers) send them: short or long header, a DCID of
+    /// one of the worlds' QUIC-LB configurations (or random, or of another config id), any
+    /// version, packet type and DCID length, sometimes cut short.
+    fn quic(&mut self) -> Vec<u8> {
+        let (_, cfg) = *QUIC_VIPS.choose(&mut self.rng).expect("QUIC VIPs");
+        let mut dcid = if self.chance(80) {
+            let mut out = [0u8; MAX_CID_LEN];
+            let server = self.rng.random_range(0..QUIC_SERVER_IDS);
+            let len = cfg
+                .encode(server, &self.rng.random(), &mut out)
+                .expect("valid world configuration");
+            out[..len].to_vec()
+        } else {
+            self.payload(24)
+        };
+        if self.chance(10) && !dcid.is_empty() {
+            dcid[0] = self.rng.random();
+        }
+        let mut p = if self.chance(50) {
+            let mut p = vec![self.rng.random::<u8>() & 0x7f];
+            p.extend_from_slice(&dcid);
+            p
+        } else {
+            let version: u32 = match self.rng.random_range(0..10) {
+                0 => 0,
+                1 => self.rng.random(),
+                2..6 => 1,
+                _ => 0x6b33_43cf,
+            };
+            let mut p = vec![0x80 | self.rng.random::<u8>()];
+            p.extend_from_slice(&version.to_be_bytes());
+            p.push(if self.chance(90) {
+                dcid.len() as u8
+            } else {
+                self.rng.random()
+            });
+            p.extend_from_slice(&dcid);
+            p
+        };
+        let rest = self.payload(24);
+        p.extend_from_slice(&rest);
+        if self.chance(15) {
+            let cut = self.rng.random_range(0..=p.len());
+            p.truncate(cut);
+        }
+        p
+    }
+
     fn udp(&mut self, src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
         let mut out = Vec::new();
-        let payload = self.payload(48);
+        let payload = if dport == 443 && self.chance(60) {
+            self.quic()
+        } else {
+            self.payload(48)
+        };
         ip_builder(src, dst)
             .udp(sport, dport)
             .write(&mut out, &payload)

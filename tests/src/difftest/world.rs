@@ -8,9 +8,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use cdn_common::maps::{
-    Bucket, Link, NO_MEMBER, NODE_READY, NODE_STEER_AUTH, NODE_UNDERLAY_IFACES, NodeConfig,
-    SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
+use cdn_common::{
+    maps::{
+        Bucket, Link, NO_MEMBER, NODE_READY, NODE_STEER_AUTH, NODE_UNDERLAY_IFACES, NodeConfig,
+        SERVICE_ALL_PORTS, SERVICE_QUIC, SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL,
+        SERVICE_UDP_OWNER, Service,
+    },
+    quic_lb::QuicLbConfig,
 };
 use cdn_user::dataplane::{DataPlane, LoadOptions};
 use rand::{Rng, rngs::StdRng};
@@ -271,15 +275,62 @@ pub fn node_config(draining: bool, max_frame: u32, hop_budget: u8) -> NodeConfig
     }
 }
 
+/// VIPs whose UDP 443 is QUIC (4433 stays plain UDP), and their QUIC-LB configurations: a
+/// `connected` and an `owner` service, two server ID lengths.
+pub const QUIC_VIPS: [(&str, QuicLbConfig); 3] = [
+    (
+        "192.0.2.0",
+        QuicLbConfig {
+            config_id: 2,
+            server_id_len: 1,
+            cid_len: 8,
+        },
+    ),
+    (
+        "192.0.2.20",
+        QuicLbConfig {
+            config_id: 0,
+            server_id_len: 2,
+            cid_len: 20,
+        },
+    ),
+    (
+        "2001:db8::",
+        QuicLbConfig {
+            config_id: 6,
+            server_id_len: 2,
+            cid_len: 7,
+        },
+    ),
+];
+
+/// Server IDs the frames' connection IDs use (small, so that they often name a member).
+pub const QUIC_SERVER_IDS: u32 = 12;
+
 fn service(vip: &Vip) -> Service {
     let mut tcp_ports = [0u16; 8];
     tcp_ports[..2].copy_from_slice(&[80, 443]);
     let mut udp_ports = [0u16; 8];
     udp_ports[..2].copy_from_slice(&[443, 4433]);
+    let (mut quic_ports, mut flags, mut q) = ([0u16; 8], vip.flags, None);
+    if let Some((_, cfg)) = QUIC_VIPS.iter().find(|(p, _)| *p == vip.prefix) {
+        quic_ports[0] = 443;
+        flags |= SERVICE_QUIC;
+        q = Some(*cfg);
+    }
+    let q = q.unwrap_or(QuicLbConfig {
+        config_id: 0,
+        server_id_len: 0,
+        cid_len: 0,
+    });
     Service {
+        quic_ports,
+        quic_config_id: q.config_id,
+        quic_server_id_len: q.server_id_len,
+        quic_cid_len: q.cid_len,
+        flags,
         table_offset: vip.table.unwrap_or(0) * TABLE,
         table_size: if vip.table.is_some() { TABLE } else { 0 },
-        flags: vip.flags,
         tcp_ports,
         udp_ports,
         generation: 1,
@@ -323,7 +374,22 @@ pub fn load(rng: &mut StdRng, links: &Links) -> Result<(DataPlane, Env)> {
         underlay_ifindexes: vec![links.underlay],
         steer_auth: false,
         auth_key: auth::derive_key(KEY),
+        quic_servers: BTreeMap::new(),
     };
+    // Some server IDs name members (this node, members without a next hop or address
+    // among them), the others nobody.
+    for id in 0..QUIC_SERVER_IDS {
+        if id == 1 || rng.random_range(0..3) > 0 {
+            // Server ID 1 is always this node's own.
+            let member = if id == 1 {
+                SELF_ID
+            } else {
+                [SELF_ID, 0, 2, 3, 4, 6, 7, 9][rng.random_range(0..8)]
+            };
+            dp.set_quic_server(id, Some(member))?;
+            env.quic_servers.insert(id, member);
+        }
+    }
     for (id, a) in MEMBERS {
         dp.set_member(id, Some(addr(a)))?;
         env.members.insert(id, addr(a));

@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod frame;
 pub mod output;
+pub mod quic;
 pub mod steer;
 #[cfg(test)]
 mod tests;
@@ -134,6 +135,8 @@ pub struct Env {
     pub steer_auth: bool,
     /// Spec §5: (k0, k1) derived from the hash key.
     pub auth_key: [u64; 2],
+    /// `QUIC_SERVERS`: QUIC-LB server ID -> member, the entries that are set.
+    pub quic_servers: BTreeMap<u32, u16>,
 }
 
 /// A verdict's reason: one of the program's, or one the steering-trust rules add (spec §6)

@@ -16,6 +16,7 @@ use super::{
     Env, Expect, Rules, Why, auth,
     frame::{self, Flow, Kind, PROTO_TCP, PROTO_UDP},
     output::{Encap, FLAG_SYN_REDIRECTED, decapsulated, encap_and_send},
+    quic,
 };
 
 type Step = Result<Expect, Why>;
@@ -169,6 +170,24 @@ fn ingress(
         Kind::IcmpError if !serves(svc, &fl) => return Ok(Expect::pass(Reason::IcmpLocal)),
         Kind::IcmpError => Reason::IcmpForwarded,
         _ if !serves(svc, &fl) => return Err(Reason::PortMiss.into()),
+        Kind::Udp if quic::is_quic(svc, fl.dport) => {
+            let e = Encap {
+                inner_off: l3,
+                inner_len: ip.len,
+                inner_v6: v6,
+                target: NO_MEMBER,
+                remaining: [NO_MEMBER; 2],
+                budget: env.cfg.hop_budget,
+                entropy: 0,
+                extra_flags: 0,
+                flow: flow_fields(&fl),
+            };
+            let owner = || {
+                let (hash, hops) = bucket(env, svc, &fl)?;
+                Ok((hops[0], entropy_port(hash)))
+            };
+            return quic::ingress(env, rules, f, ifindex, &ip, &fl, svc, e, owner);
+        }
         Kind::Udp if svc.flags & SERVICE_UDP_LOCAL != 0 => {
             return Ok(Expect::pass(Reason::UdpLocalAccept));
         }
@@ -302,6 +321,10 @@ fn owner(env: &Env, rules: &Rules, f: &[u8], l3: usize, v6: bool, ifindex: u32) 
         header_budget
     };
     if fl.kind == Kind::Udp {
+        if quic::is_quic(&svc, fl.dport) {
+            let reason = quic::owner_reason(env, f, &ip, &svc);
+            return Ok(decapsulated(f, inner_off, inner_v6, reason));
+        }
         if svc.flags & SERVICE_UDP_LOCAL != 0 {
             return Ok(decapsulated(f, inner_off, inner_v6, Reason::UdpLocalAccept));
         }

@@ -78,6 +78,7 @@ fn env(owner: &[u16]) -> Env {
         underlay_ifindexes: vec![UNDERLAY],
         steer_auth: false,
         auth_key: auth::derive_key([7, 8]),
+        quic_servers: BTreeMap::new(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! edit-and-retry round fixes every problem. Each problem names its field
 //! (`cluster.members[2].underlay`).
 
+mod quic;
 mod values;
 
 use std::collections::HashSet;
@@ -69,6 +70,7 @@ impl Checker<'_> {
         self.node(&config.node);
         let vips = self.services(&config.services);
         self.cluster(config, &vips);
+        self.quic(config);
         for (field, addr) in [
             ("node.underlay_v4", config.node.underlay_v4.map(IpAddr::V4)),
             ("node.underlay_v6", config.node.underlay_v6.map(IpAddr::V6)),

@@ -6,6 +6,7 @@ use cdn_common::maps::{DEFAULT_STEER_PORT, DEFAULT_TABLE_SIZE, MAX_SERVICES};
 
 use super::*;
 
+mod quic;
 mod rejections;
 
 /// The example with the first occurrence of each `from` replaced by its `to`.
@@ -616,7 +617,11 @@ fn ports_are_checked() {
         "duplicate port 80 (also [0])",
     );
     assert_problem(&text, "services[0].udp_ports", "9 ports; at most 8");
-    let text = example_with(&[("udp_ports = [443]", "udp_ports = [1, 2, 3, 4, 5, 6, 7, 8]")]);
+    // Eight, one of them the QUIC port.
+    let text = example_with(&[(
+        "udp_ports = [443]",
+        "udp_ports = [1, 2, 3, 4, 5, 6, 7, 443]",
+    )]);
     parse(&text).unwrap_or_else(|e| panic!("{e}"));
 }
 

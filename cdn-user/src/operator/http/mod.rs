@@ -595,6 +595,7 @@ mod tests {
                 buckets: 251,
                 udp_mode: "owner".into(),
                 table_digest: Digest([7; 32]),
+                quic: None,
             }],
             draining: false,
             attach_mode: "native".into(),
