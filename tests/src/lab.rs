@@ -543,37 +543,6 @@ impl Lab {
         out
     }
 
-    /// The web server's HTTP/3 arguments for node `i` (none without `LabOptions::h3`).
-    fn h3_httpd_args(&self, i: usize) -> Vec<String> {
-        if self.opts.h3.is_none() {
-            return Vec::new();
-        }
-        let node = &self.nodes[i];
-        let path = |name: &str| self.dir.join(name).to_string_lossy().into_owned();
-        [
-            "--h3",
-            &format!("{VIP_V4}:{H3_PORT}"),
-            "--h3",
-            &format!("[{VIP_V6}]:{H3_PORT}"),
-            "--quic-server-id",
-            &node.index.to_string(),
-            "--quic-config-id",
-            &LAB_QUIC_LB.config_id.to_string(),
-            "--quic-server-id-len",
-            &LAB_QUIC_LB.server_id_len.to_string(),
-            "--quic-cid-len",
-            &LAB_QUIC_LB.cid_len.to_string(),
-            "--tls-cert",
-            &path("h3.crt.der"),
-            "--tls-key",
-            &path("h3.key.der"),
-            "--reset-key",
-            H3_RESET_KEY,
-        ]
-        .map(str::to_owned)
-        .to_vec()
-    }
-
     /// Path of the client namespace, for threads that join it.
     pub fn client_netns_path(&self) -> String {
         self.client.path()

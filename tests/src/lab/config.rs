@@ -1,11 +1,11 @@
 //! The configuration files the lab writes: the router's and the nodes' BIRD, and each node's
-//! `cdn-steer` configuration.
+//! `cdn-steer` configuration; and the HTTP/3 arguments of the nodes' web servers.
 
 use std::path::Path;
 
 use super::{
-    H3_PORT, HASH_KEY, LAB_QUIC_LB, Lab, LabNode, METRICS_PORT, PEER_PORT, QuicRouting, UDP_PORT,
-    UNDERLAY_MTU, VIP_V4, VIP_V6,
+    H3_PORT, H3_RESET_KEY, HASH_KEY, LAB_QUIC_LB, Lab, LabNode, METRICS_PORT, PEER_PORT,
+    QuicRouting, UDP_PORT, UNDERLAY_MTU, VIP_V4, VIP_V6,
 };
 
 pub(super) fn router_bird_config(nodes: usize) -> String {
@@ -109,4 +109,36 @@ fn udp_config(lab: &Lab) -> String {
         ));
     }
     c
+}
+
+/// The web server's HTTP/3 arguments for node `i` (none without `LabOptions::h3`): its QUIC
+/// server ID is its member id, the `quic` default of `cdn-steer`.
+pub(super) fn h3_httpd_args(lab: &Lab, i: usize) -> Vec<String> {
+    if lab.opts.h3.is_none() {
+        return Vec::new();
+    }
+    let node = &lab.nodes[i];
+    let path = |name: &str| lab.dir.join(name).to_string_lossy().into_owned();
+    [
+        "--h3",
+        &format!("{VIP_V4}:{H3_PORT}"),
+        "--h3",
+        &format!("[{VIP_V6}]:{H3_PORT}"),
+        "--quic-server-id",
+        &node.index.to_string(),
+        "--quic-config-id",
+        &LAB_QUIC_LB.config_id.to_string(),
+        "--quic-server-id-len",
+        &LAB_QUIC_LB.server_id_len.to_string(),
+        "--quic-cid-len",
+        &LAB_QUIC_LB.cid_len.to_string(),
+        "--tls-cert",
+        &path("h3.crt.der"),
+        "--tls-key",
+        &path("h3.key.der"),
+        "--reset-key",
+        H3_RESET_KEY,
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }

@@ -4,7 +4,11 @@
 
 use anyhow::{Context as _, Result};
 
-use super::{Lab, UDP_PORT, VIP_V4, VIP_V6, config::node_bird_config, spawn};
+use super::{
+    Lab, UDP_PORT, VIP_V4, VIP_V6,
+    config::{h3_httpd_args, node_bird_config},
+    spawn,
+};
 
 impl Lab {
     /// Starts node `i`'s BIRD with the lab's configuration; returns once it answers.
@@ -47,8 +51,7 @@ impl Lab {
                     "--name",
                     &node.name,
                 ][..],
-                &self
-                    .h3_httpd_args(i)
+                &h3_httpd_args(self, i)
                     .iter()
                     .map(String::as_str)
                     .collect::<Vec<_>>(),
