@@ -26,7 +26,9 @@ use cdn_test_support::{
     run, wait,
 };
 
-use crate::netns::Netns;
+use cdn_common::quic_lb::QuicLbConfig;
+
+use crate::{h3::Identity, netns::Netns};
 
 mod config;
 mod faults;
@@ -47,6 +49,26 @@ pub const PEER_PORT: u16 = 9466;
 pub const UDP_PORT: u16 = 5353;
 /// Underlay MTU: room for the 50-byte encapsulation of a full 1500-byte client packet.
 pub const UNDERLAY_MTU: u32 = 1600;
+/// The UDP port of HTTP/3 when `LabOptions::h3` is set.
+pub const H3_PORT: u16 = 443;
+/// The QUIC-LB configuration of the lab's service (`quic = { ... }`) and its web servers.
+pub const LAB_QUIC_LB: QuicLbConfig = QuicLbConfig {
+    config_id: 0,
+    server_id_len: 2,
+    cid_len: 8,
+};
+/// The stateless-reset key every node's HTTP/3 server shares (see `h3::server::ServerSpec`).
+const H3_RESET_KEY: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
+
+/// How the lab's service treats HTTP/3 (UDP [`H3_PORT`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuicRouting {
+    /// The service's `quic` table is set: QUIC packets are routed by connection ID.
+    Cid,
+    /// No `quic` table: UDP 443 is plain UDP of the service's `udp_mode` (`owner` unless
+    /// `LabOptions::udp_mode` says otherwise), the negative control.
+    Off,
+}
 
 #[derive(Clone, Debug)]
 pub struct LabOptions {
@@ -62,6 +84,9 @@ pub struct LabOptions {
     /// Serve UDP on the VIPs' port [`UDP_PORT`] with this `udp_mode` (each node's web server
     /// answers with its node name); `None`: no UDP service.
     pub udp_mode: Option<&'static str>,
+    /// Serve HTTP/3 on every node's VIP:[`H3_PORT`]/udp (its QUIC server ID: the member id) and
+    /// add the port to the service, routed as this says; `None`: no HTTP/3.
+    pub h3: Option<QuicRouting>,
 }
 
 impl Default for LabOptions {
@@ -73,6 +98,7 @@ impl Default for LabOptions {
             file_seed: 7,
             tag: "lab".into(),
             udp_mode: None,
+            h3: None,
         }
     }
 }
@@ -165,6 +191,8 @@ pub struct Lab {
     router_bird: Option<Bird>,
     pub nodes: Vec<LabNode>,
     bpffs: Option<PathBuf>,
+    /// The certificate every node's HTTP/3 server presents (with `LabOptions::h3`).
+    pub h3_identity: Option<Identity>,
 }
 
 /// Attaches the object's trivial XDP_PASS program, in native mode, to `interfaces` of `ns`.
@@ -208,7 +236,13 @@ impl Lab {
             router_xdp: None,
             nodes: Vec::new(),
             bpffs: None,
+            h3_identity: None,
         };
+        if lab.opts.h3.is_some() {
+            let identity = Identity::self_signed()?;
+            identity.write(&lab.dir.join("h3.crt.der"), &lab.dir.join("h3.key.der"))?;
+            lab.h3_identity = Some(identity);
+        }
         lab.build_network()?;
         let peers: Vec<String> = (1..=lab.opts.nodes).map(|i| format!("n{i}")).collect();
         lab.router_xdp = Some(attach_pass_programs(&lab.router, &peers)?);

@@ -7,6 +7,7 @@ pub mod chaos;
 pub mod content;
 pub mod difftest;
 pub mod download;
+pub mod h3;
 pub mod lab;
 pub mod model;
 pub mod packets;

@@ -1,10 +1,11 @@
 //! The configuration files the lab writes: the router's and the nodes' BIRD, and each node's
-//! `cdn-steer` configuration.
+//! `cdn-steer` configuration; and the HTTP/3 arguments of the nodes' web servers.
 
 use std::path::Path;
 
 use super::{
-    HASH_KEY, Lab, LabNode, METRICS_PORT, PEER_PORT, UDP_PORT, UNDERLAY_MTU, VIP_V4, VIP_V6,
+    H3_PORT, H3_RESET_KEY, HASH_KEY, LAB_QUIC_LB, Lab, LabNode, METRICS_PORT, PEER_PORT,
+    QuicRouting, UDP_PORT, UNDERLAY_MTU, VIP_V4, VIP_V6,
 };
 
 pub(super) fn router_bird_config(nodes: usize) -> String {
@@ -77,10 +78,67 @@ pub(super) fn controller_config(lab: &Lab, node: &LabNode, bpffs: &Path) -> Stri
          [metrics]\nlisten = \"{ul}:{METRICS_PORT}\"\n",
         sock = node.bird_socket.display(),
         ul = node.underlay,
-        udp = match lab.opts.udp_mode {
-            Some(mode) => format!("udp_ports = [{UDP_PORT}]\nudp_mode = \"{mode}\"\n"),
-            None => String::new(),
-        },
+        udp = udp_config(lab),
     ));
     c
+}
+
+/// The service's UDP lines: the lab's UDP port with `udp_mode`, HTTP/3's port (`owner` mode
+/// unless `udp_mode` says otherwise) and, for CID routing, the `quic` table.
+fn udp_config(lab: &Lab) -> String {
+    let mut ports = Vec::new();
+    if lab.opts.udp_mode.is_some() {
+        ports.push(UDP_PORT.to_string());
+    }
+    if lab.opts.h3.is_some() {
+        ports.push(H3_PORT.to_string());
+    }
+    if ports.is_empty() {
+        return String::new();
+    }
+    let mut c = format!(
+        "udp_ports = [{}]\nudp_mode = \"{}\"\n",
+        ports.join(", "),
+        lab.opts.udp_mode.unwrap_or("owner")
+    );
+    if lab.opts.h3 == Some(QuicRouting::Cid) {
+        let lb = LAB_QUIC_LB;
+        c.push_str(&format!(
+            "quic = {{ ports = [{H3_PORT}], server_id_len = {}, cid_len = {}, config_id = {} }}\n",
+            lb.server_id_len, lb.cid_len, lb.config_id
+        ));
+    }
+    c
+}
+
+/// The web server's HTTP/3 arguments for node `i` (none without `LabOptions::h3`): its QUIC
+/// server ID is its member id, the `quic` default of `cdn-steer`.
+pub(super) fn h3_httpd_args(lab: &Lab, i: usize) -> Vec<String> {
+    if lab.opts.h3.is_none() {
+        return Vec::new();
+    }
+    let node = &lab.nodes[i];
+    let path = |name: &str| lab.dir.join(name).to_string_lossy().into_owned();
+    [
+        "--h3",
+        &format!("{VIP_V4}:{H3_PORT}"),
+        "--h3",
+        &format!("[{VIP_V6}]:{H3_PORT}"),
+        "--quic-server-id",
+        &node.index.to_string(),
+        "--quic-config-id",
+        &LAB_QUIC_LB.config_id.to_string(),
+        "--quic-server-id-len",
+        &LAB_QUIC_LB.server_id_len.to_string(),
+        "--quic-cid-len",
+        &LAB_QUIC_LB.cid_len.to_string(),
+        "--tls-cert",
+        &path("h3.crt.der"),
+        "--tls-key",
+        &path("h3.key.der"),
+        "--reset-key",
+        H3_RESET_KEY,
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }

@@ -4,7 +4,11 @@
 
 use anyhow::{Context as _, Result};
 
-use super::{Lab, UDP_PORT, VIP_V4, VIP_V6, config::node_bird_config, spawn};
+use super::{
+    Lab, UDP_PORT, VIP_V4, VIP_V6,
+    config::{h3_httpd_args, node_bird_config},
+    spawn,
+};
 
 impl Lab {
     /// Starts node `i`'s BIRD with the lab's configuration; returns once it answers.
@@ -31,21 +35,28 @@ impl Lab {
             &format!("httpd ({})", node.name),
             &self.bin.httpd,
             &[
-                "--size",
-                &size,
-                "--seed",
-                &seed,
-                "--listen",
-                &format!("{VIP_V4}:80"),
-                "--listen",
-                &format!("[{VIP_V6}]:80"),
-                "--udp",
-                &format!("{VIP_V4}:{UDP_PORT}"),
-                "--udp",
-                &format!("[{VIP_V6}]:{UDP_PORT}"),
-                "--name",
-                &node.name,
-            ],
+                &[
+                    "--size",
+                    &size,
+                    "--seed",
+                    &seed,
+                    "--listen",
+                    &format!("{VIP_V4}:80"),
+                    "--listen",
+                    &format!("[{VIP_V6}]:80"),
+                    "--udp",
+                    &format!("{VIP_V4}:{UDP_PORT}"),
+                    "--udp",
+                    &format!("[{VIP_V6}]:{UDP_PORT}"),
+                    "--name",
+                    &node.name,
+                ][..],
+                &h3_httpd_args(self, i)
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            ]
+            .concat(),
             &log,
         )?;
         self.nodes[i].httpd = Some(httpd);
