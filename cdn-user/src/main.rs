@@ -7,8 +7,8 @@ use cdn_user::{
     config, daemon,
     operator::{
         check, cli,
-        control::{self, ControlError, DriftReport, Request, Response, StatusReport, TraceSpec},
-        logging, lookup, quic,
+        control::{self, ControlError, Request, Response, TraceSpec},
+        logging, lookup, quic, status_text,
     },
 };
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
@@ -325,7 +325,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     serde_json::to_string_pretty(&status).map_err(anyhow::Error::from)?
                 );
             } else {
-                print_status(&status);
+                print!("{}", status_text::render(&status));
             }
             Ok(())
         }
@@ -493,159 +493,4 @@ fn print_doc<T: serde::Serialize>(
         print!("{}", text(doc));
     }
     Ok(())
-}
-
-fn print_status(s: &StatusReport) {
-    println!("node {} ({})", s.node, s.config_path);
-    for a in &s.attachments {
-        println!(
-            "  XDP on {} in {} mode{}",
-            a.interface,
-            a.mode,
-            if a.replaced {
-                " (taken over from a previous run)"
-            } else {
-                ""
-            }
-        );
-    }
-    println!(
-        "  state: {}{}",
-        if s.ready { "ready" } else { "not ready" },
-        if s.draining { ", DRAINING" } else { "" }
-    );
-    for b in &s.bgp {
-        println!(
-            "  BGP: protocol {} {}, BIRD {}{}",
-            b.protocol,
-            match b.announced {
-                Some(true) => "announced",
-                Some(false) => "withdrawn",
-                None => "unknown",
-            },
-            if b.bird_reachable {
-                "reachable"
-            } else {
-                "UNREACHABLE"
-            },
-            b.last_error
-                .as_ref()
-                .map(|e| format!(" (last error: {e})"))
-                .unwrap_or_default()
-        );
-    }
-    println!(
-        "  reloads: {} ok, {} refused",
-        s.reloads_ok, s.reloads_failed
-    );
-    let local: Vec<String> = (s.health_checks.local_errors.iter())
-        .filter(|(_, n)| **n > 0)
-        .map(|(reason, n)| format!("{reason} {n}"))
-        .collect();
-    if !local.is_empty() {
-        println!(
-            "  health checks failed locally (not counted against members): {}",
-            local.join(", ")
-        );
-    }
-    if !s.health_checks.held_members.is_empty() {
-        println!(
-            "  MASS FLAP: every member went down within one check round; the table keeps {}",
-            s.health_checks.held_members.join(", ")
-        );
-    }
-    println!("services ({} buckets per table):", s.table_size);
-    for svc in &s.services {
-        println!(
-            "  {:<16} generation {:<6} slot {} half {}  udp {:<9}  {}",
-            svc.name,
-            svc.generation,
-            svc.slot,
-            svc.active_half,
-            svc.udp_mode,
-            svc.vips.join(", ")
-        );
-    }
-    println!("members:");
-    println!(
-        "  {:<4} {:<16} {:<28} {:>6} {:<8} {:>8} {:>7} {:>12} {:>14}",
-        "id", "name", "underlay", "weight", "health", "check", "share", "fwd packets", "fwd bytes"
-    );
-    for m in &s.members {
-        let health = match m.healthy {
-            Some(true) => "up",
-            Some(false) => "DOWN",
-            None => "?",
-        };
-        println!(
-            "  {:<4} {:<16} {:<28} {:>6} {:<8} {:>8} {:>6.2}% {:>12} {:>14}{}{}",
-            m.id,
-            m.name,
-            m.underlay,
-            m.weight,
-            health,
-            m.last_check_ms
-                .map(|ms| format!("{ms:.1}ms"))
-                .unwrap_or_else(|| "-".into()),
-            m.share * 100.0,
-            m.forwarded_packets,
-            m.forwarded_bytes,
-            if m.is_self { "  (this node)" } else { "" },
-            m.last_error
-                .as_ref()
-                .filter(|_| m.healthy == Some(false))
-                .map(|e| format!("  {e}"))
-                .unwrap_or_default()
-        );
-    }
-    if let Some(drift) = &s.drift {
-        print_drift(drift);
-    }
-    print!("{}", quic::render_status(s));
-    println!("data plane counters (packets, reason/action):");
-    for (name, n) in s.counters.iter().filter(|(_, n)| *n > 0) {
-        println!("  {name:<26} {n}");
-    }
-}
-
-/// The digests and how the peers' compare: one line per peer, then one per disagreement.
-fn print_drift(d: &DriftReport) {
-    let tables: Vec<String> = d
-        .ours
-        .tables
-        .iter()
-        .map(|(service, digest)| format!("{service} {}", digest.short()))
-        .collect();
-    println!(
-        "digests: config {}, tables: {}",
-        d.ours.config.short(),
-        if tables.is_empty() {
-            "none".to_owned()
-        } else {
-            tables.join(", ")
-        }
-    );
-    for p in &d.peers {
-        let verdict = match (&p.digests, &p.error) {
-            (_, Some(error)) => format!("not asked: {error}"),
-            (Some(_), None) if d.disagreements.iter().any(|x| x.peer == p.member) => {
-                "DISAGREES".to_owned()
-            }
-            (Some(_), None) => "agrees".to_owned(),
-            (None, None) => "no answer".to_owned(),
-        };
-        println!("  peer {:<16} {:<24} {verdict}", p.member, p.address);
-    }
-    let short = |digest: &Option<cdn_user::config::Digest>| {
-        digest.map_or_else(|| "none".to_owned(), |d| d.short())
-    };
-    for x in &d.disagreements {
-        println!(
-            "  DRIFT: {} differs on {}: ours {}, theirs {}",
-            x.peer,
-            x.digest,
-            short(&x.ours),
-            short(&x.theirs)
-        );
-    }
 }

@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod preflight;
 pub mod quic;
 pub mod report;
+pub mod status_text;
