@@ -9,6 +9,7 @@ use cdn_common::maps::{Bucket, NO_MEMBER};
 use cdn_test_support::BpfMount;
 use cdn_user::{
     cluster::maglev::{self, MaglevMember},
+    cluster::sync::table_digest,
     config::{self, Config},
     dataplane::{
         DataPlane, LoadOptions,
@@ -111,9 +112,20 @@ fn swaps_keep_history_and_survive_a_restart() -> Result<()> {
 
     // Member 2 stops taking new flows: its buckets move, and it stays their previous owner.
     let without_b = owners(&cfg, &[1, 3])?;
+    let first_digest = t.services()["web"].digest();
+    ensure!(
+        first_digest == table_digest(&first),
+        "digest of the first table"
+    );
     t.update(&mut dp, &cfg, &without_b)?;
     let (generation, second) = live_table(&dp, "192.0.2.1", 32)?;
     ensure!(generation == 2);
+    // The digest is kept per swap: asked again, it must be the new table's.
+    ensure!(
+        t.services()["web"].digest() == table_digest(&second)
+            && first_digest != table_digest(&second),
+        "digest after the swap"
+    );
     let mut moved = 0;
     for ((b, old), new) in second.iter().zip(&all).zip(&without_b) {
         if old == new {

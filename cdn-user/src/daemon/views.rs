@@ -181,9 +181,8 @@ impl Core {
         })
     }
 
-    /// This node's digests, as `/digests` serves them. Computed when asked for (a scrape, a
-    /// peer's `status`), not kept: a table of 65,537 buckets is 393 KB of SHA-256, and asking
-    /// is rare.
+    /// This node's digests, as `/digests` serves them; a table's digest is computed once per
+    /// swap (`ServiceTable::digest`).
     pub(super) fn digests(&self) -> NodeDigests {
         NodeDigests {
             node: self.cfg.node.name.clone(),
@@ -193,7 +192,7 @@ impl Core {
                 .services()
                 .iter()
                 .filter(|(_, t)| t.generation > 0)
-                .map(|(name, t)| (name.clone(), sync::table_digest(t.buckets())))
+                .map(|(name, t)| (name.clone(), t.digest()))
                 .collect(),
         }
     }
@@ -302,7 +301,7 @@ impl Core {
                     table_generation: u64::from(t.generation),
                     buckets: self.tables.size(),
                     udp_mode: self.udp_mode_of(name).name().to_string(),
-                    table_digest: sync::table_digest(t.buckets()),
+                    table_digest: t.digest(),
                     quic: self.quic_of(name),
                 })
                 .collect(),
