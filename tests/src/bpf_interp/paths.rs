@@ -8,7 +8,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use cdn_common::maps::{PROGRAM_NAME, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service};
+use cdn_common::{
+    maps::{PROGRAM_NAME, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service},
+    quic_lb::QuicLbConfig,
+};
 
 use super::{
     Env, Fib, KernelMaps, KernelSizes, Program, Proto, Socket, SocketTable,
@@ -16,10 +19,12 @@ use super::{
 };
 use crate::{
     netns::Netns,
-    packets::{Flow, Tcp, Vlan, frame, ip_packet, steering_frame},
+    packets::{
+        Flow, Tcp, Vlan, frame, ip_packet, quic_cid, quic_initial, quic_short, steering_frame,
+    },
     scenario::{
         CLIENT_V4, CLIENT_V6, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, VIP_V4, VIP_V6, addr,
-        member_addr, service,
+        member_addr, quic_service, service,
     },
     xdp,
 };
@@ -35,6 +40,15 @@ const ADDRESSES: [&str; 4] = [
 /// One VIP per other UDP placement mode, inside the scenario's prefix.
 const VIP_UDP_OWNER: &str = "192.0.2.20";
 const VIP_UDP_LOCAL: &str = "192.0.2.30";
+/// A QUIC service (UDP 443 routed by connection ID), sharing the scenario's table.
+const VIP_QUIC: &str = "192.0.2.40";
+const QUIC_BENCH: QuicLbConfig = QuicLbConfig {
+    config_id: 1,
+    server_id_len: 2,
+    cid_len: 8,
+};
+/// Member 2's server ID.
+const QUIC_SERVER: u32 = 0x0202;
 
 pub struct BenchPath {
     /// The row's name in `cargo xtask bench`.
@@ -96,6 +110,7 @@ impl Bench {
             };
             s.dp.set_service(addr(vip), 32, &svc)?;
         }
+        s.dp.set_service(addr(VIP_QUIC), 32, &quic_service(0, &QUIC_BENCH))?;
         let sock = |proto, local, remote, state| Socket {
             proto,
             local,
@@ -185,10 +200,17 @@ fn paths(s: &mut Scenario) -> Result<Vec<BenchPath>> {
     let udp_owner_fwd = udp_flow(VIP_UDP_OWNER)?;
     let udp_owner_self = udp_flow(VIP_UDP_OWNER)?;
     let udp_local = udp_flow(VIP_UDP_LOCAL)?;
+    let quic_cid_flow = udp_flow(VIP_QUIC)?;
+    let quic_initial_flow = udp_flow(VIP_QUIC)?;
     s.set_hops(&udp_connected, &[SELF_ID, 2, 4])?;
     s.set_hops(&udp_owner_fwd, &[2, 4])?;
     s.set_hops(&udp_owner_self, &[SELF_ID, 2])?;
     s.set_hops(&udp_local, &[2, 4])?;
+    // QUIC: the CID names member 2 while the bucket names this node; the Initial hashes to 2.
+    s.set_hops(&quic_cid_flow, &[SELF_ID, 4])?;
+    s.set_hops(&quic_initial_flow, &[2, 4])?;
+    s.dp.set_quic_server(QUIC_SERVER, Some(2))?;
+    let cid = quic_cid(&QUIC_BENCH, QUIC_SERVER, 7);
     let steered = |flow: &Flow, hops: &[u16]| -> Result<Vec<u8>> {
         let inner = padded(|n| {
             let f = frame(flow, Tcp::ACK, Vlan::None, &vec![0u8; n]);
@@ -265,5 +287,29 @@ fn paths(s: &mut Scenario) -> Result<Vec<BenchPath>> {
             xdp::PASS,
         ),
         path("UDP local: accept", plain(&udp_local, Tcp::ACK), xdp::PASS),
+        path(
+            "QUIC short header, CID -> other member",
+            padded(|n| {
+                frame(
+                    &quic_cid_flow,
+                    Tcp::ACK,
+                    Vlan::None,
+                    &quic_short(&cid, &vec![0u8; n]),
+                )
+            }),
+            xdp::TX,
+        ),
+        path(
+            "QUIC Initial (hash)",
+            padded(|n| {
+                frame(
+                    &quic_initial_flow,
+                    Tcp::ACK,
+                    Vlan::None,
+                    &quic_initial(&[0xe5; 8], n),
+                )
+            }),
+            xdp::TX,
+        ),
     ])
 }
