@@ -36,10 +36,15 @@ fn lab(tag: &str, routing: QuicRouting) -> Result<(std::sync::MutexGuard<'static
     Ok((guard, lab))
 }
 
-/// Downloads of the lab's file over HTTP/3 from the VIP, `rate` bytes/s each.
+/// Downloads of the lab's file over HTTP/3 from the IPv4 VIP, `rate` bytes/s each.
 fn spec(lab: &Lab, rate: usize) -> Result<Spec> {
+    spec_to(lab, false, rate)
+}
+
+/// Downloads from the IPv6 VIP (`v6`) or the IPv4 one.
+fn spec_to(lab: &Lab, v6: bool, rate: usize) -> Result<Spec> {
     Ok(Spec {
-        target: SocketAddr::new(lab.vip(false), H3_PORT),
+        target: SocketAddr::new(lab.vip(v6), H3_PORT),
         size: lab.opts.file_size,
         seed: lab.opts.file_seed,
         rate,
@@ -115,13 +120,20 @@ fn cid_routed(lab: &Lab) -> Result<u64> {
     Ok(sum)
 }
 
+/// HTTP/3 downloads over IPv6 beside the 50 over IPv4 in the route-shift test.
+const V6_DOWNLOADS: usize = 20;
+
 #[test]
 fn h3_downloads_survive_five_route_shifts() -> Result<()> {
     let (_guard, lab) = lab("h3s", QuicRouting::Cid)?;
     let started = Instant::now();
     // ~25 s per download: in flight through all five shifts.
     let (live, handle) = start_downloads(&lab, 50, spec(&lab, 40 * 1024)?, None);
+    // And over IPv6, through the same shifts.
+    let (live6, handle6) =
+        start_downloads(&lab, V6_DOWNLOADS, spec_to(&lab, true, 40 * 1024)?, None);
     wait_connected(&lab, &live, 50)?;
+    wait_connected(&lab, &live6, V6_DOWNLOADS)?;
     let n = lab.nodes.len();
     for k in 0..5 {
         let i = k % n;
@@ -133,12 +145,24 @@ fn h3_downloads_survive_five_route_shifts() -> Result<()> {
         std::thread::sleep(Duration::from_millis(300));
     }
     let in_flight = live.running.load(Ordering::Relaxed);
+    let in_flight6 = live6.running.load(Ordering::Relaxed);
     let outcomes = finish(handle)?;
+    let outcomes6 = finish(handle6)?;
     let (ok, broken, resets) = report("h3 route shifts (5)", &outcomes, started);
     println!("  {in_flight} downloads still in flight after the fifth shift");
+    let (ok6, broken6, resets6) = report("h3 route shifts (5), IPv6", &outcomes6, started);
+    println!("  {in_flight6} IPv6 downloads still in flight after the fifth shift");
     ensure!(
         ok == 50 && broken == 0 && resets == 0,
         "{broken} broken, {resets} resets"
+    );
+    ensure!(
+        ok6 == V6_DOWNLOADS && broken6 == 0 && resets6 == 0,
+        "IPv6: {broken6} broken, {resets6} resets"
+    );
+    ensure!(
+        in_flight6 >= V6_DOWNLOADS - 2,
+        "only {in_flight6} IPv6 downloads lived through all shifts"
     );
     ensure!(
         in_flight >= 45,
