@@ -9,32 +9,21 @@
 //! also timed directly (`cdn_steer` against a bare XDP_PASS program) as a cross-check of the
 //! wrapper method.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    time::Instant,
-};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 use cdn_common::{
     counters::Reason,
     maps::{
         BASELINE_PROGRAM_NAME, BENCH_BASELINE_PROGRAM_NAME, BENCH_PROGRAM_NAME, NODE_TRACE,
-        PROGRAM_NAME, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
+        PROGRAM_NAME,
     },
-    quic_lb::QuicLbConfig,
     trace::{TRACE_MATCH_VIP, TraceFilter},
 };
 use cdn_tests::{
-    netns::Netns,
-    packets::{
-        Flow, Tcp, Vlan, frame, ip_packet, quic_cid, quic_initial, quic_short,
-        signed_steering_frame, steering_frame,
-    },
-    scenario::{
-        CLIENT_V4, CLIENT_V6, KEY, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, VIP_V4, VIP_V6,
-        addr, member_addr, quic_service, service,
-    },
+    bpf_interp::paths::{Bench, in_namespace},
+    packets::signed_steering_frame,
+    scenario::{KEY, Scenario},
     xdp,
 };
 
@@ -72,6 +61,14 @@ fn parse_args() -> Result<Args> {
     }
     Ok(args)
 }
+
+/// Paths (of `Bench`) that leave the packet untouched, timed directly as well as wrapped.
+const TIMED_DIRECTLY_TOO: [&str; 4] = [
+    "ingress local accept (new SYN)",
+    "ingress local accept (socket lookup)",
+    "UDP owner: accept as owner",
+    "UDP local: accept",
+];
 
 /// How a path is timed.
 #[derive(Clone, Copy, PartialEq)]
@@ -132,245 +129,54 @@ fn time_path(s: &mut Scenario, p: &Path, repeat: u32) -> Result<(f64, f64)> {
     Ok((gross as f64, base as f64))
 }
 
-/// Frames of a realistic size: 64 bytes of payload, rounded up to a multiple of 8.
-fn padded(build: impl Fn(usize) -> Vec<u8>) -> Vec<u8> {
-    let len = build(64).len();
-    build(64 + (8 - len % 8) % 8)
-}
-
 fn main() -> Result<()> {
     let args = parse_args()?;
-    let ns = Netns::new("bench")?;
-    for a in [
-        "192.0.2.10/32",
-        "198.51.100.7/32",
-        "2001:db8::10/128",
-        "2001:db8:ffff::7/128",
-    ] {
-        ns.ip(&["addr", "add", a, "dev", "lo"])?;
-    }
-    ns.enter(|| run(&args))?
+    in_namespace(|| run(&args))
 }
 
 fn run(args: &Args) -> Result<()> {
-    let mut s = Scenario::new()?;
-    // A real established connection for the socket-lookup paths.
-    let listener = TcpListener::bind(SocketAddr::new(addr(VIP_V4), 443))?;
-    let client = {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        sock.bind(&SocketAddr::new(addr(CLIENT_V4), 41000).into())?;
-        sock.connect(&SocketAddr::new(addr(VIP_V4), 443).into())?;
-        TcpStream::from(sock)
-    };
-    let (mut server, _) = listener.accept()?;
-    (&client).write_all(b"x")?;
-    server.read_exact(&mut [0u8; 1])?;
-
-    // An unconnected UDP server socket: in `connected` mode it proves nothing, so the owner
-    // check still passes such a flow on.
-    let udp_server = UdpSocket::bind(SocketAddr::new(addr(VIP_V4), 443))?;
-    // One VIP per other UDP placement mode, inside the scenario's prefix and sharing its table.
-    const VIP_UDP_OWNER: &str = "192.0.2.20";
-    const VIP_UDP_LOCAL: &str = "192.0.2.30";
-    // A QUIC service (UDP 443 routed by connection ID), sharing the scenario's table too.
-    const VIP_QUIC: &str = "192.0.2.40";
-    const QUIC_BENCH: QuicLbConfig = QuicLbConfig {
-        config_id: 1,
-        server_id_len: 2,
-        cid_len: 8,
-    };
-    const QUIC_SERVER: u32 = 0x0202;
-    s.dp.set_service(addr(VIP_QUIC), 32, &quic_service(0, &QUIC_BENCH))?;
-    for (vip, mode) in [
-        (VIP_UDP_OWNER, SERVICE_UDP_OWNER),
-        (VIP_UDP_LOCAL, SERVICE_UDP_LOCAL),
-    ] {
-        let base = service(0);
-        let svc = Service {
-            flags: base.flags | mode,
-            ..base
-        };
-        s.dp.set_service(addr(vip), 32, &svc)?;
-    }
-
-    let fwd4 = Flow::tcp(CLIENT_V4, 40000, VIP_V4, 443);
-    let fwd6 = Flow::tcp(CLIENT_V6, 40000, VIP_V6, 443);
-    let local_syn = Flow::tcp(CLIENT_V4, 40001, VIP_V4, 443);
-    let established = Flow::tcp(CLIENT_V4, 41000, VIP_V4, 443);
-    let unknown = Flow::tcp(CLIENT_V4, 41001, VIP_V4, 443);
-    s.set_hops(&fwd4, &[2, 4])?;
-    s.set_hops(&fwd6, &[2, 4])?;
-    s.set_hops(&local_syn, &[SELF_ID, 2])?;
-    s.set_hops(&established, &[SELF_ID, 2])?;
-    // The scenario's table has few buckets: each UDP flow gets a source port whose bucket no
-    // other flow of the benchmark uses, so that every path sees its own hop list.
-    let mut used: Vec<u32> = [&fwd4, &local_syn, &established, &unknown]
-        .iter()
-        .map(|f| s.bucket_index(f))
-        .collect();
-    let mut udp_flow = |vip: &str| -> Result<Flow> {
-        (42000..43000)
-            .map(|sport| Flow::udp(CLIENT_V4, sport, vip, 443))
-            .find(|f| {
-                let b = s.bucket_index(f);
-                let free = !used.contains(&b);
-                if free {
-                    used.push(b);
-                }
-                free
-            })
-            .context("a free bucket for a UDP flow")
-    };
-    let udp_connected = udp_flow(VIP_V4)?;
-    let udp_owner_fwd = udp_flow(VIP_UDP_OWNER)?;
-    let udp_owner_self = udp_flow(VIP_UDP_OWNER)?;
-    let udp_local = udp_flow(VIP_UDP_LOCAL)?;
-    let quic_cid_flow = udp_flow(VIP_QUIC)?;
-    let quic_initial_flow = udp_flow(VIP_QUIC)?;
-    s.set_hops(&udp_connected, &[SELF_ID, 2, 4])?;
-    s.set_hops(&udp_owner_fwd, &[2, 4])?;
-    s.set_hops(&udp_owner_self, &[SELF_ID, 2])?;
-    s.set_hops(&udp_local, &[2, 4])?;
-    // QUIC: the CID names member 2 while the bucket names this node; the Initial hashes to 2.
-    s.set_hops(&quic_cid_flow, &[SELF_ID, 4])?;
-    s.set_hops(&quic_initial_flow, &[2, 4])?;
-    s.dp.set_quic_server(QUIC_SERVER, Some(2))?;
-    let steered = |flow: &Flow, hops: &[u16]| -> Result<Vec<u8>> {
-        let inner = padded(|n| {
-            let f = frame(flow, Tcp::ACK, Vlan::None, &vec![0u8; n]);
-            let mut framed = vec![0u8; 50];
-            framed.extend_from_slice(ip_packet(&f, Vlan::None));
-            framed
-        });
-        steering_frame(
-            member_addr(2),
-            addr(UNDERLAY_V4),
-            STEER_PORT,
-            2,
-            hops,
-            &inner[50..],
-        )
-    };
-    let plain = |flow: &Flow, tcp: Tcp| padded(|n| frame(flow, tcp, Vlan::None, &vec![0u8; n]));
-    let non_vip = Flow::tcp(CLIENT_V4, 1, "203.0.113.1", 443);
+    // The data plane, the sockets and the paths `cdn-insns` counts, set up once for both.
+    let mut bench = Bench::new()?;
     let mut paths = Vec::new();
-    // Paths that leave the packet untouched are timed directly too, as a cross-check; the
-    // non-VIP pass only directly, its cost being below the wrapper's noise.
-    let mut add = |name: &str, frame: Vec<u8>, action: u32, methods: &[Method]| {
+    for p in &bench.paths {
+        // Paths that leave the packet untouched are timed directly too, as a cross-check; the
+        // non-VIP pass only directly, its cost being below the wrapper's noise.
+        let methods: &[Method] = if p.name == "non-VIP pass" {
+            &[Method::Direct]
+        } else if TIMED_DIRECTLY_TOO.contains(&p.name) {
+            &[Method::Direct, Method::Wrapped]
+        } else {
+            &[Method::Wrapped]
+        };
         for method in methods {
             paths.push(Path {
                 name: match method {
-                    Method::Direct => format!("{name} [direct]"),
-                    Method::Wrapped => name.to_string(),
+                    Method::Direct => format!("{} [direct]", p.name),
+                    Method::Wrapped => p.name.to_string(),
                 },
-                frame: frame.clone(),
-                action,
+                frame: p.frame.clone(),
+                action: p.action,
                 method: *method,
                 traced: None,
                 auth: false,
             });
         }
-    };
+    }
     use Method::{Direct, Wrapped};
-    add(
-        "non-VIP pass",
-        plain(&non_vip, Tcp::ACK),
-        xdp::PASS,
-        &[Direct],
-    );
-    add(
-        "ingress forward IPv4 (established flow)",
-        plain(&fwd4, Tcp::ACK),
-        xdp::TX,
-        &[Wrapped],
-    );
-    add(
-        "ingress forward IPv6 (established flow)",
-        plain(&fwd6, Tcp::ACK),
-        xdp::TX,
-        &[Wrapped],
-    );
-    let quic_cid = quic_cid(&QUIC_BENCH, QUIC_SERVER, 7);
-    add(
-        "QUIC short header, CID -> other member",
-        padded(|n| {
-            frame(
-                &quic_cid_flow,
-                Tcp::ACK,
-                Vlan::None,
-                &quic_short(&quic_cid, &vec![0u8; n]),
-            )
-        }),
-        xdp::TX,
-        &[Wrapped],
-    );
-    add(
-        "QUIC Initial (hash)",
-        padded(|n| {
-            frame(
-                &quic_initial_flow,
-                Tcp::ACK,
-                Vlan::None,
-                &quic_initial(&[0xe5; 8], n),
-            )
-        }),
-        xdp::TX,
-        &[Wrapped],
-    );
-    add(
-        "ingress local accept (new SYN)",
-        plain(&local_syn, Tcp::SYN),
-        xdp::PASS,
-        &[Direct, Wrapped],
-    );
-    add(
-        "ingress local accept (socket lookup)",
-        plain(&established, Tcp::ACK),
-        xdp::PASS,
-        &[Direct, Wrapped],
-    );
-    add(
-        "owner accept (socket lookup, decap)",
-        steered(&established, &[4])?,
-        xdp::PASS,
-        &[Wrapped],
-    );
-    add(
-        "owner pass-on to next hop",
-        steered(&unknown, &[4])?,
-        xdp::TX,
-        &[Wrapped],
-    );
-    add(
-        "UDP connected: first hop, unconnected sock",
-        plain(&udp_connected, Tcp::ACK),
-        xdp::TX,
-        &[Wrapped],
-    );
-    add(
-        "UDP owner: forward to owner",
-        plain(&udp_owner_fwd, Tcp::ACK),
-        xdp::TX,
-        &[Wrapped],
-    );
-    add(
-        "UDP owner: accept as owner",
-        plain(&udp_owner_self, Tcp::ACK),
-        xdp::PASS,
-        &[Direct, Wrapped],
-    );
-    add(
-        "UDP owner: steered, accept (decap)",
-        steered(&udp_owner_fwd, &[4])?,
-        xdp::PASS,
-        &[Wrapped],
-    );
-    add(
-        "UDP local: accept",
-        plain(&udp_local, Tcp::ACK),
-        xdp::PASS,
-        &[Direct, Wrapped],
-    );
+    let fwd4 = bench
+        .path("ingress forward IPv4 (established flow)")?
+        .frame
+        .clone();
+    let fwd6 = bench
+        .path("ingress forward IPv6 (established flow)")?
+        .frame
+        .clone();
+    let non_vip = bench.path("non-VIP pass")?.frame.clone();
+    let owner_accept = bench
+        .path("owner accept (socket lookup, decap)")?
+        .frame
+        .clone();
+    let owner_pass_on = bench.path("owner pass-on to next hop")?.frame.clone();
     // A trace of another VIP: the filter is only decided once the frame has been read again
     // to the inner packet's destination, the most a non-matching packet costs. A trace of
     // another reason is decided before the packet is looked at.
@@ -386,21 +192,21 @@ fn run(args: &Args) -> Result<()> {
     for (name, frame, action, method, filter) in [
         (
             "ingress forward IPv4, trace of another VIP",
-            plain(&fwd4, Tcp::ACK),
+            fwd4.clone(),
             xdp::TX,
             Wrapped,
             other_vip,
         ),
         (
             "ingress forward IPv4, trace of another reason",
-            plain(&fwd4, Tcp::ACK),
+            fwd4.clone(),
             xdp::TX,
             Wrapped,
             other_reason,
         ),
         (
             "non-VIP pass, trace of another VIP [direct]",
-            plain(&non_vip, Tcp::ACK),
+            non_vip,
             xdp::PASS,
             Direct,
             other_vip,
@@ -419,24 +225,16 @@ fn run(args: &Args) -> Result<()> {
     // header (signed as the reference model signs it) and verifies it.
     let key = cdn_user::dataplane::steer_auth_key(KEY);
     for (name, frame, action) in [
-        (
-            "ingress forward IPv4, steer_auth",
-            plain(&fwd4, Tcp::ACK),
-            xdp::TX,
-        ),
-        (
-            "ingress forward IPv6, steer_auth",
-            plain(&fwd6, Tcp::ACK),
-            xdp::TX,
-        ),
+        ("ingress forward IPv4, steer_auth", fwd4, xdp::TX),
+        ("ingress forward IPv6, steer_auth", fwd6, xdp::TX),
         (
             "owner accept (decap), steer_auth",
-            signed_steering_frame(&steered(&established, &[4])?, 0, key, &established),
+            signed_steering_frame(&owner_accept, 0, key, &bench.flows.established),
             xdp::PASS,
         ),
         (
             "owner pass-on to next hop, steer_auth",
-            signed_steering_frame(&steered(&unknown, &[4])?, 0, key, &unknown),
+            signed_steering_frame(&owner_pass_on, 0, key, &bench.flows.unknown),
             xdp::TX,
         ),
     ] {
@@ -449,9 +247,10 @@ fn run(args: &Args) -> Result<()> {
             auth: true,
         });
     }
+    let s = &mut bench.scenario;
     let mut trace_reader = s.dp.take_trace_reader().context("the trace reader")?;
     for p in &paths {
-        set_tracing(&mut s, p.traced)?;
+        set_tracing(s, p.traced)?;
         s.set_steer_auth(p.auth)?;
         let run = s.run(&p.frame)?;
         if run.action != p.action {
@@ -481,7 +280,7 @@ fn run(args: &Args) -> Result<()> {
     let mut base: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     for round in 0..args.rounds {
         for (i, p) in paths.iter().enumerate() {
-            let (g, b) = time_path(&mut s, p, args.repeat)?;
+            let (g, b) = time_path(s, p, args.repeat)?;
             net[i].push(g - b);
             gross[i].push(g);
             base[i].push(b);
@@ -514,7 +313,7 @@ fn run(args: &Args) -> Result<()> {
         "(ns per packet; net = path minus its baseline in the same round; [direct] rows time\n\
          cdn_steer itself against a bare XDP_PASS and cross-check the wrapper method)"
     );
-    drop((client, server, listener, udp_server));
+    drop(bench);
     maglev_build_time(args.rounds)?;
     Ok(())
 }

@@ -1,6 +1,6 @@
-//! The data plane and the paths of `cargo xtask bench` (`cdn-bench`), set up the same way, so
-//! that `cdn-insns` counts what the benchmark times and the cross-check test runs both the
-//! kernel and the interpreter over the same frames and maps.
+//! The data plane and the paths of `cargo xtask bench`, set up once: `cdn-bench` times them,
+//! `cdn-insns` counts their instructions, and the cross-check test runs both the kernel and the
+//! interpreter over the same frames and maps.
 
 use std::{
     io::{Read as _, Write as _},
@@ -58,10 +58,20 @@ pub struct BenchPath {
     pub action: u32,
 }
 
+/// Flows whose frames other benchmarks build variants of.
+pub struct BenchFlows {
+    /// The established connection the socket-lookup paths find.
+    pub established: Flow,
+    /// A flow nobody holds (the owner passes it on).
+    pub unknown: Flow,
+}
+
 /// The benchmark's data plane, its paths, and the sockets it holds open.
 pub struct Bench {
     pub scenario: Scenario,
     pub paths: Vec<BenchPath>,
+    /// The flows of the owner paths, for frames built from theirs (signed ones).
+    pub flows: BenchFlows,
     /// The sockets above, as the interpreter's lookup helpers see them.
     pub sockets: SocketTable,
     _open: (TcpStream, TcpStream, TcpListener, UdpSocket),
@@ -137,13 +147,22 @@ impl Bench {
             // The benchmark's ACKs carry no SYN cookie.
             syncookies_valid: false,
         };
-        let paths = paths(&mut s)?;
+        let (paths, flows) = paths(&mut s)?;
         Ok(Self {
             scenario: s,
             paths,
+            flows,
             sockets,
             _open: (client, server, listener, udp_server),
         })
+    }
+
+    /// The path named `name`.
+    pub fn path(&self, name: &str) -> Result<&BenchPath> {
+        self.paths
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no benchmark path {name:?}"))
     }
 
     /// The loaded `cdn_steer` program, linked and decoded from the embedded object, with its
@@ -167,7 +186,7 @@ impl Bench {
     }
 }
 
-fn paths(s: &mut Scenario) -> Result<Vec<BenchPath>> {
+fn paths(s: &mut Scenario) -> Result<(Vec<BenchPath>, BenchFlows)> {
     let fwd4 = Flow::tcp(CLIENT_V4, 40000, VIP_V4, 443);
     let fwd6 = Flow::tcp(CLIENT_V6, 40000, VIP_V6, 443);
     let local_syn = Flow::tcp(CLIENT_V4, 40001, VIP_V4, 443);
@@ -234,7 +253,7 @@ fn paths(s: &mut Scenario) -> Result<Vec<BenchPath>> {
         frame,
         action,
     };
-    Ok(vec![
+    let paths = vec![
         path("non-VIP pass", plain(&non_vip, Tcp::ACK), xdp::PASS),
         path(
             "ingress forward IPv4 (established flow)",
@@ -311,5 +330,12 @@ fn paths(s: &mut Scenario) -> Result<Vec<BenchPath>> {
             }),
             xdp::TX,
         ),
-    ])
+    ];
+    Ok((
+        paths,
+        BenchFlows {
+            established,
+            unknown,
+        },
+    ))
 }
