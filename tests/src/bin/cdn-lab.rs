@@ -15,7 +15,8 @@ use anyhow::{Context as _, Result, bail};
 use cdn_tests::{
     content,
     download::{self, Live, Spec},
-    lab::{Lab, LabOptions, VIP_V4, packets_counter},
+    h3,
+    lab::{H3_PORT, Lab, LabOptions, QuicRouting, VIP_V4, packets_counter},
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -30,6 +31,8 @@ struct Args {
     flows: usize,
     steering: bool,
     rate: usize,
+    /// HTTP/3 downloads kept in flight beside the TCP ones (0: no HTTP/3).
+    h3_flows: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -39,6 +42,7 @@ fn parse_args() -> Result<Args> {
         flows: 20,
         steering: true,
         rate: 200 * 1024,
+        h3_flows: 10,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -51,10 +55,13 @@ fn parse_args() -> Result<Args> {
             "--flows" => a.flows = value()?.parse().context("--flows")?,
             "--rate" => a.rate = value()?.parse::<usize>().context("--rate (KiB/s)")? * 1024,
             "--no-steering" => a.steering = false,
+            "--h3-flows" => a.h3_flows = value()?.parse().context("--h3-flows")?,
             "-h" | "--help" => {
                 println!(
-                    "cdn-lab [--nodes N (3)] [--duration SECONDS (60)] [--flows N (20)] [--rate KiB/s (200)] [--no-steering]\n\
-                     Runs the anycast lab and a scripted demo; Ctrl-C stops and cleans up."
+                    "cdn-lab [--nodes N (3)] [--duration SECONDS (60)] [--flows N (20)] [--rate KiB/s (200)]\n\
+                     [--h3-flows N (10; 0: no HTTP/3)] [--no-steering]\n\
+                     Runs the anycast lab and a scripted demo (TCP and HTTP/3 downloads); Ctrl-C\n\
+                     stops and cleans up."
                 );
                 std::process::exit(0);
             }
@@ -69,6 +76,21 @@ fn parse_args() -> Result<Args> {
     }
     Ok(a)
 }
+
+/// The reasons the live view adds up as accepted by a node, and as forwarded by it.
+const ACCEPTED: [&str; 5] = [
+    "local_accept",
+    "owner_accept",
+    "last_hop_accept",
+    "quic_cid_accept",
+    "quic_hash_accept",
+];
+const FORWARDED: [&str; 4] = [
+    "forwarded",
+    "passed_on",
+    "quic_cid_forwarded",
+    "quic_hash_forwarded",
+];
 
 /// What a scripted step does to the lab.
 type Action = Box<dyn Fn(&Lab) -> Result<()>>;
@@ -131,6 +153,8 @@ fn main() -> Result<()> {
         nodes: args.nodes,
         steering: args.steering,
         tag: "run".into(),
+        // HTTP/3 on VIP:443 with QUIC-LB connection IDs, routed by them.
+        h3: (args.h3_flows > 0).then_some(QuicRouting::Cid),
         ..LabOptions::default()
     })?;
     println!(
@@ -200,6 +224,7 @@ fn demo(lab: &Lab, args: &Args) -> Result<()> {
             }
         }));
     }
+    let h3 = H3Demo::start(lab, args, started);
     let steps = script(lab.nodes.len(), lab.opts.steering);
     let mut next_step = 0;
     let mut last_view = Instant::now() - Duration::from_secs(2);
@@ -234,10 +259,11 @@ fn demo(lab: &Lab, args: &Args) -> Result<()> {
                 per_node.push(match lab.scrape(i) {
                     Ok(t) => format!(
                         "{}/{}",
-                        packets_counter(&t, "local_accept")
-                            + packets_counter(&t, "owner_accept")
-                            + packets_counter(&t, "last_hop_accept"),
-                        packets_counter(&t, "forwarded") + packets_counter(&t, "passed_on")
+                        ACCEPTED.iter().map(|r| packets_counter(&t, r)).sum::<u64>(),
+                        FORWARDED
+                            .iter()
+                            .map(|r| packets_counter(&t, r))
+                            .sum::<u64>()
                     ),
                     Err(_) => "-".into(),
                 });
@@ -252,18 +278,25 @@ fn demo(lab: &Lab, args: &Args) -> Result<()> {
                 live.resets.load(Ordering::Relaxed),
                 per_node.join("  ")
             );
+            if let Some(h3) = &h3 {
+                println!("        HTTP/3: {}", h3.view());
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     if STOP.load(Ordering::SeqCst) {
         println!("interrupted: stopping the downloads in flight");
         live.abort.store(true, Ordering::SeqCst);
+        if let Some(h3) = &h3 {
+            h3.live.abort.store(true, Ordering::SeqCst);
+        }
     } else {
         println!("time is up: letting the downloads in flight finish");
     }
     for w in workers {
         let _ = w.join();
     }
+    let h3_summary = h3.map(H3Demo::finish);
     println!(
         "summary: {} downloads, {} complete with the right sha256, {} failed, {} reset, {} route/drain events, {:.0} s",
         live.done.load(Ordering::Relaxed),
@@ -273,5 +306,84 @@ fn demo(lab: &Lab, args: &Args) -> Result<()> {
         next_step,
         started.elapsed().as_secs_f64()
     );
+    if let Some(summary) = h3_summary {
+        println!("summary, HTTP/3: {summary}");
+    }
     Ok(())
+}
+
+/// HTTP/3 downloads beside the TCP ones: batches of `--h3-flows` downloads from the VIP's
+/// UDP 443, one after another until the demo's time is up.
+struct H3Demo {
+    live: Arc<Live>,
+    ok: Arc<AtomicUsize>,
+    worker: std::thread::JoinHandle<()>,
+}
+
+impl H3Demo {
+    fn start(lab: &Lab, args: &Args, started: Instant) -> Option<Self> {
+        let identity = lab.h3_identity.as_ref()?;
+        let spec = h3::client::Spec {
+            target: std::net::SocketAddr::new(lab.vip(false), H3_PORT),
+            size: lab.opts.file_size,
+            seed: lab.opts.file_seed,
+            rate: args.rate,
+            timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(10),
+            cert: identity.cert.clone(),
+        };
+        let live = Arc::new(Live::default());
+        let ok = Arc::new(AtomicUsize::new(0));
+        let (l, o, path, count, deadline) = (
+            live.clone(),
+            ok.clone(),
+            lab.client_netns_path(),
+            args.h3_flows,
+            args.duration,
+        );
+        let worker = std::thread::spawn(move || {
+            while started.elapsed() < deadline && !STOP.load(Ordering::SeqCst) {
+                match h3::client::run_all(Some(&path), count, &spec, None, l.clone()) {
+                    Ok(outcomes) => {
+                        o.fetch_add(outcomes.iter().filter(|x| x.ok).count(), Ordering::Relaxed);
+                        for x in outcomes.iter().filter(|x| !x.ok) {
+                            println!(
+                                "    HTTP/3 download (client port {}) failed after {:.1} s: {:?} {}",
+                                x.client_port,
+                                x.elapsed.as_secs_f64(),
+                                x.failure,
+                                x.error.clone().unwrap_or_default()
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        println!("    HTTP/3 downloads cannot run: {e:#}");
+                        return;
+                    }
+                }
+            }
+        });
+        Some(Self { live, ok, worker })
+    }
+
+    fn view(&self) -> String {
+        format!(
+            "running {}, done {}, failed {}, stateless resets {}",
+            self.live.running.load(Ordering::Relaxed),
+            self.live.done.load(Ordering::Relaxed),
+            self.live.failed.load(Ordering::Relaxed),
+            self.live.resets.load(Ordering::Relaxed)
+        )
+    }
+
+    fn finish(self) -> String {
+        let _ = self.worker.join();
+        format!(
+            "{} downloads, {} complete with the right sha256, {} failed, {} stateless resets",
+            self.live.done.load(Ordering::Relaxed),
+            self.ok.load(Ordering::Relaxed),
+            self.live.failed.load(Ordering::Relaxed),
+            self.live.resets.load(Ordering::Relaxed)
+        )
+    }
 }
