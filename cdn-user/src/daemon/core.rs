@@ -141,22 +141,32 @@ impl Core {
     /// the connections whose IDs carry it live on that member, healthy or not. Server IDs no
     /// longer configured are cleared, so their CIDs fall back to the flow hash.
     fn write_quic_servers(&mut self) -> Result<()> {
-        let mut ids = Vec::with_capacity(self.cfg.cluster.members.len());
+        // `written_quic_servers` follows every single write, so that a failure half-way (the
+        // call returns it; the next reload or restart tries again) never loses track of an
+        // entry that would then stay in the map.
+        let mut wanted = Vec::with_capacity(self.cfg.cluster.members.len());
         for m in &self.cfg.cluster.members {
             self.dp
                 .set_quic_server(m.quic_server_id, Some(m.id))
                 .with_context(|| format!("writing the QUIC server ID of member {}", m.name))?;
-            ids.push(m.quic_server_id);
-        }
-        for old in std::mem::take(&mut self.written_quic_servers) {
-            if !ids.contains(&old) {
-                self.dp
-                    .set_quic_server(old, None)
-                    .with_context(|| format!("clearing QUIC server ID {old}"))?;
-                log::info!(server_id = old; "QUIC server ID no longer configured: cleared");
+            if !self.written_quic_servers.contains(&m.quic_server_id) {
+                self.written_quic_servers.push(m.quic_server_id);
             }
+            wanted.push(m.quic_server_id);
         }
-        self.written_quic_servers = ids;
+        let stale: Vec<u32> = self
+            .written_quic_servers
+            .iter()
+            .copied()
+            .filter(|id| !wanted.contains(id))
+            .collect();
+        for old in stale {
+            self.dp
+                .set_quic_server(old, None)
+                .with_context(|| format!("clearing QUIC server ID {old}"))?;
+            self.written_quic_servers.retain(|id| *id != old);
+            log::info!(server_id = old; "QUIC server ID no longer configured: cleared");
+        }
         Ok(())
     }
 
