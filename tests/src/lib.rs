@@ -10,6 +10,7 @@ pub mod download;
 pub mod h3;
 pub mod lab;
 pub mod model;
+pub mod node_host;
 pub mod packets;
 pub mod rate;
 pub mod scenario;

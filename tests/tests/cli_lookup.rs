@@ -5,21 +5,15 @@
 //! answers, 4 when it refuses the request, 64 for a usage error.
 
 use std::{
-    net::{IpAddr, SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr},
     path::Path,
-    process::Output,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
 use cdn_common::quic_lb::{MAX_CID_LEN, QuicLbConfig};
-use cdn_test_support::{
-    BpfMount, Netns,
-    binaries::cdn_steer,
-    process::{Group, Process},
-    scratch::ScratchDir,
-    wait,
-};
+use cdn_test_support::{Netns, wait};
+use cdn_tests::node_host::{NodeHost, steer};
 use cdn_user::operator::lookup::{LookupDocument, OFFLINE_ASSUMPTION, Source};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
@@ -53,13 +47,6 @@ fn config(bpffs: &Path, socket: &Path) -> String {
          [metrics]\nlisten = \"10.9.0.1:9465\"\n"
     ));
     c
-}
-
-fn steer(ns: &Netns, args: &[&str]) -> Result<Output> {
-    Ok(ns
-        .command(&cdn_steer()?.to_string_lossy())
-        .args(args)
-        .output()?)
 }
 
 fn lookup(ns: &Netns, config: &str, flow: &[&str], offline: bool) -> Result<LookupDocument> {
@@ -143,17 +130,8 @@ fn quic_cids(ns: &Netns, cfg: &str, flows: &[(String, String)]) -> Result<()> {
 
 #[test]
 fn offline_owner_is_the_live_daemons_with_every_member_up() -> Result<()> {
-    let dir = ScratchDir::new("cli-lookup")?;
-    let ns = Netns::new("cli-lookup")?;
-    let mount = BpfMount::new(&dir.path().join("bpffs"))?;
-    ns.ip_batch(
-        "link add eth0 type veth peer name peer0\nlink set eth0 up\nlink set peer0 up\n\
-         addr add 10.9.0.1/24 dev eth0\naddr add 10.9.0.2/24 dev eth0\n\
-         addr add 10.9.0.3/24 dev eth0\n",
-    )?;
-    // Every member's health check (TCP connect to port 80 of its underlay) lands here.
-    let listener = ns.enter(|| TcpListener::bind("0.0.0.0:80"))??;
-    std::thread::spawn(move || for _ in listener.incoming() {});
+    let host = NodeHost::new("cli-lookup")?;
+    let (dir, ns, mount) = (&host.dir, &host.ns, &host.mount);
 
     let socket = dir.path().join("ctl.sock");
     let cfg_path = dir.path().join("node.toml");
@@ -161,25 +139,18 @@ fn offline_owner_is_the_live_daemons_with_every_member_up() -> Result<()> {
     let cfg = cfg_path.to_string_lossy().into_owned();
 
     // No daemon yet: unreachable is exit code 3.
-    let out = steer(&ns, &["status", "--config", &cfg])?;
+    let out = steer(ns, &["status", "--config", &cfg])?;
     ensure!(
         out.status.code() == Some(3),
         "status without a daemon: {out:?}"
     );
 
-    let mut command = ns.command(&cdn_steer()?.to_string_lossy());
-    command.args(["run", "--config", &cfg, "--shutdown-grace-ms", "0"]);
-    let mut daemon = Process::spawn(
-        "cdn-steer",
-        command,
-        Group::Inherit,
-        &dir.path().join("d.log"),
-    )?;
+    let mut daemon = host.start_daemon(&cfg)?;
     let all_up = wait::until(
         Duration::from_secs(20),
         "every member healthy and in the table",
         || {
-            let out = steer(&ns, &["status", "--json", "--config", &cfg])?;
+            let out = steer(ns, &["status", "--json", "--config", &cfg])?;
             if !out.status.success() {
                 return Ok(false);
             }
@@ -218,8 +189,8 @@ fn offline_owner_is_the_live_daemons_with_every_member_up() -> Result<()> {
         let proto = if i % 4 < 2 { "tcp" } else { "udp" };
         let (src, dst) = (src.to_string(), dst.to_string());
         let flow = [src.as_str(), dst.as_str(), proto];
-        let live = lookup(&ns, &cfg, &flow, false)?;
-        let offline = lookup(&ns, &cfg, &flow, true)?;
+        let live = lookup(ns, &cfg, &flow, false)?;
+        let offline = lookup(ns, &cfg, &flow, true)?;
         ensure!(live.source == Source::Live && offline.source == Source::Offline);
         ensure!(offline.assumption.as_deref() == Some(OFFLINE_ASSUMPTION));
         ensure!(
@@ -260,7 +231,7 @@ fn offline_owner_is_the_live_daemons_with_every_member_up() -> Result<()> {
         );
     }
     ensure!(owners.len() == 3, "120 flows reached only {owners:?}");
-    quic_cids(&ns, &cfg, &quic_flows)?;
+    quic_cids(ns, &cfg, &quic_flows)?;
 
     // The daemon refuses a lookup for an address that is no VIP: exit code 4, offline too.
     for offline in [false, true] {
@@ -274,14 +245,14 @@ fn offline_owner_is_the_live_daemons_with_every_member_up() -> Result<()> {
         if offline {
             args.push("--offline");
         }
-        let out = steer(&ns, &args)?;
+        let out = steer(ns, &args)?;
         ensure!(
             out.status.code() == Some(4),
             "not a VIP (offline {offline}): {out:?}"
         );
     }
     // A usage error is 64, not clap's 2 (which is "host problem" here).
-    let out = steer(&ns, &["lookup", "not-an-address", "192.0.2.1:443"])?;
+    let out = steer(ns, &["lookup", "not-an-address", "192.0.2.1:443"])?;
     ensure!(out.status.code() == Some(64), "usage error: {out:?}");
 
     daemon.signal(libc::SIGTERM, Duration::from_secs(10))?;

@@ -5,21 +5,15 @@
 //! Checked through the pinned maps (`DataPlane`, and one entry with `bpftool`), and through
 //! `lookup --cid`, live against offline.
 
-use std::{net::TcpListener, path::Path, process::Output, time::Duration};
+use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use cdn_common::{
     maps::{MAX_SERVICE_PORTS, SERVICE_QUIC, SERVICE_UDP_OWNER, Service},
     quic_lb::{MAX_CID_LEN, QuicLbConfig},
 };
-use cdn_test_support::{
-    BpfMount, Netns,
-    binaries::cdn_steer,
-    process::{Group, Process},
-    run,
-    scratch::ScratchDir,
-    wait,
-};
+use cdn_test_support::{Netns, run, wait};
+use cdn_tests::node_host::{NodeHost, steer};
 use cdn_user::{
     config,
     dataplane::{DataPlane, LoadOptions, tables},
@@ -65,13 +59,6 @@ fn config(bpffs: &Path, socket: &Path, with_c: bool, cid_len: u8) -> String {
          [metrics]\nlisten = \"10.9.0.1:9465\"\n"
     ));
     c
-}
-
-fn steer(ns: &Netns, args: &[&str]) -> Result<Output> {
-    Ok(ns
-        .command(&cdn_steer()?.to_string_lossy())
-        .args(args)
-        .output()?)
 }
 
 /// The pinned maps, as a second user of them sees them.
@@ -130,16 +117,8 @@ fn cid_member(ns: &Netns, cfg: &str, cid: &str) -> Result<Option<String>> {
 
 #[test]
 fn daemon_writes_server_ids_clears_leftovers_and_follows_reloads() -> Result<()> {
-    let dir = ScratchDir::new("quic-config")?;
-    let ns = Netns::new("quic-config")?;
-    let mount = BpfMount::new(&dir.path().join("bpffs"))?;
-    ns.ip_batch(
-        "link add eth0 type veth peer name peer0\nlink set eth0 up\nlink set peer0 up\n\
-         addr add 10.9.0.1/24 dev eth0\naddr add 10.9.0.2/24 dev eth0\n\
-         addr add 10.9.0.3/24 dev eth0\n",
-    )?;
-    let listener = ns.enter(|| TcpListener::bind("0.0.0.0:80"))??;
-    std::thread::spawn(move || for _ in listener.incoming() {});
+    let host = NodeHost::new("quic-config")?;
+    let (dir, ns, mount) = (&host.dir, &host.ns, &host.mount);
 
     let socket = dir.path().join("ctl.sock");
     let bpffs = mount.join("a");
@@ -160,17 +139,10 @@ fn daemon_writes_server_ids_clears_leftovers_and_follows_reloads() -> Result<()>
         ensure!(dp.quic_servers()? == [(4, 9), (777, 9)]);
     }
 
-    let mut command = ns.command(&cdn_steer()?.to_string_lossy());
-    command.args(["run", "--config", &cfg_file, "--shutdown-grace-ms", "0"]);
-    let mut daemon = Process::spawn(
-        "cdn-steer",
-        command,
-        Group::Inherit,
-        &dir.path().join("d.log"),
-    )?;
+    let mut daemon = host.start_daemon(&cfg_file)?;
     // Up: a and c healthy, b down; the service entry written.
     let up = wait::until(Duration::from_secs(20), "a and c healthy, b down", || {
-        let out = steer(&ns, &["status", "--json", "--config", &cfg_file])?;
+        let out = steer(ns, &["status", "--json", "--config", &cfg_file])?;
         if !out.status.success() {
             return Ok(false);
         }
@@ -246,7 +218,7 @@ fn daemon_writes_server_ids_clears_leftovers_and_follows_reloads() -> Result<()>
     ensure!(bytes == ["0x05", "0x00", "0x01", "0x00"], "bpftool: {dump}");
 
     // status shows the settings, every server ID as the map holds it, and the counters.
-    let out = steer(&ns, &["status", "--json", "--config", &cfg_file])?;
+    let out = steer(ns, &["status", "--json", "--config", &cfg_file])?;
     let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     ensure!(
         status["services"][0]["quic"]
@@ -264,7 +236,7 @@ fn daemon_writes_server_ids_clears_leftovers_and_follows_reloads() -> Result<()>
         "status quic_servers: {}",
         status["quic_servers"]
     );
-    let out = steer(&ns, &["status", "--config", &cfg_file])?;
+    let out = steer(ns, &["status", "--config", &cfg_file])?;
     let text = String::from_utf8_lossy(&out.stdout);
     for line in [
         "  web              ports 443          config id 1, server_id_len 2, cid_len 8",
@@ -275,13 +247,13 @@ fn daemon_writes_server_ids_clears_leftovers_and_follows_reloads() -> Result<()>
     }
 
     // The CLI reads the same: live and offline agree.
-    ensure!(cid_member(&ns, &cfg_file, &cid_for(300, 8)?)?.as_deref() == Some("c"));
-    ensure!(cid_member(&ns, &cfg_file, &cid_for(4, 8)?)?.as_deref() == Some("b"));
-    ensure!(cid_member(&ns, &cfg_file, &cid_for(777, 8)?)?.is_none());
+    ensure!(cid_member(ns, &cfg_file, &cid_for(300, 8)?)?.as_deref() == Some("c"));
+    ensure!(cid_member(ns, &cfg_file, &cid_for(4, 8)?)?.as_deref() == Some("b"));
+    ensure!(cid_member(ns, &cfg_file, &cid_for(777, 8)?)?.is_none());
 
     // Reload without c, with longer connection IDs: c's server ID is cleared.
     std::fs::write(&cfg_path, config(&bpffs, &socket, false, 12))?;
-    let out = steer(&ns, &["reload", "--config", &cfg_file])?;
+    let out = steer(ns, &["reload", "--config", &cfg_file])?;
     ensure!(
         out.status.success(),
         "reload: {out:?}\n{}",
@@ -294,8 +266,8 @@ fn daemon_writes_server_ids_clears_leftovers_and_follows_reloads() -> Result<()>
     );
     let entry = service_entry(&dp)?;
     ensure!(entry.quic_cid_len == 12, "after the reload: {entry:?}");
-    ensure!(cid_member(&ns, &cfg_file, &cid_for(300, 12)?)?.is_none());
-    ensure!(cid_member(&ns, &cfg_file, &cid_for(3, 12)?)?.as_deref() == Some("a"));
+    ensure!(cid_member(ns, &cfg_file, &cid_for(300, 12)?)?.is_none());
+    ensure!(cid_member(ns, &cfg_file, &cid_for(3, 12)?)?.as_deref() == Some("a"));
 
     daemon.signal(libc::SIGTERM, Duration::from_secs(10))?;
     Ok(())
