@@ -509,6 +509,22 @@ impl Lab {
         })
     }
 
+    /// Withdraws and restores each node's routes at the router in turn, `rounds` times, each
+    /// time waiting until the router's routes follow. Returns `rounds`.
+    pub fn shift_routes(&self, rounds: usize) -> Result<usize> {
+        let n = self.nodes.len();
+        for k in 0..rounds {
+            let i = k % n;
+            self.withdraw_at_router(i)?;
+            self.wait_for_routes(n - 1, Duration::from_secs(10))?;
+            std::thread::sleep(Duration::from_millis(700));
+            self.restore_at_router(i)?;
+            self.wait_for_routes(n, Duration::from_secs(15))?;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Ok(rounds)
+    }
+
     /// Polls `check` until it is true; fails after `limit` with the lab's diagnostics.
     pub fn wait_until(
         &self,

@@ -90,21 +90,6 @@ fn report(name: &str, outcomes: &[Outcome], shifts: usize, started: Instant) {
     }
 }
 
-/// Withdraws and restores each node's routes at the router in turn, `rounds` times.
-fn shift_routes(lab: &Lab, rounds: usize) -> Result<usize> {
-    let n = lab.nodes.len();
-    for k in 0..rounds {
-        let i = k % n;
-        lab.withdraw_at_router(i)?;
-        lab.wait_for_routes(n - 1, Duration::from_secs(10))?;
-        std::thread::sleep(Duration::from_millis(700));
-        lab.restore_at_router(i)?;
-        lab.wait_for_routes(n, Duration::from_secs(15))?;
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    Ok(rounds)
-}
-
 /// `promtool check metrics` finds nothing to complain about in a scrape of a running node.
 fn promtool_accepts(text: &str) -> Result<()> {
     use std::io::Write as _;
@@ -138,7 +123,7 @@ fn steered_shift_test(tag: &str, v6: bool, flows: usize, rounds: usize) -> Resul
     let started = Instant::now();
     let (live, handle) = start_downloads(&lab, flows, v6);
     wait_connected(&lab, &live, flows)?;
-    let shifts = shift_routes(&lab, rounds)?;
+    let shifts = lab.shift_routes(rounds)?;
     let outcomes = handle
         .join()
         .map_err(|_| anyhow::anyhow!("download thread panicked"))?;
@@ -248,7 +233,7 @@ fn without_steering_route_shifts_reset_downloads() -> Result<()> {
     let started = Instant::now();
     let (live, handle) = start_downloads(&lab, 50, false);
     wait_connected(&lab, &live, 50)?;
-    let shifts = shift_routes(&lab, 3)?;
+    let shifts = lab.shift_routes(3)?;
     let outcomes = handle
         .join()
         .map_err(|_| anyhow::anyhow!("download thread panicked"))?;
@@ -493,7 +478,7 @@ fn controller_restart_and_reload_keep_traffic_flowing() -> Result<()> {
     );
     std::fs::write(&config, &good)?;
 
-    shift_routes(&lab, 2)?;
+    lab.shift_routes(2)?;
     let outcomes = handle
         .join()
         .map_err(|_| anyhow::anyhow!("download thread panicked"))?;

@@ -134,16 +134,7 @@ fn h3_downloads_survive_five_route_shifts() -> Result<()> {
         start_downloads(&lab, V6_DOWNLOADS, spec_to(&lab, true, 40 * 1024)?, None);
     wait_connected(&lab, &live, 50)?;
     wait_connected(&lab, &live6, V6_DOWNLOADS)?;
-    let n = lab.nodes.len();
-    for k in 0..5 {
-        let i = k % n;
-        lab.withdraw_at_router(i)?;
-        lab.wait_for_routes(n - 1, Duration::from_secs(10))?;
-        std::thread::sleep(Duration::from_millis(700));
-        lab.restore_at_router(i)?;
-        lab.wait_for_routes(n, Duration::from_secs(15))?;
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    lab.shift_routes(5)?;
     let in_flight = live.running.load(Ordering::Relaxed);
     let in_flight6 = live6.running.load(Ordering::Relaxed);
     let outcomes = finish(handle)?;
