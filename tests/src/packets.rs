@@ -429,6 +429,14 @@ pub fn quic_cid(cfg: &cdn_common::quic_lb::QuicLbConfig, server_id: u32, nonce: 
     out[..len].to_vec()
 }
 
+/// [`quic_cid`] in hex, as `cdn-steer lookup --cid` takes it.
+pub fn quic_cid_hex(cfg: &cdn_common::quic_lb::QuicLbConfig, server_id: u32, nonce: u8) -> String {
+    quic_cid(cfg, server_id, nonce)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A QUIC short-header packet (1-RTT) with destination connection ID `dcid`, then `rest`
 /// (packet number and protected payload, opaque here).
 pub fn quic_short(dcid: &[u8], rest: &[u8]) -> Vec<u8> {

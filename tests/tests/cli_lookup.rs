@@ -11,9 +11,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use cdn_common::quic_lb::{MAX_CID_LEN, QuicLbConfig};
+use cdn_common::quic_lb::QuicLbConfig;
 use cdn_test_support::{Netns, wait};
-use cdn_tests::node_host::{NodeHost, steer};
+use cdn_tests::{
+    node_host::{NodeHost, steer},
+    packets::quic_cid_hex,
+};
 use cdn_user::operator::lookup::{LookupDocument, OFFLINE_ASSUMPTION, Source};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
@@ -67,17 +70,13 @@ fn lookup(ns: &Netns, config: &str, flow: &[&str], offline: bool) -> Result<Look
 
 /// A connection ID of the `web` service's layout (config id 2, 2 octets of server ID, 8 in
 /// all) naming `server_id`.
-fn cid(server_id: u32) -> Result<String> {
+fn cid(server_id: u32) -> String {
     let lb = QuicLbConfig {
         config_id: 2,
         server_id_len: 2,
         cid_len: 8,
     };
-    let mut out = [0; MAX_CID_LEN];
-    let len = lb
-        .encode(server_id, &[0x77; MAX_CID_LEN], &mut out)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(out[..len].iter().map(|b| format!("{b:02x}")).collect())
+    quic_cid_hex(&lb, server_id, 0x77)
 }
 
 /// QUIC flows with a connection ID: one naming member b (id 4, its server ID by default) goes
@@ -85,7 +84,7 @@ fn cid(server_id: u32) -> Result<String> {
 /// otherwise) goes to the owner. Live and offline alike.
 fn quic_cids(ns: &Netns, cfg: &str, flows: &[(String, String)]) -> Result<()> {
     ensure!(!flows.is_empty(), "no QUIC flow among the lookups");
-    let to_b = cid(4)?;
+    let to_b = cid(4);
     let first_flight = "e1d2c3b4a5968778";
     for (src, dst) in flows.iter().take(6) {
         for offline in [false, true] {

@@ -10,10 +10,13 @@ use std::{path::Path, time::Duration};
 use anyhow::{Context as _, Result, ensure};
 use cdn_common::{
     maps::{MAX_SERVICE_PORTS, SERVICE_QUIC, SERVICE_UDP_OWNER, Service},
-    quic_lb::{MAX_CID_LEN, QuicLbConfig},
+    quic_lb::QuicLbConfig,
 };
 use cdn_test_support::{Netns, run, wait};
-use cdn_tests::node_host::{NodeHost, steer};
+use cdn_tests::{
+    node_host::{NodeHost, steer},
+    packets::quic_cid_hex,
+};
 use cdn_user::{
     config,
     dataplane::{DataPlane, LoadOptions, tables},
@@ -74,17 +77,13 @@ fn service_entry(dp: &DataPlane) -> Result<Service> {
         .context("no service entry for the VIP")
 }
 
-fn cid_for(server_id: u32, cid_len: u8) -> Result<String> {
+fn cid_for(server_id: u32, cid_len: u8) -> String {
     let lb = QuicLbConfig {
         config_id: 1,
         server_id_len: 2,
         cid_len,
     };
-    let mut out = [0; MAX_CID_LEN];
-    let len = lb
-        .encode(server_id, &[0x3c; MAX_CID_LEN], &mut out)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(out[..len].iter().map(|b| format!("{b:02x}")).collect())
+    quic_cid_hex(&lb, server_id, 0x3c)
 }
 
 /// `lookup --cid` live and offline: they must agree; returns the member name each service's
@@ -247,9 +246,9 @@ fn daemon_writes_server_ids_clears_leftovers_and_follows_reloads() -> Result<()>
     }
 
     // The CLI reads the same: live and offline agree.
-    ensure!(cid_member(ns, &cfg_file, &cid_for(300, 8)?)?.as_deref() == Some("c"));
-    ensure!(cid_member(ns, &cfg_file, &cid_for(4, 8)?)?.as_deref() == Some("b"));
-    ensure!(cid_member(ns, &cfg_file, &cid_for(777, 8)?)?.is_none());
+    ensure!(cid_member(ns, &cfg_file, &cid_for(300, 8))?.as_deref() == Some("c"));
+    ensure!(cid_member(ns, &cfg_file, &cid_for(4, 8))?.as_deref() == Some("b"));
+    ensure!(cid_member(ns, &cfg_file, &cid_for(777, 8))?.is_none());
 
     // Reload without c, with longer connection IDs: c's server ID is cleared.
     std::fs::write(&cfg_path, config(&bpffs, &socket, false, 12))?;
@@ -266,8 +265,8 @@ fn daemon_writes_server_ids_clears_leftovers_and_follows_reloads() -> Result<()>
     );
     let entry = service_entry(&dp)?;
     ensure!(entry.quic_cid_len == 12, "after the reload: {entry:?}");
-    ensure!(cid_member(ns, &cfg_file, &cid_for(300, 12)?)?.is_none());
-    ensure!(cid_member(ns, &cfg_file, &cid_for(3, 12)?)?.as_deref() == Some("a"));
+    ensure!(cid_member(ns, &cfg_file, &cid_for(300, 12))?.is_none());
+    ensure!(cid_member(ns, &cfg_file, &cid_for(3, 12))?.as_deref() == Some("a"));
 
     daemon.signal(libc::SIGTERM, Duration::from_secs(10))?;
     Ok(())
