@@ -224,6 +224,18 @@ reasons! {
     /// QUIC long header a client never sends to a server (Version Negotiation, Retry), or a
     /// version-1 header whose DCID length exceeds 20: dropped.
     QuicInvalid = "quic_invalid", Verdict, [Drop];
+    /// Not a new connection, and no member of this node's PoP holds it (the PoP's hop chain is
+    /// done): sent to the current owner of the first other PoP, to search for it there
+    /// (steering header version 3). A cross-PoP forward.
+    SearchStart = "search_start", Verdict, [Tx | Redirect | Pass | Aborted];
+    /// A search that this node does not hold: passed on along this PoP's hop chain, or to the
+    /// owner of the next PoP left.
+    SearchPassOn = "search_pass_on", Verdict, [Tx | Redirect | Pass | Aborted];
+    /// A search that this node holds: decapsulated and accepted.
+    SearchAccept = "search_accept", Verdict, [Pass];
+    /// A search that no PoP held: accepted by its last hop, whose stack answers a stray
+    /// segment with a reset (README "PoPs").
+    SearchExhausted = "search_exhausted", Verdict, [Pass];
 }
 
 impl Reason {

@@ -10,6 +10,10 @@ pub const MAX_MEMBERS: u32 = 1024;
 /// Services (VIP prefixes) per address family.
 pub const MAX_SERVICES: u32 = 64;
 
+/// PoPs a cluster can have (`[[cluster.members]] pop`): PoP sets are one byte. PoPs are
+/// numbered by the order of their names, the same on every node.
+pub const MAX_POPS: usize = 8;
+
 /// Ports one service can list; a service with no port listed accepts every port.
 pub const MAX_SERVICE_PORTS: usize = 8;
 
@@ -153,7 +157,12 @@ pub struct NodeConfig {
     pub flags: u32,
     /// Hop budget written into new encapsulations; each pass-on spends one.
     pub hop_budget: u8,
-    pub _pad: [u8; 3],
+    /// Index of this node's PoP (0 when the cluster has no PoPs).
+    pub self_pop: u8,
+    /// Hop budget of a search (steering header version 3): enough for every hop of every
+    /// other PoP's chain; 0 when the cluster has one PoP.
+    pub search_budget: u8,
+    pub _pad: u8,
     /// Largest frame (bytes, Ethernet header included) the underlay carries; 0 = no limit.
     pub max_frame: u32,
     pub _pad2: u32,
@@ -187,7 +196,12 @@ pub struct Service {
     pub quic_config_id: u8,
     pub quic_server_id_len: u8,
     pub quic_cid_len: u8,
-    pub _pad: u8,
+    /// PoPs a flow this node's PoP does not hold is searched in (bit `i`: the PoP of index
+    /// `i`): every PoP but this node's own. 0 when the cluster has one PoP: no search.
+    pub search_pops: u8,
+    /// Per PoP (by index): bucket 0 of the active half of that PoP's table in `TABLE`.
+    /// `table_offset` is this node's own PoP's. Read only by searches.
+    pub pop_tables: [u32; MAX_POPS],
 }
 
 /// `Service::flags`: TCP is served (on `tcp_ports`).
@@ -458,9 +472,12 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(
             size_of::<NodeConfig>(),
-            16 + 4 + 16 + 2 + 2 + 4 + 1 + 3 + 4 + 4 + 16
+            16 + 4 + 16 + 2 + 2 + 4 + 1 + 1 + 1 + 1 + 4 + 4 + 16
         );
-        assert_eq!(size_of::<Service>(), 4 + 4 + 4 + 16 + 16 + 4 + 16 + 4);
+        assert_eq!(
+            size_of::<Service>(),
+            4 + 4 + 4 + 16 + 16 + 4 + 16 + 4 + 4 * MAX_POPS
+        );
         assert_eq!(size_of::<QuicServer>(), 4);
         assert_eq!(size_of::<Bucket>(), 8);
         assert_eq!(size_of::<Member>(), 20);

@@ -18,6 +18,22 @@ pub const STEER_VERSION: u8 = 1;
 /// u64. Nodes without steering authentication drop it as an unknown version.
 pub const STEER_VERSION_AUTH: u8 = 2;
 
+/// Version of a *search* header (README "PoPs"): the same eight bytes, read differently. A
+/// flow that no member of the PoP where it landed holds is looked for in the other PoPs:
+///
+/// - `hop_count` is the set of PoPs still to search after the addressee's own PoP (bit `i`:
+///   the PoP of index `i`, see `cdn_common::maps::MAX_POPS`);
+/// - `hops[0]` is the member that started the search (network order), `hops[1]` is zero.
+///
+/// The addressee accepts the packet if it holds the flow. Otherwise it passes it on along its
+/// own PoP's hop chain for the flow's bucket (it finds itself in that chain), and once that
+/// chain is done, to the current owner of the lowest PoP left in the set. With the set empty,
+/// it accepts. Nodes of earlier releases drop it as an unknown version (`bad_encap`).
+pub const STEER_VERSION_SEARCH: u8 = 3;
+
+/// A search header followed by a MAC, as [`STEER_VERSION_AUTH`] is to [`STEER_VERSION`].
+pub const STEER_VERSION_SEARCH_AUTH: u8 = 4;
+
 /// Bytes of the MAC that follows the header in version [`STEER_VERSION_AUTH`].
 pub const STEER_MAC_LEN: usize = 8;
 
@@ -45,9 +61,10 @@ pub struct SteerHeader {
     pub flags: u8,
     /// Pass-ons left; a node that would pass the packet on with a budget of 0 drops it instead.
     pub hop_budget: u8,
-    /// How many entries of `hops` are valid (0..=2).
+    /// How many entries of `hops` are valid (0..=2). In a search header: the PoPs left.
     pub hop_count: u8,
-    /// Member ids (network order) to try after the addressee, in order.
+    /// Member ids (network order) to try after the addressee, in order. In a search header:
+    /// the member that started the search, and zero.
     pub hops: [u16; STEER_MAX_REMAINING],
 }
 
