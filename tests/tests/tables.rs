@@ -438,5 +438,15 @@ fn pop_tables_have_slots_of_their_own_swap_together_and_survive_a_restart() -> R
             }
         }
     }
+
+    // The PoPs are dropped from the configuration: the map does not record PoP names, so
+    // no table of the two-PoP layout is taken as the one table's history.
+    drop(t);
+    let plain = config::parse(CONFIG).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t = Tables::recover(&dp, &plain)?;
+    ensure!(
+        t.tables()["web"].generation == 0,
+        "a PoP's table recovered as the single table"
+    );
     Ok(())
 }

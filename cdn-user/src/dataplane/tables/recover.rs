@@ -10,6 +10,24 @@ use crate::{
     dataplane::DataPlane,
 };
 
+/// Where the entry says PoP `index`'s table is, if the entry was written for as many PoPs as
+/// the configuration has: the map does not record PoP names, so an entry of another PoP layout
+/// (PoPs added or removed since) would hand one PoP's history to another. Without PoPs the one
+/// table is `table_offset`, as before PoPs existed.
+fn pop_offset(entry: &Service, index: usize, pops: usize) -> Option<u32> {
+    let entry_pops = entry.search_pops.count_ones() as usize + 1;
+    if entry_pops != pops {
+        return None;
+    }
+    if pops == 1 {
+        return Some(entry.table_offset);
+    }
+    let searched = entry.search_pops & (1 << index) != 0;
+    let offset = *entry.pop_tables.get(index)?;
+    // Our own PoP is the one not searched; its table is `table_offset`.
+    (searched || offset == entry.table_offset).then_some(offset)
+}
+
 impl Tables {
     /// Picks up the tables a previous controller left in the (pinned) maps: for each
     /// configured service and PoP, the slot and active half its LPM entries point at (a PoP's
@@ -36,14 +54,7 @@ impl Tables {
             let entry = installed_entry(dp, svc, size)?;
             for (index, pop) in pops.iter().enumerate() {
                 let name = table_name(&svc.name, *pop);
-                // Without PoPs the one table is `table_offset`, as before PoPs existed.
-                let offset = entry.and_then(|e| {
-                    if pops.len() == 1 {
-                        Some(e.table_offset)
-                    } else {
-                        e.pop_tables.get(index).copied()
-                    }
-                });
+                let offset = entry.and_then(|e| pop_offset(&e, index, pops.len()));
                 let slot = offset
                     .filter(|o| o % size == 0)
                     .map(|o| o / (2 * size))
