@@ -24,7 +24,7 @@ use cdn_common::{
     },
     wire::{
         ENCAP_LEN_V4, ENCAP_LEN_V6, OUTER_TTL, STEER_INNER_V6, STEER_MAC_LEN, STEER_VERSION,
-        STEER_VERSION_AUTH, SteerHeader,
+        STEER_VERSION_AUTH, STEER_VERSION_SEARCH, STEER_VERSION_SEARCH_AUTH, SteerHeader,
     },
 };
 
@@ -55,6 +55,11 @@ pub struct Encap {
     pub entropy: u16,
     /// Steering header flags besides the inner family (`STEER_SYN_REDIRECTED`).
     pub flags: u8,
+    /// `STEER_VERSION`, or `STEER_VERSION_SEARCH` for a search (README "PoPs"): then
+    /// `remaining` is `[starter, 0]` as the header carries it, and `pops` its PoP set.
+    pub version: u8,
+    /// A search's PoPs left (the header's `hop_count`); unused by version 1.
+    pub pops: u8,
 }
 
 impl Encap {
@@ -67,18 +72,24 @@ impl Encap {
         budget: 0,
         entropy: 0,
         flags: 0,
+        version: STEER_VERSION,
+        pops: 0,
     };
 
-    /// The steering header this encapsulation carries (version 1; the writer sets 2 when it
-    /// appends the MAC).
+    /// The steering header this encapsulation carries (version 1 or 3; the writer adds 1 when
+    /// it appends the MAC).
     #[inline(always)]
     pub fn header(&self) -> SteerHeader {
+        let hop_count = if self.version == STEER_VERSION {
+            (self.remaining[0] != NO_MEMBER) as u8 + (self.remaining[1] != NO_MEMBER) as u8
+        } else {
+            self.pops
+        };
         SteerHeader {
-            version: STEER_VERSION,
+            version: self.version,
             flags: self.flags | if self.inner_v6 { STEER_INNER_V6 } else { 0 },
             hop_budget: self.budget,
-            hop_count: (self.remaining[0] != NO_MEMBER) as u8
-                + (self.remaining[1] != NO_MEMBER) as u8,
+            hop_count,
             hops: [self.remaining[0].to_be(), self.remaining[1].to_be()],
         }
     }
@@ -240,10 +251,11 @@ fn write_udp_and_steer(
         .ok_or(Reason::EncapFailed)?
         .cast::<u8>();
     let mut sh = e.header();
-    // With `steer_auth`, version 2 (without a branch). The MAC behind the header is in place
+    // With `steer_auth`, version 2 or 4 (without a branch). The MAC behind the header is in place
     // already: `steer::sign` wrote it in front of the inner packet, and nothing here or in
     // the outer headers covers those bytes.
     const _: () = assert!(STEER_VERSION_AUTH == STEER_VERSION + 1);
+    const _: () = assert!(STEER_VERSION_SEARCH_AUTH == STEER_VERSION_SEARCH + 1);
     sh.version += ((cfg.flags & NODE_STEER_AUTH) >> NODE_STEER_AUTH.trailing_zeros()) as u8;
     // SAFETY: every field lies inside the UDP and steering headers checked above. The
     // steering header goes out as one word (same size, any bit pattern is a u64).

@@ -60,7 +60,7 @@ pub fn lists_port(ports: &[u16; MAX_SERVICE_PORTS], port: u16) -> bool {
 }
 
 #[inline(always)]
-fn flow_hash(cfg: &NodeConfig, frame: &Frame, flow: &Flow) -> Result<u64, Reason> {
+pub fn flow_hash(cfg: &NodeConfig, frame: &Frame, flow: &Flow) -> Result<u64, Reason> {
     if flow.v6 {
         let src = frame
             .read::<[u64; 2]>(flow.src_off)

@@ -35,7 +35,8 @@ use cdn_common::{
     },
     wire::{
         STEER_INNER_V6, STEER_MAC_LEN, STEER_MAX_REMAINING, STEER_SYN_REDIRECTED, STEER_VERSION,
-        STEER_VERSION_AUTH, SteerHeader, entropy_port,
+        STEER_VERSION_AUTH, STEER_VERSION_SEARCH, STEER_VERSION_SEARCH_AUTH, SteerHeader,
+        entropy_port,
     },
 };
 
@@ -50,9 +51,10 @@ use crate::{
     },
     placement::{bucket_of, serves, signed},
     quic::{self, is_quic},
+    search,
     sockets::{Ownership, check},
     verdict::Verdict,
-    wire::{proto, steer, tcp, udp},
+    wire::{proto, steer, udp},
 };
 
 /// A path's result: its verdict, or the reason it drops the packet.
@@ -118,6 +120,12 @@ fn is_our_underlay(frame: &Frame, cfg: &NodeConfig, dst_off: usize, v6: bool) ->
     }
 }
 
+/// `try_owner_path`'s mark of a search header in its copy of the header's flags (a bit no
+/// header defines).
+const SEARCHING: u8 = 1 << 7;
+const _: () = assert!(SEARCHING >> 6 == STEER_VERSION_SEARCH - STEER_VERSION);
+const _: () = assert!(SEARCHING & (STEER_INNER_V6 | STEER_SYN_REDIRECTED) == 0);
+
 /// LPM trie key with the layout the kernel expects (prefix length, then the address), aligned
 /// so that it is built with word stores: the verifier rejects misaligned stack access.
 #[repr(C, align(8))]
@@ -162,6 +170,22 @@ fn lookup(map: *mut c_void, key: *const c_void) -> *mut c_void {
     // SAFETY: `map` is one of our map definitions (aya's map types are transparent wrappers
     // of the definition the loader relocates), `key` points at a key of the map's key size.
     unsafe { bpf_map_lookup_elem(map, key) }
+}
+
+/// A search step's verdict, with the MAC its encapsulation carries under `steer_auth`: signed
+/// here, not inside `search::search`, whose frame would otherwise sit under the MAC's.
+#[inline(always)]
+fn signed_search(
+    ctx: &XdpContext,
+    cfg: &NodeConfig,
+    flow: &crate::parse::Flow,
+    out: &Encap,
+    verdict: Verdict,
+) -> Result<Verdict, Reason> {
+    if verdict.is_encapsulate() {
+        crate::auth::sign(ctx, cfg, flow, out)?;
+    }
+    Ok(verdict)
 }
 
 #[inline(always)]
@@ -218,6 +242,8 @@ fn try_ingress(
         budget: cfg.hop_budget,
         entropy: entropy_port(hash),
         flags: 0,
+        version: STEER_VERSION,
+        pops: 0,
     };
     if hops[0] != cfg.self_member {
         if udp_owner {
@@ -238,6 +264,11 @@ fn try_ingress(
         Ownership::Draining => Reason::DrainPassOn,
     };
     if next == NO_MEMBER {
+        if svc.search_pops != 0 {
+            // This PoP's chain is done: the other PoPs are searched (README "PoPs").
+            let verdict = search::search(ctx.ctx, cfg, svc, out, search::pack(l2.l3_off, l2.v6, 0));
+            return signed_search(ctx, cfg, &flow, out, verdict);
+        }
         return Ok(Verdict::pass(Reason::LastHopAccept));
     }
     if cfg.hop_budget == 0 {
@@ -286,6 +317,19 @@ fn try_owner_path(
     let mut sh = frame
         .read::<SteerHeader>(steer_off)
         .ok_or(Reason::Malformed)?;
+    // A search header (versions 3 and 4, README "PoPs") gets the checks of the version (1
+    // or 2) it extends, marked as a search in this copy's flags; `search::search` reads its
+    // own fields again.
+    if sh.version == STEER_VERSION_SEARCH || sh.version == STEER_VERSION_SEARCH_AUTH {
+        if sh.hops[1] != 0 {
+            return Err(Reason::BadEncap);
+        }
+        sh.version -= STEER_VERSION_SEARCH - STEER_VERSION;
+        sh.hop_count = 0;
+        sh.flags |= SEARCHING;
+    } else {
+        sh.flags &= !SEARCHING;
+    }
     let header_len = match sh.version {
         STEER_VERSION => steer::LEN,
         STEER_VERSION_AUTH => steer::LEN + STEER_MAC_LEN,
@@ -382,8 +426,14 @@ fn try_owner_path(
         budget: budget.wrapping_sub(1),
         entropy,
         flags: 0,
+        version: STEER_VERSION,
+        pops: 0,
     };
-    let syn = flow.kind == Kind::Tcp && flow.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
+    let syn = search::is_syn(&flow);
+    // A search is for a flow that exists; a new connection never starts one.
+    if syn && sh.flags & SEARCHING != 0 {
+        return Err(Reason::BadEncap);
+    }
     // A redirected SYN is never redirected again, so tables that disagree cannot bounce it:
     // it is accepted here, or, by a draining node, passed on along its hops but never back.
     if syn && sh.flags & STEER_SYN_REDIRECTED != 0 {
@@ -413,12 +463,29 @@ fn try_owner_path(
     let reason = match check(ctx, &flow, &ip, draining) {
         Ownership::Ours => {
             decapsulate(ctx, inner_off, inner_v6)?;
+            if sh.flags & SEARCHING != 0 {
+                return Ok(Verdict::pass(Reason::SearchAccept));
+            }
             return Ok(Verdict::pass(Reason::OwnerAccept));
         }
         Ownership::NotOurs => Reason::PassedOn,
         Ownership::Draining => Reason::DrainPassOn,
     };
     if next == NO_MEMBER {
+        // This PoP's chain is done: the other PoPs are searched, or a search goes on (README
+        // "PoPs"). A search header got here with no hops: not drained, not passed on above.
+        if svc.search_pops != 0 || sh.flags & SEARCHING != 0 {
+            // The version on the wire: a search is 2 more than its checks' version.
+            let version = sh.version + ((sh.flags & SEARCHING) >> 6);
+            let verdict = search::search(
+                ctx.ctx,
+                cfg,
+                svc,
+                out,
+                search::pack(inner_off, inner_v6, version),
+            );
+            return signed_search(ctx, cfg, &flow, out, verdict);
+        }
         decapsulate(ctx, inner_off, inner_v6)?;
         return Ok(Verdict::pass(Reason::LastHopAccept));
     }
