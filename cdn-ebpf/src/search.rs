@@ -7,13 +7,15 @@
 //! is the set of PoPs still to try. Each addressee accepts it if it holds the flow, or passes
 //! it on along its own PoP's chain for the bucket, then to the owner of the next PoP left.
 //!
-//! All of it is one BPF function of its own, [`search`], called only where the last hop used
-//! to accept (with other PoPs configured) and for version 3 and 4 headers: the steady-state
-//! paths pay one test of `Service::search_pops` at most. Inlined, it doubled the verifier's
-//! work on the whole program and took the entry point's frame past what its one other call
-//! leaves. It parses the packet again from offsets the caller packs into one register (see
-//! `pack`): the caller's parse results would need stack slots across the call. The caller
-//! signs what it encapsulates, so that the MAC's call is not stacked on this one.
+//! The paths decide *whether* to search (a test of `Service::search_pops` where the last hop
+//! used to accept, and a search header's own checks on the owner path, which also accepts a
+//! search it holds), and hand the rest to [`search`], a BPF function of its own that the
+//! entry point calls once the paths have returned (`Verdict::search`). Inlined, or called
+//! from the paths, it took the entry point's frame past what its other calls leave, and the
+//! verifier past its instruction limit: it walks a callee again for every state its callers
+//! reach it with, and little of the paths' state is left where the entry point calls it. It
+//! parses the packet again from offsets packed into one register (see `pack`). [`sign`] adds
+//! the MAC afterwards, so that the MAC's call is never stacked on the search's frame.
 
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
 use cdn_common::{
@@ -23,11 +25,13 @@ use cdn_common::{
 };
 
 use crate::{
+    auth,
     encap::{Encap, decapsulate},
     maps::TABLE,
     packet::Frame,
-    parse::{Flow, Kind, parse_flow, parse_ip},
+    parse::{Flow, Kind, dst_addr_off, parse_flow, parse_ip},
     placement::bucket_of,
+    steer::service,
     verdict::Verdict,
     wire::{steer, tcp, udp},
 };
@@ -126,15 +130,26 @@ pub fn pack(inner_off: usize, inner_v6: bool, version: u8) -> u64 {
 ///   PoP's chain first, then to the next PoP), else accepted as the end of the search
 ///   (`SearchExhausted`).
 #[inline(never)]
-pub fn search(
-    ctx: *mut xdp_md,
-    cfg: &NodeConfig,
-    svc: &Service,
-    out: &mut Encap,
-    packed: u64,
-) -> Verdict {
-    match try_search(&XdpContext::new(ctx), cfg, svc, out, packed) {
+pub fn search(ctx: *mut xdp_md, cfg: &NodeConfig, out: &mut Encap, packed: u64) -> Verdict {
+    match try_search(&XdpContext::new(ctx), cfg, out, packed) {
         Ok(verdict) => verdict,
+        Err(reason) => Verdict::drop(reason),
+    }
+}
+
+/// With `steer_auth`: the MAC of the search header `out` describes, written where the
+/// encapsulation expects it (`auth::sign`), for the flow of the inner packet, parsed again.
+/// A BPF function of its own, called after [`search`] returns, so that the MAC's call is
+/// never stacked on top of the search's frame.
+#[inline(never)]
+pub fn sign(ctx: *mut xdp_md, cfg: &NodeConfig, out: &Encap, verdict: Verdict) -> Verdict {
+    let ctx = XdpContext::new(ctx);
+    let frame = Frame::new(&ctx);
+    let signed = parse_ip(&frame, out.inner_off, out.inner_v6)
+        .and_then(|ip| parse_flow(&frame, &ip))
+        .and_then(|flow| auth::sign(&ctx, cfg, &flow, out));
+    match signed {
+        Ok(()) => verdict,
         Err(reason) => Verdict::drop(reason),
     }
 }
@@ -143,7 +158,6 @@ pub fn search(
 fn try_search(
     ctx: &XdpContext,
     cfg: &NodeConfig,
-    svc: &Service,
     out: &mut Encap,
     packed: u64,
 ) -> Result<Verdict, Reason> {
@@ -151,6 +165,9 @@ fn try_search(
     let inner_off = (packed & 0xffff) as usize;
     let inner_v6 = packed & 1 << 16 != 0;
     let version = (packed >> 24) as u8;
+    // The caller found it; looked up again rather than kept across the call. First, while
+    // little else is live: its key takes stack.
+    let svc = service(&frame, dst_addr_off(inner_off, inner_v6), inner_v6).ok_or(Reason::BadEncap)?;
     let ip = parse_ip(&frame, inner_off, inner_v6)?;
     let flow = parse_flow(&frame, &ip)?;
     // The UDP header and the steering header in front of the inner packet (and the MAC, for
@@ -218,18 +235,16 @@ fn try_search(
     } else {
         me
     };
-    *out = Encap {
-        inner_off,
-        inner_len: ip.ip_len,
-        inner_v6,
-        target,
-        remaining: [starter, 0],
-        budget,
-        entropy: entropy.unwrap_or(entropy_port(hash)),
-        flags: 0,
-        version: STEER_VERSION_SEARCH,
-        pops,
-    };
+    // Field by field: the caller's `Encap` is still `Encap::EMPTY` but for these.
+    out.inner_off = inner_off;
+    out.inner_len = ip.ip_len;
+    out.inner_v6 = inner_v6;
+    out.target = target;
+    out.remaining = [starter, 0];
+    out.budget = budget;
+    out.entropy = entropy.unwrap_or(entropy_port(hash));
+    out.version = STEER_VERSION_SEARCH;
+    out.pops = pops;
     Ok(Verdict::encapsulate(reason))
 }
 

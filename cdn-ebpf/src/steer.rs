@@ -75,7 +75,15 @@ pub fn process(ctx: &XdpContext) -> Verdict {
         return Verdict::pass(Reason::NotReady);
     };
     let mut encap = Encap::EMPTY;
-    let verdict = settle(try_process(ctx, cfg, &mut encap));
+    let mut verdict = settle(try_process(ctx, cfg, &mut encap));
+    // Here, not in the paths: the one place the search step is called from, where little of
+    // the paths' state is left for the verifier to tell apart (see `search`).
+    if verdict.is_search() {
+        verdict = search::search(ctx.ctx, cfg, &mut encap, verdict.search_packed());
+        if verdict.is_encapsulate() && cfg.flags & NODE_STEER_AUTH != 0 {
+            verdict = search::sign(ctx.ctx, cfg, &encap, verdict);
+        }
+    }
     if verdict.is_encapsulate() {
         return encap_and_send(ctx, cfg, &encap, verdict).with_target(encap.target);
     }
@@ -137,7 +145,7 @@ struct LpmKey<A> {
 /// The service whose VIP prefix holds the address at `addr_off`: the map's own value, read in
 /// place rather than copied to the stack (it stays valid while the program runs: RCU).
 #[inline(always)]
-fn service(frame: &Frame, addr_off: usize, v6: bool) -> Option<&'static Service> {
+pub fn service(frame: &Frame, addr_off: usize, v6: bool) -> Option<&'static Service> {
     let value = if v6 {
         let key = LpmKey {
             prefix_len: 128,
@@ -170,22 +178,6 @@ fn lookup(map: *mut c_void, key: *const c_void) -> *mut c_void {
     // SAFETY: `map` is one of our map definitions (aya's map types are transparent wrappers
     // of the definition the loader relocates), `key` points at a key of the map's key size.
     unsafe { bpf_map_lookup_elem(map, key) }
-}
-
-/// A search step's verdict, with the MAC its encapsulation carries under `steer_auth`: signed
-/// here, not inside `search::search`, whose frame would otherwise sit under the MAC's.
-#[inline(always)]
-fn signed_search(
-    ctx: &XdpContext,
-    cfg: &NodeConfig,
-    flow: &crate::parse::Flow,
-    out: &Encap,
-    verdict: Verdict,
-) -> Result<Verdict, Reason> {
-    if verdict.is_encapsulate() {
-        crate::auth::sign(ctx, cfg, flow, out)?;
-    }
-    Ok(verdict)
 }
 
 #[inline(always)]
@@ -266,8 +258,7 @@ fn try_ingress(
     if next == NO_MEMBER {
         if svc.search_pops != 0 {
             // This PoP's chain is done: the other PoPs are searched (README "PoPs").
-            let verdict = search::search(ctx.ctx, cfg, svc, out, search::pack(l2.l3_off, l2.v6, 0));
-            return signed_search(ctx, cfg, &flow, out, verdict);
+            return Ok(Verdict::search(search::pack(l2.l3_off, l2.v6, 0)));
         }
         return Ok(Verdict::pass(Reason::LastHopAccept));
     }
@@ -477,14 +468,7 @@ fn try_owner_path(
         if svc.search_pops != 0 || sh.flags & SEARCHING != 0 {
             // The version on the wire: a search is 2 more than its checks' version.
             let version = sh.version + ((sh.flags & SEARCHING) >> 6);
-            let verdict = search::search(
-                ctx.ctx,
-                cfg,
-                svc,
-                out,
-                search::pack(inner_off, inner_v6, version),
-            );
-            return signed_search(ctx, cfg, &flow, out, verdict);
+            return Ok(Verdict::search(search::pack(inner_off, inner_v6, version)));
         }
         decapsulate(ctx, inner_off, inner_v6)?;
         return Ok(Verdict::pass(Reason::LastHopAccept));
