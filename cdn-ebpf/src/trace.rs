@@ -253,7 +253,18 @@ fn emit(ctx: &XdpContext, verdict: Verdict) -> u32 {
     if !wanted(f, &frame, at) {
         return 0;
     }
-    let mut event = TraceEvent {
+    // A full ring means the reader falls behind: count what it misses.
+    let Some(mut entry) = TRACE_EVENTS.reserve::<TraceEvent>(0) else {
+        if let Some(lost) = TRACE_LOST.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, and XDP runs with preemption disabled, so nobody else
+            // writes it.
+            unsafe { *lost += 1 };
+        }
+        return 0;
+    };
+    // Written in place: built on this function's stack, the event took most of a frame that
+    // sits on top of the entry point's, which the search step (`search`) needs room beside.
+    let event = entry.write(TraceEvent {
         // SAFETY: helper without arguments.
         time_ns: unsafe { bpf_ktime_get_ns() },
         info: verdict.info(),
@@ -263,7 +274,7 @@ fn emit(ctx: &XdpContext, verdict: Verdict) -> u32 {
         reason: verdict.reason() as u8,
         action: verdict.action() as u8,
         ..TraceEvent::default()
-    };
+    });
     let fib_lookup = verdict.info() & 1 << Reason::FibLookup.info_index() != 0;
     if verdict.action() == Action::Redirect as u32 && !fib_lookup {
         event.egress_ifindex = NEXT_HOPS
@@ -271,16 +282,9 @@ fn emit(ctx: &XdpContext, verdict: Verdict) -> u32 {
             .map_or(0, |nh| nh.ifindex);
     }
     if let Some(at) = at {
-        describe(&frame, &at, &mut event);
+        describe(&frame, &at, event);
     }
-    // A full ring means the reader falls behind: count what it misses.
-    if TRACE_EVENTS.output::<TraceEvent>(&event, 0).is_err()
-        && let Some(lost) = TRACE_LOST.get_ptr_mut(0)
-    {
-        // SAFETY: per-CPU slot, and XDP runs with preemption disabled, so nobody else
-        // writes it.
-        unsafe { *lost += 1 };
-    }
+    entry.submit(0);
     0
 }
 
