@@ -18,7 +18,7 @@ use cdn_common::{
     counters::Reason,
     maps::{NO_MEMBER, NodeConfig, QUIC_SERVER_SET, Service},
     quic_lb::MAX_CID_LEN,
-    wire::{STEER_VERSION, entropy_port},
+    wire::entropy_port,
 };
 
 use crate::{
@@ -199,8 +199,6 @@ fn to_member(cfg: &NodeConfig, ip: &Ip, target: u16, entropy: u16) -> Encap {
         budget: cfg.hop_budget,
         entropy,
         flags: 0,
-        version: STEER_VERSION,
-        pops: 0,
     }
 }
 

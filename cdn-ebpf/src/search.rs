@@ -147,7 +147,7 @@ pub fn sign(ctx: *mut xdp_md, cfg: &NodeConfig, out: &Encap, verdict: Verdict) -
     let frame = Frame::new(&ctx);
     let signed = parse_ip(&frame, out.inner_off, out.inner_v6)
         .and_then(|ip| parse_flow(&frame, &ip))
-        .and_then(|flow| auth::sign(&ctx, cfg, &flow, out));
+        .and_then(|flow| auth::sign_header(&ctx, cfg, &flow, out, out.search_header()));
     match signed {
         Ok(()) => verdict,
         Err(reason) => Verdict::drop(reason),
@@ -235,16 +235,16 @@ fn try_search(
     } else {
         me
     };
-    // Field by field: the caller's `Encap` is still `Encap::EMPTY` but for these.
+    // Field by field: the caller's `Encap` is still `Encap::EMPTY` but for these. The
+    // layout is `Encap::search_header`'s.
     out.inner_off = inner_off;
     out.inner_len = ip.ip_len;
     out.inner_v6 = inner_v6;
     out.target = target;
-    out.remaining = [starter, 0];
+    out.remaining = [starter, pops as u16];
     out.budget = budget;
     out.entropy = entropy.unwrap_or(entropy_port(hash));
-    out.version = STEER_VERSION_SEARCH;
-    out.pops = pops;
+    out.flags = 0;
     Ok(Verdict::encapsulate(reason))
 }
 

@@ -83,9 +83,13 @@ pub fn process(ctx: &XdpContext) -> Verdict {
         if verdict.is_encapsulate() && cfg.flags & NODE_STEER_AUTH != 0 {
             verdict = search::sign(ctx.ctx, cfg, &encap, verdict);
         }
+        if verdict.is_encapsulate() {
+            return encap_and_send::<true>(ctx, cfg, &encap, verdict).with_target(encap.target);
+        }
+        return verdict;
     }
     if verdict.is_encapsulate() {
-        return encap_and_send(ctx, cfg, &encap, verdict).with_target(encap.target);
+        return encap_and_send::<false>(ctx, cfg, &encap, verdict).with_target(encap.target);
     }
     verdict
 }
@@ -234,8 +238,6 @@ fn try_ingress(
         budget: cfg.hop_budget,
         entropy: entropy_port(hash),
         flags: 0,
-        version: STEER_VERSION,
-        pops: 0,
     };
     if hops[0] != cfg.self_member {
         if udp_owner {
@@ -417,8 +419,6 @@ fn try_owner_path(
         budget: budget.wrapping_sub(1),
         entropy,
         flags: 0,
-        version: STEER_VERSION,
-        pops: 0,
     };
     let syn = search::is_syn(&flow);
     // A search is for a flow that exists; a new connection never starts one.
