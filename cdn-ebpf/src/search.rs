@@ -167,7 +167,8 @@ fn try_search(
     let version = (packed >> 24) as u8;
     // The caller found it; looked up again rather than kept across the call. First, while
     // little else is live: its key takes stack.
-    let svc = service(&frame, dst_addr_off(inner_off, inner_v6), inner_v6).ok_or(Reason::BadEncap)?;
+    let svc =
+        service(&frame, dst_addr_off(inner_off, inner_v6), inner_v6).ok_or(Reason::BadEncap)?;
     let ip = parse_ip(&frame, inner_off, inner_v6)?;
     let flow = parse_flow(&frame, &ip)?;
     // The UDP header and the steering header in front of the inner packet (and the MAC, for
