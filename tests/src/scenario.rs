@@ -116,7 +116,8 @@ pub fn pop_table(pop: usize, v6: bool) -> u32 {
 /// `svc` (the IPv4 or IPv6 service) with every PoP's table, searching the PoPs of
 /// `search_pops` (this node's PoP, 0, is never among them).
 pub fn with_pops(svc: Service, v6: bool, search_pops: u8) -> Service {
-    let mut pop_tables = [0; cdn_common::maps::MAX_POPS];
+    // PoPs past the scenario's have no table (past the end of `TABLE`: nobody is named).
+    let mut pop_tables = [1 << 31; cdn_common::maps::MAX_POPS];
     for (pop, slot) in pop_tables.iter_mut().enumerate().take(POPS) {
         *slot = pop_table(pop, v6);
     }
