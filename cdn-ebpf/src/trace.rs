@@ -24,7 +24,10 @@ use cdn_common::{
         TRACE_EV_FLOW, TRACE_EV_STEERED, TRACE_EV_UNDERLAY_V6, TRACE_EV_V6, TRACE_MATCH_CLIENT,
         TRACE_MATCH_PORT, TRACE_MATCH_V6, TRACE_MATCH_VIP, TraceEvent, TraceFilter,
     },
-    wire::{STEER_INNER_V6, STEER_MAC_LEN, STEER_VERSION, STEER_VERSION_AUTH},
+    wire::{
+        STEER_INNER_V6, STEER_MAC_LEN, STEER_VERSION, STEER_VERSION_AUTH, STEER_VERSION_SEARCH,
+        STEER_VERSION_SEARCH_AUTH,
+    },
 };
 
 use crate::{
@@ -180,8 +183,8 @@ fn find(frame: &Frame, cfg: &NodeConfig) -> Option<Found> {
         .read::<u16>(steer + steer::VERSION.off())?
         .to_le_bytes();
     let l3 = match version {
-        STEER_VERSION => steer + steer::LEN,
-        STEER_VERSION_AUTH => steer + steer::LEN + STEER_MAC_LEN,
+        STEER_VERSION | STEER_VERSION_SEARCH => steer + steer::LEN,
+        STEER_VERSION_AUTH | STEER_VERSION_SEARCH_AUTH => steer + steer::LEN + STEER_MAC_LEN,
         _ => return Some(plain),
     };
     let v6 = flags & STEER_INNER_V6 != 0;
@@ -304,11 +307,18 @@ fn describe(frame: &Frame, at: &Found, e: &mut TraceEvent) {
         return;
     }
     let (l3, v6) = (at.outer_l3, at.outer_v6);
-    let [budget, count] = frame
-        .read::<u16>(at.steer + steer::HOP_BUDGET.off())
+    // Version, flags, budget and count: one read.
+    let [version, _, budget, count] = frame
+        .read::<u32>(at.steer + steer::VERSION.off())
         .unwrap_or(0)
         .to_le_bytes();
     let hops = frame.get(at.steer, steer::HOPS).unwrap_or([0; 2]);
+    // A search header's count is a set of PoPs, and its one hop the member that started it.
+    let count = if version >= STEER_VERSION_SEARCH {
+        1
+    } else {
+        count
+    };
     e.flags |= TRACE_EV_STEERED | if v6 { TRACE_EV_UNDERLAY_V6 } else { 0 };
     e.underlay_src = bytes(addr_at(frame, src_addr_off(l3, v6), v6));
     e.underlay_dst = bytes(addr_at(frame, dst_addr_off(l3, v6), v6));
