@@ -53,6 +53,7 @@ use crate::{
     quic::{self, is_quic},
     search,
     sockets::{Ownership, check},
+    trace,
     verdict::Verdict,
     wire::{proto, steer, udp},
 };
@@ -75,11 +76,18 @@ pub fn process(ctx: &XdpContext) -> Verdict {
         return Verdict::pass(Reason::NotReady);
     };
     let mut encap = Encap::EMPTY;
-    let mut verdict = settle(try_process(ctx, cfg, &mut encap));
+    let verdict = settle(try_process(ctx, cfg, &mut encap));
+    if verdict.is_encapsulate() {
+        return encap_and_send::<false>(ctx, cfg, &encap, verdict).with_target(encap.target);
+    }
     // Here, not in the paths: the one place the search step is called from, where little of
     // the paths' state is left for the verifier to tell apart (see `search`).
     if verdict.is_search() {
-        verdict = search::search(ctx.ctx, cfg, &mut encap, verdict.search_packed());
+        // Cannot fail, like `CONFIG.get(0)` above; untouched is what "not ready" means.
+        let Some(request) = trace::opaque(verdict) else {
+            return Verdict::pass(Reason::NotReady);
+        };
+        let mut verdict = search::search(ctx.ctx, cfg, &mut encap, request.search_packed());
         if verdict.is_encapsulate() && cfg.flags & NODE_STEER_AUTH != 0 {
             verdict = search::sign(ctx.ctx, cfg, &encap, verdict);
         }
@@ -87,9 +95,6 @@ pub fn process(ctx: &XdpContext) -> Verdict {
             return encap_and_send::<true>(ctx, cfg, &encap, verdict).with_target(encap.target);
         }
         return verdict;
-    }
-    if verdict.is_encapsulate() {
-        return encap_and_send::<false>(ctx, cfg, &encap, verdict).with_target(encap.target);
     }
     verdict
 }

@@ -82,6 +82,20 @@ fn traced(ctx: &XdpContext, verdict: Verdict) -> Verdict {
     verdict
 }
 
+/// `verdict`, loaded back from map memory: a value the verifier does not know (see
+/// [`traced`]). The search step (`search::search`) is called with one, so that it is verified
+/// once rather than once per path that asks for it. It shares the trace's slot: it is done
+/// with it before the trace begins. `None` only if the map lookup fails, which it cannot.
+#[inline(always)]
+pub fn opaque(verdict: Verdict) -> Option<Verdict> {
+    let slot = TRACE_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: as in `traced`.
+    Some(unsafe {
+        core::ptr::write_volatile(slot, verdict);
+        core::ptr::read_volatile(slot)
+    })
+}
+
 /// Where the client's packet sits in the frame: offsets only, so that a packet the filter
 /// rejects costs no copying. Addresses are read from the frame where they are needed.
 #[derive(Clone, Copy)]
