@@ -30,8 +30,7 @@ use crate::{
     maps::TABLE,
     packet::Frame,
     parse::{Flow, Kind, dst_addr_off, parse_flow, parse_ip},
-    placement::bucket_of,
-    steer::service,
+    placement::{bucket_of, service},
     verdict::Verdict,
     wire::{steer, tcp, udp},
 };

@@ -26,7 +26,7 @@
 //! fallback). Loops that walk memory are avoided: once everything is one function, the
 //! compiler no longer unrolls them reliably, and the verifier cannot follow them.
 
-use aya_ebpf::{cty::c_void, helpers::generated::bpf_map_lookup_elem, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use cdn_common::{
     counters::Reason,
     maps::{
@@ -43,13 +43,13 @@ use cdn_common::{
 use crate::{
     auth::verify,
     encap::{Encap, decapsulate, encap_and_send},
-    maps::{CONFIG, MEMBER_ADDRS, SERVICES_V4, SERVICES_V6, UNDERLAY_IFACES},
+    maps::{CONFIG, MEMBER_ADDRS, UNDERLAY_IFACES},
     packet::Frame,
     parse::{
         Kind, L2, dst_addr_off, member_key, parse_flow, parse_ip, parse_l2, peek_udp_dport,
         require_ip_header,
     },
-    placement::{bucket_of, serves, signed},
+    placement::{bucket_of, serves, service, signed},
     quic::{self, is_quic},
     search,
     sockets::{Ownership, check},
@@ -142,52 +142,6 @@ fn is_our_underlay(frame: &Frame, cfg: &NodeConfig, dst_off: usize, v6: bool) ->
 const SEARCHING: u8 = 1 << 7;
 const _: () = assert!(SEARCHING >> 6 == STEER_VERSION_SEARCH - STEER_VERSION);
 const _: () = assert!(SEARCHING & (STEER_INNER_V6 | STEER_SYN_REDIRECTED) == 0);
-
-/// LPM trie key with the layout the kernel expects (prefix length, then the address), aligned
-/// so that it is built with word stores: the verifier rejects misaligned stack access.
-#[repr(C, align(8))]
-struct LpmKey<A> {
-    prefix_len: u32,
-    addr: A,
-}
-
-/// The service whose VIP prefix holds the address at `addr_off`: the map's own value, read in
-/// place rather than copied to the stack (it stays valid while the program runs: RCU).
-#[inline(always)]
-pub fn service(frame: &Frame, addr_off: usize, v6: bool) -> Option<&'static Service> {
-    let value = if v6 {
-        let key = LpmKey {
-            prefix_len: 128,
-            addr: frame.read::<[u32; 4]>(addr_off)?,
-        };
-        lookup(
-            &SERVICES_V6 as *const _ as *mut c_void,
-            &key as *const _ as *const c_void,
-        )
-    } else {
-        let key = LpmKey {
-            prefix_len: 32,
-            addr: frame.read::<u32>(addr_off)?,
-        };
-        lookup(
-            &SERVICES_V4 as *const _ as *mut c_void,
-            &key as *const _ as *const c_void,
-        )
-    };
-    // SAFETY: a non-NULL result points at a `Service` value of the trie, which the kernel
-    // keeps alive until the program returns; the controller replaces values, never edits them
-    // in place (see `DataPlane::set_service`).
-    (!value.is_null()).then(|| unsafe { &*value.cast::<Service>() })
-}
-
-/// Map lookup with a key we laid out ourselves (aya's `lpm_trie::Key` is packed, which makes
-/// the compiler build it byte by byte).
-#[inline(always)]
-fn lookup(map: *mut c_void, key: *const c_void) -> *mut c_void {
-    // SAFETY: `map` is one of our map definitions (aya's map types are transparent wrappers
-    // of the definition the loader relocates), `key` points at a key of the map's key size.
-    unsafe { bpf_map_lookup_elem(map, key) }
-}
 
 #[inline(always)]
 fn ingress(ctx: &XdpContext, cfg: &NodeConfig, l2: L2, svc: &Service, out: &mut Encap) -> Verdict {
