@@ -153,9 +153,12 @@ pub const fn v4_mapped_words(addr: u32) -> [u64; 2] {
 /// The message the steering MAC covers (README "Steering trust"): the outer source, the
 /// inner flow's client and VIP (16 bytes each, IPv4-mapped, as [`v6_words`] /
 /// [`v4_mapped_words`]), then the flow's ports ([`ports_word`], client port first) and
-/// protocol with the header's flags, hop budget and hop count, then its two hop slots.
-/// `header` is the 8-byte steering header as one little-endian load (its version byte is not
-/// covered: a version-2 header is the only one with a MAC).
+/// protocol with the header's flags, hop budget and hop count, then its two hop slots and
+/// whether it is a search header (versions 3 and 4: bit 32 of the last word; versions 1 and 2
+/// leave it 0, so their MACs are those of before searches existed). `header` is the 8-byte
+/// steering header as one little-endian load. Of its version byte only that kind is covered,
+/// so that the signer (which builds version 1 or 3) and the receiver (which reads 2 or 4)
+/// agree, and a signed header cannot be turned into a search or back.
 #[inline(always)]
 pub const fn steer_mac_message(
     outer_src: [u64; 2],
@@ -173,8 +176,14 @@ pub const fn steer_mac_message(
         vip[0],
         vip[1],
         ports as u64 | (proto as u64) << 32 | (header >> 8 & 0xff_ffff) << 40,
-        header >> 32,
+        header >> 32 | search_kind(header) << 32,
     ]
+}
+
+/// 1 for a search header (version 3 or 4), 0 for versions 1 and 2.
+#[inline(always)]
+const fn search_kind(header: u64) -> u64 {
+    ((header & 0xff).wrapping_sub(1) >> 1) & 1
 }
 
 /// Bucket of a flow in a table of `table_size` buckets.
@@ -261,6 +270,22 @@ mod tests {
         let mut h = SipHasher24::new_with_keys(key[0], key[1]);
         h.write(&bytes);
         assert_eq!(siphash24_words(&key, &msg), h.finish());
+    }
+
+    #[test]
+    fn steer_mac_tells_a_search_header_from_a_plain_one() {
+        let words = v4_mapped_words(v4_word([10, 0, 0, 2]));
+        let msg = |version: u8| {
+            let header = u64::from_le_bytes([version, 0, 2, 1, 0, 4, 0, 0]);
+            steer_mac_message(words, words, words, 1, 6, header)
+        };
+        // Signer and receiver agree on each kind: 1 (signed) and 2 (received), 3 and 4.
+        assert_eq!(msg(1), msg(2));
+        assert_eq!(msg(3), msg(4));
+        // A signed plain header rewritten as a search (or back) no longer verifies.
+        assert_ne!(msg(2), msg(4));
+        assert_eq!(msg(2)[7], 0x0400);
+        assert_eq!(msg(4)[7], 1 << 32 | 0x0400);
     }
 
     #[test]

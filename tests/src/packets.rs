@@ -370,7 +370,13 @@ pub fn signed_steering_frame(frame: &[u8], flags: u8, key: [u64; 2], flow: &Flow
             .into()
     };
     let mut out = frame[..sh + 8].to_vec();
-    out[sh] = crate::model::auth::VERSION_AUTH;
+    // A search header (version 3) becomes its signed form, 4; anything else version 2.
+    let search = out[sh] == cdn_common::wire::STEER_VERSION_SEARCH;
+    out[sh] = if search {
+        cdn_common::wire::STEER_VERSION_SEARCH_AUTH
+    } else {
+        crate::model::auth::VERSION_AUTH
+    };
     out[sh + 1] |= flags;
     let mac = crate::model::auth::mac(
         key,
@@ -388,6 +394,7 @@ pub fn signed_steering_frame(frame: &[u8], flags: u8, key: [u64; 2], flow: &Flow
                 u16::from_be_bytes([out[sh + 4], out[sh + 5]]),
                 u16::from_be_bytes([out[sh + 6], out[sh + 7]]),
             ],
+            search,
         },
     );
     out.extend_from_slice(&mac.to_le_bytes());

@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result};
 use cdn_common::{
     counters::Reason,
     maps::{NODE_STEER_AUTH, NodeConfig},
-    wire::{STEER_VERSION_SEARCH, STEER_VERSION_SEARCH_AUTH, entropy_port},
+    wire::{STEER_VERSION_AUTH, STEER_VERSION_SEARCH, entropy_port},
 };
 use cdn_tests::{
     bpf_interp::paths::in_namespace,
@@ -126,14 +126,7 @@ fn search_out(
 
 /// `frame` (a search header, untagged) signed as a member would sign it: version 4.
 fn signed(frame: &[u8], flow: &Flow) -> Vec<u8> {
-    let mut out = signed_steering_frame(frame, 0, auth::derive_key(KEY), flow);
-    let sh = if frame[12..14] == [0x86, 0xdd] {
-        62
-    } else {
-        42
-    };
-    out[sh] = STEER_VERSION_SEARCH_AUTH;
-    out
+    signed_steering_frame(frame, 0, auth::derive_key(KEY), flow)
 }
 
 enum Out {
@@ -378,6 +371,15 @@ fn owner_cases(t: &mut Vec<Case>, fam: Fam, outer: Fam) -> Result<()> {
                 Reason::SearchExhausted,
                 Out::Frame(decapsulated(&ack)),
             ),
+    );
+    // The MAC covers the header's kind: the same signed fields read as a plain version-2
+    // header do not verify.
+    let mut demoted = good.clone();
+    demoted[steer_off(outer.member())] = STEER_VERSION_AUTH;
+    t.push(
+        case("search: signed, rewritten as version 2", demoted)
+            .auth()
+            .expect(xdp::DROP, Reason::AuthFailed, Out::Dropped),
     );
     let mut forged = good;
     let last = forged.len() - ack.len() - 1;

@@ -407,6 +407,7 @@ fn the_mac_is_checked_on_every_steering_packet() -> Result<()> {
                 budget: 1,
                 hop_count: 0,
                 hops: [u16::MAX; 2],
+                search: false,
             },
         );
         assert_eq!(sh[8..], want.to_le_bytes());

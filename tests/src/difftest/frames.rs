@@ -412,6 +412,7 @@ impl Gen {
                             budget,
                             hop_count,
                             hops: [h0, h1],
+                            search: version == 4,
                         },
                     )
                 });

@@ -46,6 +46,9 @@ pub struct Signed {
     pub budget: u8,
     pub hop_count: u8,
     pub hops: [u16; 2],
+    /// A search header (version 4): the MAC says so, so that a signed header cannot be turned
+    /// into a search or back.
+    pub search: bool,
 }
 
 pub fn mac(key: [u64; 2], s: &Signed) -> u64 {
@@ -58,7 +61,7 @@ pub fn mac(key: [u64; 2], s: &Signed) -> u64 {
     msg.extend_from_slice(&[s.proto, s.flags, s.budget, s.hop_count]);
     msg.extend_from_slice(&s.hops[0].to_be_bytes());
     msg.extend_from_slice(&s.hops[1].to_be_bytes());
-    msg.extend_from_slice(&[0; 4]);
+    msg.extend_from_slice(&[s.search as u8, 0, 0, 0]);
     siphash24(key, &msg)
 }
 
@@ -79,11 +82,16 @@ mod tests {
             budget: 2,
             hop_count: 1,
             hops: [4, u16::MAX],
+            search: false,
         };
         let key = derive_key([1, 2]);
         let m = mac(key, &base);
         let changed = [
             Signed { budget: 3, ..base },
+            Signed {
+                search: true,
+                ..base
+            },
             Signed {
                 hops: [5, u16::MAX],
                 ..base

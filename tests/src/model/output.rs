@@ -107,6 +107,7 @@ pub fn encap_and_send(
                 budget: e.budget,
                 hop_count,
                 hops,
+                search: e.search.is_some(),
             },
         );
         steer.extend_from_slice(&m.to_le_bytes());

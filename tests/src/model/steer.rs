@@ -317,6 +317,7 @@ fn owner(env: &Env, rules: &Rules, f: &[u8], l3: usize, v6: bool, ifindex: u32) 
                 budget: header_budget,
                 hop_count,
                 hops,
+                search: version == VERSION_SEARCH_AUTH,
             },
         );
         if mac_field != want.to_le_bytes() {

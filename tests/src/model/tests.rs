@@ -147,6 +147,7 @@ fn mac_for(env: &Env, src: [u8; 4], h: Hdr, inner: &[u8]) -> u64 {
             budget: h.budget,
             hop_count: h.count,
             hops: h.hops,
+            search: h.version >= 3,
         },
     )
 }
