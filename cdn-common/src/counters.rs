@@ -236,6 +236,12 @@ reasons! {
     /// A search that no PoP held: accepted by its last hop, whose stack answers a stray
     /// segment with a reset (README "PoPs").
     SearchExhausted = "search_exhausted", Verdict, [Pass];
+    /// A client packet of a flow a claim taught this node (`LEARNED`): sent straight to the
+    /// member that holds it, in another PoP, without a search.
+    LearnedForward = "learned_forward", Verdict, [Tx | Redirect | Pass | Aborted];
+    /// Informational: a search accepted here could not be reported to the controller (the
+    /// claim ring was full), so no claim teaches its PoP this time.
+    ClaimLost = "claim_lost", Info, [Pass];
 }
 
 impl Reason {
@@ -395,16 +401,18 @@ mod tests {
             assert!(Reason::ALL[..i].iter().all(|o| o.name() != name), "{name}");
             assert_ne!(r.actions(), 0, "{name}");
         }
-        // Only these two come on top of a verdict.
+        // Only these come on top of a verdict.
         assert_eq!(
             Reason::INFO,
             [
                 Reason::FibMiss,
                 Reason::FibLookup,
-                Reason::QuicUnknownServer
+                Reason::QuicUnknownServer,
+                Reason::ClaimLost
             ]
         );
         assert_eq!(Reason::QuicUnknownServer.info_index(), 2);
+        assert_eq!(Reason::ClaimLost.info_index(), 3);
         for &r in Reason::ALL {
             assert_eq!(r.is_verdict(), !Reason::INFO.contains(&r), "{}", r.name());
         }

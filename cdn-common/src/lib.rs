@@ -35,5 +35,8 @@ mod pod {
     unsafe impl aya::Pod for MemberAddr {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for MemberStats {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Learned {}
+    unsafe impl aya::Pod for ClaimEvent {}
     unsafe impl aya::Pod for crate::trace::TraceFilter {}
 }

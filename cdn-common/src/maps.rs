@@ -78,6 +78,65 @@ pub const MAP_TRACE_EVENTS: &str = "TRACE_EVENTS";
 /// Trace events lost because the ring buffer was full, per CPU (one `u64` slot).
 pub const MAP_TRACE_LOST: &str = "TRACE_LOST";
 
+/// Flows a claim taught this node (README "PoPs: learned owners"): [`FlowKey`] ->
+/// [`Learned`], an LRU hash of [`MAX_LEARNED`] entries written by the controller. Read at
+/// ingress only for buckets whose bit is set in [`MAP_LEARNED_BUCKETS`].
+pub const MAP_LEARNED: &str = "LEARNED";
+/// Entries of [`MAP_LEARNED`].
+pub const MAX_LEARNED: u32 = 65536;
+/// One bit per bucket index (bucket `b`: word `b / 32`, bit `b % 32`; the same index space for
+/// every service and PoP): set while some learned flow hashes to that bucket, so that a packet
+/// of any other bucket pays one array read and no hash lookup. Written by the controller.
+pub const MAP_LEARNED_BUCKETS: &str = "LEARNED_BUCKETS";
+/// Words of [`MAP_LEARNED_BUCKETS`]: room for the largest table (1,000,003 buckets).
+pub const LEARNED_BUCKET_WORDS: u32 = 1_000_003u32.div_ceil(32);
+/// Searches this node's member accepted ([`ClaimEvent`]), a ring buffer the controller turns
+/// into claims to the PoP where the search started.
+pub const MAP_CLAIM_EVENTS: &str = "CLAIM_EVENTS";
+/// Bytes of [`MAP_CLAIM_EVENTS`].
+pub const CLAIM_RING_BYTES: u32 = 256 * 1024;
+
+/// A flow as the learned map keys it: the client's address and port, the VIP's, and the
+/// protocol, as in the client's packet. Addresses in network order, IPv4 as IPv4-mapped
+/// (`::ffff:a.b.c.d`, like [`MemberAddr`]); ports in network order. Word-aligned so that the
+/// program builds it with word stores.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub client: [u8; 16],
+    pub vip: [u8; 16],
+    /// Network order.
+    pub client_port: u16,
+    /// Network order.
+    pub vip_port: u16,
+    /// IP protocol (6 TCP, 17 UDP).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`MAP_LEARNED`]: where the flow lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    /// The member that claimed the flow.
+    pub member: u16,
+    pub _pad: [u8; 6],
+    /// Packets sent there on the strength of this entry (not per CPU; an approximate count
+    /// the controller watches to expire idle entries).
+    pub packets: u64,
+}
+
+/// One event of [`MAP_CLAIM_EVENTS`]: this node accepted a search for `key` that `starter`
+/// (a member of the PoP where the flow landed) started.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClaimEvent {
+    pub key: FlowKey,
+    /// The member that started the search (the search header's `hops[0]`).
+    pub starter: u16,
+    pub _pad: [u8; 6],
+}
+
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "cdn_steer";
 
@@ -479,6 +538,9 @@ mod tests {
             4 + 4 + 4 + 16 + 16 + 4 + 16 + 4 + 4 * MAX_POPS
         );
         assert_eq!(size_of::<QuicServer>(), 4);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<Learned>(), 16);
+        assert_eq!(size_of::<ClaimEvent>(), 48);
         assert_eq!(size_of::<Bucket>(), 8);
         assert_eq!(size_of::<Member>(), 20);
         assert_eq!(size_of::<NextHop>(), NEXT_HOP_HEADER_LEN + 16);
