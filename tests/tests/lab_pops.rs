@@ -204,7 +204,8 @@ fn steady_state_every_connection_is_served_in_the_pop_where_it_lands() -> Result
         total.forwarded_cross_pop,
         total.search_start,
         100.0 * in_pop as f64 / accepted.max(1) as f64,
-        100.0 * accepted.saturating_sub(total.forwarded_in_pop) as f64 / accepted.max(1) as f64,
+        100.0 * accepted.saturating_sub(total.forwarded_in_pop + total.forwarded_cross_pop) as f64
+            / accepted.max(1) as f64,
     );
     ensure!(
         landed.len() == POPS,

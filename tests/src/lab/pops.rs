@@ -25,7 +25,7 @@ pub(super) fn check_options(opts: &LabOptions) -> Result<()> {
             opts.pops
         );
         ensure!(
-            opts.nodes >= opts.pops && opts.nodes % opts.pops == 0,
+            opts.nodes >= opts.pops && opts.nodes.is_multiple_of(opts.pops),
             "{} nodes do not split into {} PoPs of equal size",
             opts.nodes,
             opts.pops
@@ -84,7 +84,8 @@ pub struct PopCounters {
 }
 
 impl PopCounters {
-    fn add(&mut self, o: &Self) {
+    /// Adds `o`'s counts to these.
+    pub fn add(&mut self, o: &Self) {
         self.local_accepts += o.local_accepts;
         self.forwarded_in_pop += o.forwarded_in_pop;
         self.forwarded_cross_pop += o.forwarded_cross_pop;
