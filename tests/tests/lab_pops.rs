@@ -26,6 +26,11 @@ static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 const POPS: usize = 3;
 const NODES_PER_POP: usize = 2;
+/// Downloads run this long before the first route change: their flows are established and
+/// sending, not just connected.
+const SETTLE: Duration = Duration::from_secs(2);
+/// How long routes stay as a shift left them before the next change.
+const DWELL: Duration = Duration::from_millis(2500);
 
 fn lab(tag: &str, file_size: usize) -> Result<(std::sync::MutexGuard<'static, ()>, Lab)> {
     let guard = ONE_LAB_AT_A_TIME
@@ -236,9 +241,10 @@ fn route_shifts_between_pops_reset_no_download() -> Result<()> {
     let started = Instant::now();
     let before = lab.pop_counters()?;
     let count = 100;
-    // 1 MiB at 24 KiB/s: about 43 s, longer than the five shifts.
-    let (live, handle) = start_downloads(&lab, count, 24 * 1024);
+    // 1 MiB at 32 KiB/s: about 32 s, longer than the five shifts (about 4 s each).
+    let (live, handle) = start_downloads(&lab, count, 32 * 1024);
     wait_connected(&lab, &live, count)?;
+    std::thread::sleep(SETTLE);
     // Five shifts: pop1 away; pop1 back while pop2 goes; pop2 back while pop3 goes; pop3 back
     // while pop1 and pop2 go (everyone lands in pop3); everything back.
     let shifts: [&[usize]; 5] = [&[0], &[1], &[2], &[0, 1], &[]];
@@ -251,6 +257,8 @@ fn route_shifts_between_pops_reset_no_download() -> Result<()> {
             started.elapsed().as_secs_f64(),
             t.elapsed().as_secs_f64()
         );
+        // Packets keep flowing in the new state before the next shift.
+        std::thread::sleep(DWELL);
     }
     let finished_early = live.done.load(Ordering::Relaxed);
     let outcomes = join(handle)?;
@@ -310,6 +318,7 @@ fn a_pop_shift_with_drains_in_the_source_and_the_target_pop_resets_nothing() -> 
     // 1 MiB at 40 KiB/s: about 26 s.
     let (live, handle) = start_downloads(&lab, count, 40 * 1024);
     wait_connected(&lab, &live, count)?;
+    std::thread::sleep(SETTLE);
     // node1 (pop1, the source) and node3 (pop2, a target) leave their PoPs' tables by drain
     // while the router withdraws pop1: pop1's clients land in pop2 and pop3 while both
     // tables change.
@@ -323,7 +332,7 @@ fn a_pop_shift_with_drains_in_the_source_and_the_target_pop_resets_nothing() -> 
         "everything at once: pop1 withdrawn, node1 and node3 drained at {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(DWELL);
     // They rejoin while pop1's routes come back: the tables change again under the flows.
     lab.steer(0, &["undrain"])?;
     lab.steer(2, &["undrain"])?;
