@@ -174,6 +174,9 @@ fn landing_node(lab: &Lab, port: u16) -> Result<usize> {
 #[test]
 fn steady_state_every_connection_is_served_in_the_pop_where_it_lands() -> Result<()> {
     let (_guard, lab) = lab("ps", 256 * 1024)?;
+    for i in 0..lab.nodes.len() {
+        lab.check_pop_status(i)?;
+    }
     let started = Instant::now();
     let before = lab.pop_counters()?;
     let count = 200;

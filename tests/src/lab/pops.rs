@@ -215,6 +215,45 @@ impl Lab {
         Ok(())
     }
 
+    /// Checks node `i`'s view of the PoPs (`status --json`, its `pops`): every PoP of the lab,
+    /// by name and index, with all its members configured and healthy, no fallback, and the
+    /// node's own PoP marked. Without PoPs: no `pops` at all.
+    pub fn check_pop_status(&self, i: usize) -> Result<()> {
+        let status = self.status(i)?;
+        let Some(pops) = status["pops"].as_array() else {
+            ensure!(
+                self.opts.pops < 2,
+                "node{}'s status shows no PoPs: {status}",
+                i + 1
+            );
+            return Ok(());
+        };
+        ensure!(
+            pops.len() == self.opts.pops,
+            "node{} shows {} PoPs, the lab has {}: {pops:?}",
+            i + 1,
+            pops.len(),
+            self.opts.pops
+        );
+        let per_pop = self.opts.nodes / self.opts.pops;
+        for (p, pop) in pops.iter().enumerate() {
+            let own = self.pop_of(i) == Some(p);
+            ensure!(
+                pop["name"] == pop_name(p).as_str()
+                    && pop["index"] == p
+                    && pop["members"] == per_pop
+                    && pop["healthy"] == per_pop
+                    && pop["own"] == own
+                    && pop["fallback"] == false,
+                "node{}'s view of {}: {pop} (expected index {p}, {per_pop} members all healthy, \
+                 own {own}, no fallback)",
+                i + 1,
+                pop_name(p)
+            );
+        }
+        Ok(())
+    }
+
     /// Node `i`'s counters, from its metrics text.
     pub fn node_counters(&self, i: usize, metrics: &str) -> PopCounters {
         let c = |reason: &str| packets_counter(metrics, reason);
