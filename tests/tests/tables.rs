@@ -5,10 +5,11 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, ensure};
-use cdn_common::maps::{Bucket, NO_MEMBER};
+use cdn_common::maps::{Bucket, NO_MEMBER, Service};
 use cdn_test_support::BpfMount;
 use cdn_user::{
     cluster::maglev::{self, MaglevMember},
+    cluster::pops,
     cluster::sync::table_digest,
     config::{self, Config},
     dataplane::{
@@ -103,6 +104,15 @@ fn swaps_keep_history_and_survive_a_restart() -> Result<()> {
     t.update(&mut dp, &cfg, &all)?;
     let (generation, first) = live_table(&dp, "192.0.2.1", 32)?;
     ensure!(generation == 1, "first generation is {generation}");
+    // Without PoPs: one table, listed as the only PoP's, and nothing to search.
+    let entry = dp
+        .service("192.0.2.1".parse()?, 32)?
+        .context("no LPM entry")?;
+    ensure!(
+        entry.search_pops == 0 && entry.pop_tables[0] == entry.table_offset,
+        "single-PoP entry {entry:?}"
+    );
+    ensure!(entry.pop_tables[1..].iter().all(|o| *o == 0));
     for (b, o) in first.iter().zip(&all) {
         ensure!(
             b.hops == [*o, NO_MEMBER, NO_MEMBER],
@@ -112,7 +122,7 @@ fn swaps_keep_history_and_survive_a_restart() -> Result<()> {
 
     // Member 2 stops taking new flows: its buckets move, and it stays their previous owner.
     let without_b = owners(&cfg, &[1, 3])?;
-    let first_digest = t.services()["web"].digest();
+    let first_digest = t.tables()["web"].digest();
     ensure!(
         first_digest == table_digest(&first),
         "digest of the first table"
@@ -122,7 +132,7 @@ fn swaps_keep_history_and_survive_a_restart() -> Result<()> {
     ensure!(generation == 2);
     // The digest is kept per swap: asked again, it must be the new table's.
     ensure!(
-        t.services()["web"].digest() == table_digest(&second)
+        t.tables()["web"].digest() == table_digest(&second)
             && first_digest != table_digest(&second),
         "digest after the swap"
     );
@@ -168,7 +178,7 @@ fn swaps_keep_history_and_survive_a_restart() -> Result<()> {
     drop(dp);
     let mut dp = load(&cfg, Some(pins))?;
     let mut t = Tables::recover(&dp, &cfg)?;
-    let web = &t.services()["web"];
+    let web = &t.tables()["web"];
     ensure!(
         web.generation == 3 && web.buckets() == third.as_slice(),
         "recovered table differs"
@@ -242,6 +252,201 @@ fn pins_of_another_layout_are_replaced_and_the_others_kept() -> Result<()> {
     ensure!(
         kept == vec![bucket],
         "the table lost its contents: {kept:?}"
+    );
+    Ok(())
+}
+
+/// Two PoPs: "ams" (index 0: c, d) and "fra" (index 1: a, b, this node's).
+fn pop_config() -> Result<Config> {
+    let text = CONFIG
+        .replace(
+            "name = \"a\"\nid = 1\n",
+            "name = \"a\"\nid = 1\npop = \"fra\"\n",
+        )
+        .replace(
+            "name = \"b\"\nid = 2\n",
+            "name = \"b\"\nid = 2\npop = \"fra\"\n",
+        )
+        .replace(
+            "name = \"c\"\nid = 3\n",
+            "name = \"c\"\nid = 3\npop = \"ams\"\n",
+        )
+        .replace(
+            "[[services]]\nname = \"web\"",
+            "[[cluster.members]]\nname = \"d\"\nid = 4\nunderlay = \"10.0.0.4\"\npop = \"ams\"\n\n[[services]]\nname = \"web\"",
+        );
+    let cfg = config::parse(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    ensure!(cfg.pops() == ["ams", "fra"] && cfg.self_pop_index() == 1);
+    Ok(cfg)
+}
+
+/// Every PoP's owners with the members `ids` eligible, as the daemon builds them.
+fn pop_owners(cfg: &Config, ids: &[u16]) -> Result<Vec<Vec<u16>>> {
+    let members: Vec<MaglevMember<'_>> = cfg
+        .cluster
+        .members
+        .iter()
+        .filter(|m| ids.contains(&m.id))
+        .map(|m| MaglevMember {
+            id: m.id,
+            name: &m.name,
+            weight: m.weight,
+        })
+        .collect();
+    Ok(pops::build(cfg, &members, Vec::new())?.owners)
+}
+
+/// The buckets of every PoP's table of `vip`, read through its LPM entry's `pop_tables`.
+fn live_pop_tables(dp: &DataPlane, vip: &str, len: u8) -> Result<(Service, Vec<Vec<Bucket>>)> {
+    let entry = dp
+        .service(vip.parse()?, len)?
+        .with_context(|| format!("no LPM entry for {vip}"))?;
+    let tables = entry.pop_tables[..2]
+        .iter()
+        .map(|offset| dp.read_buckets(*offset, entry.table_size))
+        .collect::<Result<_, _>>()?;
+    Ok((entry, tables))
+}
+
+#[test]
+fn pop_tables_have_slots_of_their_own_swap_together_and_survive_a_restart() -> Result<()> {
+    let cfg = pop_config()?;
+    let fs = BpfMount::temp("pops")?;
+    let pins = fs.join("maps");
+    std::fs::create_dir_all(&pins)?;
+    let load = |pins: PathBuf| {
+        DataPlane::load(&LoadOptions {
+            table_entries: tables::table_entries(
+                cfg.cluster.table_size,
+                cfg.services.len() * cfg.pop_count(),
+            ),
+            pin_dir: Some(pins),
+        })
+    };
+    let mut dp = load(pins.clone())?;
+    let mut t = Tables::recover(&dp, &cfg)?;
+    let names: Vec<&String> = t.tables().keys().collect();
+    ensure!(
+        names == ["dns@ams", "dns@fra", "web@ams", "web@fra"],
+        "tables {names:?}"
+    );
+    let mut slots: Vec<u32> = t.tables().values().map(|t| t.slot).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    ensure!(slots.len() == 4, "one slot per service and PoP: {slots:?}");
+
+    let all = pop_owners(&cfg, &[1, 2, 3, 4])?;
+    t.update_pops(&mut dp, &cfg, &all)?;
+    let (entry, first) = live_pop_tables(&dp, "192.0.2.1", 32)?;
+    ensure!(entry.generation == 1);
+    // Our own PoP ("fra", 1) is the ingress table; the other one is searched.
+    ensure!(entry.table_offset == entry.pop_tables[1], "{entry:?}");
+    ensure!(
+        entry.search_pops == 0b01,
+        "search_pops {:#b}",
+        entry.search_pops
+    );
+    for (pop, (table, owners)) in first.iter().zip(&all).enumerate() {
+        for (b, o) in table.iter().zip(owners) {
+            ensure!(
+                b.hops == [*o, NO_MEMBER, NO_MEMBER],
+                "PoP {pop}: {b:?}, owner {o}"
+            );
+        }
+    }
+    let owners_of = |table: &[Bucket]| {
+        let mut ids: Vec<u16> = table.iter().map(|b| b.hops[0]).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
+    ensure!(owners_of(&first[0]) == [3, 4] && owners_of(&first[1]) == [1, 2]);
+    ensure!(
+        t.tables()["web@fra"].digest() == table_digest(&first[1])
+            && t.tables()["web@ams"].digest() == table_digest(&first[0])
+    );
+
+    // b (fra) and d (ams) go: both PoP tables change, in one swap of the service's entry.
+    let fewer = pop_owners(&cfg, &[1, 3])?;
+    let report = t.update_pops(&mut dp, &cfg, &fewer)?;
+    ensure!(report.swapped.len() == 4, "swapped {:?}", report.swapped);
+    let (entry2, second) = live_pop_tables(&dp, "192.0.2.1", 32)?;
+    ensure!(entry2.generation == 2);
+    for pop in 0..2 {
+        ensure!(
+            entry2.pop_tables[pop] != entry.pop_tables[pop]
+                && entry2.pop_tables[pop] / (2 * 1021) == entry.pop_tables[pop] / (2 * 1021),
+            "PoP {pop}: not the other half of the same slot"
+        );
+        let mut moved = 0;
+        for ((b, old), new) in second[pop].iter().zip(&all[pop]).zip(&fewer[pop]) {
+            let want = if old == new {
+                [*new, NO_MEMBER, NO_MEMBER]
+            } else {
+                moved += 1;
+                [*new, *old, NO_MEMBER]
+            };
+            ensure!(b.hops == want, "PoP {pop}: {b:?}, {old} -> {new}");
+        }
+        ensure!(moved > 300, "PoP {pop}: only {moved} buckets moved");
+    }
+
+    // b comes back: only "fra" changes, "ams" keeps its half, and the entry, replaced once,
+    // still points at it.
+    let only_fra = pop_owners(&cfg, &[1, 2, 3])?;
+    let report = t.update_pops(&mut dp, &cfg, &only_fra)?;
+    ensure!(
+        report.swapped == ["web@fra", "dns@fra"],
+        "swapped {:?}",
+        report.swapped
+    );
+    let (entry3, third) = live_pop_tables(&dp, "192.0.2.1", 32)?;
+    ensure!(
+        entry3.pop_tables[0] == entry2.pop_tables[0]
+            && entry3.pop_tables[1] == entry.pop_tables[1]
+            && entry3.generation == 3,
+        "{entry3:?}"
+    );
+    ensure!(third[0] == second[0], "ams rewritten");
+    ensure!(owners_of(&third[1]) == [1, 2]);
+
+    // A restart: every PoP's table and history is found again through the entry.
+    drop(t);
+    drop(dp);
+    let mut dp = load(pins)?;
+    let mut t = Tables::recover(&dp, &cfg)?;
+    ensure!(
+        t.tables()["web@ams"].buckets() == third[0].as_slice(),
+        "ams recovered"
+    );
+    ensure!(
+        t.tables()["web@fra"].buckets() == third[1].as_slice(),
+        "fra recovered"
+    );
+    ensure!(t.tables()["web@fra"].generation == 3);
+    // Everyone back: each PoP's previous owners are still in its history.
+    t.update_pops(&mut dp, &cfg, &all)?;
+    let (_, back) = live_pop_tables(&dp, "192.0.2.1", 32)?;
+    for pop in 0..2 {
+        for ((b, was), now) in back[pop].iter().zip(&third[pop]).zip(&all[pop]) {
+            ensure!(b.hops[0] == *now, "PoP {pop}: owner {b:?}");
+            if was.hops[0] != *now && was.hops[0] != NO_MEMBER {
+                ensure!(
+                    b.hops[1] == was.hops[0],
+                    "PoP {pop}: history lost {b:?} after {was:?}"
+                );
+            }
+        }
+    }
+
+    // The PoPs are dropped from the configuration: the map does not record PoP names, so
+    // no table of the two-PoP layout is taken as the one table's history.
+    drop(t);
+    let plain = config::parse(CONFIG).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t = Tables::recover(&dp, &plain)?;
+    ensure!(
+        t.tables()["web"].generation == 0,
+        "a PoP's table recovered as the single table"
     );
     Ok(())
 }

@@ -7,5 +7,6 @@ pub mod health;
 pub mod history;
 pub mod maglev;
 pub mod peer_http;
+pub mod pops;
 pub mod probe;
 pub mod sync;

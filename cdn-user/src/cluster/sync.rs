@@ -123,7 +123,8 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct SyncPlan {
     /// Healthy members other than this node, with their endpoints: `(name, address)`.
     pub peers: Vec<(String, SocketAddr)>,
-    /// Every configured service.
+    /// Every configured table, by table name (`config::table_name`: the service's name, or
+    /// `"<service>@<pop>"` with PoPs).
     pub services: Vec<String>,
     /// Buckets per table.
     pub table_size: u32,

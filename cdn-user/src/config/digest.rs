@@ -203,6 +203,7 @@ fn member(r: &mut Records, m: &MemberSettings) {
         health,
         sync,
         quic_server_id,
+        pop,
     } = m;
     let path = |key: &str| format!("cluster.members[{name}].{key}");
     r.record(&path("name"), name);
@@ -214,6 +215,11 @@ fn member(r: &mut Records, m: &MemberSettings) {
     // routing, which cannot set it, keep the digest of their peers.
     if *quic_server_id != u32::from(*id) {
         r.record(&path("quic_server_id"), quic_server_id);
+    }
+    // Recorded only when set, so that a cluster without PoPs keeps the digest it had before
+    // PoPs existed.
+    if let Some(pop) = pop {
+        r.record(&path("pop"), pop);
     }
     let HealthCheck {
         probe,

@@ -15,6 +15,7 @@ mod check;
 mod digest;
 mod document;
 mod listeners;
+mod pops;
 mod prefix;
 mod schema;
 #[cfg(test)]
@@ -29,12 +30,13 @@ use thiserror::Error;
 use toml::de::DeTable;
 
 pub use check::{
-    HOP_BUDGET_RANGE, MAX_CLUSTER_TABLE_SIZE, MAX_IFNAME_LEN, MAX_SERVICE_NAME_LEN,
-    MAX_UNIX_SOCKET_PATH, MAX_WEIGHT, MIN_CLIENT_PACKET, MIN_VIP_PREFIX_V4, MIN_VIP_PREFIX_V6,
-    min_max_frame,
+    HOP_BUDGET_RANGE, MAX_CLUSTER_TABLE_SIZE, MAX_IFNAME_LEN, MAX_POP_NAME_LEN,
+    MAX_SERVICE_NAME_LEN, MAX_UNIX_SOCKET_PATH, MAX_WEIGHT, MIN_CLIENT_PACKET, MIN_VIP_PREFIX_V4,
+    MIN_VIP_PREFIX_V6, min_max_frame,
 };
 pub use digest::{Digest, DigestParseError, Records, cluster_digest};
 pub use listeners::{Listeners, SharedWhy};
+pub use pops::table_name;
 pub use prefix::{Prefix, PrefixError};
 pub use schema::{
     BgpSettings, ClusterSettings, Config, DEFAULT_CONTROL_SOCKET, FIELDS, Field, HealthCheck,

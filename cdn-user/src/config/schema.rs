@@ -63,6 +63,10 @@ pub struct NodeSettings {
     pub xdp_mode: XdpMode,
     /// This node steers client packets to the members but owns no flows itself.
     pub steer_only: bool,
+    /// This node's PoP, when the members have one (`cluster.members[].pop`): required on a
+    /// steering-only node then; on a member node, it may be left out and must otherwise be its
+    /// member's. New connections landing here are placed by this PoP's table.
+    pub pop: Option<String>,
     /// Largest frame in bytes, Ethernet header included, that the underlay carries;
     /// encapsulated packets that would exceed it are dropped and counted. 0 disables the check.
     pub max_frame: u32,
@@ -148,6 +152,10 @@ pub struct MemberSettings {
     /// must fit the smallest `server_id_len` of the services with `quic`. Default: the
     /// member's `id`.
     pub quic_server_id: u32,
+    /// The PoP (point of presence) the member stands in: 1 to 32 characters of `a-z`, `0-9`,
+    /// `_` and `-`. Either every member has one or none; at most 8 PoPs. New connections stay
+    /// in the PoP where they land (README "PoPs").
+    pub pop: Option<String>,
 }
 
 /// `[cluster.members.health]`: the health check of one member.
@@ -470,6 +478,7 @@ pub const FIELDS: &[Field] = &[
     field("node.underlay_v6", Unset).text(Text::Ipv6),
     field("node.xdp_mode", Value("\"native\"")).restart(|a, b| a.node.xdp_mode != b.node.xdp_mode),
     field("node.steer_only", Value("false")).restart(|a, b| a.node.steer_only != b.node.steer_only),
+    field("node.pop", Unset),
     field("node.max_frame", Value("0")),
     field("node.bpffs", Value("\"/sys/fs/bpf/cdn-steer\""))
         .restart(|a, b| a.node.bpffs != b.node.bpffs),
@@ -491,6 +500,7 @@ pub const FIELDS: &[Field] = &[
         "cluster.members[].quic_server_id",
         Computed("the member's `id`", MEMBER_ID),
     ),
+    field("cluster.members[].pop", Unset),
     field("cluster.members[].health.kind", Value("\"tcp\"")),
     field(
         "cluster.members[].health.port",

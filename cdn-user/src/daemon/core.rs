@@ -21,7 +21,8 @@ use crate::{
     cluster::{
         flap_guard::{Change, FlapGuard},
         health::{HealthMonitor, MemberHealth, Target},
-        maglev::{self, MaglevMember},
+        maglev::MaglevMember,
+        pops,
         probe::LocalFaultCounts,
     },
     config::{Config, HealthCheck, HealthProbe},
@@ -47,7 +48,12 @@ pub(super) struct Core {
     pub(super) reloads_ok: u64,
     pub(super) reloads_failed: u64,
     pub(super) started: SystemTime,
-    pub(super) owners: Vec<u16>,
+    /// The owners of every PoP's table (by PoP index; one without PoPs), as last built.
+    pub(super) owners: Vec<Vec<u16>>,
+    /// Per PoP (by index): members its last table was built over.
+    pub(super) pop_eligible: Vec<usize>,
+    /// This node's PoP had no eligible member at the last rebuild: its table is cluster-wide.
+    pub(super) pop_fallback: bool,
     /// Ids written to the member maps, so removed members can be cleared.
     pub(super) written_members: Vec<u16>,
     /// QUIC-LB server IDs written to `QUIC_SERVERS`, so those no longer configured can be
@@ -96,6 +102,7 @@ impl Core {
         if self.cfg.cluster.steer_auth {
             flags |= NODE_STEER_AUTH;
         }
+        let other_pops = self.cfg.pop_count().saturating_sub(1);
         NodeConfig {
             hash_key: self.cfg.cluster.hash_key,
             underlay_v4: self.cfg.node.underlay_v4.map_or([0; 4], |a| a.octets()),
@@ -104,6 +111,9 @@ impl Core {
             self_member: self.self_id(),
             flags,
             hop_budget: self.cfg.cluster.hop_budget,
+            self_pop: u8::try_from(self.cfg.self_pop_index()).unwrap_or(0),
+            // Enough for every hop of every other PoP's chain.
+            search_budget: u8::try_from(3 * other_pops).unwrap_or(u8::MAX),
             max_frame: self.cfg.node.max_frame,
             auth_key: steer_auth_key(self.cfg.cluster.hash_key),
             ..NodeConfig::default()
@@ -195,30 +205,25 @@ impl Core {
         if let Some(local) = &mut self.checks.local_service {
             local.reconfigure(local_service_targets(&self.cfg));
         }
-        let mut owners = std::mem::take(&mut self.owners);
+        let previous = std::mem::take(&mut self.owners);
         let members = self.eligible();
         if members.is_empty() {
             log::warn!(cause; "no member is eligible for new flows; buckets keep their last owners");
         }
-        maglev::build_table_into(
-            &members,
-            self.cfg.cluster.hash_key,
-            self.cfg.cluster.table_size,
-            &mut owners,
-        )
-        .context("building the Maglev table")?;
         let eligible = members.len();
-        if members.is_empty() {
-            owners = vec![NO_MEMBER; self.cfg.cluster.table_size as usize];
-        }
+        let built =
+            pops::build(&self.cfg, &members, previous).context("building the Maglev tables")?;
+        self.note_pop_fallback(built.fallback, cause);
+        self.pop_eligible = built.eligible;
+        let owners = built.owners;
         let report = self
             .tables
-            .update(&mut self.dp, &self.cfg, &owners)
+            .update_pops(&mut self.dp, &self.cfg, &owners)
             .context("writing the steering tables")?;
         for service in &report.swapped {
             let generation = self
                 .tables
-                .services()
+                .tables()
                 .get(service)
                 .map_or(0, |t| t.generation);
             let owner_changes = report.owner_changes.get(service).copied().unwrap_or(0);
@@ -230,6 +235,19 @@ impl Core {
         }
         self.owners = owners;
         Ok(())
+    }
+
+    /// Logs when this node's own PoP starts or stops having no eligible member of its own.
+    fn note_pop_fallback(&mut self, fallback: bool, cause: &str) {
+        if fallback != self.pop_fallback {
+            let pop = self.cfg.self_pop().unwrap_or_default();
+            if fallback {
+                log::warn!(pop, cause; "no member of this node's PoP is eligible: new connections landing here go to the whole cluster");
+            } else {
+                log::info!(pop, cause; "this node's PoP has eligible members again: new connections stay in it");
+            }
+        }
+        self.pop_fallback = fallback;
     }
 
     /// Whether this node takes new flows, for other members' health checks: a drained node

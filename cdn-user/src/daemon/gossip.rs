@@ -12,7 +12,8 @@ impl Core {
     fn sync_plan(&self) -> SyncPlan {
         SyncPlan {
             peers: self.sync_peers(),
-            services: self.cfg.services.iter().map(|s| s.name.clone()).collect(),
+            // Keyed by table name: every PoP's table, since every node computes all of them.
+            services: self.cfg.table_names(),
             table_size: self.cfg.cluster.table_size,
         }
     }

@@ -22,6 +22,7 @@ mod core;
 mod gossip;
 mod nexthops;
 mod notify;
+mod pops;
 mod reload;
 mod startup;
 mod trace;
@@ -153,8 +154,9 @@ pub async fn run(opts: Options) -> Result<()> {
         let ready: http::ReadySource = Arc::new(move || ready_shared.lock().readiness());
         let table: sync::TableSource = Arc::new(move |service: &str| {
             let core = table_shared.lock();
+            // By table name: "<service>@<pop>" with PoPs.
             core.tables
-                .services()
+                .tables()
                 .get(service)
                 .filter(|t| t.generation > 0)
                 .map(|t| (t.generation, sync::encode(t.buckets())))

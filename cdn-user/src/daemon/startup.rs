@@ -81,7 +81,10 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
     std::fs::create_dir_all(&link_dir)?;
     let restarted = map_dir.join(cdn_common::maps::MAP_TABLE).exists();
     let dp = DataPlane::load(&LoadOptions {
-        table_entries: tables::table_entries(cfg.cluster.table_size, cfg.services.len()),
+        table_entries: tables::table_entries(
+            cfg.cluster.table_size,
+            cfg.services.len() * cfg.pop_count(),
+        ),
         pin_dir: Some(map_dir.clone()),
     })
     .context("loading the XDP program")?;
@@ -115,6 +118,8 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
         reloads_failed: 0,
         started: SystemTime::now(),
         owners: Vec::new(),
+        pop_eligible: Vec::new(),
+        pop_fallback: false,
         written_members: (0..MAX_MEMBERS as u16).collect(),
         written_quic_servers: leftover_quic_servers,
         checks: Default::default(),

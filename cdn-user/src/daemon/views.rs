@@ -1,6 +1,7 @@
 //! What the daemon shows: the status report and lookups for the control socket, and the
 //! snapshot the metrics are encoded from. Both read one member report.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -84,15 +85,25 @@ impl Core {
 
     /// Every member as status and metrics show it: the one member report.
     fn member_reports(&self) -> Result<Vec<MemberReport>> {
-        let share = self.tables.share();
-        let total: u64 = share.values().sum();
+        // Per PoP (one without PoPs): each member's buckets over the tables of its own PoP.
+        let shares: Vec<(Option<&str>, BTreeMap<u16, u64>)> = self
+            .cfg
+            .pop_slots()
+            .into_iter()
+            .map(|pop| (pop, self.tables.share(pop)))
+            .collect();
         let self_id = self.self_id();
         self.cfg
             .cluster
             .members
             .iter()
             .map(|m| {
-                let buckets = share.get(&m.id).copied().unwrap_or(0);
+                let share = shares
+                    .iter()
+                    .find(|(pop, _)| *pop == m.pop.as_deref())
+                    .map(|(_, share)| share);
+                let total: u64 = share.map_or(0, |s| s.values().sum());
+                let buckets = share.and_then(|s| s.get(&m.id)).copied().unwrap_or(0);
                 let health = self.health.get(&m.id);
                 let stats = self.dp.member_stats(m.id)?;
                 Ok(MemberReport {
@@ -114,6 +125,7 @@ impl Core {
                     },
                     forwarded_packets: stats.packets,
                     forwarded_bytes: stats.bytes,
+                    pop: m.pop.clone(),
                 })
             })
             .collect()
@@ -124,7 +136,7 @@ impl Core {
         let members = self.member_reports()?;
         let services = self
             .tables
-            .services()
+            .tables()
             .iter()
             .map(|(name, t)| ServiceStatus {
                 name: name.clone(),
@@ -132,8 +144,8 @@ impl Core {
                 generation: t.generation,
                 slot: t.slot,
                 active_half: t.active,
-                udp_mode: self.udp_mode_of(name).name().to_string(),
-                quic: self.quic_of(name),
+                udp_mode: self.udp_mode_of(&t.service).name().to_string(),
+                quic: self.quic_of(&t.service),
             })
             .collect();
         let quic_servers = self.quic_server_reports()?;
@@ -176,6 +188,7 @@ impl Core {
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
             health_checks: self.health_checks_report(),
+            pops: self.pop_reports(),
             // Filled in by `status_with_drift`, once the lock is released.
             drift: None,
         })
@@ -189,7 +202,7 @@ impl Core {
             config: cluster_digest(&self.cfg),
             tables: self
                 .tables
-                .services()
+                .tables()
                 .iter()
                 .filter(|(_, t)| t.generation > 0)
                 .map(|(name, t)| (name.clone(), t.digest()))
@@ -233,12 +246,12 @@ impl Core {
             ),
             _ => bail!("source and destination must be of the same address family"),
         };
-        let Some((name, table)) = self.tables.service_for(dst.ip()) else {
+        let Some((name, tables)) = self.tables.service_for(dst.ip()) else {
             bail!("{} is not in any service's VIP prefixes", dst.ip());
         };
-        let vip = table
-            .vips
+        let vip = tables
             .iter()
+            .flat_map(|t| t.vips.iter())
             .find(|v| v.contains(dst.ip()))
             .context("service without the VIP")?;
         let entry = self
@@ -252,6 +265,7 @@ impl Core {
             .first()
             .map(|b| b.hops)
             .unwrap_or([NO_MEMBER; 3]);
+        let pops = self.pop_chains(&entry, bucket)?;
         let owner = hops
             .first()
             .filter(|h| **h != NO_MEMBER)
@@ -283,6 +297,7 @@ impl Core {
                     (*h, name.to_string())
                 })
                 .collect(),
+            pops,
         })
     }
 
@@ -294,15 +309,15 @@ impl Core {
             members,
             services: self
                 .tables
-                .services()
+                .tables()
                 .iter()
                 .map(|(name, t)| metrics::ServiceMetrics {
                     name: name.clone(),
                     table_generation: u64::from(t.generation),
                     buckets: self.tables.size(),
-                    udp_mode: self.udp_mode_of(name).name().to_string(),
+                    udp_mode: self.udp_mode_of(&t.service).name().to_string(),
                     table_digest: t.digest(),
-                    quic: self.quic_of(name),
+                    quic: self.quic_of(&t.service),
                 })
                 .collect(),
             draining: self.draining,
@@ -318,6 +333,7 @@ impl Core {
             config_reloads_failed: self.reloads_failed,
             start_time: self.started,
             health_checks: self.health_checks_report(),
+            pops: self.pop_reports(),
         })
     }
 
@@ -355,6 +371,7 @@ pub(super) fn empty_snapshot(core: &Core) -> metrics::Snapshot {
         config_reloads_failed: core.reloads_failed,
         start_time: core.started,
         health_checks: core.health_checks_report(),
+        pops: Vec::new(),
     }
 }
 

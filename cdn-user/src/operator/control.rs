@@ -250,6 +250,9 @@ pub struct StatusReport {
     /// Local probe failures and the mass-flap hold.
     #[serde(default)]
     pub health_checks: HealthChecksReport,
+    /// Every PoP; empty (and left out of the JSON) without PoPs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pops: Vec<super::report::PopReport>,
     /// This node's digests against its peers'; `None` from a daemon that does not compare.
     #[serde(default)]
     pub drift: Option<DriftReport>,
@@ -301,6 +304,19 @@ pub struct LookupReport {
     /// The service's QUIC settings, if it has any.
     #[serde(default)]
     pub quic: Option<super::quic::QuicStatus>,
+    /// With PoPs: the bucket's chain in every PoP's table; empty without PoPs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pops: Vec<PopChain>,
+}
+
+/// One PoP's chain for a flow's bucket (`lookup`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PopChain {
+    pub pop: String,
+    /// This node's own PoP (the chain `hops` shows).
+    pub own: bool,
+    /// (member id, name) of each hop, the PoP's owner first.
+    pub hops: Vec<(u16, String)>,
 }
 
 #[derive(Debug, Error)]

@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    cluster::maglev::{self, MaglevError, MaglevMember},
+    cluster::{
+        maglev::{MaglevError, MaglevMember},
+        pops,
+    },
     config::{Config, UdpMode},
     operator::{
         control::LookupReport,
@@ -71,6 +74,20 @@ pub struct LookupDocument {
     /// connection ID is placed; `null` otherwise.
     #[serde(default)]
     pub quic: Option<QuicFlow>,
+    /// With PoPs: the bucket's chain in every PoP's table (offline: each PoP's owner); left
+    /// out without PoPs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pops: Vec<PopLookup>,
+}
+
+/// A flow's bucket in one PoP's table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PopLookup {
+    pub pop: String,
+    /// This node's own PoP: `hops` above is this chain.
+    pub own: bool,
+    /// The PoP's owner first, then its previous owners (offline: the owner only).
+    pub hops: Vec<MemberRef>,
 }
 
 /// The QUIC part of a flow lookup (see [`crate::operator::quic::flow`]).
@@ -165,18 +182,36 @@ pub fn offline(
             weight: m.weight,
         })
         .collect();
-    let table = maglev::build_table(&members, cfg.cluster.hash_key, cfg.cluster.table_size)?;
     let bucket = (hash % u64::from(cfg.cluster.table_size)) as u32;
-    let owner = table
-        .get(bucket as usize)
-        .copied()
-        .filter(|id| *id != NO_MEMBER)
-        .map(|id| MemberRef {
-            id,
-            name: cfg
-                .member(id)
-                .map_or_else(|| "(unknown)".to_owned(), |m| m.name.clone()),
-        });
+    // Every PoP's table over its members (the one table without PoPs), as the daemon builds
+    // them with every member healthy.
+    let tables = pops::build(cfg, &members, Vec::new())?;
+    let member_ref = |id: u16| MemberRef {
+        id,
+        name: cfg
+            .member(id)
+            .map_or_else(|| "(unknown)".to_owned(), |m| m.name.clone()),
+    };
+    let owner_in = |table: &Vec<u16>| {
+        table
+            .get(bucket as usize)
+            .copied()
+            .filter(|id| *id != NO_MEMBER)
+            .map(member_ref)
+    };
+    let own = cfg.self_pop_index();
+    let owner = tables.owners.get(own).and_then(owner_in);
+    let pop_lookups = cfg
+        .pops()
+        .into_iter()
+        .zip(&tables.owners)
+        .enumerate()
+        .map(|(index, (pop, table))| PopLookup {
+            pop: pop.to_owned(),
+            own: index == own,
+            hops: owner_in(table).into_iter().collect(),
+        })
+        .collect();
     let mut doc = LookupDocument {
         source: Source::Offline,
         assumption: Some(OFFLINE_ASSUMPTION.to_owned()),
@@ -195,6 +230,7 @@ pub fn offline(
         hops: owner.iter().cloned().collect(),
         owner,
         quic: None,
+        pops: pop_lookups,
     };
     quic::flow(
         &mut doc,
@@ -224,6 +260,19 @@ pub fn live(report: LookupReport, src: SocketAddr, dst: SocketAddr, udp: bool) -
         hops,
         accepted_by: report.accepted_by,
         quic: None,
+        pops: report
+            .pops
+            .into_iter()
+            .map(|chain| PopLookup {
+                pop: chain.pop,
+                own: chain.own,
+                hops: chain
+                    .hops
+                    .into_iter()
+                    .map(|(id, name)| MemberRef { id, name })
+                    .collect(),
+            })
+            .collect(),
     };
     quic::flow(&mut doc, report.quic.as_ref());
     doc
@@ -271,6 +320,20 @@ pub fn render(doc: &LookupDocument) -> String {
                 cid.placement
             );
         }
+    }
+    for pop in &doc.pops {
+        let chain: Vec<String> = pop
+            .hops
+            .iter()
+            .map(|m| format!("{} (id {})", m.name, m.id))
+            .collect();
+        let chain = if chain.is_empty() {
+            "no owner".to_owned()
+        } else {
+            chain.join(", then ")
+        };
+        let own = if pop.own { ", this node's" } else { "" };
+        let _ = writeln!(out, "PoP {}{own}: {chain}", pop.pop);
     }
     let _ = writeln!(out, "accepted by: {}", doc.accepted_by);
     out

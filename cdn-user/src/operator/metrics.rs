@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use super::report::{HealthChecksReport, MemberReport};
+pub use super::report::{HealthChecksReport, MemberReport, PopReport};
 
 use crate::config::Digest;
 use cdn_common::counters::PacketCounts;
@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub start_time: SystemTime,
     /// Local probe failures and the mass-flap hold.
     pub health_checks: HealthChecksReport,
+    /// Every PoP; empty without PoPs (no `cdn_steer_pop_*` series then).
+    pub pops: Vec<PopReport>,
 }
 
 /// Per-service state.
@@ -333,11 +335,42 @@ impl Collector for SnapshotCollector {
         family(
             enc,
             "cdn_steer_member_bucket_share",
-            "Fraction (0 to 1) of the steering buckets of all services that the member owns.",
+            "Fraction (0 to 1) of the steering buckets of all services that the member owns; with \
+             PoPs, of the tables of its PoP (label pop).",
             None,
-            s.members
+            s.members.iter().map(|m| {
+                let mut labels = vec![("member", m.name.clone())];
+                if let Some(pop) = &m.pop {
+                    labels.push(("pop", pop.clone()));
+                }
+                (labels, ConstGauge::new(m.share))
+            }),
+        )?;
+        let pop = |p: &PopReport| [("pop", p.name.clone())];
+        let count = |n: usize| ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
+        family(
+            enc,
+            "cdn_steer_pop_members",
+            "Configured members of the PoP.",
+            None,
+            s.pops.iter().map(|p| (pop(p), count(p.members))),
+        )?;
+        family(
+            enc,
+            "cdn_steer_pop_healthy_members",
+            "Members of the PoP whose last health check passed.",
+            None,
+            s.pops.iter().map(|p| (pop(p), count(p.healthy))),
+        )?;
+        family(
+            enc,
+            "cdn_steer_pop_fallback",
+            "1 while no member of this node's PoP is eligible and new connections landing here \
+             are placed over the whole cluster; 0 otherwise (always 0 for the other PoPs).",
+            None,
+            s.pops
                 .iter()
-                .map(|m| (member(m), ConstGauge::new(m.share))),
+                .map(|p| (pop(p), ConstGauge::new(i64::from(p.fallback)))),
         )?;
         family(
             enc,
@@ -649,6 +682,7 @@ mod tests {
                 held_members: vec!["node-a".into()],
                 held_since: Some(1_700_000_001.0),
             },
+            pops: Vec::new(),
         }
     }
 
@@ -777,6 +811,47 @@ mod tests {
     }
 
     #[test]
+    fn metrics_show_pops_and_label_shares_with_them() {
+        let mut s = snapshot();
+        s.members[0].pop = Some("fra".into());
+        s.members[1].pop = Some("ams".into());
+        s.pops = vec![
+            PopReport {
+                name: "ams".into(),
+                index: 0,
+                members: 2,
+                healthy: 1,
+                eligible: 1,
+                own: false,
+                fallback: false,
+            },
+            PopReport {
+                name: "fra".into(),
+                index: 1,
+                members: 1,
+                healthy: 0,
+                eligible: 2,
+                own: true,
+                fallback: true,
+            },
+        ];
+        let text = encode(&s).unwrap();
+        let samples = samples(&text);
+        for line in [
+            r#"cdn_steer_pop_members{pop="ams"} 2"#,
+            r#"cdn_steer_pop_members{pop="fra"} 1"#,
+            r#"cdn_steer_pop_healthy_members{pop="ams"} 1"#,
+            r#"cdn_steer_pop_healthy_members{pop="fra"} 0"#,
+            r#"cdn_steer_pop_fallback{pop="ams"} 0"#,
+            r#"cdn_steer_pop_fallback{pop="fra"} 1"#,
+            r#"cdn_steer_member_bucket_share{member="node-a",pop="fra"} 0.5"#,
+            r#"cdn_steer_member_bucket_share{member="node-b",pop="ams"} 0.25"#,
+        ] {
+            assert!(samples.contains(&line), "no {line} in\n{text}");
+        }
+    }
+
+    #[test]
     fn metrics_leave_out_what_is_unknown_or_absent() {
         let mut s = snapshot();
         s.members.clear();
@@ -787,6 +862,7 @@ mod tests {
         s.bgp.as_mut().unwrap().announced = None;
         let text = encode(&s).unwrap();
         assert!(!text.contains("cdn_steer_member"), "{text}");
+        assert!(!text.contains("cdn_steer_pop"), "{text}");
         assert!(!text.contains("cdn_steer_table"), "{text}");
         assert!(!text.contains("cdn_steer_bgp_announced"), "{text}");
         let samples = samples(&text);

@@ -35,6 +35,30 @@ pub struct MemberReport {
     pub forwarded_packets: u64,
     /// Bytes of those packets.
     pub forwarded_bytes: u64,
+    /// The member's PoP, when the cluster has PoPs; `buckets` and `share` are then over the
+    /// tables of that PoP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pop: Option<String>,
+}
+
+/// One PoP as this node sees it (status and metrics); none without PoPs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PopReport {
+    /// The PoP's name (`cluster.members[].pop`).
+    pub name: String,
+    /// Its index: its place in the sorted names, the bit of searches.
+    pub index: usize,
+    /// Configured members.
+    pub members: usize,
+    /// Members whose last health check passed.
+    pub healthy: usize,
+    /// Members its table was last built over.
+    pub eligible: usize,
+    /// This node's own PoP.
+    pub own: bool,
+    /// Own PoP only: no member of it is eligible, so its table is built over the whole
+    /// cluster.
+    pub fallback: bool,
 }
 
 /// The health checker's own state: probes that failed for local reasons, and the mass-flap

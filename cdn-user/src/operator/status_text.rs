@@ -129,6 +129,7 @@ fn write_status(out: &mut String, s: &StatusReport) -> fmt::Result {
                 .unwrap_or_default()
         )?;
     }
+    write_pops(out, s)?;
     if let Some(drift) = &s.drift {
         write_drift(out, drift)?;
     }
@@ -136,6 +137,32 @@ fn write_status(out: &mut String, s: &StatusReport) -> fmt::Result {
     writeln!(out, "data plane counters (packets, reason/action):")?;
     for (name, n) in s.counters.iter().filter(|(_, n)| *n > 0) {
         writeln!(out, "  {name:<26} {n}")?;
+    }
+    Ok(())
+}
+
+/// One line per PoP; nothing without PoPs.
+fn write_pops(out: &mut String, s: &StatusReport) -> fmt::Result {
+    if s.pops.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "PoPs:")?;
+    for p in &s.pops {
+        writeln!(
+            out,
+            "  {:<2} {:<16} {} members, {} healthy, table over {}{}{}",
+            p.index,
+            p.name,
+            p.members,
+            p.healthy,
+            p.eligible,
+            if p.own { "  (this node's)" } else { "" },
+            if p.fallback {
+                "  FALLBACK: no member of this PoP is eligible, new connections go cluster-wide"
+            } else {
+                ""
+            }
+        )?;
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! edit-and-retry round fixes every problem. Each problem names its field
 //! (`cluster.members[2].underlay`).
 
+mod pops;
 mod quic;
 mod values;
 
@@ -17,6 +18,7 @@ use super::schema::{
 use super::{Prefix, Problem};
 use cdn_common::maps::is_prime;
 
+pub use pops::MAX_POP_NAME_LEN;
 pub use values::{
     MAX_SERVICE_NAME_LEN, MAX_UNIX_SOCKET_PATH, MIN_CLIENT_PACKET, MIN_VIP_PREFIX_V4,
     MIN_VIP_PREFIX_V6, min_max_frame,
@@ -70,6 +72,7 @@ impl Checker<'_> {
         self.node(&config.node);
         let vips = self.services(&config.services);
         self.cluster(config, &vips);
+        self.pops(config);
         self.quic(config);
         for (field, addr) in [
             ("node.underlay_v4", config.node.underlay_v4.map(IpAddr::V4)),

@@ -606,6 +606,7 @@ mod tests {
             config_reloads_failed: 0,
             start_time: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             health_checks: Default::default(),
+            pops: Vec::new(),
         }
     }
 
