@@ -75,8 +75,21 @@ pub fn sign(ctx: &XdpContext, cfg: &NodeConfig, flow: &Flow, out: &Encap) -> Res
     if cfg.flags & NODE_STEER_AUTH == 0 {
         return Ok(());
     }
+    sign_header(ctx, cfg, flow, out, out.header())
+}
+
+/// `sign` for the header `header` (version 1 or 3, as `Encap` builds them: the MAC covers
+/// the version the writer will make of it).
+#[inline(always)]
+pub fn sign_header(
+    ctx: &XdpContext,
+    cfg: &NodeConfig,
+    flow: &Flow,
+    out: &Encap,
+    header: SteerHeader,
+) -> Result<(), Reason> {
     // SAFETY: SteerHeader is 8 bytes of plain integers, any bit pattern is a u64.
-    let header = unsafe { core::mem::transmute::<SteerHeader, u64>(out.header()) };
+    let header = unsafe { core::mem::transmute::<SteerHeader, u64>(header) };
     // Where the MAC ends up: right in front of the inner packet, which the encapsulation
     // leaves in place and wraps. What it overwrites (the client frame's Ethernet source and
     // type, or the steering header already read) is replaced by the outer headers. Computed

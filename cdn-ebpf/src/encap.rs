@@ -24,7 +24,7 @@ use cdn_common::{
     },
     wire::{
         ENCAP_LEN_V4, ENCAP_LEN_V6, OUTER_TTL, STEER_INNER_V6, STEER_MAC_LEN, STEER_VERSION,
-        STEER_VERSION_AUTH, SteerHeader,
+        STEER_VERSION_AUTH, STEER_VERSION_SEARCH, STEER_VERSION_SEARCH_AUTH, SteerHeader,
     },
 };
 
@@ -82,6 +82,32 @@ impl Encap {
             hops: [self.remaining[0].to_be(), self.remaining[1].to_be()],
         }
     }
+
+    /// The search header (README "PoPs"; version 3, the writer sets 4 when it appends the
+    /// MAC) of a search's `Encap`, whose `remaining` holds the member that started the search
+    /// and the PoPs left to search (as `u16`): the header carries them as `hops[0]` and
+    /// `hop_count`. The same fields rather than new ones: the steady-state paths build and
+    /// write their `Encap` exactly as before.
+    #[inline(always)]
+    pub fn search_header(&self) -> SteerHeader {
+        SteerHeader {
+            version: STEER_VERSION_SEARCH,
+            flags: if self.inner_v6 { STEER_INNER_V6 } else { 0 },
+            hop_budget: self.budget,
+            hop_count: self.remaining[1] as u8,
+            hops: [self.remaining[0].to_be(), 0],
+        }
+    }
+
+    /// The header `SEARCH` says this encapsulation carries.
+    #[inline(always)]
+    pub fn header_of<const SEARCH: bool>(&self) -> SteerHeader {
+        if SEARCH {
+            self.search_header()
+        } else {
+            self.header()
+        }
+    }
 }
 
 // With `steer_auth` the MAC sits right after the version-1-sized outer headers, where the
@@ -95,12 +121,19 @@ fn mac_len(cfg: &NodeConfig) -> usize {
     ((cfg.flags & NODE_STEER_AUTH) >> NODE_STEER_AUTH.trailing_zeros()) as usize * STEER_MAC_LEN
 }
 
-/// Wraps the inner packet for `e.target` and sends it. Returns `pending` (the reason the path
+/// Wraps the inner packet for `e.target` and sends it, with the search header (`SEARCH`,
+/// see `Encap::search_header`) or the usual one: one instance each, so that the usual one is what it
+/// was before searches. Returns `pending` (the reason the path
 /// gave) with the action the transmission ended in, or a drop with the reason encapsulation
 /// failed: never the path's reason with a drop. Inlined into the entry point: see steer.rs.
 #[inline(always)]
-pub fn encap_and_send(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap, pending: Verdict) -> Verdict {
-    match try_encap_and_send(ctx, cfg, e, pending) {
+pub fn encap_and_send<const SEARCH: bool>(
+    ctx: &XdpContext,
+    cfg: &NodeConfig,
+    e: &Encap,
+    pending: Verdict,
+) -> Verdict {
+    match try_encap_and_send::<SEARCH>(ctx, cfg, e, pending) {
         Ok(verdict) => verdict,
         Err(reason) => Verdict::drop(reason),
     }
@@ -111,17 +144,17 @@ pub fn encap_and_send(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap, pending: Ve
 /// the controller leaves it valid (see `cdn_common::maps::NextHop`). The controller rewrites an
 /// entry only when it changes, so a packet never meets one half-rewritten with equal bytes.
 #[inline(always)]
-fn try_encap_and_send(
+fn try_encap_and_send<const SEARCH: bool>(
     ctx: &XdpContext,
     cfg: &NodeConfig,
     e: &Encap,
     pending: Verdict,
 ) -> Result<Verdict, Reason> {
     let Some(nh) = NEXT_HOPS.get(e.target as u32) else {
-        return Ok(encap_via_fib(ctx, cfg, e, pending));
+        return Ok(encap_via_fib::<SEARCH>(ctx, cfg, e, pending));
     };
     if nh.flags & NEXT_HOP_VALID == 0 {
-        return Ok(encap_via_fib(ctx, cfg, e, pending));
+        return Ok(encap_via_fib::<SEARCH>(ctx, cfg, e, pending));
     }
     let outer_v6 = nh.flags & NEXT_HOP_V6 != 0;
     let (outer_len, frame_len) = lengths(cfg, e, outer_v6)?;
@@ -161,7 +194,7 @@ fn try_encap_and_send(
         }
         template::UDP_V4
     };
-    write_udp_and_steer(cfg, &frame, udp_off, e, udp_len)?;
+    write_udp_and_steer::<SEARCH>(cfg, &frame, udp_off, e, udp_len)?;
     count_member(e.target, frame_len as u64);
     Ok(pending.with_action(transmit(ctx, nh.ifindex)))
 }
@@ -228,7 +261,7 @@ fn make_room(
 /// The UDP header but its destination port, and the steering header (with its MAC if
 /// `steer_auth` is on).
 #[inline(always)]
-fn write_udp_and_steer(
+fn write_udp_and_steer<const SEARCH: bool>(
     cfg: &NodeConfig,
     frame: &Frame,
     udp_off: usize,
@@ -239,11 +272,12 @@ fn write_udp_and_steer(
         .at::<[u8; udp::LEN + steer::LEN]>(udp_off)
         .ok_or(Reason::EncapFailed)?
         .cast::<u8>();
-    let mut sh = e.header();
-    // With `steer_auth`, version 2 (without a branch). The MAC behind the header is in place
+    let mut sh = e.header_of::<SEARCH>();
+    // With `steer_auth`, version 2 or 4 (without a branch). The MAC behind the header is in place
     // already: `steer::sign` wrote it in front of the inner packet, and nothing here or in
     // the outer headers covers those bytes.
     const _: () = assert!(STEER_VERSION_AUTH == STEER_VERSION + 1);
+    const _: () = assert!(STEER_VERSION_SEARCH_AUTH == STEER_VERSION_SEARCH + 1);
     sh.version += ((cfg.flags & NODE_STEER_AUTH) >> NODE_STEER_AUTH.trailing_zeros()) as u8;
     // SAFETY: every field lies inside the UDP and steering headers checked above. The
     // steering header goes out as one word (same size, any bit pattern is a u64).
@@ -265,8 +299,13 @@ fn write_udp_and_steer(
 /// or from the kernel if that cannot resolve them either. A separate BPF function: the hot
 /// path keeps its stack small and straight.
 #[inline(never)]
-fn encap_via_fib(ctx: &XdpContext, cfg: &NodeConfig, e: &Encap, pending: Verdict) -> Verdict {
-    match try_encap_via_fib(ctx, cfg, e, pending) {
+fn encap_via_fib<const SEARCH: bool>(
+    ctx: &XdpContext,
+    cfg: &NodeConfig,
+    e: &Encap,
+    pending: Verdict,
+) -> Verdict {
+    match try_encap_via_fib::<SEARCH>(ctx, cfg, e, pending) {
         Ok(verdict) => verdict,
         Err(reason) => Verdict::drop(reason),
     }
@@ -312,7 +351,7 @@ fn ipv4_checksum(total_len: u16, src: &[u8; 4], dst: &[u8; 4]) -> u16 {
 }
 
 #[inline(always)]
-fn try_encap_via_fib(
+fn try_encap_via_fib<const SEARCH: bool>(
     ctx: &XdpContext,
     cfg: &NodeConfig,
     e: &Encap,
@@ -374,7 +413,7 @@ fn try_encap_via_fib(
         }
         eth::LEN + ipv4::LEN
     };
-    write_udp_and_steer(cfg, &frame, udp_off, e, udp_len)?;
+    write_udp_and_steer::<SEARCH>(cfg, &frame, udp_off, e, udp_len)?;
     let port = frame
         .at::<[u8; udp::LEN]>(udp_off)
         .ok_or(Reason::EncapFailed)?

@@ -11,6 +11,7 @@ mod packet;
 mod parse;
 mod placement;
 mod quic;
+mod search;
 mod sockets;
 mod steer;
 mod trace;

@@ -1,8 +1,8 @@
-//! Where a packet of a service goes: the service's port lists, the flow's bucket in the
-//! table, and the request to encapsulate it. Shared by the two paths (`steer`) and QUIC
+//! Where a packet of a service goes: the service of its VIP, the service's port lists, the
+//! flow's bucket in the table, and the request to encapsulate it. Shared by the two paths (`steer`) and QUIC
 //! routing (`quic`), below both of them.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{cty::c_void, helpers::generated::bpf_map_lookup_elem, programs::XdpContext};
 use cdn_common::{
     counters::Reason,
     hash::{flow_hash_v4, flow_hash_v6},
@@ -10,7 +10,12 @@ use cdn_common::{
 };
 
 use crate::{
-    auth::sign, encap::Encap, maps::TABLE, packet::Frame, parse::Flow, verdict::Verdict,
+    auth::sign,
+    encap::Encap,
+    maps::{SERVICES_V4, SERVICES_V6, TABLE},
+    packet::Frame,
+    parse::Flow,
+    verdict::Verdict,
     wire::proto,
 };
 
@@ -60,7 +65,7 @@ pub fn lists_port(ports: &[u16; MAX_SERVICE_PORTS], port: u16) -> bool {
 }
 
 #[inline(always)]
-fn flow_hash(cfg: &NodeConfig, frame: &Frame, flow: &Flow) -> Result<u64, Reason> {
+pub fn flow_hash(cfg: &NodeConfig, frame: &Frame, flow: &Flow) -> Result<u64, Reason> {
     if flow.v6 {
         let src = frame
             .read::<[u64; 2]>(flow.src_off)
@@ -118,4 +123,50 @@ pub fn signed(
     let verdict = encapsulate(out, e, reason);
     sign(ctx, cfg, flow, out)?;
     Ok(verdict)
+}
+
+/// LPM trie key with the layout the kernel expects (prefix length, then the address), aligned
+/// so that it is built with word stores: the verifier rejects misaligned stack access.
+#[repr(C, align(8))]
+struct LpmKey<A> {
+    prefix_len: u32,
+    addr: A,
+}
+
+/// The service whose VIP prefix holds the address at `addr_off`: the map's own value, read in
+/// place rather than copied to the stack (it stays valid while the program runs: RCU).
+#[inline(always)]
+pub fn service(frame: &Frame, addr_off: usize, v6: bool) -> Option<&'static Service> {
+    let value = if v6 {
+        let key = LpmKey {
+            prefix_len: 128,
+            addr: frame.read::<[u32; 4]>(addr_off)?,
+        };
+        lookup(
+            &SERVICES_V6 as *const _ as *mut c_void,
+            &key as *const _ as *const c_void,
+        )
+    } else {
+        let key = LpmKey {
+            prefix_len: 32,
+            addr: frame.read::<u32>(addr_off)?,
+        };
+        lookup(
+            &SERVICES_V4 as *const _ as *mut c_void,
+            &key as *const _ as *const c_void,
+        )
+    };
+    // SAFETY: a non-NULL result points at a `Service` value of the trie, which the kernel
+    // keeps alive until the program returns; the controller replaces values, never edits them
+    // in place (see `DataPlane::set_service`).
+    (!value.is_null()).then(|| unsafe { &*value.cast::<Service>() })
+}
+
+/// Map lookup with a key we laid out ourselves (aya's `lpm_trie::Key` is packed, which makes
+/// the compiler build it byte by byte).
+#[inline(always)]
+fn lookup(map: *mut c_void, key: *const c_void) -> *mut c_void {
+    // SAFETY: `map` is one of our map definitions (aya's map types are transparent wrappers
+    // of the definition the loader relocates), `key` points at a key of the map's key size.
+    unsafe { bpf_map_lookup_elem(map, key) }
 }

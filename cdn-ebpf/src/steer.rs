@@ -26,7 +26,7 @@
 //! fallback). Loops that walk memory are avoided: once everything is one function, the
 //! compiler no longer unrolls them reliably, and the verifier cannot follow them.
 
-use aya_ebpf::{cty::c_void, helpers::generated::bpf_map_lookup_elem, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use cdn_common::{
     counters::Reason,
     maps::{
@@ -35,24 +35,27 @@ use cdn_common::{
     },
     wire::{
         STEER_INNER_V6, STEER_MAC_LEN, STEER_MAX_REMAINING, STEER_SYN_REDIRECTED, STEER_VERSION,
-        STEER_VERSION_AUTH, SteerHeader, entropy_port,
+        STEER_VERSION_AUTH, STEER_VERSION_SEARCH, STEER_VERSION_SEARCH_AUTH, SteerHeader,
+        entropy_port,
     },
 };
 
 use crate::{
     auth::verify,
     encap::{Encap, decapsulate, encap_and_send},
-    maps::{CONFIG, MEMBER_ADDRS, SERVICES_V4, SERVICES_V6, UNDERLAY_IFACES},
+    maps::{CONFIG, MEMBER_ADDRS, UNDERLAY_IFACES},
     packet::Frame,
     parse::{
         Kind, L2, dst_addr_off, member_key, parse_flow, parse_ip, parse_l2, peek_udp_dport,
         require_ip_header,
     },
-    placement::{bucket_of, serves, signed},
+    placement::{bucket_of, serves, service, signed},
     quic::{self, is_quic},
+    search,
     sockets::{Ownership, check},
+    trace,
     verdict::Verdict,
-    wire::{proto, steer, tcp, udp},
+    wire::{proto, steer, udp},
 };
 
 /// A path's result: its verdict, or the reason it drops the packet.
@@ -75,7 +78,23 @@ pub fn process(ctx: &XdpContext) -> Verdict {
     let mut encap = Encap::EMPTY;
     let verdict = settle(try_process(ctx, cfg, &mut encap));
     if verdict.is_encapsulate() {
-        return encap_and_send(ctx, cfg, &encap, verdict).with_target(encap.target);
+        return encap_and_send::<false>(ctx, cfg, &encap, verdict).with_target(encap.target);
+    }
+    // Here, not in the paths: the one place the search step is called from, where little of
+    // the paths' state is left for the verifier to tell apart (see `search`).
+    if verdict.is_search() {
+        // Cannot fail, like `CONFIG.get(0)` above; untouched is what "not ready" means.
+        let Some(request) = trace::opaque(verdict) else {
+            return Verdict::pass(Reason::NotReady);
+        };
+        let mut verdict = search::search(ctx.ctx, cfg, &mut encap, request.search_packed());
+        if verdict.is_encapsulate() && cfg.flags & NODE_STEER_AUTH != 0 {
+            verdict = search::sign(ctx.ctx, cfg, &encap, verdict);
+        }
+        if verdict.is_encapsulate() {
+            return encap_and_send::<true>(ctx, cfg, &encap, verdict).with_target(encap.target);
+        }
+        return verdict;
     }
     verdict
 }
@@ -118,51 +137,11 @@ fn is_our_underlay(frame: &Frame, cfg: &NodeConfig, dst_off: usize, v6: bool) ->
     }
 }
 
-/// LPM trie key with the layout the kernel expects (prefix length, then the address), aligned
-/// so that it is built with word stores: the verifier rejects misaligned stack access.
-#[repr(C, align(8))]
-struct LpmKey<A> {
-    prefix_len: u32,
-    addr: A,
-}
-
-/// The service whose VIP prefix holds the address at `addr_off`: the map's own value, read in
-/// place rather than copied to the stack (it stays valid while the program runs: RCU).
-#[inline(always)]
-fn service(frame: &Frame, addr_off: usize, v6: bool) -> Option<&'static Service> {
-    let value = if v6 {
-        let key = LpmKey {
-            prefix_len: 128,
-            addr: frame.read::<[u32; 4]>(addr_off)?,
-        };
-        lookup(
-            &SERVICES_V6 as *const _ as *mut c_void,
-            &key as *const _ as *const c_void,
-        )
-    } else {
-        let key = LpmKey {
-            prefix_len: 32,
-            addr: frame.read::<u32>(addr_off)?,
-        };
-        lookup(
-            &SERVICES_V4 as *const _ as *mut c_void,
-            &key as *const _ as *const c_void,
-        )
-    };
-    // SAFETY: a non-NULL result points at a `Service` value of the trie, which the kernel
-    // keeps alive until the program returns; the controller replaces values, never edits them
-    // in place (see `DataPlane::set_service`).
-    (!value.is_null()).then(|| unsafe { &*value.cast::<Service>() })
-}
-
-/// Map lookup with a key we laid out ourselves (aya's `lpm_trie::Key` is packed, which makes
-/// the compiler build it byte by byte).
-#[inline(always)]
-fn lookup(map: *mut c_void, key: *const c_void) -> *mut c_void {
-    // SAFETY: `map` is one of our map definitions (aya's map types are transparent wrappers
-    // of the definition the loader relocates), `key` points at a key of the map's key size.
-    unsafe { bpf_map_lookup_elem(map, key) }
-}
+/// `try_owner_path`'s mark of a search header in its copy of the header's flags (a bit no
+/// header defines).
+const SEARCHING: u8 = 1 << 7;
+const _: () = assert!(SEARCHING >> 6 == STEER_VERSION_SEARCH - STEER_VERSION);
+const _: () = assert!(SEARCHING & (STEER_INNER_V6 | STEER_SYN_REDIRECTED) == 0);
 
 #[inline(always)]
 fn ingress(ctx: &XdpContext, cfg: &NodeConfig, l2: L2, svc: &Service, out: &mut Encap) -> Verdict {
@@ -238,6 +217,10 @@ fn try_ingress(
         Ownership::Draining => Reason::DrainPassOn,
     };
     if next == NO_MEMBER {
+        if svc.search_pops != 0 {
+            // This PoP's chain is done: the other PoPs are searched (README "PoPs").
+            return Ok(Verdict::search(search::pack(l2.l3_off, l2.v6, 0)));
+        }
         return Ok(Verdict::pass(Reason::LastHopAccept));
     }
     if cfg.hop_budget == 0 {
@@ -286,6 +269,19 @@ fn try_owner_path(
     let mut sh = frame
         .read::<SteerHeader>(steer_off)
         .ok_or(Reason::Malformed)?;
+    // A search header (versions 3 and 4, README "PoPs") gets the checks of the version (1
+    // or 2) it extends, marked as a search in this copy's flags; `search::search` reads its
+    // own fields again.
+    if sh.version == STEER_VERSION_SEARCH || sh.version == STEER_VERSION_SEARCH_AUTH {
+        if sh.hops[1] != 0 {
+            return Err(Reason::BadEncap);
+        }
+        sh.version -= STEER_VERSION_SEARCH - STEER_VERSION;
+        sh.hop_count = 0;
+        sh.flags |= SEARCHING;
+    } else {
+        sh.flags &= !SEARCHING;
+    }
     let header_len = match sh.version {
         STEER_VERSION => steer::LEN,
         STEER_VERSION_AUTH => steer::LEN + STEER_MAC_LEN,
@@ -383,7 +379,11 @@ fn try_owner_path(
         entropy,
         flags: 0,
     };
-    let syn = flow.kind == Kind::Tcp && flow.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
+    let syn = search::is_syn(&flow);
+    // A search is for a flow that exists; a new connection never starts one.
+    if syn && sh.flags & SEARCHING != 0 {
+        return Err(Reason::BadEncap);
+    }
     // A redirected SYN is never redirected again, so tables that disagree cannot bounce it:
     // it is accepted here, or, by a draining node, passed on along its hops but never back.
     if syn && sh.flags & STEER_SYN_REDIRECTED != 0 {
@@ -413,12 +413,22 @@ fn try_owner_path(
     let reason = match check(ctx, &flow, &ip, draining) {
         Ownership::Ours => {
             decapsulate(ctx, inner_off, inner_v6)?;
+            if sh.flags & SEARCHING != 0 {
+                return Ok(Verdict::pass(Reason::SearchAccept));
+            }
             return Ok(Verdict::pass(Reason::OwnerAccept));
         }
         Ownership::NotOurs => Reason::PassedOn,
         Ownership::Draining => Reason::DrainPassOn,
     };
     if next == NO_MEMBER {
+        // This PoP's chain is done: the other PoPs are searched, or a search goes on (README
+        // "PoPs"). A search header got here with no hops: not drained, not passed on above.
+        if svc.search_pops != 0 || sh.flags & SEARCHING != 0 {
+            // The version on the wire: a search is 2 more than its checks' version.
+            let version = sh.version + ((sh.flags & SEARCHING) >> 6);
+            return Ok(Verdict::search(search::pack(inner_off, inner_v6, version)));
+        }
         decapsulate(ctx, inner_off, inner_v6)?;
         return Ok(Verdict::pass(Reason::LastHopAccept));
     }

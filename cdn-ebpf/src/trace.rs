@@ -24,7 +24,10 @@ use cdn_common::{
         TRACE_EV_FLOW, TRACE_EV_STEERED, TRACE_EV_UNDERLAY_V6, TRACE_EV_V6, TRACE_MATCH_CLIENT,
         TRACE_MATCH_PORT, TRACE_MATCH_V6, TRACE_MATCH_VIP, TraceEvent, TraceFilter,
     },
-    wire::{STEER_INNER_V6, STEER_MAC_LEN, STEER_VERSION, STEER_VERSION_AUTH},
+    wire::{
+        STEER_INNER_V6, STEER_MAC_LEN, STEER_VERSION, STEER_VERSION_AUTH, STEER_VERSION_SEARCH,
+        STEER_VERSION_SEARCH_AUTH,
+    },
 };
 
 use crate::{
@@ -77,6 +80,20 @@ fn traced(ctx: &XdpContext, verdict: Verdict) -> Verdict {
     };
     emit(ctx, verdict);
     verdict
+}
+
+/// `verdict`, loaded back from map memory: a value the verifier does not know (see
+/// [`traced`]). The search step (`search::search`) is called with one, so that it is verified
+/// once rather than once per path that asks for it. It shares the trace's slot: it is done
+/// with it before the trace begins. `None` only if the map lookup fails, which it cannot.
+#[inline(always)]
+pub fn opaque(verdict: Verdict) -> Option<Verdict> {
+    let slot = TRACE_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: as in `traced`.
+    Some(unsafe {
+        core::ptr::write_volatile(slot, verdict);
+        core::ptr::read_volatile(slot)
+    })
 }
 
 /// Where the client's packet sits in the frame: offsets only, so that a packet the filter
@@ -180,8 +197,8 @@ fn find(frame: &Frame, cfg: &NodeConfig) -> Option<Found> {
         .read::<u16>(steer + steer::VERSION.off())?
         .to_le_bytes();
     let l3 = match version {
-        STEER_VERSION => steer + steer::LEN,
-        STEER_VERSION_AUTH => steer + steer::LEN + STEER_MAC_LEN,
+        STEER_VERSION | STEER_VERSION_SEARCH => steer + steer::LEN,
+        STEER_VERSION_AUTH | STEER_VERSION_SEARCH_AUTH => steer + steer::LEN + STEER_MAC_LEN,
         _ => return Some(plain),
     };
     let v6 = flags & STEER_INNER_V6 != 0;
@@ -253,7 +270,18 @@ fn emit(ctx: &XdpContext, verdict: Verdict) -> u32 {
     if !wanted(f, &frame, at) {
         return 0;
     }
-    let mut event = TraceEvent {
+    // A full ring means the reader falls behind: count what it misses.
+    let Some(mut entry) = TRACE_EVENTS.reserve::<TraceEvent>(0) else {
+        if let Some(lost) = TRACE_LOST.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, and XDP runs with preemption disabled, so nobody else
+            // writes it.
+            unsafe { *lost += 1 };
+        }
+        return 0;
+    };
+    // Written in place: built on this function's stack, the event took most of a frame that
+    // sits on top of the entry point's, which the search step (`search`) needs room beside.
+    let event = entry.write(TraceEvent {
         // SAFETY: helper without arguments.
         time_ns: unsafe { bpf_ktime_get_ns() },
         info: verdict.info(),
@@ -263,7 +291,7 @@ fn emit(ctx: &XdpContext, verdict: Verdict) -> u32 {
         reason: verdict.reason() as u8,
         action: verdict.action() as u8,
         ..TraceEvent::default()
-    };
+    });
     let fib_lookup = verdict.info() & 1 << Reason::FibLookup.info_index() != 0;
     if verdict.action() == Action::Redirect as u32 && !fib_lookup {
         event.egress_ifindex = NEXT_HOPS
@@ -271,16 +299,9 @@ fn emit(ctx: &XdpContext, verdict: Verdict) -> u32 {
             .map_or(0, |nh| nh.ifindex);
     }
     if let Some(at) = at {
-        describe(&frame, &at, &mut event);
+        describe(&frame, &at, event);
     }
-    // A full ring means the reader falls behind: count what it misses.
-    if TRACE_EVENTS.output::<TraceEvent>(&event, 0).is_err()
-        && let Some(lost) = TRACE_LOST.get_ptr_mut(0)
-    {
-        // SAFETY: per-CPU slot, and XDP runs with preemption disabled, so nobody else
-        // writes it.
-        unsafe { *lost += 1 };
-    }
+    entry.submit(0);
     0
 }
 
@@ -300,11 +321,18 @@ fn describe(frame: &Frame, at: &Found, e: &mut TraceEvent) {
         return;
     }
     let (l3, v6) = (at.outer_l3, at.outer_v6);
-    let [budget, count] = frame
-        .read::<u16>(at.steer + steer::HOP_BUDGET.off())
+    // Version, flags, budget and count: one read.
+    let [version, _, budget, count] = frame
+        .read::<u32>(at.steer + steer::VERSION.off())
         .unwrap_or(0)
         .to_le_bytes();
     let hops = frame.get(at.steer, steer::HOPS).unwrap_or([0; 2]);
+    // A search header's count is a set of PoPs, and its one hop the member that started it.
+    let count = if version >= STEER_VERSION_SEARCH {
+        1
+    } else {
+        count
+    };
     e.flags |= TRACE_EV_STEERED | if v6 { TRACE_EV_UNDERLAY_V6 } else { 0 };
     e.underlay_src = bytes(addr_at(frame, src_addr_off(l3, v6), v6));
     e.underlay_dst = bytes(addr_at(frame, dst_addr_off(l3, v6), v6));

@@ -9,6 +9,7 @@
 //! bit  16      encapsulation pending (see `Verdict::encapsulate`)
 //! bit  17      a target member is recorded (for the live trace)
 //! bits 18..28  that member's id
+//! bit  28      a search step is pending (see `Verdict::search`; bits 32..64 describe it)
 //! bits 32..64  informational reasons that happened on the way, bit i for `Reason::INFO[i]`
 //! ```
 
@@ -26,6 +27,8 @@ const HAS_TARGET: u64 = 1 << 17;
 const TARGET_SHIFT: u32 = 18;
 const TARGET_MASK: u64 = 0x3ff;
 const INFO_SHIFT: u32 = 32;
+/// A search step is pending (see `Verdict::search`): bits 32..64 say where its packet is.
+const SEARCH_PENDING: u64 = 1 << 28;
 
 const _: () = assert!(
     MAX_MEMBERS as u64 <= TARGET_MASK + 1,
@@ -63,6 +66,29 @@ impl Verdict {
     #[inline(always)]
     pub const fn encapsulate(reason: Reason) -> Self {
         Self(ENCAP_PENDING | Self::drop(reason).0)
+    }
+
+    /// A path's request to run the search step (`search::search`) on the packet `packed`
+    /// describes (`search::pack`, 32 bits, in place of the informational reasons: none has
+    /// happened yet where a path asks). Not a final verdict: the top-level function runs it.
+    #[inline(always)]
+    pub const fn search(packed: u64) -> Self {
+        Self(
+            SEARCH_PENDING
+                | Self::drop(Reason::LastHopAccept).0
+                | (packed & 0xffff_ffff) << INFO_SHIFT,
+        )
+    }
+
+    #[inline(always)]
+    pub const fn is_search(self) -> bool {
+        self.0 & SEARCH_PENDING != 0
+    }
+
+    /// The packet description of [`Verdict::search`].
+    #[inline(always)]
+    pub const fn search_packed(self) -> u64 {
+        self.0 >> INFO_SHIFT
     }
 
     #[inline(always)]

@@ -202,7 +202,6 @@ pub mod steer {
 
     // Field by field, for readers that look at one part (the trace).
     pub const VERSION: Field<u8> = Field::at(offset_of!(SteerHeader, version));
-    pub const HOP_BUDGET: Field<u8> = Field::at(offset_of!(SteerHeader, hop_budget));
     pub const HOPS: Field<[u16; 2]> = Field::at(offset_of!(SteerHeader, hops));
 }
 

@@ -1,5 +1,10 @@
 //! A loaded data plane in a known state: this node is member 1 of a small cluster, two
 //! services (an IPv4 and an IPv6 VIP prefix), fresh next hops for every other member.
+//!
+//! `TABLE` has room for [`POPS`] PoPs' tables (README "PoPs"): PoP `p`'s tables of the two
+//! services start at [`pop_table`]. This node is in PoP 0, whose tables are the services' own
+//! (`table_offset` 0 and [`TABLE_SIZE`]). The services search no other PoP until
+//! [`Scenario::set_search_pops`] says so.
 
 use std::net::IpAddr;
 
@@ -21,6 +26,10 @@ pub const STEER_PORT: u16 = 6080;
 pub const SELF_ID: u16 = 1;
 pub const TABLE_SIZE: u32 = 13;
 pub const BUDGET: u8 = 3;
+/// PoPs whose tables `TABLE` has room for.
+pub const POPS: usize = 3;
+/// The search budget of a cluster of [`POPS`] PoPs, as the controller sets it.
+pub const SEARCH_BUDGET: u8 = 3 * (POPS as u8 - 1);
 pub const UNDERLAY_V4: &str = "10.0.0.1";
 pub const UNDERLAY_V6: &str = "fd00::1";
 pub const VIP_V4: &str = "192.0.2.10";
@@ -96,6 +105,26 @@ pub fn service(offset: u32) -> Service {
         udp_ports,
         generation: 1,
         ..Service::default()
+    }
+}
+
+/// Offset in `TABLE` of PoP `pop`'s table of the IPv4 (or IPv6) service.
+pub fn pop_table(pop: usize, v6: bool) -> u32 {
+    (2 * pop as u32 + u32::from(v6)) * TABLE_SIZE
+}
+
+/// `svc` (the IPv4 or IPv6 service) with every PoP's table, searching the PoPs of
+/// `search_pops` (this node's PoP, 0, is never among them).
+pub fn with_pops(svc: Service, v6: bool, search_pops: u8) -> Service {
+    // PoPs past the scenario's have no table (past the end of `TABLE`: nobody is named).
+    let mut pop_tables = [1 << 31; cdn_common::maps::MAX_POPS];
+    for (pop, slot) in pop_tables.iter_mut().enumerate().take(POPS) {
+        *slot = pop_table(pop, v6);
+    }
+    Service {
+        search_pops,
+        pop_tables,
+        ..svc
     }
 }
 
@@ -185,13 +214,15 @@ impl Run {
 
 pub struct Scenario {
     pub dp: DataPlane,
+    /// `Service::search_pops` of both services (0: no search, as without PoPs).
+    pub search_pops: u8,
 }
 
 impl Scenario {
     /// Loads the program and writes the scenario's maps.
     pub fn new() -> Result<Self> {
         let mut dp = DataPlane::load(&LoadOptions {
-            table_entries: 2 * TABLE_SIZE,
+            table_entries: 2 * TABLE_SIZE * POPS as u32,
             pin_dir: None,
         })
         .context("loading the XDP program")?;
@@ -205,7 +236,7 @@ impl Scenario {
         }
         dp.set_service(addr("192.0.2.0"), 24, &service(0))?;
         dp.set_service(addr("2001:db8::"), 64, &service(TABLE_SIZE))?;
-        let empty = vec![Bucket::EMPTY; (2 * TABLE_SIZE) as usize];
+        let empty = vec![Bucket::EMPTY; 2 * TABLE_SIZE as usize * POPS];
         dp.write_buckets(0, &empty)?;
         dp.write_config(&node_config())?;
         for (id, _) in MEMBERS {
@@ -214,7 +245,43 @@ impl Scenario {
                 "member {id} has no valid next hop"
             );
         }
-        Ok(Self { dp })
+        Ok(Self { dp, search_pops: 0 })
+    }
+
+    /// The service of prefix `v6` with this scenario's PoPs (see [`with_pops`]).
+    fn pops(&self, svc: Service, v6: bool) -> Service {
+        if self.search_pops == 0 {
+            svc
+        } else {
+            with_pops(svc, v6, self.search_pops)
+        }
+    }
+
+    /// Makes both services search the PoPs of `search_pops` (0: none, the services as
+    /// without PoPs), keeping their flags; the node's search budget follows.
+    pub fn set_search_pops(&mut self, search_pops: u8, flags: u32) -> Result<()> {
+        self.search_pops = search_pops;
+        self.set_service_flags(flags)?;
+        self.update_config(|c| {
+            c.self_pop = 0;
+            c.search_budget = if search_pops == 0 { 0 } else { SEARCH_BUDGET };
+        })
+    }
+
+    /// Index in `TABLE` of the bucket `flow` hashes to in PoP `pop`'s table.
+    pub fn pop_bucket_index(&self, pop: usize, flow: &Flow) -> u32 {
+        pop_table(pop, flow.is_v6()) + (flow.hash(&KEY) % u64::from(TABLE_SIZE)) as u32
+    }
+
+    /// Makes `hops` the hop list of `flow`'s bucket in PoP `pop`'s table.
+    pub fn set_pop_hops(&mut self, pop: usize, flow: &Flow, hops: &[u16]) -> Result<()> {
+        let mut bucket = Bucket::EMPTY;
+        for (slot, hop) in bucket.hops.iter_mut().zip(hops) {
+            *slot = *hop;
+        }
+        let index = self.pop_bucket_index(pop, flow);
+        self.dp.write_buckets(index, &[bucket])?;
+        Ok(())
     }
 
     /// Rewrites both services (the IPv4 and the IPv6 VIP prefix) with `flags` as their
@@ -225,6 +292,7 @@ impl Scenario {
                 flags,
                 ..service(offset)
             };
+            let svc = self.pops(svc, offset != 0);
             self.dp.set_service(addr(prefix), len, &svc)?;
         }
         Ok(())
@@ -239,6 +307,7 @@ impl Scenario {
                 None => service(offset),
             };
             svc.flags |= flags;
+            let svc = self.pops(svc, offset != 0);
             self.dp.set_service(addr(prefix), len, &svc)?;
         }
         Ok(())

@@ -262,6 +262,8 @@ fn mutated_packets_never_get_a_wrong_verdict() -> Result<()> {
                             Reason::OwnerAccept
                                 | Reason::LastHopAccept
                                 | Reason::RedirectedSynAccept
+                                | Reason::SearchAccept
+                                | Reason::SearchExhausted
                         ),
                     "round {round}: passed packet was modified ({verdict:?})"
                 ),
@@ -277,7 +279,11 @@ fn mutated_packets_never_get_a_wrong_verdict() -> Result<()> {
                 xdp::TX => ensure!(
                     matches!(
                         verdict,
-                        Reason::IcmpForwarded | Reason::PassedOn | Reason::SynRedirect
+                        Reason::IcmpForwarded
+                            | Reason::PassedOn
+                            | Reason::SynRedirect
+                            | Reason::SearchStart
+                            | Reason::SearchPassOn
                     ),
                     "round {round}: forwarded a packet the oracle rejects ({verdict:?})\n{pkt:02x?}"
                 ),
@@ -508,6 +514,181 @@ fn mutated_quic_packets_never_get_a_wrong_verdict() -> Result<()> {
     ] {
         ensure!(
             seen.get(reason.name()).copied().unwrap_or(0) >= 50,
+            "too few mutants got {}: {seen:?}",
+            reason.name()
+        );
+    }
+    Ok(())
+}
+
+/// Where the search header sits in an untagged steering frame with an outer header of `v6`.
+fn steer_at(v6: bool) -> usize {
+    14 + if v6 { 40 } else { 20 } + 8
+}
+
+/// What an independent reading of README "PoPs" makes of a search header (version 3 unless
+/// `version` says otherwise) about a flow this node does not hold, whose bucket this node's
+/// PoP (0) lists as `own`, PoP 1 as `[4]` and PoP 2 as `[2]` (PoPs 3 to 7 have no table):
+/// `Ok((target, budget, pops))` for a pass-on, `Err(reason)` for any other verdict, `None`
+/// when the header no longer says which family its inner packet is (any drop will do).
+fn search_reading(h: &[u8], inner_v6: bool, own: &[u16]) -> Option<Result<(u16, u8, u8), Reason>> {
+    let (version, flags, budget, pops) = (h[0], h[1], h[2], h[3]);
+    if !(1..=4).contains(&version) {
+        return Some(Err(Reason::BadEncap));
+    }
+    if version != 3 || (flags & 1 != 0) != inner_v6 {
+        // Another version reads the hops (or a MAC) differently; the other family's parse fails.
+        return None;
+    }
+    if h[6..8] != [0, 0] {
+        return Some(Err(Reason::BadEncap));
+    }
+    let next_local = match own.iter().position(|m| *m == SELF_ID) {
+        Some(i) => own.get(i + 1).copied(),
+        None => own.first().copied(),
+    };
+    let owner_of = |pop: u32| match pop {
+        0 => own.first().copied(),
+        1 => Some(4),
+        2 => Some(2),
+        _ => None,
+    };
+    let mut left = pops;
+    let mut target = next_local;
+    let mut tries = 0;
+    while target.is_none() && left != 0 && tries < 2 {
+        let pop = left.trailing_zeros();
+        left &= !(1 << pop);
+        tries += 1;
+        target = owner_of(pop).filter(|m| *m != SELF_ID);
+    }
+    let Some(target) = target else {
+        return Some(Err(Reason::SearchExhausted));
+    };
+    let budget = budget.min(cdn_tests::scenario::SEARCH_BUDGET);
+    if budget == 0 {
+        return Some(Err(Reason::LoopGuard));
+    }
+    Some(Ok((target, budget - 1, left)))
+}
+
+/// Search headers (version 3) with their fields mutated, and now and then their version:
+/// every verdict, and every byte passed on, is what the independent reading above says.
+#[test]
+fn mutated_search_headers_match_an_independent_reading() -> Result<()> {
+    let mut s = scenario()?;
+    s.set_search_pops(0b110, cdn_tests::scenario::service(0).flags)?;
+    let mut rng = StdRng::seed_from_u64(0x5ea_4c4);
+    let owns: [&[u16]; 4] = [&[SELF_ID, 5], &[SELF_ID], &[2, SELF_ID], &[5, 2]];
+    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+    for round in 0..6000 {
+        let inner_v6 = rng.random_bool(0.5);
+        let outer_v6 = rng.random_bool(0.5);
+        let own = owns[rng.random_range(0..owns.len())];
+        let flow = if inner_v6 {
+            Flow::tcp(CLIENT_V6, 2000 + round as u16 % 7, VIP_V6, 443)
+        } else {
+            Flow::tcp(CLIENT_V4, 2000 + round as u16 % 7, VIP_V4, 443)
+        };
+        s.set_pop_hops(0, &flow, own)?;
+        s.set_pop_hops(1, &flow, &[4])?;
+        s.set_pop_hops(2, &flow, &[2])?;
+        let inner = ip_packet(&frame(&flow, Tcp::ACK, Vlan::None, b"search"), Vlan::None).to_vec();
+        let sender = if outer_v6 { 3 } else { 2 };
+        let underlay = addr(if outer_v6 { UNDERLAY_V6 } else { UNDERLAY_V4 });
+        let mut pkt = steering_frame(
+            member_addr(sender),
+            underlay,
+            STEER_PORT,
+            3,
+            &[4, 0],
+            &inner,
+        )?;
+        let sh = steer_at(outer_v6);
+        pkt[sh] = 3;
+        pkt[sh + 3] = 0b100;
+        for _ in 0..rng.random_range(1..=3) {
+            // The version now and then, else the other fields.
+            let i = sh
+                + if rng.random_bool(0.1) {
+                    0
+                } else {
+                    rng.random_range(1..8)
+                };
+            pkt[i] = match rng.random_range(0..3) {
+                0 => rng.random(),
+                1 => pkt[i] ^ (1 << rng.random_range(0..8)),
+                _ => [0, 0xff, 1, 2, 3, 4, 0b110, 0b1000_0010][rng.random_range(0..8)],
+            };
+        }
+        let run = s.run(&pkt)?;
+        let verdict = run.verdict();
+        *seen.entry(verdict.name()).or_default() += 1;
+        let ctx = || {
+            format!(
+                "round {round}: header {:02x?} own {own:?}",
+                &pkt[sh..sh + 8]
+            )
+        };
+        match search_reading(&pkt[sh..sh + 8], inner_v6, own) {
+            None => {}
+            Some(Err(Reason::SearchExhausted)) => {
+                let mut want = pkt[..12].to_vec();
+                want.extend_from_slice(if inner_v6 {
+                    &[0x86, 0xdd]
+                } else {
+                    &[0x08, 0x00]
+                });
+                want.extend_from_slice(&inner);
+                ensure!(
+                    run.action == xdp::PASS
+                        && verdict == Reason::SearchExhausted
+                        && run.out == want,
+                    "{}: got {} {verdict:?}",
+                    ctx(),
+                    run.action
+                );
+            }
+            Some(Err(reason)) => ensure!(
+                run.action == xdp::DROP && verdict == reason,
+                "{}: got {} {verdict:?}, want {reason:?}",
+                ctx(),
+                run.action
+            ),
+            Some(Ok((target, budget, pops))) => {
+                let target_v6 = member_addr(target).is_ipv6();
+                let mut want = expected_encap(&ExpectedEncap {
+                    dst_mac: member_mac(target),
+                    src_mac: NODE_MAC,
+                    outer_src: addr(if target_v6 { UNDERLAY_V6 } else { UNDERLAY_V4 }),
+                    outer_dst: member_addr(target),
+                    entropy: 0xc123,
+                    steer_port: STEER_PORT,
+                    budget,
+                    hops: &[u16::from_be_bytes([pkt[sh + 4], pkt[sh + 5]]), 0],
+                    inner: &inner,
+                })?;
+                let at = steer_at(target_v6);
+                want[at] = 3;
+                want[at + 3] = pops;
+                ensure!(
+                    run.action == xdp::TX && verdict == Reason::SearchPassOn && run.out == want,
+                    "{}: got {} {verdict:?}\nout  {:02x?}\nwant {want:02x?}",
+                    ctx(),
+                    run.action,
+                    run.out
+                );
+            }
+        }
+    }
+    for reason in [
+        Reason::SearchPassOn,
+        Reason::SearchExhausted,
+        Reason::LoopGuard,
+        Reason::BadEncap,
+    ] {
+        ensure!(
+            seen.get(reason.name()).copied().unwrap_or(0) >= 20,
             "too few mutants got {}: {seen:?}",
             reason.name()
         );

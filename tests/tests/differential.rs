@@ -71,6 +71,10 @@ fn program_agrees_with_the_model_on_a_million_frames() -> Result<()> {
         "not_underlay/drop",
         "auth_failed/drop",
         "redirected_syn_accept/pass",
+        "search_start/tx",
+        "search_pass_on/tx",
+        "search_accept/pass",
+        "search_exhausted/pass",
     ] {
         let n = report.verdicts.get(verdict).copied().unwrap_or(0);
         ensure!(n > 0, "no frame ended in {verdict}:\n{}", report.summary());

@@ -11,6 +11,7 @@ use anyhow::{Context as _, Result};
 use cdn_common::{
     maps::{PROGRAM_NAME, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service},
     quic_lb::QuicLbConfig,
+    wire::STEER_VERSION_SEARCH,
 };
 
 use super::{
@@ -23,8 +24,8 @@ use crate::{
         Flow, Tcp, Vlan, frame, ip_packet, quic_cid, quic_initial, quic_short, steering_frame,
     },
     scenario::{
-        CLIENT_V4, CLIENT_V6, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, VIP_V4, VIP_V6, addr,
-        member_addr, quic_service, service,
+        CLIENT_V4, CLIENT_V6, SEARCH_BUDGET, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, VIP_V4,
+        VIP_V6, addr, member_addr, quic_service, service, with_pops,
     },
     xdp,
 };
@@ -49,6 +50,10 @@ const QUIC_BENCH: QuicLbConfig = QuicLbConfig {
 };
 /// Member 2's server ID.
 const QUIC_SERVER: u32 = 0x0202;
+/// A service that searches PoPs 1 and 2 (README "PoPs"), sharing the scenario's table as its
+/// own PoP's.
+const VIP_POPS: &str = "192.0.2.50";
+const OTHER_POPS: u8 = 0b110;
 
 pub struct BenchPath {
     /// The row's name in `cargo xtask bench`.
@@ -121,6 +126,12 @@ impl Bench {
             s.dp.set_service(addr(vip), 32, &svc)?;
         }
         s.dp.set_service(addr(VIP_QUIC), 32, &quic_service(0, &QUIC_BENCH))?;
+        s.dp.set_service(
+            addr(VIP_POPS),
+            32,
+            &with_pops(service(0), false, OTHER_POPS),
+        )?;
+        s.update_config(|c| c.search_budget = SEARCH_BUDGET)?;
         let sock = |proto, local, remote, state| Socket {
             proto,
             local,
@@ -202,6 +213,19 @@ fn paths(s: &mut Scenario) -> Result<(Vec<BenchPath>, BenchFlows)> {
         .iter()
         .map(|f| s.bucket_index(f))
         .collect();
+    // The search paths' flow (nobody holds it): this node ends its PoP's chain, PoP 1's
+    // owner is member 2, PoP 2's member 4.
+    let searched = (43000..44000)
+        .map(|sport| Flow::tcp(CLIENT_V4, sport, VIP_POPS, 443))
+        .find(|f| {
+            let b = s.bucket_index(f);
+            let free = !used.contains(&b);
+            if free {
+                used.push(b);
+            }
+            free
+        })
+        .context("a free bucket for the search paths")?;
     let mut udp_flow = |vip: &str| -> Result<Flow> {
         (42000..43000)
             .map(|sport| Flow::udp(CLIENT_V4, sport, vip, 443))
@@ -229,6 +253,9 @@ fn paths(s: &mut Scenario) -> Result<(Vec<BenchPath>, BenchFlows)> {
     s.set_hops(&quic_cid_flow, &[SELF_ID, 4])?;
     s.set_hops(&quic_initial_flow, &[2, 4])?;
     s.dp.set_quic_server(QUIC_SERVER, Some(2))?;
+    s.set_hops(&searched, &[SELF_ID])?;
+    s.set_pop_hops(1, &searched, &[2])?;
+    s.set_pop_hops(2, &searched, &[4])?;
     let cid = quic_cid(&QUIC_BENCH, QUIC_SERVER, 7);
     let steered = |flow: &Flow, hops: &[u16]| -> Result<Vec<u8>> {
         let inner = padded(|n| {
@@ -245,6 +272,13 @@ fn paths(s: &mut Scenario) -> Result<(Vec<BenchPath>, BenchFlows)> {
             hops,
             &inner[50..],
         )
+    };
+    // A search from member 2, started by member 4, with PoP 2 left.
+    let search = |flow: &Flow| -> Result<Vec<u8>> {
+        let mut f = steered(flow, &[4, 0])?;
+        f[14 + 20 + 8] = STEER_VERSION_SEARCH;
+        f[14 + 20 + 8 + 3] = 0b100;
+        Ok(f)
     };
     let plain = |flow: &Flow, tcp: Tcp| padded(|n| frame(flow, tcp, Vlan::None, &vec![0u8; n]));
     let non_vip = Flow::tcp(CLIENT_V4, 1, "203.0.113.1", 443);
@@ -306,6 +340,21 @@ fn paths(s: &mut Scenario) -> Result<(Vec<BenchPath>, BenchFlows)> {
             xdp::PASS,
         ),
         path("UDP local: accept", plain(&udp_local, Tcp::ACK), xdp::PASS),
+        path(
+            "search start (chain end -> other PoP)",
+            plain(&searched, Tcp::ACK),
+            xdp::TX,
+        ),
+        path(
+            "search receive, pass on to next PoP",
+            search(&searched)?,
+            xdp::TX,
+        ),
+        path(
+            "search accept (socket lookup, decap)",
+            search(&established)?,
+            xdp::PASS,
+        ),
         path(
             "QUIC short header, CID -> other member",
             padded(|n| {

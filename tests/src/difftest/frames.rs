@@ -349,10 +349,14 @@ impl Gen {
             };
         }
         let version = if forged && self.chance(30) {
-            *[0u8, 2, 3, 255].choose(&mut self.rng).expect("versions")
+            *[0u8, 2, 3, 4, 255].choose(&mut self.rng).expect("versions")
+        } else if self.chance(25) {
+            // A search (README "PoPs"), signed half of the time.
+            *[3u8, 4].choose(&mut self.rng).expect("versions")
         } else {
             1
         };
+        let search = !forged && version >= 3;
         let mut flags = if inner_v6 { 1 } else { 0 };
         if forged && self.chance(20) {
             flags ^= 1;
@@ -370,16 +374,25 @@ impl Gen {
         } else {
             self.rng.random_range(0..=3)
         };
-        let hop_count = if forged && self.chance(30) {
+        let hop_count = if search {
+            // The PoPs left: any set, mostly small ones.
+            if self.chance(70) {
+                self.rng.random_range(0..8) << 1
+            } else {
+                self.rng.random()
+            }
+        } else if forged && self.chance(30) {
             *[3u8, 4, 255].choose(&mut self.rng).expect("counts")
         } else {
             self.rng.random_range(0..=2)
         };
         let (h0, h1) = (self.hop(), self.hop());
+        // A search's second hop is zero (else it is malformed).
+        let h1 = if search && self.chance(95) { 0 } else { h1 };
         let mut header = vec![version, flags, budget, hop_count];
         header.extend_from_slice(&h0.to_be_bytes());
         header.extend_from_slice(&h1.to_be_bytes());
-        if version == 2 {
+        if version == 2 || version == 4 {
             // Mostly the MAC a member would compute (spec §5), else a forgery.
             let signed = frame::ip(&inner, 0, flags & 1 != 0)
                 .and_then(|ip| frame::flow(&inner, &ip))

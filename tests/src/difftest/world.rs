@@ -271,6 +271,10 @@ pub fn node_config(draining: bool, max_frame: u32, hop_budget: u8) -> NodeConfig
             },
         hop_budget,
         max_frame,
+        // PoP 0 of three, as the controller sets it for the services that search
+        // (`with_pops`); none without a hop budget.
+        self_pop: 0,
+        search_budget: 2 * hop_budget,
         ..NodeConfig::default()
     }
 }
@@ -336,6 +340,21 @@ fn service(vip: &Vip) -> Service {
         generation: 1,
         ..Service::default()
     }
+}
+
+/// Other PoPs for a service (README "PoPs"): PoP 0, this node's, has the service's own table;
+/// the others one of the world's tables each, or now and then an offset past `TABLE`. The PoPs
+/// searched: a random set without PoP 0 (PoPs up to the eighth).
+fn with_pops(svc: &mut Service, rng: &mut StdRng) {
+    let own = svc.table_offset;
+    for (pop, slot) in svc.pop_tables.iter_mut().enumerate() {
+        *slot = match (pop, rng.random_range(0..10)) {
+            (0, _) => own,
+            (_, 0) => TABLES * TABLE + 7,
+            _ => rng.random_range(0..TABLES) * TABLE,
+        };
+    }
+    svc.search_pops = rng.random::<u8>() & !1 | 0b10;
 }
 
 /// A random hop list: owner first, then previous owners; ids include this node, members
@@ -429,7 +448,10 @@ pub fn load(rng: &mut StdRng, links: &Links) -> Result<(DataPlane, Env)> {
         env.next_hops.insert(id, hop);
     }
     for vip in &VIPS {
-        let svc = service(vip);
+        let mut svc = service(vip);
+        if vip.table.is_some() && rng.random_range(0..4) > 0 {
+            with_pops(&mut svc, rng);
+        }
         dp.set_service(addr(vip.prefix), vip.len, &svc)?;
         env.services.push((addr(vip.prefix), vip.len, svc));
     }

@@ -35,7 +35,15 @@ pub struct Encap {
     pub extra_flags: u8,
     /// The inner flow, for the MAC: (client, VIP, client port, VIP port, protocol).
     pub flow: (IpAddr, IpAddr, u16, u16, u8),
+    /// A search (README "PoPs"): the PoPs left to search. The header is then version 3
+    /// (4 signed), its hop count is this set, its hops the member that started the search
+    /// (`remaining[0]`) and zero.
+    pub search: Option<u8>,
 }
+
+/// Version of a search header, and of a signed one.
+pub const VERSION_SEARCH: u8 = 3;
+pub const VERSION_SEARCH_AUTH: u8 = 4;
 
 /// Wraps and sends: the verdict `reason` with the action transmission ends in, or a drop.
 pub fn encap_and_send(
@@ -64,16 +72,26 @@ pub fn encap_and_send(
     if env.cfg.max_frame != 0 && frame_len > env.cfg.max_frame as usize {
         return Expect::drop(Reason::TooBig);
     }
-    let hop_count = e.remaining.iter().filter(|h| **h != NO_MEMBER).count() as u8;
+    let (version, hop_count, hops) = match e.search {
+        Some(pops) => (
+            if signed {
+                VERSION_SEARCH_AUTH
+            } else {
+                VERSION_SEARCH
+            },
+            pops,
+            [e.remaining[0], 0],
+        ),
+        None => (
+            if signed { auth::VERSION_AUTH } else { 1 },
+            e.remaining.iter().filter(|h| **h != NO_MEMBER).count() as u8,
+            e.remaining,
+        ),
+    };
     let flags = e.extra_flags | if e.inner_v6 { FLAG_INNER_V6 } else { 0 };
-    let mut steer = vec![
-        if signed { auth::VERSION_AUTH } else { 1 },
-        flags,
-        e.budget,
-        hop_count,
-    ];
-    steer.extend_from_slice(&e.remaining[0].to_be_bytes());
-    steer.extend_from_slice(&e.remaining[1].to_be_bytes());
+    let mut steer = vec![version, flags, e.budget, hop_count];
+    steer.extend_from_slice(&hops[0].to_be_bytes());
+    steer.extend_from_slice(&hops[1].to_be_bytes());
     if signed {
         let (client, vip, sport, dport, proto) = e.flow;
         let m = auth::mac(
@@ -88,7 +106,7 @@ pub fn encap_and_send(
                 flags,
                 budget: e.budget,
                 hop_count,
-                hops: e.remaining,
+                hops,
             },
         );
         steer.extend_from_slice(&m.to_le_bytes());

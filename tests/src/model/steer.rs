@@ -15,7 +15,10 @@ use siphasher::sip::SipHasher13;
 use super::{
     Env, Expect, Rules, Why, auth,
     frame::{self, Flow, Kind, PROTO_TCP, PROTO_UDP},
-    output::{Encap, FLAG_SYN_REDIRECTED, decapsulated, encap_and_send},
+    output::{
+        Encap, FLAG_SYN_REDIRECTED, VERSION_SEARCH, VERSION_SEARCH_AUTH, decapsulated,
+        encap_and_send,
+    },
     quic,
 };
 
@@ -181,6 +184,7 @@ fn ingress(
                 entropy: 0,
                 extra_flags: 0,
                 flow: flow_fields(&fl),
+                search: None,
             };
             let owner = || {
                 let (hash, hops) = bucket(env, svc, &fl)?;
@@ -209,6 +213,7 @@ fn ingress(
         entropy: entropy_port(hash),
         extra_flags: 0,
         flow: flow_fields(&fl),
+        search: None,
     };
     if hops[0] != cfg.self_member {
         if udp_owner {
@@ -227,6 +232,10 @@ fn ingress(
         Owner::Draining => Reason::DrainPassOn,
     };
     if next == NO_MEMBER {
+        if svc.search_pops != 0 {
+            // This PoP's chain is done: the flow is searched for in the other PoPs.
+            return search_start(env, rules, f, ifindex, svc, &fl, e, false);
+        }
         return Ok(Expect::pass(Reason::LastHopAccept));
     }
     if cfg.hop_budget == 0 {
@@ -269,14 +278,20 @@ fn owner(env: &Env, rules: &Rules, f: &[u8], l3: usize, v6: bool, ifindex: u32) 
         u16::from_be_bytes([sh[6], sh[7]]),
     ];
     let header_len = match version {
-        1 => 8,
-        auth::VERSION_AUTH if rules.mac => auth::HEADER_LEN_AUTH,
+        1 | VERSION_SEARCH => 8,
+        auth::VERSION_AUTH | VERSION_SEARCH_AUTH if rules.mac => auth::HEADER_LEN_AUTH,
         _ => return Err(Reason::BadEncap.into()),
     };
-    if hop_count > 2 {
+    // A search header (README "PoPs"): its hop count is a PoP set, its second hop zero.
+    let searching = version == VERSION_SEARCH || version == VERSION_SEARCH_AUTH;
+    if searching {
+        if hops[1] != 0 {
+            return Err(Reason::BadEncap.into());
+        }
+    } else if hop_count > 2 {
         return Err(Reason::BadEncap.into());
     }
-    if rules.mac && version == 1 && env.steer_auth {
+    if rules.mac && (version == 1 || version == VERSION_SEARCH) && env.steer_auth {
         return Err(Why::AUTH_FAILED);
     }
     let mac_field = frame::bytes(f, outer.l4 + 8, header_len)?[8..].to_vec();
@@ -332,8 +347,10 @@ fn owner(env: &Env, rules: &Rules, f: &[u8], l3: usize, v6: bool, ifindex: u32) 
             return Ok(decapsulated(f, inner_off, inner_v6, Reason::UdpOwnerAccept));
         }
     }
-    let next = if hop_count >= 1 { hops[0] } else { NO_MEMBER };
-    let after = if hop_count >= 2 { hops[1] } else { NO_MEMBER };
+    // A search lists no hops to pass on to: its own are read below.
+    let listed = if searching { 0 } else { hop_count };
+    let next = if listed >= 1 { hops[0] } else { NO_MEMBER };
+    let after = if listed >= 2 { hops[1] } else { NO_MEMBER };
     let draining = cfg.flags & NODE_DRAINING != 0 && next != NO_MEMBER;
     let mut e = Encap {
         inner_off,
@@ -345,7 +362,12 @@ fn owner(env: &Env, rules: &Rules, f: &[u8], l3: usize, v6: bool, ifindex: u32) 
         entropy,
         extra_flags: 0,
         flow: flow_fields(&fl),
+        search: None,
     };
+    if searching && fl.is_syn() {
+        // A new connection is never searched for.
+        return Err(Reason::BadEncap.into());
+    }
     let marked = rules.syn_mark && flags & FLAG_SYN_REDIRECTED != 0;
     if fl.is_syn() && marked {
         // Never redirected again; passed on only by a draining node, never back.
@@ -390,17 +412,164 @@ fn owner(env: &Env, rules: &Rules, f: &[u8], l3: usize, v6: bool, ifindex: u32) 
         }
     }
     let reason = match owned(env, &fl, draining) {
+        Owner::Ours if searching => {
+            return Ok(decapsulated(f, inner_off, inner_v6, Reason::SearchAccept));
+        }
         Owner::Ours => return Ok(decapsulated(f, inner_off, inner_v6, Reason::OwnerAccept)),
         Owner::NotOurs => Reason::PassedOn,
         Owner::Draining => Reason::DrainPassOn,
     };
     if next == NO_MEMBER {
+        if searching {
+            return search_pass_on(
+                env,
+                rules,
+                f,
+                ifindex,
+                &svc,
+                &fl,
+                e,
+                header_budget,
+                hops[0],
+                hop_count,
+            );
+        }
+        if svc.search_pops != 0 {
+            return search_start(env, rules, f, ifindex, &svc, &fl, e, true);
+        }
         return Ok(decapsulated(f, inner_off, inner_v6, Reason::LastHopAccept));
     }
     if budget == 0 {
         return Err(Reason::LoopGuard.into());
     }
     Ok(encap_and_send(env, rules, f, ifindex, &e, reason))
+}
+
+/// The owner of `fl`'s bucket in the first PoP of `pops` (lowest index first) that names one
+/// other than this node, looking at two PoPs at most; and the PoPs left after it.
+fn next_pop(env: &Env, svc: &Service, pops: u8, bucket: u32) -> (u16, u8) {
+    let mut pops = pops;
+    for _ in 0..2 {
+        if pops == 0 {
+            return (NO_MEMBER, 0);
+        }
+        let q = pops.trailing_zeros() as usize;
+        pops &= !(1 << q);
+        let owner = env
+            .table
+            .get(svc.pop_tables[q].wrapping_add(bucket) as usize)
+            .map_or(NO_MEMBER, |b| b.hops[0]);
+        if owner != NO_MEMBER && owner != env.cfg.self_member {
+            return (owner, pops);
+        }
+    }
+    (NO_MEMBER, pops)
+}
+
+/// Where the last hop of this node's PoP accepted before there were PoPs: a flow that is not
+/// a new connection goes to its owner in the first other PoP that names one, in a search
+/// header; else it is accepted (decapsulated if it came steered).
+#[allow(clippy::too_many_arguments)]
+fn search_start(
+    env: &Env,
+    rules: &Rules,
+    f: &[u8],
+    ifindex: u32,
+    svc: &Service,
+    fl: &Flow,
+    mut e: Encap,
+    steered: bool,
+) -> Step {
+    let accept = || {
+        Ok(if steered {
+            decapsulated(f, e.inner_off, e.inner_v6, Reason::LastHopAccept)
+        } else {
+            Expect::pass(Reason::LastHopAccept)
+        })
+    };
+    if fl.is_syn() || svc.table_size == 0 {
+        return accept();
+    }
+    let (hash, _) = bucket(env, svc, fl)?;
+    let (target, pops) = next_pop(
+        env,
+        svc,
+        svc.search_pops,
+        (hash % u64::from(svc.table_size)) as u32,
+    );
+    if target == NO_MEMBER {
+        return accept();
+    }
+    e.target = target;
+    e.remaining = [env.cfg.self_member, 0];
+    e.budget = env.cfg.search_budget;
+    e.extra_flags = 0;
+    e.search = Some(pops);
+    if !steered {
+        e.entropy = entropy_port(hash);
+    }
+    Ok(encap_and_send(
+        env,
+        rules,
+        f,
+        ifindex,
+        &e,
+        Reason::SearchStart,
+    ))
+}
+
+/// A search this node does not hold: on along this node's PoP's chain for the bucket (from
+/// where this node stands in it, or its start if it is not in it), then to the first other
+/// PoP left that names an owner; with nobody left, accepted.
+#[allow(clippy::too_many_arguments)]
+fn search_pass_on(
+    env: &Env,
+    rules: &Rules,
+    f: &[u8],
+    ifindex: u32,
+    svc: &Service,
+    fl: &Flow,
+    mut e: Encap,
+    header_budget: u8,
+    starter: u16,
+    pops: u8,
+) -> Step {
+    let (hash, own) = bucket(env, svc, fl)?;
+    let me = env.cfg.self_member;
+    let next_local = match own.iter().position(|h| *h == me) {
+        Some(i) => own.get(i + 1).copied().unwrap_or(NO_MEMBER),
+        None => own[0],
+    };
+    let (target, pops) = if next_local != NO_MEMBER {
+        (next_local, pops)
+    } else {
+        next_pop(env, svc, pops, (hash % u64::from(svc.table_size)) as u32)
+    };
+    if target == NO_MEMBER {
+        return Ok(decapsulated(
+            f,
+            e.inner_off,
+            e.inner_v6,
+            Reason::SearchExhausted,
+        ));
+    }
+    let budget = header_budget.min(env.cfg.search_budget);
+    if budget == 0 {
+        return Err(Reason::LoopGuard.into());
+    }
+    e.target = target;
+    e.remaining = [starter, 0];
+    e.budget = budget - 1;
+    e.extra_flags = 0;
+    e.search = Some(pops);
+    Ok(encap_and_send(
+        env,
+        rules,
+        f,
+        ifindex,
+        &e,
+        Reason::SearchPassOn,
+    ))
 }
 
 fn output_inner_v6() -> u8 {

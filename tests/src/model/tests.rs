@@ -431,3 +431,72 @@ fn flow_hash_is_the_shared_one() {
         assert_eq!(flow_hash(key, &fl), shared);
     }
 }
+
+/// The search (README "PoPs"): PoPs 1 and 2 have one-bucket tables at 1 and 2, naming
+/// members 2 and 3; this node (member 1) ends its own PoP's chain.
+#[test]
+fn a_flow_nobody_here_holds_is_searched_for_in_the_other_pops() {
+    let mut e = env(&[1]);
+    e.table.push(Bucket {
+        hops: [2, NO_MEMBER, NO_MEMBER],
+        _pad: 0,
+    });
+    e.table.push(Bucket {
+        hops: [3, NO_MEMBER, NO_MEMBER],
+        _pad: 0,
+    });
+    e.services[0].2.search_pops = 0b110;
+    e.services[0].2.pop_tables[..3].copy_from_slice(&[0, 1, 2]);
+    e.cfg.search_budget = 6;
+    let search = |budget, pops, starter| Hdr {
+        version: 3,
+        budget,
+        hops: [starter, 0],
+        count: pops,
+        ..V1
+    };
+    let header = |x: &Expect| match &x.out {
+        Out::Frame(f) => f[SH..SH + 8].to_vec(),
+        other => panic!("no frame: {other:?}"),
+    };
+    // An ACK at the end of the chain: to PoP 1's owner, PoP 2 left, started here.
+    let start = steering(PEER2, V1, None, &tcp(443, ACK));
+    let x = expect(&e, &TRUST, &start, UNDERLAY);
+    assert_eq!(x.reason, is(Reason::SearchStart));
+    assert_eq!(header(&x), [3, 0, 6, 0b100, 0, 1, 0, 0]);
+    // Received with PoP 2 left: on to member 3, one hop spent; with none left: accepted.
+    let on = steering(PEER2, search(5, 0b100, 1), None, &tcp(443, ACK));
+    let x = expect(&e, &TRUST, &on, UNDERLAY);
+    assert_eq!(x.reason, is(Reason::SearchPassOn));
+    assert_eq!(header(&x), [3, 0, 4, 0, 0, 1, 0, 0]);
+    let last = steering(PEER2, search(5, 0, 1), None, &tcp(443, ACK));
+    assert_eq!(
+        expect(&e, &TRUST, &last, UNDERLAY).reason,
+        is(Reason::SearchExhausted)
+    );
+    // Never a SYN, never a second hop, never unsigned under steer_auth.
+    let syn = steering(PEER2, search(5, 0, 1), None, &tcp(443, SYN));
+    assert_eq!(
+        expect(&e, &TRUST, &syn, UNDERLAY).reason,
+        is(Reason::BadEncap)
+    );
+    let two = steering(PEER2, search(5, 0, 1), None, &tcp(443, ACK));
+    let mut two = two;
+    two[SH + 7] = 2;
+    assert_eq!(
+        expect(&e, &TRUST, &two, UNDERLAY).reason,
+        is(Reason::BadEncap)
+    );
+    let mut strict = e.clone();
+    strict.steer_auth = true;
+    assert_eq!(
+        expect(&strict, &TRUST, &last, UNDERLAY).reason,
+        Why::AUTH_FAILED
+    );
+    // No budget left where a pass-on is needed.
+    let spent = steering(PEER2, search(0, 0b100, 1), None, &tcp(443, ACK));
+    assert_eq!(
+        expect(&e, &TRUST, &spent, UNDERLAY).reason,
+        is(Reason::LoopGuard)
+    );
+}

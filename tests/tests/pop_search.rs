@@ -1,0 +1,538 @@
+//! The cross-PoP search of the XDP program (README "PoPs: the search in the data plane"), run
+//! with BPF_PROG_TEST_RUN in a namespace that holds the VIPs and a real established connection
+//! per family (a search that reaches the member holding the flow is accepted there). Every
+//! search verdict, for IPv4 and IPv6 inner packets and outer headers, with the exact frame
+//! out: the search header's version, flags, budget, PoP set (in `hop_count`), the member that
+//! started the search in `hops[0]` and zero in `hops[1]`; signed (version 4) where
+//! `steer_auth` is on. This node is member 1 in PoP 0 of three; the services search PoPs 1
+//! and 2.
+
+use std::{
+    collections::BTreeSet,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+};
+
+use anyhow::{Context as _, Result};
+use cdn_common::{
+    counters::Reason,
+    maps::{NODE_STEER_AUTH, NodeConfig},
+    wire::{STEER_VERSION_SEARCH, STEER_VERSION_SEARCH_AUTH, entropy_port},
+};
+use cdn_tests::{
+    bpf_interp::paths::in_namespace,
+    model::auth,
+    packets::{
+        ExpectedEncap, Flow, NODE_MAC, Tcp, Vlan, decapsulated, expected_encap, frame, ip_packet,
+        signed_steering_frame, steering_frame,
+    },
+    scenario::{
+        CLIENT_V4, CLIENT_V6, KEY, SEARCH_BUDGET, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4,
+        UNDERLAY_V6, VIP_V4, VIP_V6, addr, member_addr, member_mac, node_config, service,
+    },
+    xdp,
+};
+
+/// PoPs 1 and 2: every PoP but this node's.
+const OTHER_POPS: u8 = 0b110;
+/// Only PoP 2 left.
+const POP_2: u8 = 0b100;
+/// The client port of the established connections.
+const ESTABLISHED_PORT: u16 = 45000;
+
+#[derive(Clone, Copy)]
+struct Fam {
+    v6: bool,
+}
+
+impl Fam {
+    const BOTH: [Fam; 2] = [Fam { v6: false }, Fam { v6: true }];
+
+    fn name(self) -> &'static str {
+        if self.v6 { "IPv6" } else { "IPv4" }
+    }
+    fn tcp(self, sport: u16) -> Flow {
+        if self.v6 {
+            Flow::tcp(CLIENT_V6, sport, VIP_V6, 443)
+        } else {
+            Flow::tcp(CLIENT_V4, sport, VIP_V4, 443)
+        }
+    }
+    /// A member whose underlay address is of this family (as an outer header's sender).
+    fn member(self) -> u16 {
+        if self.v6 { 3 } else { 2 }
+    }
+    fn underlay(self) -> IpAddr {
+        addr(if self.v6 { UNDERLAY_V6 } else { UNDERLAY_V4 })
+    }
+}
+
+/// Offset of the steering header in an untagged frame whose outer header reaches `member`.
+fn steer_off(member: u16) -> usize {
+    14 + if member_addr(member).is_ipv6() {
+        40
+    } else {
+        20
+    } + 8
+}
+
+/// Turns the version-1 frame `frame` (hops `[starter, 0]`) into a search header with `pops`.
+fn as_search(mut frame: Vec<u8>, sh: usize, pops: u8) -> Vec<u8> {
+    frame[sh] = STEER_VERSION_SEARCH;
+    frame[sh + 3] = pops;
+    frame
+}
+
+/// A search frame from `from` (member of `outer`'s family) to this node.
+fn search_in(outer: Fam, budget: u8, starter: u16, pops: u8, inner: &[u8]) -> Result<Vec<u8>> {
+    let f = steering_frame(
+        member_addr(outer.member()),
+        outer.underlay(),
+        STEER_PORT,
+        budget,
+        &[starter, 0],
+        inner,
+    )?;
+    Ok(as_search(f, steer_off(outer.member()), pops))
+}
+
+/// The search this node sends to `target`.
+fn search_out(
+    target: u16,
+    entropy: u16,
+    budget: u8,
+    starter: u16,
+    pops: u8,
+    inner: &[u8],
+) -> Result<Vec<u8>> {
+    let outer_src = if member_addr(target).is_ipv6() {
+        addr(UNDERLAY_V6)
+    } else {
+        addr(UNDERLAY_V4)
+    };
+    let f = expected_encap(&ExpectedEncap {
+        dst_mac: member_mac(target),
+        src_mac: NODE_MAC,
+        outer_src,
+        outer_dst: member_addr(target),
+        entropy,
+        steer_port: STEER_PORT,
+        budget,
+        hops: &[starter, 0],
+        inner,
+    })?;
+    Ok(as_search(f, steer_off(target), pops))
+}
+
+/// `frame` (a search header, untagged) signed as a member would sign it: version 4.
+fn signed(frame: &[u8], flow: &Flow) -> Vec<u8> {
+    let mut out = signed_steering_frame(frame, 0, auth::derive_key(KEY), flow);
+    let sh = if frame[12..14] == [0x86, 0xdd] {
+        62
+    } else {
+        42
+    };
+    out[sh] = STEER_VERSION_SEARCH_AUTH;
+    out
+}
+
+enum Out {
+    Unchanged,
+    Frame(Vec<u8>),
+    Dropped,
+}
+
+struct Case {
+    name: String,
+    v6: bool,
+    config: NodeConfig,
+    /// Hops of the flow's bucket in PoPs 0 (this node's), 1 and 2.
+    chains: [Vec<u16>; 3],
+    flow: Flow,
+    input: Vec<u8>,
+    action: u32,
+    reason: Reason,
+    out: Out,
+}
+
+impl Case {
+    fn new(name: String, fam: Fam, flow: Flow, input: Vec<u8>) -> Self {
+        let mut config = node_config();
+        config.search_budget = SEARCH_BUDGET;
+        Self {
+            name,
+            v6: fam.v6,
+            config,
+            chains: [vec![SELF_ID], vec![], vec![]],
+            flow,
+            input,
+            action: xdp::PASS,
+            reason: Reason::NonVipPass,
+            out: Out::Unchanged,
+        }
+    }
+    fn chains(mut self, own: &[u16], pop1: &[u16], pop2: &[u16]) -> Self {
+        self.chains = [own.to_vec(), pop1.to_vec(), pop2.to_vec()];
+        self
+    }
+    fn auth(mut self) -> Self {
+        self.config.flags |= NODE_STEER_AUTH;
+        self
+    }
+    fn expect(mut self, action: u32, reason: Reason, out: Out) -> Self {
+        (self.action, self.reason, self.out) = (action, reason, out);
+        self
+    }
+}
+
+/// Cases of client packets that reach the end of this PoP's chain here.
+fn ingress_cases(t: &mut Vec<Case>, fam: Fam) -> Result<()> {
+    let flow = fam.tcp(40001);
+    let input = frame(&flow, Tcp::ACK, Vlan::None, b"data");
+    let inner = ip_packet(&input, Vlan::None).to_vec();
+    let entropy = entropy_port(flow.hash(&KEY));
+    let n = fam.name();
+    let case = |name: &str| Case::new(format!("{name} {n}"), fam, flow, input.clone());
+    t.push(
+        case("ingress: search starts in PoP 1")
+            .chains(&[SELF_ID], &[2, 4], &[5])
+            .expect(
+                xdp::TX,
+                Reason::SearchStart,
+                Out::Frame(search_out(
+                    2,
+                    entropy,
+                    SEARCH_BUDGET,
+                    SELF_ID,
+                    POP_2,
+                    &inner,
+                )?),
+            ),
+    );
+    t.push(
+        case("ingress: PoP 1 names nobody, search starts in PoP 2")
+            .chains(&[SELF_ID], &[], &[3])
+            .expect(
+                xdp::TX,
+                Reason::SearchStart,
+                Out::Frame(search_out(3, entropy, SEARCH_BUDGET, SELF_ID, 0, &inner)?),
+            ),
+    );
+    t.push(
+        case("ingress: PoP 1 names this node, search starts in PoP 2")
+            .chains(&[SELF_ID], &[SELF_ID], &[5])
+            .expect(
+                xdp::TX,
+                Reason::SearchStart,
+                Out::Frame(search_out(5, entropy, SEARCH_BUDGET, SELF_ID, 0, &inner)?),
+            ),
+    );
+    t.push(
+        case("ingress: no other PoP names an owner")
+            .chains(&[SELF_ID], &[], &[])
+            .expect(xdp::PASS, Reason::LastHopAccept, Out::Unchanged),
+    );
+    let signed_out = signed(
+        &search_out(2, entropy, SEARCH_BUDGET, SELF_ID, POP_2, &inner)?,
+        &flow,
+    );
+    t.push(
+        case("ingress: signed search (version 4)")
+            .auth()
+            .chains(&[SELF_ID], &[2], &[4])
+            .expect(xdp::TX, Reason::SearchStart, Out::Frame(signed_out)),
+    );
+    let syn = frame(&flow, Tcp::SYN, Vlan::None, &[]);
+    t.push(
+        Case::new(
+            format!("ingress: a SYN is taken here, not searched {n}"),
+            fam,
+            flow,
+            syn,
+        )
+        .chains(&[SELF_ID], &[2], &[4])
+        .expect(xdp::PASS, Reason::LocalAccept, Out::Unchanged),
+    );
+    Ok(())
+}
+
+/// Cases of steering packets (version 1 at the end of the chain, and searches) from a member
+/// of `outer`'s family, about a client flow of `fam`.
+fn owner_cases(t: &mut Vec<Case>, fam: Fam, outer: Fam) -> Result<()> {
+    let flow = fam.tcp(40002);
+    let ack = ip_packet(&frame(&flow, Tcp::ACK, Vlan::None, b"more"), Vlan::None).to_vec();
+    let syn = ip_packet(&frame(&flow, Tcp::SYN, Vlan::None, &[]), Vlan::None).to_vec();
+    let n = format!("inner {} outer {}", fam.name(), outer.name());
+    let case = |name: &str, input: Vec<u8>| Case::new(format!("{name} {n}"), fam, flow, input);
+    // The entropy the first node chose (`steering_frame`'s) travels on.
+    const E: u16 = 0xc123;
+    let v1_last = steering_frame(
+        member_addr(outer.member()),
+        outer.underlay(),
+        STEER_PORT,
+        2,
+        &[],
+        &ack,
+    )?;
+    t.push(
+        case("version 1, last hop: search starts", v1_last)
+            .chains(&[2, SELF_ID], &[4], &[5])
+            .expect(
+                xdp::TX,
+                Reason::SearchStart,
+                Out::Frame(search_out(4, E, SEARCH_BUDGET, SELF_ID, POP_2, &ack)?),
+            ),
+    );
+    let search = |budget, pops| search_in(outer, budget, 4, pops, &ack);
+    t.push(
+        case("search: on along this PoP's chain", search(5, POP_2)?)
+            .chains(&[SELF_ID, 5, 2], &[4], &[3])
+            .expect(
+                xdp::TX,
+                Reason::SearchPassOn,
+                Out::Frame(search_out(5, E, 4, 4, POP_2, &ack)?),
+            ),
+    );
+    t.push(
+        case(
+            "search: this PoP's chain done, on to PoP 2",
+            search(5, POP_2)?,
+        )
+        .chains(&[2, SELF_ID], &[4], &[3])
+        .expect(
+            xdp::TX,
+            Reason::SearchPassOn,
+            Out::Frame(search_out(3, E, 4, 4, 0, &ack)?),
+        ),
+    );
+    t.push(
+        case(
+            "search: not in this PoP's chain, on to its owner",
+            search(5, POP_2)?,
+        )
+        .chains(&[5, 2], &[4], &[3])
+        .expect(
+            xdp::TX,
+            Reason::SearchPassOn,
+            Out::Frame(search_out(5, E, 4, 4, POP_2, &ack)?),
+        ),
+    );
+    t.push(
+        case(
+            "search: budget capped by the search budget",
+            search(200, 0)?,
+        )
+        .chains(&[SELF_ID, 2], &[], &[])
+        .expect(
+            xdp::TX,
+            Reason::SearchPassOn,
+            Out::Frame(search_out(2, E, SEARCH_BUDGET - 1, 4, 0, &ack)?),
+        ),
+    );
+    t.push(
+        case("search: nobody left", search(5, 0)?)
+            .chains(&[SELF_ID], &[4], &[3])
+            .expect(
+                xdp::PASS,
+                Reason::SearchExhausted,
+                Out::Frame(decapsulated(&ack)),
+            ),
+    );
+    t.push(
+        case("search: the PoPs left name nobody", search(5, OTHER_POPS)?)
+            .chains(&[SELF_ID], &[], &[SELF_ID])
+            .expect(
+                xdp::PASS,
+                Reason::SearchExhausted,
+                Out::Frame(decapsulated(&ack)),
+            ),
+    );
+    t.push(
+        case("search: budget spent", search(0, POP_2)?)
+            .chains(&[SELF_ID, 5], &[4], &[3])
+            .expect(xdp::DROP, Reason::LoopGuard, Out::Dropped),
+    );
+    t.push(
+        case("search: a SYN", search_in(outer, 5, 4, POP_2, &syn)?)
+            .chains(&[SELF_ID], &[4], &[3])
+            .expect(xdp::DROP, Reason::BadEncap, Out::Dropped),
+    );
+    let mut second_hop = search(5, POP_2)?;
+    second_hop[steer_off(outer.member()) + 7] = 9;
+    t.push(case("search: second hop not zero", second_hop).expect(
+        xdp::DROP,
+        Reason::BadEncap,
+        Out::Dropped,
+    ));
+    t.push(
+        case("search: unsigned under steer_auth", search(5, 0)?)
+            .auth()
+            .expect(xdp::DROP, Reason::AuthFailed, Out::Dropped),
+    );
+    let good = signed(&search(5, 0)?, &flow);
+    t.push(
+        case("search: signed, nobody left", good.clone())
+            .auth()
+            .expect(
+                xdp::PASS,
+                Reason::SearchExhausted,
+                Out::Frame(decapsulated(&ack)),
+            ),
+    );
+    let mut forged = good;
+    let last = forged.len() - ack.len() - 1;
+    forged[last] ^= 1;
+    t.push(case("search: signed, MAC wrong", forged).auth().expect(
+        xdp::DROP,
+        Reason::AuthFailed,
+        Out::Dropped,
+    ));
+    t.push(
+        case(
+            "search: signed, passed on signed",
+            signed(&search(5, POP_2)?, &flow),
+        )
+        .auth()
+        .chains(&[SELF_ID, 5], &[4], &[3])
+        .expect(
+            xdp::TX,
+            Reason::SearchPassOn,
+            Out::Frame(signed(&search_out(5, E, 4, 4, POP_2, &ack)?, &flow)),
+        ),
+    );
+    Ok(())
+}
+
+/// A search for the established connection reaches this node: accepted.
+fn accept_cases(t: &mut Vec<Case>, fam: Fam, outer: Fam) -> Result<()> {
+    let flow = fam.tcp(ESTABLISHED_PORT);
+    let ack = ip_packet(&frame(&flow, Tcp::ACK, Vlan::None, b"more"), Vlan::None).to_vec();
+    t.push(
+        Case::new(
+            format!(
+                "search: held here inner {} outer {}",
+                fam.name(),
+                outer.name()
+            ),
+            fam,
+            flow,
+            search_in(outer, 5, 4, POP_2, &ack)?,
+        )
+        .chains(&[2, 5], &[4], &[3])
+        .expect(
+            xdp::PASS,
+            Reason::SearchAccept,
+            Out::Frame(decapsulated(&ack)),
+        ),
+    );
+    Ok(())
+}
+
+fn run_case(s: &mut Scenario, case: &Case) -> Result<()> {
+    s.dp.write_config(&case.config)?;
+    for (pop, chain) in case.chains.iter().enumerate() {
+        s.set_pop_hops(pop, &case.flow, chain)?;
+    }
+    let run = s.run(&case.input)?;
+    let reason = run.try_verdict()?;
+    anyhow::ensure!(
+        (run.action, reason) == (case.action, case.reason),
+        "got ({}, {reason:?}), expected ({}, {:?})",
+        run.action,
+        case.action,
+        case.reason
+    );
+    match &case.out {
+        Out::Unchanged => anyhow::ensure!(run.out == case.input, "packet modified"),
+        Out::Frame(want) => anyhow::ensure!(
+            &run.out == want,
+            "frame\n got {:02x?}\nwant {want:02x?}",
+            run.out
+        ),
+        Out::Dropped => {}
+    }
+    Ok(())
+}
+
+/// An established connection from the client's `ESTABLISHED_PORT` to the VIP of `fam`:
+/// (client, server) ends, kept open for the test.
+fn established(fam: Fam) -> Result<(TcpStream, TcpStream, TcpListener)> {
+    let flow = fam.tcp(ESTABLISHED_PORT);
+    let listener = TcpListener::bind(SocketAddr::new(flow.dst, 443))?;
+    let domain = if fam.v6 {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::new(flow.src, ESTABLISHED_PORT).into())?;
+    sock.connect(&SocketAddr::new(flow.dst, 443).into())?;
+    let client = TcpStream::from(sock);
+    let (mut server, _) = listener.accept()?;
+    (&client).write_all(b"x")?;
+    server.read_exact(&mut [0u8; 1])?;
+    Ok((client, server, listener))
+}
+
+#[test]
+fn every_search_verdict() -> Result<()> {
+    let mut table = Vec::new();
+    for fam in Fam::BOTH {
+        ingress_cases(&mut table, fam)?;
+        for outer in Fam::BOTH {
+            owner_cases(&mut table, fam, outer)?;
+            accept_cases(&mut table, fam, outer)?;
+        }
+    }
+    let seen = in_namespace(|| {
+        let _open = [established(Fam::BOTH[0])?, established(Fam::BOTH[1])?];
+        let mut s = Scenario::new()?;
+        s.set_search_pops(OTHER_POPS, service(0).flags)?;
+        let mut seen = BTreeSet::new();
+        for case in &table {
+            run_case(&mut s, case).with_context(|| case.name.clone())?;
+            seen.insert((case.reason, case.v6));
+        }
+        Ok(seen)
+    })?;
+    for reason in [
+        Reason::SearchStart,
+        Reason::SearchPassOn,
+        Reason::SearchAccept,
+        Reason::SearchExhausted,
+    ] {
+        for v6 in [false, true] {
+            assert!(
+                seen.contains(&(reason, v6)),
+                "no case for {reason:?} v6 {v6}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Without other PoPs (`search_pops` 0, a cluster without PoPs), the end of the chain accepts
+/// as it always did, and a search header still finds the flow where it is held.
+#[test]
+fn one_pop_never_searches() -> Result<()> {
+    in_namespace(|| {
+        let _open = established(Fam::BOTH[0])?;
+        let mut s = Scenario::new()?;
+        for fam in Fam::BOTH {
+            let flow = fam.tcp(40003);
+            let input = frame(&flow, Tcp::ACK, Vlan::None, b"data");
+            for pop in 0..3 {
+                s.set_pop_hops(pop, &flow, &[if pop == 0 { SELF_ID } else { 2 }])?;
+            }
+            let run = s.run(&input)?;
+            assert_eq!(run.verdict(), Reason::LastHopAccept, "{}", fam.name());
+            assert_eq!(run.out, input);
+        }
+        let flow = Fam::BOTH[0].tcp(ESTABLISHED_PORT);
+        let ack = ip_packet(&frame(&flow, Tcp::ACK, Vlan::None, b"x"), Vlan::None).to_vec();
+        let run = s.run(&search_in(Fam::BOTH[0], 3, 4, 0, &ack)?)?;
+        assert_eq!(run.verdict(), Reason::SearchAccept);
+        assert_eq!(run.out, decapsulated(&ack));
+        Ok(())
+    })
+}
