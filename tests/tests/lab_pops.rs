@@ -79,8 +79,15 @@ fn join(handle: std::thread::JoinHandle<Vec<Outcome>>) -> Result<Vec<Outcome>> {
         .map_err(|_| anyhow::anyhow!("download thread panicked"))
 }
 
-/// Prints the downloads' results and fails unless every one completed with the right sha256.
-fn all_complete(lab: &Lab, name: &str, outcomes: &[Outcome], started: Instant) -> Result<()> {
+/// Prints the downloads' results and fails unless every one completed with the right sha256 and
+/// steering dropped no packet (`total`: the PoPs' counters over the downloads).
+fn all_complete(
+    lab: &Lab,
+    name: &str,
+    outcomes: &[Outcome],
+    total: &PopCounters,
+    started: Instant,
+) -> Result<()> {
     let ok = outcomes.iter().filter(|o| o.ok).count();
     let resets = outcomes.iter().filter(|o| o.reset).count();
     let stall = outcomes
@@ -96,22 +103,25 @@ fn all_complete(lab: &Lab, name: &str, outcomes: &[Outcome], started: Instant) -
         started.elapsed().as_secs_f64()
     );
     for o in outcomes.iter().filter(|o| !o.ok).take(5) {
-        eprintln!(
-            "  download {} (port {}): {:?}",
-            o.id, o.client_port, o.error
-        );
-        for i in 0..lab.nodes.len() {
-            if let Ok(text) = lab.steer(
-                i,
+        // node1's lookup shows the flow's bucket chain in every PoP.
+        let chains = lab
+            .steer(
+                0,
                 &[
                     "lookup",
                     &format!("{CLIENT_V4}:{}", o.client_port),
                     &format!("{VIP_V4}:80"),
                 ],
-            ) {
-                eprintln!("    at node{}: {}", i + 1, text.replace('\n', " | "));
-            }
-        }
+            )
+            .unwrap_or_else(|e| format!("{e:#}"));
+        eprintln!(
+            "  download {} (port {}, served by {}): {:?}\n    {}",
+            o.id,
+            o.client_port,
+            o.served_by.as_deref().unwrap_or("?"),
+            o.error,
+            chains.trim().replace('\n', " | ")
+        );
     }
     ensure!(
         ok == outcomes.len() && resets == 0,
@@ -119,6 +129,11 @@ fn all_complete(lab: &Lab, name: &str, outcomes: &[Outcome], started: Instant) -
         outcomes.len() - ok,
         outcomes.len(),
         lab.diagnostics()
+    );
+    ensure!(
+        total.dropped == 0,
+        "{name}: {} packets dropped by steering (malformed, loop guard, bad encapsulation, ...)",
+        total.dropped
     );
     Ok(())
 }
@@ -132,11 +147,6 @@ fn pop_report(lab: &Lab, name: &str, before: &[PopCounters]) -> Result<PopCounte
     }
     let total = PopCounters::total(&delta);
     eprintln!("{name}: all PoPs: {total}");
-    ensure!(
-        total.dropped == 0,
-        "{name}: {} packets dropped by steering (malformed, loop guard, bad encapsulation, ...)",
-        total.dropped
-    );
     Ok(total)
 }
 
@@ -182,8 +192,8 @@ fn steady_state_every_connection_is_served_in_the_pop_where_it_lands() -> Result
     let count = 200;
     let (_live, handle) = start_downloads(&lab, count, 1 << 20);
     let outcomes = join(handle)?;
-    all_complete(&lab, "steady state", &outcomes, started)?;
     let total = pop_report(&lab, "steady state", &before)?;
+    all_complete(&lab, "steady state", &outcomes, &total, started)?;
 
     // Per connection: the PoP of the node that served it is the PoP the router sent it to.
     let mut landed = BTreeMap::<usize, usize>::new();
@@ -265,13 +275,13 @@ fn route_shifts_between_pops_reset_no_download() -> Result<()> {
     }
     let finished_early = live.done.load(Ordering::Relaxed);
     let outcomes = join(handle)?;
-    all_complete(&lab, "route shifts", &outcomes, started)?;
+    let total = pop_report(&lab, "route shifts", &before)?;
+    all_complete(&lab, "route shifts", &outcomes, &total, started)?;
     ensure!(
         finished_early == 0,
         "{finished_early} downloads ended before the last shift: the file is too small to span \
          the shifts"
     );
-    let total = pop_report(&lab, "route shifts", &before)?;
     let searches = total.search_accept + total.search_exhausted;
     eprintln!(
         "route shifts: {} searches started, {} pass-ons, {} found ({} exhausted): {:.2} hops per \
@@ -349,12 +359,12 @@ fn a_pop_shift_with_drains_in_the_source_and_the_target_pop_resets_nothing() -> 
     );
     let finished_early = live.done.load(Ordering::Relaxed);
     let outcomes = join(handle)?;
-    all_complete(&lab, "everything at once", &outcomes, started)?;
+    let total = pop_report(&lab, "everything at once", &before)?;
+    all_complete(&lab, "everything at once", &outcomes, &total, started)?;
     ensure!(
         finished_early == 0,
         "{finished_early} downloads ended before the changes were over: the file is too small"
     );
-    let total = pop_report(&lab, "everything at once", &before)?;
     ensure!(
         total.search_accept > 0,
         "no search found a flow: the shift moved no flow across PoPs ({total})"
