@@ -32,6 +32,9 @@ use crate::{h3::Identity, netns::Netns};
 
 mod config;
 mod faults;
+mod pops;
+
+pub use pops::PopCounters;
 
 use config::{controller_config, router_bird_config};
 
@@ -72,7 +75,11 @@ pub enum QuicRouting {
 
 #[derive(Clone, Debug)]
 pub struct LabOptions {
+    /// Number of nodes; with `pops` >= 2, `pops` times the nodes per PoP.
     pub nodes: usize,
+    /// 0 or 1: no `pop` in the configurations (one implicit PoP). N >= 2: the nodes form N
+    /// PoPs "pop1".."popN" of `nodes / pops` consecutive nodes each (see `lab/pops.rs`).
+    pub pops: usize,
     /// Run `cdn-steer` on the nodes. Without it the nodes announce the VIP statically: the
     /// plain-anycast negative control.
     pub steering: bool,
@@ -93,6 +100,7 @@ impl Default for LabOptions {
     fn default() -> Self {
         Self {
             nodes: 3,
+            pops: 0,
             steering: true,
             file_size: 2 << 20,
             file_seed: 7,
@@ -217,6 +225,7 @@ impl Lab {
     /// Builds the whole lab and waits until the router has an ECMP route to the VIPs over
     /// every node.
     pub fn start(opts: LabOptions) -> Result<Self> {
+        pops::check_options(&opts)?;
         let bin = Binaries::locate()?;
         let dir = std::env::temp_dir().join(format!("cdn-lab-{}-{}", opts.tag, std::process::id()));
         if dir.exists() {

@@ -1,7 +1,8 @@
 //! `cargo xtask run`: brings up the lab (client, router with ECMP, N anycast nodes running BIRD,
 //! cdn-steer and a web server) and runs a scripted demo: long downloads from the client while
 //! routes move between nodes and a node is drained and undrained, with a live view and a
-//! summary. Ctrl-C (or any error) tears everything down.
+//! summary. With `--pops N` the nodes form N PoPs, routes move between whole PoPs and the live
+//! view adds per-PoP counters. Ctrl-C (or any error) tears everything down.
 
 use std::{
     sync::{
@@ -16,7 +17,7 @@ use cdn_tests::{
     content,
     download::{self, Live, Spec},
     h3,
-    lab::{H3_PORT, Lab, LabOptions, QuicRouting, VIP_V4, packets_counter},
+    lab::{H3_PORT, Lab, LabOptions, PopCounters, QuicRouting, VIP_V4, packets_counter},
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -27,6 +28,9 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 struct Args {
     nodes: usize,
+    /// 0: no PoPs (one implicit PoP); N >= 2: N PoPs of `nodes_per_pop` nodes.
+    pops: usize,
+    nodes_per_pop: usize,
     duration: Duration,
     flows: usize,
     steering: bool,
@@ -38,6 +42,8 @@ struct Args {
 fn parse_args() -> Result<Args> {
     let mut a = Args {
         nodes: 3,
+        pops: 0,
+        nodes_per_pop: 2,
         duration: Duration::from_secs(60),
         flows: 20,
         steering: true,
@@ -49,6 +55,8 @@ fn parse_args() -> Result<Args> {
         let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--nodes" => a.nodes = value()?.parse().context("--nodes")?,
+            "--pops" => a.pops = value()?.parse().context("--pops")?,
+            "--nodes-per-pop" => a.nodes_per_pop = value()?.parse().context("--nodes-per-pop")?,
             "--duration" => {
                 a.duration = Duration::from_secs(value()?.parse().context("--duration (seconds)")?)
             }
@@ -58,7 +66,7 @@ fn parse_args() -> Result<Args> {
             "--h3-flows" => a.h3_flows = value()?.parse().context("--h3-flows")?,
             "-h" | "--help" => {
                 println!(
-                    "cdn-lab [--nodes N (3)] [--duration SECONDS (60)] [--flows N (20)] [--rate KiB/s (200)]\n\
+                    "cdn-lab [--nodes N (3)] [--pops N (0: none) --nodes-per-pop N (2)] [--duration SECONDS (60)] [--flows N (20)] [--rate KiB/s (200)]\n\
                      [--h3-flows N (10; 0: no HTTP/3)] [--no-steering]\n\
                      Runs the anycast lab and a scripted demo (TCP and HTTP/3 downloads); Ctrl-C\n\
                      stops and cleans up."
@@ -68,8 +76,19 @@ fn parse_args() -> Result<Args> {
             other => bail!("unknown argument {other:?} (try --help)"),
         }
     }
-    if !(2..=9).contains(&a.nodes) {
-        bail!("--nodes must be 2 to 9");
+    if a.pops >= 2 {
+        if !(1..=4).contains(&a.nodes_per_pop) || a.pops > cdn_common::maps::MAX_POPS {
+            bail!(
+                "--pops must be 2 to {} and --nodes-per-pop 1 to 4",
+                cdn_common::maps::MAX_POPS
+            );
+        }
+        a.nodes = a.pops * a.nodes_per_pop;
+    } else if a.pops == 1 {
+        bail!("--pops 1 is the same as no PoPs: leave it out");
+    }
+    if !(2..=16).contains(&a.nodes) || (a.pops == 0 && a.nodes > 9) {
+        bail!("--nodes must be 2 to 9 (with PoPs, 16 nodes at most)");
     }
     if a.flows == 0 || a.rate == 0 {
         bail!("--flows and --rate must be positive");
@@ -102,7 +121,11 @@ struct Step {
     action: Action,
 }
 
-fn script(nodes: usize, steering: bool) -> Vec<Step> {
+fn script(lab: &Lab) -> Vec<Step> {
+    let (nodes, steering) = (lab.nodes.len(), lab.opts.steering);
+    if lab.opts.pops >= 2 {
+        return pop_script(lab.opts.pops, steering);
+    }
     let mut steps: Vec<Step> = Vec::new();
     let mut t = 4.0;
     for k in 0..nodes {
@@ -118,6 +141,43 @@ fn script(nodes: usize, steering: bool) -> Vec<Step> {
         });
         t += 7.0;
     }
+    steps.extend(drain_node1(t, steering));
+    steps
+}
+
+/// Routes move between PoPs: each PoP in turn is withdrawn at the router (its clients land in
+/// the others) and restored; then pop1 and pop2 at once (everyone lands in the last PoP).
+fn pop_script(pops: usize, steering: bool) -> Vec<Step> {
+    let mut steps: Vec<Step> = Vec::new();
+    let mut t = 4.0;
+    let mut shift = |t: f64, away: Vec<usize>| {
+        let names: Vec<String> = away.iter().map(|p| format!("pop{}", p + 1)).collect();
+        let names = names.join(" and ");
+        let (w, r) = (away.clone(), away);
+        steps.push(Step {
+            at: t,
+            label: format!("router withdraws {names}"),
+            action: Box::new(move |lab| w.iter().try_for_each(|&p| lab.withdraw_pop_at_router(p))),
+        });
+        steps.push(Step {
+            at: t + 4.0,
+            label: format!("router restores {names}"),
+            action: Box::new(move |lab| r.iter().try_for_each(|&p| lab.restore_pop_at_router(p))),
+        });
+    };
+    for p in 0..pops {
+        shift(t, vec![p]);
+        t += 8.0;
+    }
+    shift(t, (0..pops - 1).collect());
+    t += 8.0;
+    steps.extend(drain_node1(t, steering));
+    steps
+}
+
+/// Drains node1 at `t` and undrains it 6 s later (nothing without steering).
+fn drain_node1(t: f64, steering: bool) -> Vec<Step> {
+    let mut steps: Vec<Step> = Vec::new();
     if steering {
         steps.push(Step {
             at: t,
@@ -141,8 +201,13 @@ fn main() -> Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     println!(
-        "bringing up the lab: client, router (BIRD, ECMP), {} nodes{}...",
+        "bringing up the lab: client, router (BIRD, ECMP), {} nodes{}{}...",
         args.nodes,
+        if args.pops >= 2 {
+            format!(" in {} PoPs of {}", args.pops, args.nodes_per_pop)
+        } else {
+            String::new()
+        },
         if args.steering {
             " with cdn-steer"
         } else {
@@ -151,6 +216,7 @@ fn main() -> Result<()> {
     );
     let lab = Lab::start(LabOptions {
         nodes: args.nodes,
+        pops: args.pops,
         steering: args.steering,
         tag: "run".into(),
         // HTTP/3 on VIP:443 with QUIC-LB connection IDs, routed by them.
@@ -225,7 +291,7 @@ fn demo(lab: &Lab, args: &Args) -> Result<()> {
         }));
     }
     let h3 = H3Demo::start(lab, args, started);
-    let steps = script(lab.nodes.len(), lab.opts.steering);
+    let steps = script(lab);
     let mut next_step = 0;
     let mut last_view = Instant::now() - Duration::from_secs(2);
     println!(
@@ -255,8 +321,13 @@ fn demo(lab: &Lab, args: &Args) -> Result<()> {
                 })
                 .unwrap_or_else(|e| format!("? ({e})"));
             let mut per_node = Vec::new();
+            let mut per_pop = vec![PopCounters::default(); lab.pop_count()];
             for i in 0..lab.nodes.len() {
-                per_node.push(match lab.scrape(i) {
+                let metrics = lab.scrape(i);
+                if let Ok(t) = &metrics {
+                    per_pop[lab.pop_of(i).unwrap_or(0)].add(&lab.node_counters(i, t));
+                }
+                per_node.push(match metrics {
                     Ok(t) => format!(
                         "{}/{}",
                         ACCEPTED.iter().map(|r| packets_counter(&t, r)).sum::<u64>(),
@@ -278,6 +349,9 @@ fn demo(lab: &Lab, args: &Args) -> Result<()> {
                 live.resets.load(Ordering::Relaxed),
                 per_node.join("  ")
             );
+            if lab.opts.pops >= 2 {
+                println!("        {}", pop_view(&per_pop));
+            }
             if let Some(h3) = &h3 {
                 println!("        HTTP/3: {}", h3.view());
             }
@@ -309,7 +383,34 @@ fn demo(lab: &Lab, args: &Args) -> Result<()> {
     if let Some(summary) = h3_summary {
         println!("summary, HTTP/3: {summary}");
     }
+    if lab.opts.pops >= 2 {
+        for (p, c) in lab.pop_counters()?.iter().enumerate() {
+            println!("summary, pop{}: {c}", p + 1);
+        }
+    }
     Ok(())
+}
+
+/// One line of per-PoP counters, summed over each PoP's nodes: packets accepted without a
+/// search, forwarded to another PoP, and the search's starts/pass-ons/accepts/exhausted.
+fn pop_view(per_pop: &[PopCounters]) -> String {
+    let mut line = String::from("per PoP: accepted x-PoP search s/p/a/x:");
+    for (p, c) in per_pop.iter().enumerate() {
+        line.push_str(&format!(
+            "  pop{} {} {} {}/{}/{}/{}",
+            p + 1,
+            c.local_accepts,
+            c.forwarded_cross_pop,
+            c.search_start,
+            c.search_pass_on,
+            c.search_accept,
+            c.search_exhausted
+        ));
+        if c.dropped > 0 {
+            line.push_str(&format!(" DROPPED {}", c.dropped));
+        }
+    }
+    line
 }
 
 /// HTTP/3 downloads beside the TCP ones: batches of `--h3-flows` downloads from the VIP's

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{
     H3_PORT, H3_RESET_KEY, HASH_KEY, LAB_QUIC_LB, Lab, LabNode, METRICS_PORT, PEER_PORT,
-    QuicRouting, UDP_PORT, UNDERLAY_MTU, VIP_V4, VIP_V6,
+    QuicRouting, UDP_PORT, UNDERLAY_MTU, VIP_V4, VIP_V6, pops::pop_name,
 };
 
 pub(super) fn router_bird_config(nodes: usize) -> String {
@@ -65,8 +65,13 @@ pub(super) fn controller_config(lab: &Lab, node: &LabNode, bpffs: &Path) -> Stri
         ctl = node.control.display(),
     );
     for i in 1..=lab.opts.nodes {
+        // With PoPs, each member names its PoP; without, no `pop` key at all (as before PoPs).
+        let pop = lab
+            .pop_of(i - 1)
+            .map(|p| format!("pop = \"{}\"\n", pop_name(p)))
+            .unwrap_or_default();
         c.push_str(&format!(
-            "[[cluster.members]]\nname = \"node{i}\"\nid = {i}\nunderlay = \"10.1.{i}.2\"\n\
+            "[[cluster.members]]\nname = \"node{i}\"\nid = {i}\nunderlay = \"10.1.{i}.2\"\n{pop}\
              sync = \"10.1.{i}.2:{PEER_PORT}\"\n\
              [cluster.members.health]\nkind = \"http\"\nport = {PEER_PORT}\npath = \"/ready\"\n\
              interval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n\n"

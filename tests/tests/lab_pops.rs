@@ -1,0 +1,373 @@
+//! PoPs in the lab (issue #8): 3 PoPs of 2 nodes behind the ECMP router, real BIRD, real
+//! `cdn-steer` on every node, real downloads. A route shift between PoPs is the router
+//! withdrawing every node of a PoP (see `lab/pops.rs`).
+//!
+//! - Steady state: every connection is served in the PoP where it landed (the router's own
+//!   choice, asked per connection with `ip route get`), and no packet crosses a PoP.
+//! - Route shifts between PoPs: flows that land in another PoP are found by the cross-PoP
+//!   search; nothing is reset and no search comes back empty.
+//! - A shift together with drains in the source and the target PoP: nothing is reset.
+//!
+//! The labs are heavy, so the tests of this file run one at a time.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use cdn_tests::{
+    download::{self, Live, Outcome, Spec},
+    lab::{CLIENT_V4, Lab, LabOptions, PopCounters, VIP_V4},
+};
+
+static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const POPS: usize = 3;
+const NODES_PER_POP: usize = 2;
+/// Downloads run this long before the first route change: their flows are established and
+/// sending, not just connected.
+const SETTLE: Duration = Duration::from_secs(2);
+/// How long routes stay as a shift left them before the next change.
+const DWELL: Duration = Duration::from_millis(2500);
+
+fn lab(tag: &str, file_size: usize) -> Result<(std::sync::MutexGuard<'static, ()>, Lab)> {
+    let guard = ONE_LAB_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let lab = Lab::start(LabOptions {
+        nodes: POPS * NODES_PER_POP,
+        pops: POPS,
+        tag: tag.into(),
+        file_size,
+        ..LabOptions::default()
+    })?;
+    Ok((guard, lab))
+}
+
+/// Starts `count` IPv4 downloads at `rate` bytes/s each in the background.
+fn start_downloads(
+    lab: &Lab,
+    count: usize,
+    rate: usize,
+) -> (Arc<Live>, std::thread::JoinHandle<Vec<Outcome>>) {
+    let spec = Spec {
+        vip: lab.vip(false),
+        port: 80,
+        size: lab.opts.file_size,
+        seed: lab.opts.file_seed,
+        rate,
+        timeout: Duration::from_secs(90),
+    };
+    let live = Arc::new(Live::default());
+    let path = lab.client_netns_path();
+    let l = live.clone();
+    let handle = std::thread::spawn(move || download::run_all(&path, count, &spec, l));
+    (live, handle)
+}
+
+fn wait_connected(lab: &Lab, live: &Live, count: usize) -> Result<()> {
+    lab.wait_until(Duration::from_secs(30), "every download to connect", || {
+        Ok(live.connected.load(Ordering::Relaxed) + live.failed.load(Ordering::Relaxed) >= count)
+    })
+}
+
+fn join(handle: std::thread::JoinHandle<Vec<Outcome>>) -> Result<Vec<Outcome>> {
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("download thread panicked"))
+}
+
+/// Prints the downloads' results and fails unless every one completed with the right sha256 and
+/// steering dropped no packet (`total`: the PoPs' counters over the downloads).
+fn all_complete(
+    lab: &Lab,
+    name: &str,
+    outcomes: &[Outcome],
+    total: &PopCounters,
+    started: Instant,
+) -> Result<()> {
+    let ok = outcomes.iter().filter(|o| o.ok).count();
+    let resets = outcomes.iter().filter(|o| o.reset).count();
+    let stall = outcomes
+        .iter()
+        .map(|o| o.longest_stall)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "{name}: {} downloads, {ok} complete with correct sha256, {resets} reset, longest stall \
+         {:.2} s, {:.1} s",
+        outcomes.len(),
+        stall.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    for o in outcomes.iter().filter(|o| !o.ok).take(5) {
+        // node1's lookup shows the flow's bucket chain in every PoP.
+        let chains = lab
+            .steer(
+                0,
+                &[
+                    "lookup",
+                    &format!("{CLIENT_V4}:{}", o.client_port),
+                    &format!("{VIP_V4}:80"),
+                ],
+            )
+            .unwrap_or_else(|e| format!("{e:#}"));
+        eprintln!(
+            "  download {} (port {}, served by {}): {:?}\n    {}",
+            o.id,
+            o.client_port,
+            o.served_by.as_deref().unwrap_or("?"),
+            o.error,
+            chains.trim().replace('\n', " | ")
+        );
+    }
+    ensure!(
+        ok == outcomes.len() && resets == 0,
+        "{name}: {} of {} downloads failed ({resets} reset)\n{}",
+        outcomes.len() - ok,
+        outcomes.len(),
+        lab.diagnostics()
+    );
+    ensure!(
+        total.dropped == 0,
+        "{name}: {} packets dropped by steering (malformed, loop guard, bad encapsulation, ...)",
+        total.dropped
+    );
+    Ok(())
+}
+
+/// Prints every PoP's counters since `before`, and returns their sum.
+fn pop_report(lab: &Lab, name: &str, before: &[PopCounters]) -> Result<PopCounters> {
+    let after = lab.pop_counters()?;
+    let delta: Vec<PopCounters> = after.iter().zip(before).map(|(a, b)| a.since(b)).collect();
+    for (p, c) in delta.iter().enumerate() {
+        eprintln!("{name}: pop{}: {c}", p + 1);
+    }
+    let total = PopCounters::total(&delta);
+    eprintln!("{name}: all PoPs: {total}");
+    Ok(total)
+}
+
+/// The node (index into `nodes`) the router sends the client's TCP connection from `port` to:
+/// the kernel's own multipath choice, asked with `ip route get` and the flow's ports.
+fn landing_node(lab: &Lab, port: u16) -> Result<usize> {
+    let out = lab.router.ip(&[
+        "-4",
+        "route",
+        "get",
+        VIP_V4,
+        "from",
+        CLIENT_V4,
+        "iif",
+        "client",
+        "ipproto",
+        "tcp",
+        "sport",
+        &port.to_string(),
+        "dport",
+        "80",
+    ])?;
+    let dev = out
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .with_context(|| format!("no device in {out:?}"))?;
+    let n: usize = dev
+        .strip_prefix('n')
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("route to a device that is no node: {out:?}"))?;
+    Ok(n - 1)
+}
+
+#[test]
+fn steady_state_every_connection_is_served_in_the_pop_where_it_lands() -> Result<()> {
+    let (_guard, lab) = lab("ps", 256 * 1024)?;
+    for i in 0..lab.nodes.len() {
+        lab.check_pop_status(i)?;
+    }
+    let started = Instant::now();
+    let before = lab.pop_counters()?;
+    let count = 200;
+    let (_live, handle) = start_downloads(&lab, count, 1 << 20);
+    let outcomes = join(handle)?;
+    let total = pop_report(&lab, "steady state", &before)?;
+    all_complete(&lab, "steady state", &outcomes, &total, started)?;
+
+    // Per connection: the PoP of the node that served it is the PoP the router sent it to.
+    let mut landed = BTreeMap::<usize, usize>::new();
+    let mut served_elsewhere = Vec::new();
+    for o in &outcomes {
+        let at = landing_node(&lab, o.client_port)?;
+        let landing_pop = lab.pop_of(at).context("no PoPs")?;
+        *landed.entry(landing_pop).or_default() += 1;
+        let served = o
+            .served_by
+            .as_deref()
+            .and_then(|s| lab.nodes.iter().position(|n| n.name == s))
+            .with_context(|| format!("download {} names no node: {:?}", o.id, o.served_by))?;
+        if lab.pop_of(served) != Some(landing_pop) {
+            served_elsewhere.push((o.client_port, at, served));
+        }
+    }
+    let accepted = total.local_accepts + total.search_accept + total.search_exhausted;
+    let in_pop = accepted.saturating_sub(total.forwarded_cross_pop + total.search_start);
+    eprintln!(
+        "steady state: connections landed per PoP {landed:?}; {} of {count} served in the PoP \
+         where they landed; packets: {accepted} accepted, {} forwarded inside the PoP, {} across \
+         PoPs, {} searches: {:.1} % accepted in the landing PoP, {:.1} % at the landing node",
+        count - served_elsewhere.len(),
+        total.forwarded_in_pop,
+        total.forwarded_cross_pop,
+        total.search_start,
+        100.0 * in_pop as f64 / accepted.max(1) as f64,
+        100.0 * accepted.saturating_sub(total.forwarded_in_pop + total.forwarded_cross_pop) as f64
+            / accepted.max(1) as f64,
+    );
+    ensure!(
+        landed.len() == POPS,
+        "the router sent the 200 connections to only {} PoPs: the test cannot tell",
+        landed.len()
+    );
+    ensure!(
+        served_elsewhere.is_empty(),
+        "{} connections served outside the PoP where they landed (port, landed at, served by): \
+         {:?}",
+        served_elsewhere.len(),
+        &served_elsewhere[..served_elsewhere.len().min(10)]
+    );
+    ensure!(
+        total.forwarded_cross_pop == 0
+            && total.search_start == 0
+            && total.search_pass_on == 0
+            && total.search_accept == 0
+            && total.search_exhausted == 0,
+        "packets crossed PoPs without any route change: {total}"
+    );
+    Ok(())
+}
+
+#[test]
+fn route_shifts_between_pops_reset_no_download() -> Result<()> {
+    let (_guard, lab) = lab("pr", 1 << 20)?;
+    let started = Instant::now();
+    let before = lab.pop_counters()?;
+    let count = 100;
+    // 1 MiB at 32 KiB/s: about 32 s, longer than the five shifts (about 4 s each).
+    let (live, handle) = start_downloads(&lab, count, 32 * 1024);
+    wait_connected(&lab, &live, count)?;
+    std::thread::sleep(SETTLE);
+    // Five shifts: pop1 away; pop1 back while pop2 goes; pop2 back while pop3 goes; pop3 back
+    // while pop1 and pop2 go (everyone lands in pop3); everything back.
+    let shifts: [&[usize]; 5] = [&[0], &[1], &[2], &[0, 1], &[]];
+    for away in shifts {
+        let t = Instant::now();
+        lab.route_pops_away(away)?;
+        eprintln!(
+            "route shifts: PoPs withdrawn {:?} at {:.1} s (routes followed in {:.1} s)",
+            away.iter().map(|p| p + 1).collect::<Vec<_>>(),
+            started.elapsed().as_secs_f64(),
+            t.elapsed().as_secs_f64()
+        );
+        // Packets keep flowing in the new state before the next shift.
+        std::thread::sleep(DWELL);
+    }
+    let finished_early = live.done.load(Ordering::Relaxed);
+    let outcomes = join(handle)?;
+    let total = pop_report(&lab, "route shifts", &before)?;
+    all_complete(&lab, "route shifts", &outcomes, &total, started)?;
+    ensure!(
+        finished_early == 0,
+        "{finished_early} downloads ended before the last shift: the file is too small to span \
+         the shifts"
+    );
+    let searches = total.search_accept + total.search_exhausted;
+    eprintln!(
+        "route shifts: {} searches started, {} pass-ons, {} found ({} exhausted): {:.2} hops per \
+         search on average",
+        total.search_start,
+        total.search_pass_on,
+        total.search_accept,
+        total.search_exhausted,
+        (total.search_start + total.search_pass_on) as f64 / searches.max(1) as f64
+    );
+    ensure!(
+        total.search_accept > 0,
+        "no search found a flow: the shifts moved no flow across PoPs ({total})"
+    );
+    ensure!(
+        total.search_exhausted == 0,
+        "{} searches found no member holding the flow",
+        total.search_exhausted
+    );
+    Ok(())
+}
+
+/// Waits until every node other than `who`'s sees the member `who` (a node name) as `healthy`.
+fn wait_health_seen(lab: &Lab, who: &str, healthy: bool) -> Result<()> {
+    for i in (0..lab.nodes.len()).filter(|&i| lab.nodes[i].name != who) {
+        lab.wait_until(
+            Duration::from_secs(10),
+            &format!("{who} healthy = {healthy} at node{}", i + 1),
+            || {
+                let s = lab.status(i)?;
+                Ok(s["members"]
+                    .as_array()
+                    .and_then(|m| m.iter().find(|m| m["name"] == who))
+                    .is_some_and(|m| m["healthy"] == healthy))
+            },
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_pop_shift_with_drains_in_the_source_and_the_target_pop_resets_nothing() -> Result<()> {
+    let (_guard, lab) = lab("pe", 1 << 20)?;
+    let started = Instant::now();
+    let before = lab.pop_counters()?;
+    let count = 60;
+    // 1 MiB at 40 KiB/s: about 26 s.
+    let (live, handle) = start_downloads(&lab, count, 40 * 1024);
+    wait_connected(&lab, &live, count)?;
+    std::thread::sleep(SETTLE);
+    // node1 (pop1, the source) and node3 (pop2, a target) leave their PoPs' tables by drain
+    // while the router withdraws pop1: pop1's clients land in pop2 and pop3 while both
+    // tables change.
+    lab.steer(0, &["drain"])?;
+    lab.steer(2, &["drain"])?;
+    lab.withdraw_pop_at_router(0)?;
+    lab.wait_for_route_nodes(&[3, 4, 5], Duration::from_secs(15))?;
+    wait_health_seen(&lab, "node1", false)?;
+    wait_health_seen(&lab, "node3", false)?;
+    eprintln!(
+        "everything at once: pop1 withdrawn, node1 and node3 drained at {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    std::thread::sleep(DWELL);
+    // They rejoin while pop1's routes come back: the tables change again under the flows.
+    lab.steer(0, &["undrain"])?;
+    lab.steer(2, &["undrain"])?;
+    lab.restore_pop_at_router(0)?;
+    lab.wait_for_route_nodes(&[0, 1, 2, 3, 4, 5], Duration::from_secs(15))?;
+    wait_health_seen(&lab, "node1", true)?;
+    wait_health_seen(&lab, "node3", true)?;
+    eprintln!(
+        "everything at once: all back at {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let finished_early = live.done.load(Ordering::Relaxed);
+    let outcomes = join(handle)?;
+    let total = pop_report(&lab, "everything at once", &before)?;
+    all_complete(&lab, "everything at once", &outcomes, &total, started)?;
+    ensure!(
+        finished_early == 0,
+        "{finished_early} downloads ended before the changes were over: the file is too small"
+    );
+    ensure!(
+        total.search_accept > 0,
+        "no search found a flow: the shift moved no flow across PoPs ({total})"
+    );
+    Ok(())
+}
