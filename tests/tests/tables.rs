@@ -439,6 +439,26 @@ fn pop_tables_have_slots_of_their_own_swap_together_and_survive_a_restart() -> R
         }
     }
 
+    // A peer's history that names members of another PoP in fra's table (as a fallback or an
+    // older release could leave it): merged, but fra's chains keep fra's members only.
+    let (_, now) = live_pop_tables(&dp, "192.0.2.1", 32)?;
+    let foreign: Vec<Bucket> = now[1]
+        .iter()
+        .map(|b| Bucket {
+            hops: [b.hops[0], 3, 4],
+            _pad: 0,
+        })
+        .collect();
+    ensure!(t.absorb("web@fra", &foreign), "nothing to merge");
+    t.update_pops(&mut dp, &cfg, &all)?;
+    let (_, merged) = live_pop_tables(&dp, "192.0.2.1", 32)?;
+    ensure!(
+        merged[1]
+            .iter()
+            .all(|b| b.hops.iter().all(|h| [1, 2, NO_MEMBER].contains(h))),
+        "a member of ams in fra's chains"
+    );
+
     // The PoPs are dropped from the configuration: the map does not record PoP names, so
     // no table of the two-PoP layout is taken as the one table's history.
     drop(t);

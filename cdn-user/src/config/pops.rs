@@ -66,6 +66,25 @@ impl Config {
         self.pop_index(member.pop.as_deref()) == index
     }
 
+    /// Which member ids PoP `index`'s table may keep in its hop history: that PoP's members
+    /// (every configured member without PoPs, as [`Config::known_ids`]). A chain that strays
+    /// into another PoP would end there, and the search its last hop starts leaves out that
+    /// hop's own PoP, where the flow may live; members' chains would also differ in order
+    /// after gossip merges. So each PoP's chain holds its own members only.
+    pub fn pop_member_ids(&self, index: usize) -> impl Fn(u16) -> bool + use<> {
+        let mut known = vec![false; cdn_common::maps::MAX_MEMBERS as usize];
+        let with_pops = !self.pops().is_empty();
+        for m in &self.cluster.members {
+            if with_pops && !self.in_pop(m, index) {
+                continue;
+            }
+            if let Some(k) = known.get_mut(usize::from(m.id)) {
+                *k = true;
+            }
+        }
+        move |id| known.get(usize::from(id)).copied().unwrap_or(false)
+    }
+
     /// Every steering table's name, service by service, PoP by PoP.
     pub fn table_names(&self) -> Vec<String> {
         let pops = self.pop_slots();

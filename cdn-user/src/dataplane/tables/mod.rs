@@ -261,14 +261,14 @@ impl Tables {
     ) -> Result<(), TableError> {
         let size = self.size;
         let own = cfg.self_pop_index();
-        let known = cfg.known_ids();
         let mut nexts = Vec::with_capacity(names.len());
-        for (name, owners) in names.iter().zip(per_pop) {
+        for (index, (name, owners)) in names.iter().zip(per_pop).enumerate() {
             let Some(table) = self.tables.get_mut(name) else {
                 return Ok(());
             };
             let seed = table.seed.take();
             let previous = seed.as_deref().unwrap_or(table.buckets());
+            let known = cfg.pop_member_ids(index);
             let (next, summary) = history::advance(previous, owners.as_ref(), &known);
             report
                 .owner_changes
