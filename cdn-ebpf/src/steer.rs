@@ -43,6 +43,7 @@ use cdn_common::{
 use crate::{
     auth::verify,
     encap::{Encap, decapsulate, encap_and_send},
+    learned,
     maps::{CONFIG, MEMBER_ADDRS, UNDERLAY_IFACES},
     packet::Frame,
     parse::{
@@ -198,6 +199,21 @@ fn try_ingress(
         entropy: entropy_port(hash),
         flags: 0,
     };
+    // A flow a claim taught this node goes straight to its owner in another PoP (README
+    // "PoPs: learned owners"): searchable flows only, and only for marked buckets.
+    if svc.search_pops != 0
+        && !udp_owner
+        && flow.kind != Kind::IcmpError
+        && !search::is_syn(&flow)
+        && learned::marked(hash.checked_rem(svc.table_size as u64).unwrap_or(0) as u32)
+    {
+        let member = learned::member(ctx, &flow, cfg.self_member);
+        if member != NO_MEMBER && member != cfg.self_member {
+            e.target = member;
+            e.remaining = [NO_MEMBER; 2];
+            return signed(ctx, cfg, &flow, out, e, Reason::LearnedForward);
+        }
+    }
     if hops[0] != cfg.self_member {
         if udp_owner {
             // The owner accepts without looking further: no previous owner to carry.
@@ -412,10 +428,19 @@ fn try_owner_path(
     }
     let reason = match check(ctx, &flow, &ip, draining) {
         Ownership::Ours => {
-            decapsulate(ctx, inner_off, inner_v6)?;
             if sh.flags & SEARCHING != 0 {
-                return Ok(Verdict::pass(Reason::SearchAccept));
+                // The PoP where the search started learns the owner (README "PoPs: learned
+                // owners"); reported before decapsulating, while the flow's offsets hold.
+                let claimed = learned::claim(ctx, &flow, u16::from_be(sh.hops[0]));
+                decapsulate(ctx, inner_off, inner_v6)?;
+                let verdict = Verdict::pass(Reason::SearchAccept);
+                return Ok(if claimed {
+                    verdict
+                } else {
+                    verdict.with_info(Reason::ClaimLost)
+                });
             }
+            decapsulate(ctx, inner_off, inner_v6)?;
             return Ok(Verdict::pass(Reason::OwnerAccept));
         }
         Ownership::NotOurs => Reason::PassedOn,

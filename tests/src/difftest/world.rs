@@ -2,7 +2,7 @@
 //! namespace's interfaces and sockets, and the same state as the model's [`Env`].
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
 };
@@ -394,6 +394,8 @@ pub fn load(rng: &mut StdRng, links: &Links) -> Result<(DataPlane, Env)> {
         steer_auth: false,
         auth_key: auth::derive_key(KEY),
         quic_servers: BTreeMap::new(),
+        learned: BTreeMap::new(),
+        learned_buckets: BTreeSet::new(),
     };
     // Some server IDs name members (this node, members without a next hop or address
     // among them), the others nobody.

@@ -215,6 +215,30 @@ fn ingress(
         flow: flow_fields(&fl),
         search: None,
     };
+    // README "PoPs: learned owners": a searchable flow of a marked bucket with an entry naming
+    // another member goes straight there, carrying no hops.
+    if svc.search_pops != 0
+        && !udp_owner
+        && fl.kind != Kind::IcmpError
+        && !fl.is_syn()
+        && env
+            .learned_buckets
+            .contains(&((hash % svc.table_size as u64) as u32))
+        && let Some(&member) = env.learned.get(&flow_fields(&fl))
+        && member != NO_MEMBER
+        && member != cfg.self_member
+    {
+        e.target = member;
+        e.remaining = [NO_MEMBER; 2];
+        return Ok(encap_and_send(
+            env,
+            rules,
+            f,
+            ifindex,
+            &e,
+            Reason::LearnedForward,
+        ));
+    }
     if hops[0] != cfg.self_member {
         if udp_owner {
             e.remaining = [NO_MEMBER; 2];
