@@ -201,6 +201,8 @@ fn try_ingress(
     };
     // A flow a claim taught this node goes straight to its owner in another PoP (README
     // "PoPs: learned owners"): searchable flows only, and only for marked buckets.
+    // Through the forward below (one call site of the encapsulation, which is inlined).
+    let mut forwarded = forwarded;
     if svc.search_pops != 0
         && !udp_owner
         && flow.kind != Kind::IcmpError
@@ -211,10 +213,10 @@ fn try_ingress(
         if member != NO_MEMBER && member != cfg.self_member {
             e.target = member;
             e.remaining = [NO_MEMBER; 2];
-            return signed(ctx, cfg, &flow, out, e, Reason::LearnedForward);
+            forwarded = Reason::LearnedForward;
         }
     }
-    if hops[0] != cfg.self_member {
+    if e.target != cfg.self_member {
         if udp_owner {
             // The owner accepts without looking further: no previous owner to carry.
             e.remaining = [NO_MEMBER; 2];
