@@ -378,30 +378,48 @@ pub fn learned_key(flow: &Flow) -> FlowKey {
     }
 }
 
-/// The learned-owner maps of the loaded program, opened by name: the controller's
-/// `DataPlane` does not hand them out.
+/// A map of `dp`'s loaded program, opened by name: the controller's `DataPlane` does not hand
+/// out the learned-owner maps.
+pub fn program_map(dp: &mut DataPlane, name: &str) -> Result<aya::maps::MapData> {
+    let ids = dp
+        .program()?
+        .info()?
+        .map_ids()?
+        .context("the kernel lists no maps")?;
+    for id in ids {
+        let data = aya::maps::MapData::from_id(id)?;
+        if data.info()?.name_as_str() == Some(name) {
+            return Ok(data);
+        }
+    }
+    anyhow::bail!("the program has no map {name}")
+}
+
+/// `LEARNED` of `dp`'s program.
+pub fn learned_map(
+    dp: &mut DataPlane,
+) -> Result<aya::maps::HashMap<aya::maps::MapData, FlowKey, Learned>> {
+    let data = program_map(dp, MAP_LEARNED)?;
+    Ok(aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+        data,
+    ))?)
+}
+
+/// `LEARNED_BUCKETS` of `dp`'s program.
+pub fn learned_buckets_map(
+    dp: &mut DataPlane,
+) -> Result<aya::maps::Array<aya::maps::MapData, u32>> {
+    let data = program_map(dp, MAP_LEARNED_BUCKETS)?;
+    Ok(aya::maps::Array::try_from(aya::maps::Map::Array(data))?)
+}
+
 impl Scenario {
     fn program_map(&mut self, name: &str) -> Result<aya::maps::MapData> {
-        let ids = self
-            .dp
-            .program()?
-            .info()?
-            .map_ids()?
-            .context("the kernel lists no maps")?;
-        for id in ids {
-            let data = aya::maps::MapData::from_id(id)?;
-            if data.info()?.name_as_str() == Some(name) {
-                return Ok(data);
-            }
-        }
-        anyhow::bail!("the program has no map {name}")
+        program_map(&mut self.dp, name)
     }
 
     fn learned_map(&mut self) -> Result<aya::maps::HashMap<aya::maps::MapData, FlowKey, Learned>> {
-        let data = self.program_map(MAP_LEARNED)?;
-        Ok(aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
-            data,
-        ))?)
+        learned_map(&mut self.dp)
     }
 
     /// Teaches the data plane that `member` holds `flow` (`None`: forgets the flow). The
@@ -437,9 +455,7 @@ impl Scenario {
 
     /// Sets (or clears) the `LEARNED_BUCKETS` bit of `flow`'s bucket index.
     pub fn set_learned_bit(&mut self, flow: &Flow, on: bool) -> Result<()> {
-        let data = self.program_map(MAP_LEARNED_BUCKETS)?;
-        let mut words: aya::maps::Array<_, u32> =
-            aya::maps::Array::try_from(aya::maps::Map::Array(data))?;
+        let mut words = learned_buckets_map(&mut self.dp)?;
         let bucket = (flow.hash(&KEY) % u64::from(TABLE_SIZE)) as u32;
         let word = words.get(&(bucket / 32), 0)?;
         let bit = 1 << (bucket % 32);
