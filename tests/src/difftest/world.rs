@@ -480,8 +480,9 @@ pub fn load(rng: &mut StdRng, links: &Links) -> Result<(DataPlane, Env)> {
 /// Learned owners (README "PoPs: learned owners"): the live flows (the ones packets hit
 /// most) and a variant of each get a `LEARNED` entry, naming members with a fresh next hop on
 /// either interface, one with a stale one, this node, nobody and member 0. A random half of
-/// the bucket bits is set, and the bits of the entries naming members 2 and 3 always, so that
-/// entries without their bit, bits without an entry and learned forwards all occur.
+/// the bucket bits is set; the bits of the entries naming members 2 and 3 always, those of
+/// members 0 and 6 never (unless shared with the former), so that entries without their bit,
+/// bits without an entry and learned forwards all occur.
 fn learn(dp: &mut DataPlane, env: &mut Env, rng: &mut StdRng) -> Result<()> {
     const OWNERS: [u16; 8] = [2, 3, 7, SELF_ID, 0, NO_MEMBER, 6, 4];
     let mut learned = crate::scenario::learned_map(dp)?;
@@ -491,6 +492,8 @@ fn learn(dp: &mut DataPlane, env: &mut Env, rng: &mut StdRng) -> Result<()> {
             word |= 1 << bucket;
         }
     }
+    // Bits always set (learned forwards) and always clear (entries the bit hides).
+    let (mut set, mut clear) = (0u32, 0u32);
     let flows = live_flows()
         .into_iter()
         .flat_map(|f| [443, 80].map(|dport| Flow { dport, ..f }));
@@ -516,13 +519,17 @@ fn learn(dp: &mut DataPlane, env: &mut Env, rng: &mut StdRng) -> Result<()> {
             (flow.src, flow.dst, flow.sport, flow.dport, flow.proto),
             member,
         );
-        if member == 2 || member == 3 {
-            let (_, hash) = env
-                .bucket_index(&flow)
-                .context("live flow without a table")?;
-            word |= 1 << (hash % u64::from(TABLE));
+        let (_, hash) = env
+            .bucket_index(&flow)
+            .context("live flow without a table")?;
+        let bit = 1 << (hash % u64::from(TABLE));
+        match member {
+            2 | 3 => set |= bit,
+            0 | 6 => clear |= bit,
+            _ => {}
         }
     }
+    word = (word & !clear) | set;
     env.learned_buckets = (0..TABLE).filter(|b| word & 1 << b != 0).collect();
     let mut words = crate::scenario::learned_buckets_map(dp)?;
     words.set(0, word, 0)?;
