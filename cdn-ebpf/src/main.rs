@@ -6,6 +6,7 @@
 mod auth;
 mod bench;
 mod encap;
+mod learned;
 mod maps;
 mod packet;
 mod parse;

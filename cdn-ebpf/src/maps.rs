@@ -3,13 +3,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use cdn_common::{
     counters::COUNTER_SLOTS,
     maps::{
-        Bucket, MAX_MEMBERS, MAX_SERVICES, MAX_UNDERLAY_IFACES, Member, MemberAddr, MemberStats,
-        NextHop, NodeConfig, QuicServer, Service,
+        Bucket, CLAIM_RING_BYTES, FlowKey, LEARNED_BUCKET_WORDS, Learned, MAX_LEARNED, MAX_MEMBERS,
+        MAX_SERVICES, MAX_UNDERLAY_IFACES, Member, MemberAddr, MemberStats, NextHop, NodeConfig,
+        QuicServer, Service,
     },
     quic_lb::QUIC_SERVER_IDS,
     trace::{TRACE_RING_BYTES, TraceFilter},
@@ -78,6 +79,21 @@ pub static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
 /// Trace events lost because the ring was full, per CPU: the controller reports them.
 #[map(name = "TRACE_LOST")]
 pub static TRACE_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Flows a claim taught this node -> their member (`learned`), written by the controller.
+/// Named `cdn_common::maps::MAP_LEARNED`.
+#[map(name = "LEARNED")]
+pub static LEARNED: LruHashMap<FlowKey, Learned> = LruHashMap::with_max_entries(MAX_LEARNED, 0);
+
+/// One bit per bucket index: set while `LEARNED` holds a flow of that bucket, so that other
+/// packets skip the hash lookup. Named `cdn_common::maps::MAP_LEARNED_BUCKETS`.
+#[map(name = "LEARNED_BUCKETS")]
+pub static LEARNED_BUCKETS: Array<u32> = Array::with_max_entries(LEARNED_BUCKET_WORDS, 0);
+
+/// Searches this node accepted, for the controller to claim. Named
+/// `cdn_common::maps::MAP_CLAIM_EVENTS`.
+#[map(name = "CLAIM_EVENTS")]
+pub static CLAIM_EVENTS: RingBuf = RingBuf::with_byte_size(CLAIM_RING_BYTES, 0);
 
 /// Bumps one slot of `COUNTERS`; only `verdict::finish` calls it.
 #[inline(always)]

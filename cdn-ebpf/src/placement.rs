@@ -105,9 +105,17 @@ pub fn bucket_of(
         return Err(Reason::NoRoute);
     }
     let hash = flow_hash(cfg, frame, flow)?;
-    let index = svc.table_offset + (hash % svc.table_size as u64) as u32;
-    let hops = TABLE.get(index).ok_or(Reason::NoRoute)?.hops;
-    Ok((hash, hops))
+    Ok((hash, hops_of(svc, hash)?))
+}
+
+/// The hops of the bucket of a flow with hash `hash` in this node's table.
+#[inline(always)]
+pub fn hops_of(svc: &Service, hash: u64) -> Result<[u16; 3], Reason> {
+    let bucket = hash
+        .checked_rem(svc.table_size as u64)
+        .ok_or(Reason::NoRoute)?;
+    let index = svc.table_offset + bucket as u32;
+    Ok(TABLE.get(index).ok_or(Reason::NoRoute)?.hops)
 }
 
 /// `encapsulate`, with the MAC the header will carry if `steer_auth` is on.

@@ -43,13 +43,14 @@ use cdn_common::{
 use crate::{
     auth::verify,
     encap::{Encap, decapsulate, encap_and_send},
+    learned,
     maps::{CONFIG, MEMBER_ADDRS, UNDERLAY_IFACES},
     packet::Frame,
     parse::{
         Kind, L2, dst_addr_off, member_key, parse_flow, parse_ip, parse_l2, peek_udp_dport,
         require_ip_header,
     },
-    placement::{bucket_of, serves, service, signed},
+    placement::{bucket_of, flow_hash, hops_of, serves, service, signed},
     quic::{self, is_quic},
     search,
     sockets::{Ownership, check},
@@ -184,7 +185,33 @@ fn try_ingress(
         }
     };
     let udp_owner = flow.kind == Kind::Udp && svc.flags & SERVICE_UDP_OWNER != 0;
-    let (hash, hops) = bucket_of(cfg, frame, &flow, svc)?;
+    let hash = flow_hash(cfg, frame, &flow)?;
+    // A flow a claim taught this node goes straight to its owner in another PoP (README
+    // "PoPs: learned owners"): searchable flows only, and only for marked buckets. Before the
+    // table is read, so that the common path keeps nothing across the lookup's call.
+    if svc.search_pops != 0
+        && !udp_owner
+        && flow.kind != Kind::IcmpError
+        && !search::is_syn(&flow)
+        && let Some(bucket) = hash.checked_rem(svc.table_size as u64)
+        && learned::marked(bucket as u32)
+    {
+        let member = learned::member(ctx, &flow, cfg.self_member);
+        if member != NO_MEMBER && member != cfg.self_member {
+            let e = Encap {
+                inner_off: l2.l3_off,
+                inner_len: ip.ip_len,
+                inner_v6: l2.v6,
+                target: member,
+                remaining: [NO_MEMBER; 2],
+                budget: cfg.hop_budget,
+                entropy: entropy_port(hash),
+                flags: 0,
+            };
+            return signed(ctx, cfg, &flow, out, e, Reason::LearnedForward);
+        }
+    }
+    let hops = hops_of(svc, hash)?;
     if hops[0] == NO_MEMBER {
         return Err(Reason::NoRoute);
     }
@@ -412,10 +439,19 @@ fn try_owner_path(
     }
     let reason = match check(ctx, &flow, &ip, draining) {
         Ownership::Ours => {
-            decapsulate(ctx, inner_off, inner_v6)?;
             if sh.flags & SEARCHING != 0 {
-                return Ok(Verdict::pass(Reason::SearchAccept));
+                // The PoP where the search started learns the owner (README "PoPs: learned
+                // owners"); reported before decapsulating, while the flow's offsets hold.
+                let claimed = learned::claim(ctx, &flow, u16::from_be(sh.hops[0]));
+                decapsulate(ctx, inner_off, inner_v6)?;
+                let verdict = Verdict::pass(Reason::SearchAccept);
+                return Ok(if claimed {
+                    verdict
+                } else {
+                    verdict.with_info(Reason::ClaimLost)
+                });
             }
+            decapsulate(ctx, inner_off, inner_v6)?;
             return Ok(Verdict::pass(Reason::OwnerAccept));
         }
         Ownership::NotOurs => Reason::PassedOn,

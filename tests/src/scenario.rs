@@ -12,8 +12,8 @@ use anyhow::{Context as _, Result};
 use cdn_common::{
     counters::{Action, Reason},
     maps::{
-        Bucket, Link, NO_MEMBER, NODE_READY, NodeConfig, SERVICE_QUIC, SERVICE_TCP, SERVICE_UDP,
-        Service,
+        Bucket, FlowKey, Learned, Link, MAP_CLAIM_EVENTS, MAP_LEARNED, MAP_LEARNED_BUCKETS,
+        NO_MEMBER, NODE_READY, NodeConfig, SERVICE_QUIC, SERVICE_TCP, SERVICE_UDP, Service,
     },
     quic_lb::QuicLbConfig,
 };
@@ -359,6 +359,114 @@ impl Scenario {
             out,
             counted,
         })
+    }
+}
+
+/// `flow` as `LEARNED` keys it (README "PoPs: learned owners").
+pub fn learned_key(flow: &Flow) -> FlowKey {
+    let mapped = |a: IpAddr| match a {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    FlowKey {
+        client: mapped(flow.src),
+        vip: mapped(flow.dst),
+        client_port: flow.sport.to_be(),
+        vip_port: flow.dport.to_be(),
+        proto: if flow.udp { 17 } else { 6 },
+        _pad: [0; 3],
+    }
+}
+
+/// A map of `dp`'s loaded program, opened by name: the controller's `DataPlane` does not hand
+/// out the learned-owner maps.
+pub fn program_map(dp: &mut DataPlane, name: &str) -> Result<aya::maps::MapData> {
+    let ids = dp
+        .program()?
+        .info()?
+        .map_ids()?
+        .context("the kernel lists no maps")?;
+    for id in ids {
+        let data = aya::maps::MapData::from_id(id)?;
+        if data.info()?.name_as_str() == Some(name) {
+            return Ok(data);
+        }
+    }
+    anyhow::bail!("the program has no map {name}")
+}
+
+/// `LEARNED` of `dp`'s program.
+pub fn learned_map(
+    dp: &mut DataPlane,
+) -> Result<aya::maps::HashMap<aya::maps::MapData, FlowKey, Learned>> {
+    let data = program_map(dp, MAP_LEARNED)?;
+    Ok(aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+        data,
+    ))?)
+}
+
+/// `LEARNED_BUCKETS` of `dp`'s program.
+pub fn learned_buckets_map(
+    dp: &mut DataPlane,
+) -> Result<aya::maps::Array<aya::maps::MapData, u32>> {
+    let data = program_map(dp, MAP_LEARNED_BUCKETS)?;
+    Ok(aya::maps::Array::try_from(aya::maps::Map::Array(data))?)
+}
+
+impl Scenario {
+    fn program_map(&mut self, name: &str) -> Result<aya::maps::MapData> {
+        program_map(&mut self.dp, name)
+    }
+
+    fn learned_map(&mut self) -> Result<aya::maps::HashMap<aya::maps::MapData, FlowKey, Learned>> {
+        learned_map(&mut self.dp)
+    }
+
+    /// Teaches the data plane that `member` holds `flow` (`None`: forgets the flow). The
+    /// bucket bit is left alone: see [`Scenario::set_learned_bit`].
+    pub fn set_learned(&mut self, flow: &Flow, member: Option<u16>) -> Result<()> {
+        let mut map = self.learned_map()?;
+        let key = learned_key(flow);
+        match member {
+            Some(member) => map.insert(
+                key,
+                Learned {
+                    member,
+                    ..Learned::default()
+                },
+                0,
+            )?,
+            None => match map.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            },
+        }
+        Ok(())
+    }
+
+    /// The `LEARNED` entry of `flow`, if there is one.
+    pub fn learned(&mut self, flow: &Flow) -> Result<Option<Learned>> {
+        match self.learned_map()?.get(&learned_key(flow), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sets (or clears) the `LEARNED_BUCKETS` bit of `flow`'s bucket index.
+    pub fn set_learned_bit(&mut self, flow: &Flow, on: bool) -> Result<()> {
+        let mut words = learned_buckets_map(&mut self.dp)?;
+        let bucket = (flow.hash(&KEY) % u64::from(TABLE_SIZE)) as u32;
+        let word = words.get(&(bucket / 32), 0)?;
+        let bit = 1 << (bucket % 32);
+        words.set(bucket / 32, if on { word | bit } else { word & !bit }, 0)?;
+        Ok(())
+    }
+
+    /// The claim ring (`CLAIM_EVENTS`), for a test to read its events.
+    pub fn claim_events(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        let data = self.program_map(MAP_CLAIM_EVENTS)?;
+        Ok(aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(data))?)
     }
 }
 

@@ -36,12 +36,13 @@ use cdn_tests::{
 const UNREACHABLE_IN_TEST_RUN: [Reason; 1] = [Reason::EncapFailed];
 
 /// Verdicts of the cross-PoP search, which `pop_search.rs` covers for both families (its
-/// namespace holds the connection a search finds).
-const COVERED_BY_POP_SEARCH: [Reason; 4] = [
+/// namespace holds the connection a search finds), and of learned owners (`pop_learned.rs`).
+const COVERED_BY_POP_SEARCH: [Reason; 5] = [
     Reason::SearchStart,
     Reason::SearchPassOn,
     Reason::SearchAccept,
     Reason::SearchExhausted,
+    Reason::LearnedForward,
 ];
 
 /// What the frame must look like after the run.

@@ -72,6 +72,8 @@ fn program_agrees_with_the_model_on_a_million_frames() -> Result<()> {
         "auth_failed/drop",
         "redirected_syn_accept/pass",
         "search_start/tx",
+        "learned_forward/tx",
+        "learned_forward/redirect",
         "search_pass_on/tx",
         "search_accept/pass",
         "search_exhausted/pass",

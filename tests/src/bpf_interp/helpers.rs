@@ -24,6 +24,9 @@ pub const SK_LOOKUP_TCP: u32 = 84;
 pub const SK_LOOKUP_UDP: u32 = 85;
 pub const SK_RELEASE: u32 = 86;
 pub const SKC_LOOKUP_TCP: u32 = 99;
+pub const RINGBUF_RESERVE: u32 = 131;
+pub const RINGBUF_SUBMIT: u32 = 132;
+pub const RINGBUF_DISCARD: u32 = 133;
 pub const TCP_CHECK_SYNCOOKIE: u32 = 100;
 pub const KTIME_GET_BOOT_NS: u32 = 125;
 pub const KTIME_GET_COARSE_NS: u32 = 160;
@@ -46,6 +49,9 @@ pub fn name(id: u32) -> &'static str {
         SK_LOOKUP_UDP => "sk_lookup_udp",
         SK_RELEASE => "sk_release",
         SKC_LOOKUP_TCP => "skc_lookup_tcp",
+        RINGBUF_RESERVE => "ringbuf_reserve",
+        RINGBUF_SUBMIT => "ringbuf_submit",
+        RINGBUF_DISCARD => "ringbuf_discard",
         TCP_CHECK_SYNCOOKIE => "tcp_check_syncookie",
         KTIME_GET_BOOT_NS => "ktime_get_boot_ns",
         KTIME_GET_COARSE_NS => "ktime_get_coarse_ns",
@@ -181,6 +187,8 @@ impl Machine<'_> {
             SK_LOOKUP_TCP | SKC_LOOKUP_TCP => self.sk_lookup(id, Proto::Tcp, [r1, r2, r3, r5]),
             SK_LOOKUP_UDP => self.sk_lookup(id, Proto::Udp, [r1, r2, r3, r5]),
             SK_RELEASE => self.sk_release(r1),
+            RINGBUF_RESERVE => self.ringbuf_reserve(r1, r2, r3),
+            RINGBUF_SUBMIT | RINGBUF_DISCARD => self.ringbuf_commit(id, r1, r2),
             TCP_CHECK_SYNCOOKIE => {
                 self.expect_socket(id, r1)?;
                 if !matches!(r3, 20 | 40) || r5 < 20 {
@@ -338,6 +346,46 @@ impl Machine<'_> {
                 Ok(0)
             }
         }
+    }
+
+    /// `bpf_ringbuf_reserve(map, size, flags)`: a fresh zeroed record the program writes in
+    /// place. The ring is never full here (the kernel's ring is not touched: the run leaves
+    /// the maps as configured), so a path that reports an event always gets its record.
+    fn ringbuf_reserve(&mut self, handle: u64, size: u64, flags: u64) -> Result<u64, InterpError> {
+        let map = self.map_of(RINGBUF_RESERVE, handle)?;
+        let is_ring = self
+            .env
+            .maps
+            .0
+            .get(map)
+            .and_then(Option::as_ref)
+            .is_some_and(|k| k.map_type == aya::maps::MapType::RingBuf);
+        if !is_ring {
+            return Err(self.err(RINGBUF_RESERVE, "map is not a loaded ring buffer"));
+        }
+        if flags != 0 || size == 0 || size > 1 << 20 {
+            return Err(self.err(RINGBUF_RESERVE, format!("size {size}, flags {flags:#x}")));
+        }
+        let region = self
+            .mem
+            .alloc(Kind::RingRecord(map), vec![0; size as usize], true);
+        self.held.push(region);
+        Ok(self.mem.pointer(region, 0))
+    }
+
+    /// `bpf_ringbuf_submit`/`bpf_ringbuf_discard(data, flags)`: ends the record's life (the
+    /// verifier insists every reserved record is released, like a socket).
+    fn ringbuf_commit(&mut self, id: u32, data: u64, flags: u64) -> Result<u64, InterpError> {
+        let region = match self.mem.locate(data) {
+            Some((r, 0, Kind::RingRecord(_))) if self.mem.is_live(r) => r,
+            _ => return Err(self.err(id, "argument is not a reserved ring record")),
+        };
+        if flags != 0 {
+            return Err(self.err(id, format!("flags {flags:#x}")));
+        }
+        self.mem.kill(region);
+        self.held.retain(|r| *r != region);
+        Ok(0)
     }
 
     fn expect_socket(&self, id: u32, sk: u64) -> Result<usize, InterpError> {

@@ -35,6 +35,8 @@ pub enum Kind {
     MapValue(usize),
     /// A `struct bpf_sock` returned by a socket lookup.
     Socket,
+    /// A record reserved in a ring buffer map, until it is submitted or discarded.
+    RingRecord(usize),
 }
 
 struct Region {

@@ -226,6 +226,20 @@ fn paths(s: &mut Scenario) -> Result<(Vec<BenchPath>, BenchFlows)> {
             free
         })
         .context("a free bucket for the search paths")?;
+    // A flow a claim taught this node (README "PoPs: learned owners"): member 4 holds it,
+    // while this PoP's table names member 2; its bucket's bit is set, and no other path's
+    // flow shares the bucket.
+    let learned = (44000..45000)
+        .map(|sport| Flow::tcp(CLIENT_V4, sport, VIP_POPS, 443))
+        .find(|f| {
+            let b = s.bucket_index(f);
+            let free = !used.contains(&b);
+            if free {
+                used.push(b);
+            }
+            free
+        })
+        .context("a free bucket for the learned flow")?;
     let mut udp_flow = |vip: &str| -> Result<Flow> {
         (42000..43000)
             .map(|sport| Flow::udp(CLIENT_V4, sport, vip, 443))
@@ -256,6 +270,9 @@ fn paths(s: &mut Scenario) -> Result<(Vec<BenchPath>, BenchFlows)> {
     s.set_hops(&searched, &[SELF_ID])?;
     s.set_pop_hops(1, &searched, &[2])?;
     s.set_pop_hops(2, &searched, &[4])?;
+    s.set_hops(&learned, &[2, 5])?;
+    s.set_learned(&learned, Some(4))?;
+    s.set_learned_bit(&learned, true)?;
     let cid = quic_cid(&QUIC_BENCH, QUIC_SERVER, 7);
     let steered = |flow: &Flow, hops: &[u16]| -> Result<Vec<u8>> {
         let inner = padded(|n| {
@@ -354,6 +371,11 @@ fn paths(s: &mut Scenario) -> Result<(Vec<BenchPath>, BenchFlows)> {
             "search accept (socket lookup, decap)",
             search(&established)?,
             xdp::PASS,
+        ),
+        path(
+            "learned forward (claimed flow -> its PoP)",
+            plain(&learned, Tcp::ACK),
+            xdp::TX,
         ),
         path(
             "QUIC short header, CID -> other member",

@@ -2,7 +2,7 @@
 //! namespace's interfaces and sockets, and the same state as the model's [`Env`].
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
 };
@@ -394,6 +394,8 @@ pub fn load(rng: &mut StdRng, links: &Links) -> Result<(DataPlane, Env)> {
         steer_auth: false,
         auth_key: auth::derive_key(KEY),
         quic_servers: BTreeMap::new(),
+        learned: BTreeMap::new(),
+        learned_buckets: BTreeSet::new(),
     };
     // Some server IDs name members (this node, members without a next hop or address
     // among them), the others nobody.
@@ -470,6 +472,66 @@ pub fn load(rng: &mut StdRng, links: &Links) -> Result<(DataPlane, Env)> {
         env.table[index] = Bucket { hops, _pad: 0 };
     }
     dp.write_buckets(0, &env.table)?;
+    learn(&mut dp, &mut env, rng)?;
     dp.write_config(&env.cfg)?;
     Ok((dp, env))
+}
+
+/// Learned owners (README "PoPs: learned owners"): the live flows (the ones packets hit
+/// most) and a variant of each get a `LEARNED` entry, naming members with a fresh next hop on
+/// either interface, one with a stale one, this node, nobody and member 0. A random half of
+/// the bucket bits is set; the bits of the entries naming members 2 and 3 always, those of
+/// members 0 and 6 never (unless shared with the former), so that entries without their bit,
+/// bits without an entry and learned forwards all occur.
+fn learn(dp: &mut DataPlane, env: &mut Env, rng: &mut StdRng) -> Result<()> {
+    const OWNERS: [u16; 8] = [2, 3, 7, SELF_ID, 0, NO_MEMBER, 6, 4];
+    let mut learned = crate::scenario::learned_map(dp)?;
+    let mut word = 0u32;
+    for bucket in 0..TABLE {
+        if rng.random_range(0..2) == 0 {
+            word |= 1 << bucket;
+        }
+    }
+    // Bits always set (learned forwards) and always clear (entries the bit hides).
+    let (mut set, mut clear) = (0u32, 0u32);
+    let flows = live_flows()
+        .into_iter()
+        .flat_map(|f| [443, 80].map(|dport| Flow { dport, ..f }));
+    for (flow, member) in flows.zip(OWNERS) {
+        let mapped = |a: IpAddr| match a {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        };
+        let key = cdn_common::maps::FlowKey {
+            client: mapped(flow.src),
+            vip: mapped(flow.dst),
+            client_port: flow.sport.to_be(),
+            vip_port: flow.dport.to_be(),
+            proto: flow.proto,
+            _pad: [0; 3],
+        };
+        let value = cdn_common::maps::Learned {
+            member,
+            ..Default::default()
+        };
+        learned.insert(key, value, 0)?;
+        env.learned.insert(
+            (flow.src, flow.dst, flow.sport, flow.dport, flow.proto),
+            member,
+        );
+        let (_, hash) = env
+            .bucket_index(&flow)
+            .context("live flow without a table")?;
+        let bit = 1 << (hash % u64::from(TABLE));
+        match member {
+            2 | 3 => set |= bit,
+            0 | 6 => clear |= bit,
+            _ => {}
+        }
+    }
+    word = (word & !clear) | set;
+    env.learned_buckets = (0..TABLE).filter(|b| word & 1 << b != 0).collect();
+    let mut words = crate::scenario::learned_buckets_map(dp)?;
+    words.set(0, word, 0)?;
+    Ok(())
 }

@@ -20,7 +20,7 @@ pub mod steer;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
 };
 
@@ -137,7 +137,15 @@ pub struct Env {
     pub auth_key: [u64; 2],
     /// `QUIC_SERVERS`: QUIC-LB server ID -> member, the entries that are set.
     pub quic_servers: BTreeMap<u32, u16>,
+    /// `LEARNED`: (client, VIP, client port, VIP port, protocol) -> member (README "PoPs:
+    /// learned owners").
+    pub learned: BTreeMap<LearnedKey, u16>,
+    /// `LEARNED_BUCKETS`: the bucket indexes whose bit is set.
+    pub learned_buckets: BTreeSet<u32>,
 }
+
+/// A flow as `LEARNED` keys it: client address, VIP, client port, VIP port, protocol.
+pub type LearnedKey = (IpAddr, IpAddr, u16, u16, u8);
 
 /// A verdict's reason: one of the program's, or one the steering-trust rules add (spec §6)
 /// that `cdn_common::counters::Reason` does not have yet.

@@ -155,6 +155,25 @@ fn flow_fields(fl: &Flow) -> (IpAddr, IpAddr, u16, u16, u8) {
     (fl.src, fl.dst, fl.sport, fl.dport, fl.proto)
 }
 
+/// The member `LEARNED` names for a searchable flow of a service with PoPs whose bucket bit
+/// is set, unless that is nobody or this node.
+fn learned_owner(env: &Env, svc: &Service, fl: &Flow, udp_owner: bool) -> Option<u16> {
+    if svc.search_pops == 0
+        || svc.table_size == 0
+        || udp_owner
+        || fl.kind == Kind::IcmpError
+        || fl.is_syn()
+    {
+        return None;
+    }
+    let bucket = flow_hash(env.cfg.hash_key, fl) % u64::from(svc.table_size);
+    if !env.learned_buckets.contains(&(bucket as u32)) {
+        return None;
+    }
+    let member = *env.learned.get(&flow_fields(fl))?;
+    (member != NO_MEMBER && member != env.cfg.self_member).then_some(member)
+}
+
 /// A client packet to a VIP.
 fn ingress(
     env: &Env,
@@ -198,6 +217,31 @@ fn ingress(
         _ => Reason::Forwarded,
     };
     let udp_owner = fl.kind == Kind::Udp && svc.flags & SERVICE_UDP_OWNER != 0;
+    // README "PoPs: learned owners": a searchable flow of a marked bucket with an entry naming
+    // another member goes straight there, carrying no hops, whatever the table says.
+    if let Some(member) = learned_owner(env, svc, &fl, udp_owner) {
+        let hash = flow_hash(env.cfg.hash_key, &fl);
+        let e = Encap {
+            inner_off: l3,
+            inner_len: ip.len,
+            inner_v6: v6,
+            target: member,
+            remaining: [NO_MEMBER; 2],
+            budget: env.cfg.hop_budget,
+            entropy: entropy_port(hash),
+            extra_flags: 0,
+            flow: flow_fields(&fl),
+            search: None,
+        };
+        return Ok(encap_and_send(
+            env,
+            rules,
+            f,
+            ifindex,
+            &e,
+            Reason::LearnedForward,
+        ));
+    }
     let (hash, hops) = bucket(env, svc, &fl)?;
     if hops[0] == NO_MEMBER {
         return Err(Reason::NoRoute.into());

@@ -79,6 +79,8 @@ fn env(owner: &[u16]) -> Env {
         steer_auth: false,
         auth_key: auth::derive_key([7, 8]),
         quic_servers: BTreeMap::new(),
+        learned: BTreeMap::new(),
+        learned_buckets: Default::default(),
     }
 }
 
