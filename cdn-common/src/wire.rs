@@ -23,13 +23,30 @@ pub const STEER_VERSION_AUTH: u8 = 2;
 ///
 /// - `hop_count` is the set of PoPs still to search after the addressee's own PoP (bit `i`:
 ///   the PoP of index `i`, see `cdn_common::maps::MAX_POPS`);
-/// - `hops[0]` is the member that started the search (network order), `hops[1]` is zero.
+/// - `hops[0]` is the member that started the search (network order);
+/// - `hops[1]` is the walk's position in the addressee's PoP chain for the flow's bucket
+///   (network order): the index it is asked as ([`STEER_SEARCH_POS_INDEX`], 0..=2) and
+///   whether a node already redirected the search at that index
+///   ([`STEER_SEARCH_POS_REDIRECTED`]). Any other bit, or index 3, is `bad_encap`.
 ///
-/// The addressee accepts the packet if it holds the flow. Otherwise it passes it on along its
-/// own PoP's hop chain for the flow's bucket (it finds itself in that chain), and once that
-/// chain is done, to the current owner of the lowest PoP left in the set. With the set empty,
-/// it accepts. Nodes of earlier releases drop it as an unknown version (`bad_encap`).
+/// The addressee accepts the packet if it holds the flow. Otherwise, if its own view of the
+/// chain names another member at that index and nobody redirected there yet, it redirects the
+/// search to that member at the same index (views differ for a moment: the sender's may be
+/// stale). Else it passes it on to the next member of its chain after that index (neither
+/// missing nor itself), and once the chain is done, to the current owner of the lowest PoP
+/// left in the set, at index 0. With the set empty, it accepts. The position is carried, not
+/// found again by each receiver in its own view, so that views that order the chain
+/// differently can neither skip a member nor bounce the search between two: the index only
+/// grows, redirected once per index. Nodes of earlier releases drop it as an unknown version
+/// (`bad_encap`).
 pub const STEER_VERSION_SEARCH: u8 = 3;
+
+/// A search header's `hops[1]` (host order): the chain index the addressee is asked as.
+pub const STEER_SEARCH_POS_INDEX: u16 = 0x0003;
+
+/// A search header's `hops[1]` (host order): the search was already redirected at this index
+/// once; it is not redirected there again.
+pub const STEER_SEARCH_POS_REDIRECTED: u16 = 0x8000;
 
 /// A search header followed by a MAC, as [`STEER_VERSION_AUTH`] is to [`STEER_VERSION`].
 pub const STEER_VERSION_SEARCH_AUTH: u8 = 4;
@@ -64,7 +81,7 @@ pub struct SteerHeader {
     /// How many entries of `hops` are valid (0..=2). In a search header: the PoPs left.
     pub hop_count: u8,
     /// Member ids (network order) to try after the addressee, in order. In a search header:
-    /// the member that started the search, and zero.
+    /// the member that started the search, and the walk's position.
     pub hops: [u16; STEER_MAX_REMAINING],
 }
 

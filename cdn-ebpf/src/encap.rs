@@ -84,9 +84,10 @@ impl Encap {
     }
 
     /// The search header (README "PoPs"; version 3, the writer sets 4 when it appends the
-    /// MAC) of a search's `Encap`, whose `remaining` holds the member that started the search
-    /// and the PoPs left to search (as `u16`): the header carries them as `hops[0]` and
-    /// `hop_count`. The same fields rather than new ones: the steady-state paths build and
+    /// MAC) of a search's `Encap`, whose `remaining` holds the header's two hop slots (the
+    /// member that started the search, the walk's position) and whose `flags` holds the PoPs
+    /// left to search (the header's `hop_count`; its only flag, the inner family, comes from
+    /// `inner_v6`). The same fields rather than new ones: the steady-state paths build and
     /// write their `Encap` exactly as before.
     #[inline(always)]
     pub fn search_header(&self) -> SteerHeader {
@@ -94,8 +95,8 @@ impl Encap {
             version: STEER_VERSION_SEARCH,
             flags: if self.inner_v6 { STEER_INNER_V6 } else { 0 },
             hop_budget: self.budget,
-            hop_count: self.remaining[1] as u8,
-            hops: [self.remaining[0].to_be(), 0],
+            hop_count: self.flags,
+            hops: [self.remaining[0].to_be(), self.remaining[1].to_be()],
         }
     }
 

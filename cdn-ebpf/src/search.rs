@@ -4,8 +4,10 @@
 //! no member of the PoP where it landed holds (its hop chain is done) is not a new connection
 //! that landed here but one that started in another PoP before a route changed. It is sent to
 //! the flow's current owner in the lowest other PoP, with a version-3 header whose `hop_count`
-//! is the set of PoPs still to try. Each addressee accepts it if it holds the flow, or passes
-//! it on along its own PoP's chain for the bucket, then to the owner of the next PoP left.
+//! is the set of PoPs still to try, and whose `hops[1]` is the walk's position in the
+//! addressee's PoP chain for the bucket. Each addressee accepts it if it holds the flow, or
+//! redirects it once to the member its own view names at that position, or passes it on to
+//! the next member of its chain after that position, then to the owner of the next PoP left.
 //!
 //! The paths decide *whether* to search (a test of `Service::search_pops` where the last hop
 //! used to accept, and a search header's own checks on the owner path, which also accepts a
@@ -21,7 +23,10 @@ use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
 use cdn_common::{
     counters::Reason,
     maps::{MAX_POPS, NO_MEMBER, NodeConfig, Service},
-    wire::{STEER_INNER_V6, STEER_MAC_LEN, STEER_VERSION_SEARCH, SteerHeader, entropy_port},
+    wire::{
+        STEER_INNER_V6, STEER_MAC_LEN, STEER_SEARCH_POS_INDEX, STEER_SEARCH_POS_REDIRECTED,
+        STEER_VERSION_SEARCH, SteerHeader, entropy_port,
+    },
 };
 
 use crate::{
@@ -125,8 +130,9 @@ pub fn pack(inner_off: usize, inner_v6: bool, version: u8) -> u64 {
 ///   hold: a search is started (`SearchStart`), or, for a new connection or with no other
 ///   PoP naming an owner, it is accepted as before (`LastHopAccept`);
 /// - a search header (version 3/4, checked and verified by the caller): accepted here if
-///   this node holds the flow (`SearchAccept`), else passed on (`SearchPassOn`: along this
-///   PoP's chain first, then to the next PoP), else accepted as the end of the search
+///   this node holds the flow (`SearchAccept`), else passed on (`SearchPassOn`: to whom this
+///   node's view names at the header's position, once; along this PoP's chain after that
+///   position; then to the next PoP), else accepted as the end of the search
 ///   (`SearchExhausted`).
 #[inline(never)]
 pub fn search(ctx: *mut xdp_md, cfg: &NodeConfig, out: &mut Encap, packed: u64) -> Verdict {
@@ -195,22 +201,30 @@ fn try_search(
     let (hash, own) = bucket_of(cfg, &frame, &flow, svc)?;
     let bucket = bucket(svc, hash);
     let me = cfg.self_member;
-    let (target, pops, budget, reason) = if searching {
-        // Where this node stands in its own PoP's chain; a node missing from it (a view
-        // that differs from the sender's) starts at the PoP's owner.
-        let next_local = if own[0] == me {
-            own[1]
-        } else if own[1] == me {
-            own[2]
-        } else if own[2] == me {
-            NO_MEMBER
-        } else {
+    let (target, pops, pos, budget, reason) = if searching {
+        // The index of this PoP's chain the sender asked this node as, from the header (the
+        // caller checked it): not found again in this node's view, which may order the chain
+        // differently for a moment, so that the walk neither skips a member nor turns back.
+        let pos = u16::from_be(sh.hops[1]);
+        let at = pos & STEER_SEARCH_POS_INDEX;
+        let other = |m: u16| m != NO_MEMBER && m != me;
+        let asked = if at == 0 {
             own[0]
-        };
-        let (target, pops) = if next_local != NO_MEMBER {
-            (next_local, sh.hop_count)
+        } else if at == 1 {
+            own[1]
         } else {
-            next_pop(cfg, svc, sh.hop_count, bucket)
+            own[2]
+        };
+        let (target, pops, pos) = if other(asked) && pos & STEER_SEARCH_POS_REDIRECTED == 0 {
+            // This view names someone else at that index: they are asked, once.
+            (asked, sh.hop_count, at | STEER_SEARCH_POS_REDIRECTED)
+        } else if at == 0 && other(own[1]) {
+            (own[1], sh.hop_count, 1)
+        } else if at <= 1 && other(own[2]) {
+            (own[2], sh.hop_count, 2)
+        } else {
+            let (target, pops) = next_pop(cfg, svc, sh.hop_count, bucket);
+            (target, pops, 0)
         };
         if target == NO_MEMBER {
             // Nobody else to ask: a live flow is held by a member of some PoP's chain, so
@@ -222,13 +236,13 @@ fn try_search(
         if budget == 0 {
             return Err(Reason::LoopGuard);
         }
-        (target, pops, budget - 1, Reason::SearchPassOn)
+        (target, pops, pos, budget - 1, Reason::SearchPassOn)
     } else {
         let (target, pops) = next_pop(cfg, svc, svc.search_pops, bucket);
         if target == NO_MEMBER {
             return last_hop_accept(ctx, version, inner_off, inner_v6);
         }
-        (target, pops, cfg.search_budget, Reason::SearchStart)
+        (target, pops, 0, cfg.search_budget, Reason::SearchStart)
     };
     let starter = if searching {
         u16::from_be(sh.hops[0])
@@ -241,10 +255,10 @@ fn try_search(
     out.inner_len = ip.ip_len;
     out.inner_v6 = inner_v6;
     out.target = target;
-    out.remaining = [starter, pops as u16];
+    out.remaining = [starter, pos];
     out.budget = budget;
     out.entropy = entropy.unwrap_or(entropy_port(hash));
-    out.flags = 0;
+    out.flags = pops;
     Ok(Verdict::encapsulate(reason))
 }
 

@@ -34,9 +34,9 @@ use cdn_common::{
         SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
     },
     wire::{
-        STEER_INNER_V6, STEER_MAC_LEN, STEER_MAX_REMAINING, STEER_SYN_REDIRECTED, STEER_VERSION,
-        STEER_VERSION_AUTH, STEER_VERSION_SEARCH, STEER_VERSION_SEARCH_AUTH, SteerHeader,
-        entropy_port,
+        STEER_INNER_V6, STEER_MAC_LEN, STEER_MAX_REMAINING, STEER_SEARCH_POS_INDEX,
+        STEER_SEARCH_POS_REDIRECTED, STEER_SYN_REDIRECTED, STEER_VERSION, STEER_VERSION_AUTH,
+        STEER_VERSION_SEARCH, STEER_VERSION_SEARCH_AUTH, SteerHeader, entropy_port,
     },
 };
 
@@ -300,7 +300,11 @@ fn try_owner_path(
     // or 2) it extends, marked as a search in this copy's flags; `search::search` reads its
     // own fields again.
     if sh.version == STEER_VERSION_SEARCH || sh.version == STEER_VERSION_SEARCH_AUTH {
-        if sh.hops[1] != 0 {
+        // The walk's position: an index 0..=2 and the redirected bit, nothing else.
+        let pos = u16::from_be(sh.hops[1]);
+        if pos & !(STEER_SEARCH_POS_INDEX | STEER_SEARCH_POS_REDIRECTED) != 0
+            || pos & STEER_SEARCH_POS_INDEX == STEER_SEARCH_POS_INDEX
+        {
             return Err(Reason::BadEncap);
         }
         sh.version -= STEER_VERSION_SEARCH - STEER_VERSION;

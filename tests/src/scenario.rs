@@ -29,7 +29,7 @@ pub const BUDGET: u8 = 3;
 /// PoPs whose tables `TABLE` has room for.
 pub const POPS: usize = 3;
 /// The search budget of a cluster of [`POPS`] PoPs, as the controller sets it.
-pub const SEARCH_BUDGET: u8 = 3 * (POPS as u8 - 1);
+pub const SEARCH_BUDGET: u8 = 6 * (POPS as u8 - 1);
 pub const UNDERLAY_V4: &str = "10.0.0.1";
 pub const UNDERLAY_V6: &str = "fd00::1";
 pub const VIP_V4: &str = "192.0.2.10";

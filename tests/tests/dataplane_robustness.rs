@@ -529,9 +529,13 @@ fn steer_at(v6: bool) -> usize {
 /// What an independent reading of README "PoPs" makes of a search header (version 3 unless
 /// `version` says otherwise) about a flow this node does not hold, whose bucket this node's
 /// PoP (0) lists as `own`, PoP 1 as `[4]` and PoP 2 as `[2]` (PoPs 3 to 7 have no table):
-/// `Ok((target, budget, pops))` for a pass-on, `Err(reason)` for any other verdict, `None`
-/// when the header no longer says which family its inner packet is (any drop will do).
-fn search_reading(h: &[u8], inner_v6: bool, own: &[u16]) -> Option<Result<(u16, u8, u8), Reason>> {
+/// `Ok((target, budget, pops, position))` for a pass-on, `Err(reason)` for any other verdict,
+/// `None` when the header no longer says which family its inner packet is (any drop will do).
+fn search_reading(
+    h: &[u8],
+    inner_v6: bool,
+    own: &[u16],
+) -> Option<Result<(u16, u8, u8, u16), Reason>> {
     let (version, flags, budget, pops) = (h[0], h[1], h[2], h[3]);
     if !(1..=4).contains(&version) {
         return Some(Err(Reason::BadEncap));
@@ -540,13 +544,29 @@ fn search_reading(h: &[u8], inner_v6: bool, own: &[u16]) -> Option<Result<(u16, 
         // Another version reads the hops (or a MAC) differently; the other family's parse fails.
         return None;
     }
-    if h[6..8] != [0, 0] {
+    // The second hop slot is the walk's position: bits 0-1 the chain index (3 is not one),
+    // bit 15 "redirected at this index"; any other bit is malformed.
+    let position = u16::from_be_bytes([h[6], h[7]]);
+    let index = usize::from(position & 3);
+    let redirected = position >> 15 == 1;
+    if position & 0x7ffc != 0 || index == 3 {
         return Some(Err(Reason::BadEncap));
     }
-    let next_local = match own.iter().position(|m| *m == SELF_ID) {
-        Some(i) => own.get(i + 1).copied(),
-        None => own.first().copied(),
+    // Whom this node's chain names at the index, if that is another member and nobody
+    // redirected there yet; else the first other member after the index.
+    let elsewhere = |m: &u16| *m != SELF_ID;
+    let redirect = own
+        .get(index)
+        .filter(|m| elsewhere(m) && !redirected)
+        .map(|m| (*m, position | 0x8000));
+    let onwards = || {
+        own.iter()
+            .enumerate()
+            .skip(index + 1)
+            .find(|(_, m)| elsewhere(m))
+            .map(|(j, m)| (*m, j as u16))
     };
+    let next_local = redirect.or_else(onwards);
     let owner_of = |pop: u32| match pop {
         0 => own.first().copied(),
         1 => Some(4),
@@ -560,16 +580,17 @@ fn search_reading(h: &[u8], inner_v6: bool, own: &[u16]) -> Option<Result<(u16, 
         let pop = left.trailing_zeros();
         left &= !(1 << pop);
         tries += 1;
-        target = owner_of(pop).filter(|m| *m != SELF_ID);
+        // Another PoP is entered at index 0.
+        target = owner_of(pop).filter(|m| *m != SELF_ID).map(|m| (m, 0));
     }
-    let Some(target) = target else {
+    let Some((target, position)) = target else {
         return Some(Err(Reason::SearchExhausted));
     };
     let budget = budget.min(cdn_tests::scenario::SEARCH_BUDGET);
     if budget == 0 {
         return Some(Err(Reason::LoopGuard));
     }
-    Some(Ok((target, budget - 1, left)))
+    Some(Ok((target, budget - 1, left, position)))
 }
 
 /// Search headers (version 3) with their fields mutated, and now and then their version:
@@ -579,7 +600,14 @@ fn mutated_search_headers_match_an_independent_reading() -> Result<()> {
     let mut s = scenario()?;
     s.set_search_pops(0b110, cdn_tests::scenario::service(0).flags)?;
     let mut rng = StdRng::seed_from_u64(0x5ea_4c4);
-    let owns: [&[u16]; 4] = [&[SELF_ID, 5], &[SELF_ID], &[2, SELF_ID], &[5, 2]];
+    let owns: [&[u16]; 6] = [
+        &[SELF_ID, 5],
+        &[SELF_ID],
+        &[2, SELF_ID],
+        &[5, 2],
+        &[2, SELF_ID, 5],
+        &[5, 2, SELF_ID],
+    ];
     let mut seen = std::collections::BTreeMap::<&str, usize>::new();
     for round in 0..6000 {
         let inner_v6 = rng.random_bool(0.5);
@@ -601,7 +629,7 @@ fn mutated_search_headers_match_an_independent_reading() -> Result<()> {
             underlay,
             STEER_PORT,
             3,
-            &[4, 0],
+            &[4, [0, 1, 2, 0x8000, 0x8001, 0x8002][rng.random_range(0..6)]],
             &inner,
         )?;
         let sh = steer_at(outer_v6);
@@ -655,7 +683,13 @@ fn mutated_search_headers_match_an_independent_reading() -> Result<()> {
                 ctx(),
                 run.action
             ),
-            Some(Ok((target, budget, pops))) => {
+            Some(Ok((target, budget, pops, position))) => {
+                let step = match position {
+                    0 => "step: next PoP",
+                    p if p >> 15 == 1 => "step: redirect",
+                    _ => "step: next index",
+                };
+                *seen.entry(step).or_default() += 1;
                 let target_v6 = member_addr(target).is_ipv6();
                 let mut want = expected_encap(&ExpectedEncap {
                     dst_mac: member_mac(target),
@@ -665,7 +699,7 @@ fn mutated_search_headers_match_an_independent_reading() -> Result<()> {
                     entropy: 0xc123,
                     steer_port: STEER_PORT,
                     budget,
-                    hops: &[u16::from_be_bytes([pkt[sh + 4], pkt[sh + 5]]), 0],
+                    hops: &[u16::from_be_bytes([pkt[sh + 4], pkt[sh + 5]]), position],
                     inner: &inner,
                 })?;
                 let at = steer_at(target_v6);
@@ -681,16 +715,18 @@ fn mutated_search_headers_match_an_independent_reading() -> Result<()> {
             }
         }
     }
-    for reason in [
-        Reason::SearchPassOn,
-        Reason::SearchExhausted,
-        Reason::LoopGuard,
-        Reason::BadEncap,
+    for name in [
+        Reason::SearchPassOn.name(),
+        Reason::SearchExhausted.name(),
+        Reason::LoopGuard.name(),
+        Reason::BadEncap.name(),
+        "step: redirect",
+        "step: next index",
+        "step: next PoP",
     ] {
         ensure!(
-            seen.get(reason.name()).copied().unwrap_or(0) >= 20,
-            "too few mutants got {}: {seen:?}",
-            reason.name()
+            seen.get(name).copied().unwrap_or(0) >= 20,
+            "too few mutants got {name}: {seen:?}"
         );
     }
     Ok(())

@@ -81,5 +81,19 @@ fn program_agrees_with_the_model_on_a_million_frames() -> Result<()> {
         let n = report.verdicts.get(verdict).copied().unwrap_or(0);
         ensure!(n > 0, "no frame ended in {verdict}:\n{}", report.summary());
     }
+    // Every step of a search's walk, and a redirected search moved on, never redirected again.
+    for step in ["redirect", "next_index", "next_pop", "after_redirect"] {
+        let n = report.search_steps.get(step).copied().unwrap_or(0);
+        ensure!(
+            n > 0,
+            "no search pass-on took {step}:\n{}",
+            report.summary()
+        );
+    }
+    ensure!(
+        !report.search_steps.contains_key("redirected_again"),
+        "a redirected search was redirected again:\n{}",
+        report.summary()
+    );
     Ok(())
 }

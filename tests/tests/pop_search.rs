@@ -3,9 +3,9 @@
 //! per family (a search that reaches the member holding the flow is accepted there). Every
 //! search verdict, for IPv4 and IPv6 inner packets and outer headers, with the exact frame
 //! out: the search header's version, flags, budget, PoP set (in `hop_count`), the member that
-//! started the search in `hops[0]` and zero in `hops[1]`; signed (version 4) where
-//! `steer_auth` is on. This node is member 1 in PoP 0 of three; the services search PoPs 1
-//! and 2.
+//! started the search in `hops[0]` and the walk's position in `hops[1]` (chain index, and the
+//! redirected bit); signed (version 4) where `steer_auth` is on. This node is member 1 in PoP 0
+//! of three; the services search PoPs 1 and 2.
 
 use std::{
     collections::BTreeSet,
@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result};
 use cdn_common::{
     counters::Reason,
     maps::{NODE_STEER_AUTH, NodeConfig},
-    wire::{STEER_VERSION_AUTH, STEER_VERSION_SEARCH, entropy_port},
+    wire::{STEER_SEARCH_POS_REDIRECTED, STEER_VERSION_AUTH, STEER_VERSION_SEARCH, entropy_port},
 };
 use cdn_tests::{
     bpf_interp::paths::in_namespace,
@@ -37,6 +37,14 @@ use cdn_tests::{
 const OTHER_POPS: u8 = 0b110;
 /// Only PoP 2 left.
 const POP_2: u8 = 0b100;
+/// A search header's position (`hops[1]`): chain index `index`, not redirected there yet.
+const fn at(index: u16) -> u16 {
+    index
+}
+/// A search header's position: chain index `index`, redirected there once already.
+const fn redirected(index: u16) -> u16 {
+    index | STEER_SEARCH_POS_REDIRECTED
+}
 /// The client port of the established connections.
 const ESTABLISHED_PORT: u16 = 45000;
 
@@ -76,33 +84,43 @@ fn steer_off(member: u16) -> usize {
     } + 8
 }
 
-/// Turns the version-1 frame `frame` (hops `[starter, 0]`) into a search header with `pops`.
+/// Turns the version-1 frame `frame` (hops `[starter, position]`) into a search header with
+/// `pops`.
 fn as_search(mut frame: Vec<u8>, sh: usize, pops: u8) -> Vec<u8> {
     frame[sh] = STEER_VERSION_SEARCH;
     frame[sh + 3] = pops;
     frame
 }
 
-/// A search frame from `from` (member of `outer`'s family) to this node.
-fn search_in(outer: Fam, budget: u8, starter: u16, pops: u8, inner: &[u8]) -> Result<Vec<u8>> {
+/// A search frame from a member of `outer`'s family to this node, asking it at `pos`.
+fn search_in(
+    outer: Fam,
+    budget: u8,
+    starter: u16,
+    pops: u8,
+    pos: u16,
+    inner: &[u8],
+) -> Result<Vec<u8>> {
     let f = steering_frame(
         member_addr(outer.member()),
         outer.underlay(),
         STEER_PORT,
         budget,
-        &[starter, 0],
+        &[starter, pos],
         inner,
     )?;
     Ok(as_search(f, steer_off(outer.member()), pops))
 }
 
-/// The search this node sends to `target`.
+/// The search this node sends to `target`, asking it at `pos`.
+#[allow(clippy::too_many_arguments)]
 fn search_out(
     target: u16,
     entropy: u16,
     budget: u8,
     starter: u16,
     pops: u8,
+    pos: u16,
     inner: &[u8],
 ) -> Result<Vec<u8>> {
     let outer_src = if member_addr(target).is_ipv6() {
@@ -118,7 +136,7 @@ fn search_out(
         entropy,
         steer_port: STEER_PORT,
         budget,
-        hops: &[starter, 0],
+        hops: &[starter, pos],
         inner,
     })?;
     Ok(as_search(f, steer_off(target), pops))
@@ -198,6 +216,7 @@ fn ingress_cases(t: &mut Vec<Case>, fam: Fam) -> Result<()> {
                     SEARCH_BUDGET,
                     SELF_ID,
                     POP_2,
+                    at(0),
                     &inner,
                 )?),
             ),
@@ -208,7 +227,15 @@ fn ingress_cases(t: &mut Vec<Case>, fam: Fam) -> Result<()> {
             .expect(
                 xdp::TX,
                 Reason::SearchStart,
-                Out::Frame(search_out(3, entropy, SEARCH_BUDGET, SELF_ID, 0, &inner)?),
+                Out::Frame(search_out(
+                    3,
+                    entropy,
+                    SEARCH_BUDGET,
+                    SELF_ID,
+                    0,
+                    at(0),
+                    &inner,
+                )?),
             ),
     );
     t.push(
@@ -217,7 +244,15 @@ fn ingress_cases(t: &mut Vec<Case>, fam: Fam) -> Result<()> {
             .expect(
                 xdp::TX,
                 Reason::SearchStart,
-                Out::Frame(search_out(5, entropy, SEARCH_BUDGET, SELF_ID, 0, &inner)?),
+                Out::Frame(search_out(
+                    5,
+                    entropy,
+                    SEARCH_BUDGET,
+                    SELF_ID,
+                    0,
+                    at(0),
+                    &inner,
+                )?),
             ),
     );
     t.push(
@@ -226,7 +261,7 @@ fn ingress_cases(t: &mut Vec<Case>, fam: Fam) -> Result<()> {
             .expect(xdp::PASS, Reason::LastHopAccept, Out::Unchanged),
     );
     let signed_out = signed(
-        &search_out(2, entropy, SEARCH_BUDGET, SELF_ID, POP_2, &inner)?,
+        &search_out(2, entropy, SEARCH_BUDGET, SELF_ID, POP_2, at(0), &inner)?,
         &flow,
     );
     t.push(
@@ -273,57 +308,151 @@ fn owner_cases(t: &mut Vec<Case>, fam: Fam, outer: Fam) -> Result<()> {
             .expect(
                 xdp::TX,
                 Reason::SearchStart,
-                Out::Frame(search_out(4, E, SEARCH_BUDGET, SELF_ID, POP_2, &ack)?),
+                Out::Frame(search_out(
+                    4,
+                    E,
+                    SEARCH_BUDGET,
+                    SELF_ID,
+                    POP_2,
+                    at(0),
+                    &ack,
+                )?),
             ),
     );
-    let search = |budget, pops| search_in(outer, budget, 4, pops, &ack);
-    t.push(
-        case("search: on along this PoP's chain", search(5, POP_2)?)
-            .chains(&[SELF_ID, 5, 2], &[4], &[3])
-            .expect(
-                xdp::TX,
-                Reason::SearchPassOn,
-                Out::Frame(search_out(5, E, 4, 4, POP_2, &ack)?),
-            ),
-    );
+    let search = |budget, pops, pos| search_in(outer, budget, 4, pops, pos, &ack);
+    let out = |target, pops, pos| search_out(target, E, 4, 4, pops, pos, &ack);
     t.push(
         case(
-            "search: this PoP's chain done, on to PoP 2",
-            search(5, POP_2)?,
+            "search: index 0 is this node, on to index 1",
+            search(5, POP_2, at(0))?,
         )
-        .chains(&[2, SELF_ID], &[4], &[3])
+        .chains(&[SELF_ID, 5, 2], &[4], &[3])
         .expect(
             xdp::TX,
             Reason::SearchPassOn,
-            Out::Frame(search_out(3, E, 4, 4, 0, &ack)?),
+            Out::Frame(out(5, POP_2, at(1))?),
         ),
     );
     t.push(
         case(
-            "search: not in this PoP's chain, on to its owner",
-            search(5, POP_2)?,
+            "search: this PoP's chain done after index 1, on to PoP 2 at index 0",
+            search(5, POP_2, at(1))?,
+        )
+        .chains(&[2, SELF_ID], &[4], &[3])
+        .expect(xdp::TX, Reason::SearchPassOn, Out::Frame(out(3, 0, at(0))?)),
+    );
+    // Views that differ: the sender's chain had this node at index 0, this node's names
+    // member 5 there (and does not list this node): 5 is asked, at the same index, once.
+    t.push(
+        case(
+            "search: another member at index 0 in this view, redirected to it",
+            search(5, POP_2, at(0))?,
         )
         .chains(&[5, 2], &[4], &[3])
         .expect(
             xdp::TX,
             Reason::SearchPassOn,
-            Out::Frame(search_out(5, E, 4, 4, POP_2, &ack)?),
+            Out::Frame(out(5, POP_2, redirected(0))?),
+        ),
+    );
+    t.push(
+        case(
+            "search: another member at index 1 in this view, redirected to it",
+            search(5, POP_2, at(1))?,
+        )
+        .chains(&[2, 5, SELF_ID], &[4], &[3])
+        .expect(
+            xdp::TX,
+            Reason::SearchPassOn,
+            Out::Frame(out(5, POP_2, redirected(1))?),
+        ),
+    );
+    t.push(
+        case(
+            "search: another member at index 2 in this view, redirected to it",
+            search(5, POP_2, at(2))?,
+        )
+        .chains(&[2, 5, 4], &[4], &[3])
+        .expect(
+            xdp::TX,
+            Reason::SearchPassOn,
+            Out::Frame(out(4, POP_2, redirected(2))?),
+        ),
+    );
+    // Redirected at an index already: never again, whatever this view names there.
+    t.push(
+        case(
+            "search: redirected at index 0 already, index 1 is this node: on to index 2",
+            search(5, POP_2, redirected(0))?,
+        )
+        .chains(&[2, SELF_ID, 5], &[4], &[3])
+        .expect(
+            xdp::TX,
+            Reason::SearchPassOn,
+            Out::Frame(out(5, POP_2, at(2))?),
+        ),
+    );
+    t.push(
+        case(
+            "search: redirected at index 0 already, on to index 1",
+            search(5, POP_2, redirected(0))?,
+        )
+        .chains(&[5, 2], &[4], &[3])
+        .expect(
+            xdp::TX,
+            Reason::SearchPassOn,
+            Out::Frame(out(2, POP_2, at(1))?),
+        ),
+    );
+    t.push(
+        case(
+            "search: redirected at the last index already, on to PoP 2",
+            search(5, POP_2, redirected(2))?,
+        )
+        .chains(&[2, 5, 4], &[4], &[3])
+        .expect(xdp::TX, Reason::SearchPassOn, Out::Frame(out(3, 0, at(0))?)),
+    );
+    // Two views in opposite orders ([1, 2] here, [2, 1] at member 2): asked as index 1 by
+    // member 2, this node asks member 2 at index 1 once; member 2 moves on from there, and
+    // if it comes back redirected, the walk goes on past the chain, not back.
+    t.push(
+        case(
+            "search: views in opposite orders, redirected back once",
+            search(5, 0, at(1))?,
+        )
+        .chains(&[SELF_ID, 2], &[4], &[3])
+        .expect(
+            xdp::TX,
+            Reason::SearchPassOn,
+            Out::Frame(out(2, 0, redirected(1))?),
+        ),
+    );
+    t.push(
+        case(
+            "search: views in opposite orders, not redirected twice",
+            search(5, 0, redirected(1))?,
+        )
+        .chains(&[SELF_ID, 2], &[4], &[3])
+        .expect(
+            xdp::PASS,
+            Reason::SearchExhausted,
+            Out::Frame(decapsulated(&ack)),
         ),
     );
     t.push(
         case(
             "search: budget capped by the search budget",
-            search(200, 0)?,
+            search(200, 0, at(0))?,
         )
         .chains(&[SELF_ID, 2], &[], &[])
         .expect(
             xdp::TX,
             Reason::SearchPassOn,
-            Out::Frame(search_out(2, E, SEARCH_BUDGET - 1, 4, 0, &ack)?),
+            Out::Frame(search_out(2, E, SEARCH_BUDGET - 1, 4, 0, at(1), &ack)?),
         ),
     );
     t.push(
-        case("search: nobody left", search(5, 0)?)
+        case("search: nobody left", search(5, 0, at(0))?)
             .chains(&[SELF_ID], &[4], &[3])
             .expect(
                 xdp::PASS,
@@ -332,37 +461,45 @@ fn owner_cases(t: &mut Vec<Case>, fam: Fam, outer: Fam) -> Result<()> {
             ),
     );
     t.push(
-        case("search: the PoPs left name nobody", search(5, OTHER_POPS)?)
-            .chains(&[SELF_ID], &[], &[SELF_ID])
-            .expect(
-                xdp::PASS,
-                Reason::SearchExhausted,
-                Out::Frame(decapsulated(&ack)),
-            ),
+        case(
+            "search: the PoPs left name nobody",
+            search(5, OTHER_POPS, at(0))?,
+        )
+        .chains(&[SELF_ID], &[], &[SELF_ID])
+        .expect(
+            xdp::PASS,
+            Reason::SearchExhausted,
+            Out::Frame(decapsulated(&ack)),
+        ),
     );
     t.push(
-        case("search: budget spent", search(0, POP_2)?)
+        case("search: budget spent", search(0, POP_2, at(0))?)
             .chains(&[SELF_ID, 5], &[4], &[3])
             .expect(xdp::DROP, Reason::LoopGuard, Out::Dropped),
     );
     t.push(
-        case("search: a SYN", search_in(outer, 5, 4, POP_2, &syn)?)
+        case("search: a SYN", search_in(outer, 5, 4, POP_2, at(0), &syn)?)
             .chains(&[SELF_ID], &[4], &[3])
             .expect(xdp::DROP, Reason::BadEncap, Out::Dropped),
     );
-    let mut second_hop = search(5, POP_2)?;
-    second_hop[steer_off(outer.member()) + 7] = 9;
-    t.push(case("search: second hop not zero", second_hop).expect(
-        xdp::DROP,
-        Reason::BadEncap,
-        Out::Dropped,
-    ));
+    // The position is an index 0..=2 and the redirected bit, nothing else (the chain the
+    // node has would pass a valid one on).
+    for pos in [3, redirected(3), 4, 9, 0x0100, 0x4000] {
+        t.push(
+            case(
+                &format!("search: position {pos:#06x}"),
+                search(5, POP_2, pos)?,
+            )
+            .chains(&[2, 5, 4], &[4], &[3])
+            .expect(xdp::DROP, Reason::BadEncap, Out::Dropped),
+        );
+    }
     t.push(
-        case("search: unsigned under steer_auth", search(5, 0)?)
+        case("search: unsigned under steer_auth", search(5, 0, at(0))?)
             .auth()
             .expect(xdp::DROP, Reason::AuthFailed, Out::Dropped),
     );
-    let good = signed(&search(5, 0)?, &flow);
+    let good = signed(&search(5, 0, at(0))?, &flow);
     t.push(
         case("search: signed, nobody left", good.clone())
             .auth()
@@ -391,15 +528,28 @@ fn owner_cases(t: &mut Vec<Case>, fam: Fam, outer: Fam) -> Result<()> {
     ));
     t.push(
         case(
+            "search: signed, redirected signed",
+            signed(&search(5, POP_2, at(0))?, &flow),
+        )
+        .auth()
+        .chains(&[5, SELF_ID], &[4], &[3])
+        .expect(
+            xdp::TX,
+            Reason::SearchPassOn,
+            Out::Frame(signed(&out(5, POP_2, redirected(0))?, &flow)),
+        ),
+    );
+    t.push(
+        case(
             "search: signed, passed on signed",
-            signed(&search(5, POP_2)?, &flow),
+            signed(&search(5, POP_2, at(0))?, &flow),
         )
         .auth()
         .chains(&[SELF_ID, 5], &[4], &[3])
         .expect(
             xdp::TX,
             Reason::SearchPassOn,
-            Out::Frame(signed(&search_out(5, E, 4, 4, POP_2, &ack)?, &flow)),
+            Out::Frame(signed(&out(5, POP_2, at(1))?, &flow)),
         ),
     );
     Ok(())
@@ -412,13 +562,13 @@ fn accept_cases(t: &mut Vec<Case>, fam: Fam, outer: Fam) -> Result<()> {
     t.push(
         Case::new(
             format!(
-                "search: held here inner {} outer {}",
+                "search: held here (asked after a redirect) inner {} outer {}",
                 fam.name(),
                 outer.name()
             ),
             fam,
             flow,
-            search_in(outer, 5, 4, POP_2, &ack)?,
+            search_in(outer, 5, 4, POP_2, redirected(1), &ack)?,
         )
         .chains(&[2, 5], &[4], &[3])
         .expect(
@@ -532,7 +682,7 @@ fn one_pop_never_searches() -> Result<()> {
         }
         let flow = Fam::BOTH[0].tcp(ESTABLISHED_PORT);
         let ack = ip_packet(&frame(&flow, Tcp::ACK, Vlan::None, b"x"), Vlan::None).to_vec();
-        let run = s.run(&search_in(Fam::BOTH[0], 3, 4, 0, &ack)?)?;
+        let run = s.run(&search_in(Fam::BOTH[0], 3, 4, 0, at(0), &ack)?)?;
         assert_eq!(run.verdict(), Reason::SearchAccept);
         assert_eq!(run.out, decapsulated(&ack));
         Ok(())

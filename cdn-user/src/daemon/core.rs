@@ -112,8 +112,9 @@ impl Core {
             flags,
             hop_budget: self.cfg.cluster.hop_budget,
             self_pop: u8::try_from(self.cfg.self_pop_index()).unwrap_or(0),
-            // Enough for every hop of every other PoP's chain.
-            search_budget: u8::try_from(3 * other_pops).unwrap_or(u8::MAX),
+            // Enough for every hop of every other PoP's chain, each index of it asked twice
+            // at most (once more after a redirect, README "PoPs"), and the hops between PoPs.
+            search_budget: u8::try_from(6 * other_pops).unwrap_or(u8::MAX),
             max_frame: self.cfg.node.max_frame,
             auth_key: steer_auth_key(self.cfg.cluster.hash_key),
             ..NodeConfig::default()

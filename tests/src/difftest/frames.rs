@@ -387,8 +387,24 @@ impl Gen {
             self.rng.random_range(0..=2)
         };
         let (h0, h1) = (self.hop(), self.hop());
-        // A search's second hop is zero (else it is malformed).
-        let h1 = if search && self.chance(95) { 0 } else { h1 };
+        // A search's second hop is the walk's position: an index 0..=2, redirected there or
+        // not (anything else is malformed).
+        let h1 = if search && self.chance(95) {
+            let pos = *[0u16, 1, 2, 0x8000, 0x8001, 0x8002]
+                .choose(&mut self.rng)
+                .expect("positions");
+            if pos & 0x8000 != 0 {
+                muts.push("search_redirected");
+            }
+            pos
+        } else if search && self.chance(50) {
+            // Just outside: index 3, or a reserved bit.
+            *[3u16, 0x8003, 0x0004, 0x4000, 0x0100]
+                .choose(&mut self.rng)
+                .expect("positions")
+        } else {
+            h1
+        };
         let mut header = vec![version, flags, budget, hop_count];
         header.extend_from_slice(&h0.to_be_bytes());
         header.extend_from_slice(&h1.to_be_bytes());

@@ -18,7 +18,7 @@ use cdn_common::counters::{Action, PacketCounts, Reason};
 use cdn_user::dataplane::DataPlane;
 use rand::{SeedableRng as _, rngs::StdRng};
 
-use crate::model::{self, Env, Expect, Out, Rules};
+use crate::model::{self, Env, Expect, Out, Rules, Why};
 use frames::{Gen, Sample};
 
 /// Seed of the CI run.
@@ -59,6 +59,11 @@ pub struct Report {
     pub mutations: BTreeMap<&'static str, u64>,
     /// Verdicts seen ("reason/action").
     pub verdicts: BTreeMap<String, u64>,
+    /// Search pass-ons by the step of the walk they took (README "PoPs"): `redirect` (at the
+    /// same index), `next_index`, `next_pop`; `after_redirect` counts pass-ons of a search
+    /// that came redirected, `redirected_again` those of them the model redirected again
+    /// (never, by the rules).
+    pub search_steps: BTreeMap<&'static str, u64>,
     pub failures: Vec<Failure>,
 }
 
@@ -94,6 +99,7 @@ impl Report {
             .map(|(k, v)| (k.as_str(), *v))
             .collect();
         let _ = writeln!(s, "verdicts: {}", line(&verdicts));
+        let _ = writeln!(s, "search steps: {}", line(&self.search_steps));
         s
     }
 
@@ -168,6 +174,41 @@ fn moved(before: &PacketCounts, after: &PacketCounts) -> Histogram {
         .moved_since(before)
         .map(|(r, a, n)| ((r.name(), a), n))
         .collect()
+}
+
+/// The position field (`hops[1]`) of the search header an expected pass-on sends.
+fn sent_search_position(e: &Expect) -> Option<u16> {
+    let Out::Frame(f) = &e.out else {
+        return None;
+    };
+    let ip_len = match f.get(12..14)? {
+        [0x08, 0x00] => 20,
+        [0x86, 0xdd] => 40,
+        _ => return None,
+    };
+    let at = 14 + ip_len + 8 + 6;
+    Some(u16::from_be_bytes(f.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn count_search_step(steps: &mut BTreeMap<&'static str, u64>, s: &Sample, e: &Expect) {
+    if e.reason != Why::Is(Reason::SearchPassOn) {
+        return;
+    }
+    let Some(pos) = sent_search_position(e) else {
+        return;
+    };
+    let step = match pos {
+        0 => "next_pop",
+        p if p & 0x8000 != 0 => "redirect",
+        _ => "next_index",
+    };
+    *steps.entry(step).or_default() += 1;
+    if s.mutations.contains(&"search_redirected") {
+        *steps.entry("after_redirect").or_default() += 1;
+        if pos & 0x8000 != 0 {
+            *steps.entry("redirected_again").or_default() += 1;
+        }
+    }
 }
 
 fn describe(e: &Expect) -> String {
@@ -299,6 +340,7 @@ impl Runner<'_> {
                 .verdicts
                 .entry(format!("{}/{}", e.reason, e.action.name()))
                 .or_default() += 1;
+            count_search_step(&mut self.report.search_steps, &s, &e);
             if let Some(f) = self.check_frame(index, &s, &e)? {
                 // Name the reason too (running it again), and count both runs as the
                 // batch's counters will.

@@ -36,8 +36,8 @@ pub struct Encap {
     /// The inner flow, for the MAC: (client, VIP, client port, VIP port, protocol).
     pub flow: (IpAddr, IpAddr, u16, u16, u8),
     /// A search (README "PoPs"): the PoPs left to search. The header is then version 3
-    /// (4 signed), its hop count is this set, its hops the member that started the search
-    /// (`remaining[0]`) and zero.
+    /// (4 signed), its hop count is this set, its hops `remaining`: the member that started
+    /// the search and the walk's position.
     pub search: Option<u8>,
 }
 
@@ -80,7 +80,7 @@ pub fn encap_and_send(
                 VERSION_SEARCH
             },
             pops,
-            [e.remaining[0], 0],
+            e.remaining,
         ),
         None => (
             if signed { auth::VERSION_AUTH } else { 1 },

@@ -326,10 +326,11 @@ fn owner(env: &Env, rules: &Rules, f: &[u8], l3: usize, v6: bool, ifindex: u32) 
         auth::VERSION_AUTH | VERSION_SEARCH_AUTH if rules.mac => auth::HEADER_LEN_AUTH,
         _ => return Err(Reason::BadEncap.into()),
     };
-    // A search header (README "PoPs"): its hop count is a PoP set, its second hop zero.
+    // A search header (README "PoPs"): its hop count is a PoP set, its second hop the walk's
+    // position (an index 0..=2, and the redirected bit).
     let searching = version == VERSION_SEARCH || version == VERSION_SEARCH_AUTH;
     if searching {
-        if hops[1] != 0 {
+        if search_position(hops[1]).is_none() {
             return Err(Reason::BadEncap.into());
         }
     } else if hop_count > 2 {
@@ -475,7 +476,7 @@ fn owner(env: &Env, rules: &Rules, f: &[u8], l3: usize, v6: bool, ifindex: u32) 
                 &fl,
                 e,
                 header_budget,
-                hops[0],
+                hops,
                 hop_count,
             );
         }
@@ -488,6 +489,19 @@ fn owner(env: &Env, rules: &Rules, f: &[u8], l3: usize, v6: bool, ifindex: u32) 
         return Err(Reason::LoopGuard.into());
     }
     Ok(encap_and_send(env, rules, f, ifindex, &e, reason))
+}
+
+/// A search header's position field: the chain index it asks the addressee as, and whether
+/// the search was redirected at that index already; `None` for any other bit or index 3.
+pub fn search_position(field: u16) -> Option<(usize, bool)> {
+    const REDIRECTED: u16 = 0x8000;
+    let index = usize::from(field & 0x3);
+    (field & !(REDIRECTED | 0x3) == 0 && index <= 2).then_some((index, field & REDIRECTED != 0))
+}
+
+/// The header field for position `index`, redirected there or not.
+pub fn search_position_field(index: usize, redirected: bool) -> u16 {
+    index as u16 | if redirected { 0x8000 } else { 0 }
 }
 
 /// The owner of `fl`'s bucket in the first PoP of `pops` (lowest index first) that names one
@@ -546,7 +560,7 @@ fn search_start(
         return accept();
     }
     e.target = target;
-    e.remaining = [env.cfg.self_member, 0];
+    e.remaining = [env.cfg.self_member, search_position_field(0, false)];
     e.budget = env.cfg.search_budget;
     e.extra_flags = 0;
     e.search = Some(pops);
@@ -563,9 +577,11 @@ fn search_start(
     ))
 }
 
-/// A search this node does not hold: on along this node's PoP's chain for the bucket (from
-/// where this node stands in it, or its start if it is not in it), then to the first other
-/// PoP left that names an owner; with nobody left, accepted.
+/// A search this node does not hold, asked as index `i` of its PoP's chain for the bucket
+/// (the header's position): redirected once to whom this node's view names at `i` if that is
+/// someone else; else on to the next member of the chain after `i` that is neither missing
+/// nor this node; then to the first other PoP left that names an owner (at index 0); with
+/// nobody left, accepted.
 #[allow(clippy::too_many_arguments)]
 fn search_pass_on(
     env: &Env,
@@ -576,19 +592,20 @@ fn search_pass_on(
     fl: &Flow,
     mut e: Encap,
     header_budget: u8,
-    starter: u16,
+    hops: [u16; 2],
     pops: u8,
 ) -> Step {
     let (hash, own) = bucket(env, svc, fl)?;
     let me = env.cfg.self_member;
-    let next_local = match own.iter().position(|h| *h == me) {
-        Some(i) => own.get(i + 1).copied().unwrap_or(NO_MEMBER),
-        None => own[0],
-    };
-    let (target, pops) = if next_local != NO_MEMBER {
-        (next_local, pops)
+    let other = |m: u16| m != NO_MEMBER && m != me;
+    let (at, redirected) = search_position(hops[1]).ok_or(Reason::BadEncap)?;
+    let (target, pops, position) = if other(own[at]) && !redirected {
+        (own[at], pops, search_position_field(at, true))
+    } else if let Some(j) = (at + 1..3).find(|&j| other(own[j])) {
+        (own[j], pops, search_position_field(j, false))
     } else {
-        next_pop(env, svc, pops, (hash % u64::from(svc.table_size)) as u32)
+        let (target, pops) = next_pop(env, svc, pops, (hash % u64::from(svc.table_size)) as u32);
+        (target, pops, search_position_field(0, false))
     };
     if target == NO_MEMBER {
         return Ok(decapsulated(
@@ -603,7 +620,7 @@ fn search_pass_on(
         return Err(Reason::LoopGuard.into());
     }
     e.target = target;
-    e.remaining = [starter, 0];
+    e.remaining = [hops[0], position];
     e.budget = budget - 1;
     e.extra_flags = 0;
     e.search = Some(pops);

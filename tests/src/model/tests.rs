@@ -483,13 +483,16 @@ fn a_flow_nobody_here_holds_is_searched_for_in_the_other_pops() {
         expect(&e, &TRUST, &syn, UNDERLAY).reason,
         is(Reason::BadEncap)
     );
-    let two = steering(PEER2, search(5, 0, 1), None, &tcp(443, ACK));
-    let mut two = two;
-    two[SH + 7] = 2;
-    assert_eq!(
-        expect(&e, &TRUST, &two, UNDERLAY).reason,
-        is(Reason::BadEncap)
-    );
+    // Never a position other than an index 0..=2 with the redirected bit.
+    for (byte, value) in [(7, 3), (6, 1), (6, 0x40), (7, 0x80)] {
+        let mut bad = steering(PEER2, search(5, 0, 1), None, &tcp(443, ACK));
+        bad[SH + byte] = value;
+        assert_eq!(
+            expect(&e, &TRUST, &bad, UNDERLAY).reason,
+            is(Reason::BadEncap),
+            "position byte {byte} = {value:#x}"
+        );
+    }
     let mut strict = e.clone();
     strict.steer_auth = true;
     assert_eq!(
@@ -501,5 +504,55 @@ fn a_flow_nobody_here_holds_is_searched_for_in_the_other_pops() {
     assert_eq!(
         expect(&e, &TRUST, &spent, UNDERLAY).reason,
         is(Reason::LoopGuard)
+    );
+}
+
+/// The search's walk through this node's PoP chain follows the header's position, not where
+/// this node finds itself in its own view: own chain [3, 1, 2] (this node is member 1), PoP
+/// 1's owner member 2.
+#[test]
+fn a_search_walks_from_the_position_in_its_header() {
+    let mut e = env(&[3, 1, 2]);
+    e.table.push(Bucket {
+        hops: [2, NO_MEMBER, NO_MEMBER],
+        _pad: 0,
+    });
+    e.services[0].2.search_pops = 0b10;
+    e.services[0].2.pop_tables[..2].copy_from_slice(&[0, 1]);
+    e.cfg.search_budget = 6;
+    let at = |pos: u16, pops| Hdr {
+        version: 3,
+        budget: 5,
+        hops: [2, pos],
+        count: pops,
+        ..V1
+    };
+    let header = |x: &Expect| match &x.out {
+        Out::Frame(f) => f[SH..SH + 8].to_vec(),
+        other => panic!("no frame: {other:?}"),
+    };
+    let cases: [(u16, u8, [u8; 8]); 5] = [
+        // Asked as index 0, where this view has member 3: redirected there, once.
+        (0, 0b10, [3, 0, 4, 0b10, 0, 2, 0x80, 0]),
+        // Already redirected at 0: on past index 1 (this node) to index 2, member 2.
+        (0x8000, 0b10, [3, 0, 4, 0b10, 0, 2, 0, 2]),
+        // Asked as index 1, where this view has this node: on to index 2.
+        (1, 0b10, [3, 0, 4, 0b10, 0, 2, 0, 2]),
+        // Asked as index 2, where this view has member 2: redirected there.
+        (2, 0b10, [3, 0, 4, 0b10, 0, 2, 0x80, 2]),
+        // Redirected at 2 already: the chain is done, on to PoP 1's owner at index 0.
+        (0x8002, 0b10, [3, 0, 4, 0, 0, 2, 0, 0]),
+    ];
+    for (pos, pops, want) in cases {
+        let f = steering(PEER2, at(pos, pops), None, &tcp(443, ACK));
+        let x = expect(&e, &TRUST, &f, UNDERLAY);
+        assert_eq!(x.reason, is(Reason::SearchPassOn), "position {pos:#x}");
+        assert_eq!(header(&x), want, "position {pos:#x}");
+    }
+    // Redirected at 2 with no PoP left: the search is done here.
+    let f = steering(PEER2, at(0x8002, 0), None, &tcp(443, ACK));
+    assert_eq!(
+        expect(&e, &TRUST, &f, UNDERLAY).reason,
+        is(Reason::SearchExhausted)
     );
 }
