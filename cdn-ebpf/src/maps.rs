@@ -3,13 +3,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use cdn_common::{
     counters::COUNTER_SLOTS,
     maps::{
-        Bucket, MAX_MEMBERS, MAX_SERVICES, MAX_UNDERLAY_IFACES, Member, MemberAddr, MemberStats,
-        NextHop, NodeConfig, QuicServer, Service,
+        Bucket, CLAIM_RING_BYTES, FlowKey, LEARNED_BUCKET_WORDS, Learned, MAX_LEARNED,
+        MAX_MEMBERS, MAX_SERVICES, MAX_UNDERLAY_IFACES, Member, MemberAddr, MemberStats, NextHop,
+        NodeConfig, QuicServer, Service,
     },
     quic_lb::QUIC_SERVER_IDS,
     trace::{TRACE_RING_BYTES, TraceFilter},
@@ -98,3 +99,13 @@ pub fn count_member(member: u16, bytes: u64) {
         }
     }
 }
+
+/// Flows a claim taught this node (`cdn_common::maps::MAP_LEARNED`).
+#[map(name = "LEARNED")]
+pub static LEARNED: LruHashMap<FlowKey, Learned> = LruHashMap::with_max_entries(MAX_LEARNED, 0);
+/// Bucket indexes some learned flow has (`cdn_common::maps::MAP_LEARNED_BUCKETS`).
+#[map(name = "LEARNED_BUCKETS")]
+pub static LEARNED_BUCKETS: Array<u32> = Array::with_max_entries(LEARNED_BUCKET_WORDS, 0);
+/// Searches accepted here, for the controller to claim (`cdn_common::maps::MAP_CLAIM_EVENTS`).
+#[map(name = "CLAIM_EVENTS")]
+pub static CLAIM_EVENTS: RingBuf = RingBuf::with_byte_size(CLAIM_RING_BYTES, 0);
