@@ -8,9 +8,9 @@ use aya_ebpf::{
 use cdn_common::{
     counters::COUNTER_SLOTS,
     maps::{
-        Bucket, CLAIM_RING_BYTES, FlowKey, LEARNED_BUCKET_WORDS, Learned, MAX_LEARNED,
-        MAX_MEMBERS, MAX_SERVICES, MAX_UNDERLAY_IFACES, Member, MemberAddr, MemberStats, NextHop,
-        NodeConfig, QuicServer, Service,
+        Bucket, CLAIM_RING_BYTES, FlowKey, LEARNED_BUCKET_WORDS, Learned, MAX_LEARNED, MAX_MEMBERS,
+        MAX_SERVICES, MAX_UNDERLAY_IFACES, Member, MemberAddr, MemberStats, NextHop, NodeConfig,
+        QuicServer, Service,
     },
     quic_lb::QUIC_SERVER_IDS,
     trace::{TRACE_RING_BYTES, TraceFilter},
