@@ -16,6 +16,7 @@ use super::core::Core;
 use crate::cluster::claims::{ClaimGate, Rejection, flow_bucket};
 use crate::dataplane::learned::bucket_bit;
 use crate::operator::http::{self, BodyError, Response};
+use crate::operator::report::LearnedReport;
 
 /// How often idle learned entries are looked for.
 pub(super) const EXPIRY_EVERY: Duration = Duration::from_secs(2);
@@ -55,21 +56,37 @@ impl Learning {
     }
 }
 
-/// Counters of learned owners and claims (metrics and status).
+/// Counters of learned owners and claims.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LearnStats {
-    pub entries: u64,
-    pub added: u64,
-    pub expired: u64,
-    pub claims_sent: u64,
-    pub claims_received: u64,
+pub(super) struct LearnStats {
+    pub(super) entries: u64,
+    pub(super) added: u64,
+    pub(super) expired: u64,
+    pub(super) claims_sent: u64,
+    pub(super) claims_received: u64,
     /// By [`Rejection::ALL`]'s order.
-    pub rejected: [u64; Rejection::ALL.len()],
+    pub(super) rejected: [u64; Rejection::ALL.len()],
 }
 
-impl LearnStats {
-    pub fn rejected_total(&self) -> u64 {
-        self.rejected.iter().sum()
+impl Core {
+    /// The learned owners' counters for status and metrics; `None` without PoPs.
+    pub(super) fn learned_report(&self) -> Option<LearnedReport> {
+        if !self.learns() {
+            return None;
+        }
+        let s = &self.learning.stats;
+        Some(LearnedReport {
+            entries: s.entries,
+            added: s.added,
+            expired: s.expired,
+            claims_sent: s.claims_sent,
+            claims_received: s.claims_received,
+            rejected: Rejection::ALL
+                .iter()
+                .zip(s.rejected)
+                .map(|(r, n)| (r.reason().to_owned(), n))
+                .collect(),
+        })
     }
 }
 

@@ -30,8 +30,6 @@ mod startup;
 mod trace;
 mod views;
 
-pub use learning::LearnStats;
-
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex},

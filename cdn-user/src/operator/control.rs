@@ -253,6 +253,9 @@ pub struct StatusReport {
     /// Every PoP; empty (and left out of the JSON) without PoPs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pops: Vec<super::report::PopReport>,
+    /// Learned owners and claims; `None` (left out of the JSON) without PoPs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned: Option<super::report::LearnedReport>,
     /// This node's digests against its peers'; `None` from a daemon that does not compare.
     #[serde(default)]
     pub drift: Option<DriftReport>,
