@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, ensure};
 use cdn_common::hash::{PROTO_TCP, PROTO_UDP};
 use cdn_common::maps::FlowKey;
 use cdn_test_support::{Netns, wait};
-use cdn_tests::node_host::NodeHost;
+use cdn_tests::node_host::{NodeHost, steer};
 use cdn_user::{
     cluster::claims::{Claim, flow_bucket, flow_key},
     config,
@@ -244,6 +244,32 @@ fn claims_are_checked_learned_and_expire() -> Result<()> {
             "bucket bits of {buckets:?} not set (or others set)"
         );
         drop(dp);
+
+        // `lookup` shows the learned entry (live only), for the TCP flow and not for another.
+        let cfg_file = cfg_path.to_string_lossy().into_owned();
+        let learned_member = |src: &str| -> Result<Option<u64>> {
+            let out = steer(
+                ns,
+                &[
+                    "lookup",
+                    src,
+                    "192.0.2.1:80",
+                    "tcp",
+                    "--config",
+                    &cfg_file,
+                    "--json",
+                ],
+            )?;
+            ensure!(
+                out.status.success(),
+                "lookup: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            Ok(doc["learned"]["member"].as_u64())
+        };
+        ensure!(learned_member("198.51.100.1:40001")? == Some(4));
+        ensure!(learned_member("198.51.100.9:40009")?.is_none());
 
         for (reason, n) in [
             ("bad_mac", 2),

@@ -13,8 +13,11 @@ use hyper::StatusCode;
 use hyper::body::Bytes;
 
 use super::core::Core;
-use crate::cluster::claims::{ClaimGate, Rejection, flow_bucket};
+use cdn_common::hash::{PROTO_TCP, PROTO_UDP};
+
+use crate::cluster::claims::{ClaimGate, Rejection, flow_bucket, flow_key};
 use crate::dataplane::learned::bucket_bit;
+use crate::operator::control::LearnedFlow;
 use crate::operator::http::{self, BodyError, Response};
 use crate::operator::report::LearnedReport;
 
@@ -125,6 +128,36 @@ impl Core {
             .collect();
         self.learning.stats.entries = self.learning.activity.len() as u64;
         Ok(())
+    }
+
+    /// The learned entry of a flow (`lookup`), if this node learns and has one.
+    pub(super) fn learned_of(
+        &mut self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        udp: bool,
+    ) -> Option<LearnedFlow> {
+        if !self.learns() {
+            return None;
+        }
+        let proto = if udp { PROTO_UDP } else { PROTO_TCP };
+        let key = flow_key(src.ip(), src.port(), dst.ip(), dst.port(), proto);
+        let entry = match self.dp.learning().get().and_then(|m| m.get(&key)) {
+            Ok(entry) => entry?,
+            Err(e) => {
+                log::warn!(error:% = e; "lookup: reading LEARNED failed");
+                return None;
+            }
+        };
+        let name = self
+            .cfg
+            .member(entry.member)
+            .map_or_else(|| "(unknown)".to_owned(), |m| m.name.clone());
+        Some(LearnedFlow {
+            member: entry.member,
+            name,
+            packets: entry.packets,
+        })
     }
 
     /// `POST /claims` from `peer`.

@@ -226,7 +226,7 @@ impl Core {
 
     /// The owner and hops of a flow, read from the live maps with the data plane's hash.
     pub(super) fn lookup(
-        &self,
+        &mut self,
         src: SocketAddr,
         dst: SocketAddr,
         udp: bool,
@@ -299,6 +299,7 @@ impl Core {
                 })
                 .collect(),
             pops,
+            learned: self.learned_of(src, dst, udp),
         })
     }
 
