@@ -691,6 +691,7 @@ mod tests {
             start_time: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             health_checks: Default::default(),
             pops: Vec::new(),
+            learned: None,
         }
     }
 
@@ -1021,6 +1022,40 @@ mod tests {
         );
         // With the default limits, the timeout is the documented one.
         assert_eq!(Limits::DEFAULT.head_timeout, HEAD_TIMEOUT);
+    }
+
+    #[test]
+    fn claim_bodies_are_read_up_to_the_limit_with_the_peer_address() {
+        let sink: ClaimSink = Arc::new(|peer, body| match body {
+            Ok(b) => text(
+                StatusCode::OK,
+                &format!("{} bytes from {}", b.len(), peer.ip()),
+            ),
+            Err(e) => text(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()),
+        });
+        let server = TestServer::start(Endpoints {
+            claims: Some(sink),
+            ..endpoints()
+        });
+        let post = |len: usize| {
+            let mut raw =
+                format!("POST /claims HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n")
+                    .into_bytes();
+            raw.extend(std::iter::repeat_n(b'x', len));
+            exchange(server.addr, &raw)
+        };
+        let ok = post(5);
+        assert_eq!((ok.status, ok.body()), (200, "5 bytes from 127.0.0.1\n"));
+        let most = post(MAX_BODY);
+        assert_eq!(most.status, 200, "{}", most.body());
+        let over = post(MAX_BODY + 1);
+        assert_eq!(over.status, 413, "{}", over.body());
+        let get = exchange(server.addr, b"GET /claims HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!((get.status, get.header("allow")), (405, Some("POST")));
+        // Without a sink (no PoPs), and on the metrics listener: not there.
+        let none = TestServer::start(endpoints());
+        let raw = b"POST /claims HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx";
+        assert_eq!(exchange(none.addr, raw).status, 404);
     }
 
     #[test]
