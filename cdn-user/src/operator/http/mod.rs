@@ -225,7 +225,7 @@ pub fn digests_response(answer: Option<Vec<u8>>) -> Response {
 }
 
 async fn route(request: Request, plane: Plane, mut endpoints: Endpoints) -> Response {
-    // Every resource here is read-only.
+    // Every resource here is read-only but `/claims`, which is routed on its own below.
     let readable = request.method == Method::GET || request.method == Method::HEAD;
     let path = request.uri.path();
     if !plane.serves_peers() {
