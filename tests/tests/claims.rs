@@ -3,8 +3,9 @@
 //! the flow into the pinned `LEARNED` map and sets its bucket's bit in `LEARNED_BUCKETS`;
 //! claims with a wrong key, a tampered entry, a replayed nonce, a stale timestamp, a
 //! non-member sender, from a wrong source address, malformed or too large are refused with the
-//! reason counted in the metrics, and change neither map. The learned entry expires once idle
-//! for `learned_idle_ms`, and its bit goes with it.
+//! reason counted in the metrics, and change neither map. `lookup` and `status` show the
+//! entry and the counts. The learned entry expires once idle for `learned_idle_ms`, its bit
+//! with it; one naming a member a reload removed goes at the next pass.
 
 use std::{
     io::{Read as _, Write as _},
@@ -32,7 +33,7 @@ const METRICS: &str = "10.9.0.1:9465";
 /// Node a (id 3, PoP fra) with b (id 4, PoP ams) and c (id 5, PoP fra); only a has a sync
 /// address (its peer plane). Learned entries expire after 5 s idle: long enough for the checks
 /// before that, on a loaded machine too.
-fn config(bpffs: &Path, socket: &Path) -> String {
+fn config(bpffs: &Path, socket: &Path, with_c: bool) -> String {
     let mut c = format!(
         "[node]\nname = \"a\"\ninterfaces = [\"eth0\"]\nunderlay_v4 = \"10.9.0.1\"\n\
          bpffs = \"{}\"\ncontrol_socket = \"{}\"\n\n\
@@ -45,6 +46,9 @@ fn config(bpffs: &Path, socket: &Path) -> String {
         ("b", 4, "10.9.0.2", "ams"),
         ("c", 5, "10.9.0.3", "fra"),
     ] {
+        if name == "c" && !with_c {
+            continue;
+        }
         c.push_str(&format!(
             "[[cluster.members]]\nname = \"{name}\"\nid = {id}\nunderlay = \"{underlay}\"\n\
              pop = \"{pop}\"\n"
@@ -159,7 +163,7 @@ fn claims_are_checked_learned_and_expire() -> Result<()> {
     let bpffs = mount.join("a");
     let maps = bpffs.join("maps");
     let cfg_path = dir.path().join("node.toml");
-    let text = config(&bpffs, &socket);
+    let text = config(&bpffs, &socket, true);
     std::fs::write(&cfg_path, &text)?;
     let parsed = config::parse(&text)?;
     let hash_key = parsed.cluster.hash_key;
@@ -305,6 +309,24 @@ fn claims_are_checked_learned_and_expire() -> Result<()> {
         ensure!(dp_entries(&mut dp)?.is_empty(), "entries left after expiry");
         ensure!(bucket_words(&mut dp, &[])?, "bucket bits left after expiry");
         ensure!(metric(ns, "cdn_steer_learned_entries")? == 0);
+
+        // An entry naming a member that a reload removes goes at the next pass, long before
+        // it would be idle.
+        let from_c = claim(5, 20, now_ms(), vec![flow(20, PROTO_TCP)]).encode(key);
+        let claimed = std::time::Instant::now();
+        ensure!(post(ns, "10.9.0.3", &from_c)? == 200, "c's claim refused");
+        std::fs::write(&cfg_path, config(&bpffs, &socket, false))?;
+        let out = steer(ns, &["reload", "--config", &cfg_file])?;
+        ensure!(out.status.success(), "reload: {out:?}");
+        wait::until(Duration::from_secs(10), "c's entry deleted", || {
+            Ok(metric(ns, "cdn_steer_learned_expired_total")? == 3)
+        })?;
+        let took = claimed.elapsed();
+        ensure!(
+            took < Duration::from_millis(4900),
+            "c's entry went after {took:?}, as if idle rather than for its member"
+        );
+        ensure!(dp_entries(&mut pinned(&maps, &parsed)?)?.is_empty());
         Ok(())
     })();
     result.map_err(|e| e.context(daemon.log_text()))
