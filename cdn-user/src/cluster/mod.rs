@@ -2,6 +2,7 @@
 //! (Maglev), where they went before (hop history, and its sync between members), and which
 //! members can take them (health).
 
+pub mod claims;
 pub mod flap_guard;
 pub mod health;
 pub mod history;

@@ -1,5 +1,5 @@
 //! The one HTTP client of the controller, for talking to peers: a single `GET` with `Connection: close`, used by the
-//! health probes and the history sync. One timeout bounds the whole exchange, connect included;
+//! health probes and the history sync, and a `POST` of a small body ([`post`], the claims). One timeout bounds the whole exchange, connect included;
 //! the answer's head and body are bounded by size; errors name the peer.
 
 use std::future::Future;
@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{StatusCode, Uri};
@@ -225,4 +225,55 @@ fn exchange_failure(e: hyper::Error) -> Failure {
     } else {
         Failure::Exchange(Box::new(e))
     }
+}
+
+/// Sends `body` to `addr` as `POST path` with `Connection: close` and returns the answer's
+/// status (its body is not read). `limit` bounds the whole exchange, connect included.
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    body: Bytes,
+    user_agent: &'static str,
+    limit: Duration,
+) -> Result<StatusCode, ClientError> {
+    let error = |failure| ClientError { addr, failure };
+    if !is_token_safe(path) {
+        return Err(error(Failure::InvalidRequest("path")));
+    }
+    let uri: Uri = path
+        .parse()
+        .map_err(|_| error(Failure::InvalidRequest("path")))?;
+    let host = HeaderValue::from_str(&addr.to_string())
+        .map_err(|_| error(Failure::InvalidRequest("host")))?;
+    let mut request = hyper::Request::new(Full::new(body));
+    *request.method_mut() = hyper::Method::POST;
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.insert(header::HOST, host);
+    headers.insert(header::USER_AGENT, HeaderValue::from_static(user_agent));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    let deadline = Instant::now() + limit;
+    let exchange = async {
+        let stream = TcpStream::connect(addr).await.map_err(Failure::Connect)?;
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .title_case_headers(true)
+            .max_buf_size(MAX_BUF)
+            .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(exchange_failure)?;
+        let mut conn = pin!(conn);
+        let mut conn_done = false;
+        let answer = drive(conn.as_mut(), &mut conn_done, sender.send_request(request))
+            .await
+            .map_err(exchange_failure)?;
+        Ok(answer.status())
+    };
+    timeout_at(deadline, exchange)
+        .await
+        .map_err(|_| error(Failure::Timeout(limit)))?
+        .map_err(error)
 }

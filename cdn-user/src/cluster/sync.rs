@@ -591,6 +591,7 @@ mod tests {
             ready: None,
             table: None,
             digests: Some(source),
+            claims: None,
         };
         let (_, members) = watch::channel(Default::default());
         tokio::spawn(server::serve(

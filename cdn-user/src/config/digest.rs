@@ -19,8 +19,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
 
 use super::schema::{
-    ClusterSettings, Config, HealthCheck, HealthProbe, MemberSettings, QuicSettings,
-    ServiceSettings,
+    ClusterSettings, Config, DEFAULT_LEARNED_IDLE_MS, HealthCheck, HealthProbe, MemberSettings,
+    QuicSettings, ServiceSettings,
 };
 
 /// A SHA-256 digest.
@@ -168,6 +168,7 @@ fn cluster(r: &mut Records, c: &ClusterSettings) {
         hop_budget,
         steer_auth,
         history_sync,
+        learned_idle,
         members,
     } = c;
     r.record(
@@ -186,6 +187,11 @@ fn cluster(r: &mut Records, c: &ClusterSettings) {
         "cluster.history_sync_ms",
         optional(history_sync.map(|d| d.as_millis())),
     );
+    // Recorded only when not the default, so that nodes from before the setting existed keep
+    // the digest of their peers.
+    if learned_idle.as_millis() != DEFAULT_LEARNED_IDLE_MS.into() {
+        r.record("cluster.learned_idle_ms", learned_idle.as_millis());
+    }
     let mut members: Vec<&MemberSettings> = members.iter().collect();
     members.sort_by(|a, b| a.name.cmp(&b.name));
     r.record("cluster.members", members.len());

@@ -87,6 +87,9 @@ pub enum XdpMode {
     Generic,
 }
 
+/// Default of `cluster.learned_idle_ms`.
+pub const DEFAULT_LEARNED_IDLE_MS: u32 = 30_000;
+
 /// `[cluster]`: parameters every node must share.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -114,6 +117,10 @@ pub struct ClusterSettings {
     /// not; merging heals that within this interval.
     #[serde(rename = "history_sync_ms", deserialize_with = "millis_or_never")]
     pub history_sync: Option<Duration>,
+    /// `learned_idle_ms` (1000 to 3600000): a flow a claim taught this node (README "PoPs:
+    /// learned owners") is forgotten once no packet used it for this long. Used only with PoPs.
+    #[serde(rename = "learned_idle_ms", deserialize_with = "millis")]
+    pub learned_idle: Duration,
     /// `[[cluster.members]]` (at least one): every member of the cluster, including ones that
     /// take no new flows.
     #[serde(default)]
@@ -491,6 +498,7 @@ pub const FIELDS: &[Field] = &[
     field("cluster.hop_budget", Value("3")),
     field("cluster.steer_auth", Value("false")),
     field("cluster.history_sync_ms", Value("5000")),
+    field("cluster.learned_idle_ms", Value("30000")),
     field("cluster.members[].name", Required),
     field("cluster.members[].id", Required),
     field("cluster.members[].underlay", Required).text(Text::Ip),

@@ -61,6 +61,8 @@ pub(super) struct Core {
     pub(super) written_quic_servers: Vec<u32>,
     /// The mass-flap rule, local faults and this node's own service checks.
     pub(super) checks: LocalChecks,
+    /// Learned owners and claims (with PoPs only).
+    pub(super) learning: super::learning::Learning,
 }
 
 /// What keeps a local fault from passing for a member fault, and what makes `/ready` cover

@@ -18,8 +18,10 @@
 //! network a grace period to move traffic elsewhere, then detach the program. Maps stay
 //! pinned, so the next start keeps the hop history.
 
+mod claim_sender;
 mod core;
 mod gossip;
+mod learning;
 mod nexthops;
 mod notify;
 mod pops;
@@ -143,6 +145,7 @@ pub async fn run(opts: Options) -> Result<()> {
         let ready_shared = shared.clone();
         let table_shared = shared.clone();
         let digests_shared = shared.clone();
+        let claims_shared = shared.clone();
         let shared = shared.clone();
         let source: http::SnapshotSource = Arc::new(move || {
             let core = shared.lock();
@@ -166,6 +169,9 @@ pub async fn run(opts: Options) -> Result<()> {
             ready: Some(ready),
             table: Some(table),
             digests: Some(Arc::new(move || digests_shared.lock().digests())),
+            claims: Some(Arc::new(move |peer, body| {
+                claims_shared.lock().receive_claim(peer, body)
+            })),
         }
     };
     let planes = match listeners {
@@ -203,6 +209,38 @@ pub async fn run(opts: Options) -> Result<()> {
         .cluster
         .history_sync
         .map(|every| tokio::spawn(gossip::gossip(shared.clone(), every)));
+
+    // Learned owners (PoPs only): claims to send, idle entries to expire.
+    let learning_tasks = if shared.lock().learns() {
+        let reader = shared.lock().dp.learning().take_events()?;
+        let sender = {
+            let (shared, stop) = (shared.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                if let Err(e) = claim_sender::claim_sender(shared, reader, stop).await {
+                    log::error!(error:% = format!("{e:#}"); "claim sender stopped");
+                }
+            })
+        };
+        let expiry = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(learning::EXPIRY_EVERY);
+                every.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let shared = shared.clone();
+                    let done =
+                        tokio::task::spawn_blocking(move || shared.lock().expire_learned()).await;
+                    if let Ok(Err(e)) = done {
+                        log::error!(error:% = format!("{e:#}"); "expiring learned entries failed");
+                    }
+                }
+            })
+        };
+        vec![sender, expiry]
+    } else {
+        Vec::new()
+    };
 
     // Next hops.
     let nexthop_task = {
@@ -330,6 +368,9 @@ pub async fn run(opts: Options) -> Result<()> {
         task.abort();
     }
     if let Some(task) = gossip_task {
+        task.abort();
+    }
+    for task in learning_tasks {
         task.abort();
     }
     let _ = nexthop_task.await;

@@ -123,8 +123,10 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
         written_members: (0..MAX_MEMBERS as u16).collect(),
         written_quic_servers: leftover_quic_servers,
         checks: Default::default(),
+        learning: Default::default(),
         cfg,
     };
+    core.start_learning()?;
     core.write_members()?;
     // Before the flag that makes the program read it (written with the node settings).
     let underlay = underlay_ifindexes(&core.cfg.node.underlay_interfaces)?;

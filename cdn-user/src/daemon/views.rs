@@ -189,6 +189,7 @@ impl Core {
             reloads_failed: self.reloads_failed,
             health_checks: self.health_checks_report(),
             pops: self.pop_reports(),
+            learned: self.learned_report(),
             // Filled in by `status_with_drift`, once the lock is released.
             drift: None,
         })
@@ -225,7 +226,7 @@ impl Core {
 
     /// The owner and hops of a flow, read from the live maps with the data plane's hash.
     pub(super) fn lookup(
-        &self,
+        &mut self,
         src: SocketAddr,
         dst: SocketAddr,
         udp: bool,
@@ -298,6 +299,7 @@ impl Core {
                 })
                 .collect(),
             pops,
+            learned: self.learned_of(src, dst, udp),
         })
     }
 
@@ -334,6 +336,7 @@ impl Core {
             start_time: self.started,
             health_checks: self.health_checks_report(),
             pops: self.pop_reports(),
+            learned: self.learned_report(),
         })
     }
 
@@ -372,6 +375,7 @@ pub(super) fn empty_snapshot(core: &Core) -> metrics::Snapshot {
         start_time: core.started,
         health_checks: core.health_checks_report(),
         pops: Vec::new(),
+        learned: None,
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod bpffs;
 pub mod clock;
+pub mod learned;
 pub mod nexthop;
 pub mod object;
 pub mod program;

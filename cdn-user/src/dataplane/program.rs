@@ -98,8 +98,9 @@ pub struct Attachment {
     pub pinned: bool,
 }
 
-/// Every map, by name, as the program defines them.
-const ALL_MAPS: [&str; 15] = [
+/// Every map, by name, as the program defines them (the last three optional: see
+/// `learned::Learning`; a pin path for a map the object lacks is not used).
+const ALL_MAPS: [&str; 18] = [
     m::MAP_CONFIG,
     m::MAP_SERVICES_V4,
     m::MAP_SERVICES_V6,
@@ -115,6 +116,9 @@ const ALL_MAPS: [&str; 15] = [
     m::MAP_TRACE_LOST,
     m::MAP_UNDERLAY_IFACES,
     m::MAP_QUIC_SERVERS,
+    m::MAP_LEARNED,
+    m::MAP_LEARNED_BUCKETS,
+    m::MAP_CLAIM_EVENTS,
 ];
 
 pub struct DataPlane {
@@ -137,6 +141,8 @@ pub struct DataPlane {
     quic_servers: Array<MapData, QuicServer>,
     /// Lent to the one running trace at a time.
     trace_reader: Option<super::TraceReader>,
+    /// Learned owners and claim events (PoPs only).
+    learning: super::learned::Learning,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataPlaneError {
@@ -195,8 +201,14 @@ impl DataPlane {
                 &mut ebpf,
                 m::MAP_TRACE_EVENTS,
             )?)),
+            learning: super::learned::Learning::take(&mut ebpf)?,
             ebpf,
         })
+    }
+
+    /// The learned owners' maps and the claim events.
+    pub fn learning(&mut self) -> &mut super::learned::Learning {
+        &mut self.learning
     }
 
     /// Attaches the program to `interface`, or, if a link pinned at `link_pin` exists (left by

@@ -253,6 +253,9 @@ pub struct StatusReport {
     /// Every PoP; empty (and left out of the JSON) without PoPs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pops: Vec<super::report::PopReport>,
+    /// Learned owners and claims; `None` (left out of the JSON) without PoPs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned: Option<super::report::LearnedReport>,
     /// This node's digests against its peers'; `None` from a daemon that does not compare.
     #[serde(default)]
     pub drift: Option<DriftReport>,
@@ -307,6 +310,19 @@ pub struct LookupReport {
     /// With PoPs: the bucket's chain in every PoP's table; empty without PoPs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pops: Vec<PopChain>,
+    /// With PoPs: the flow's learned entry, if a claim taught this node one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned: Option<LearnedFlow>,
+}
+
+/// A flow's entry in the learned map (`lookup`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnedFlow {
+    /// The member that claimed the flow, and its name.
+    pub member: u16,
+    pub name: String,
+    /// Packets the program sent there on the strength of the entry (approximate).
+    pub packets: u64,
 }
 
 /// One PoP's chain for a flow's bucket (`lookup`).

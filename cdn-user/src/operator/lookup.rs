@@ -78,6 +78,10 @@ pub struct LookupDocument {
     /// out without PoPs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pops: Vec<PopLookup>,
+    /// Live, with PoPs: the member a claim taught this node for the flow, if any; left out
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned: Option<crate::operator::control::LearnedFlow>,
 }
 
 /// A flow's bucket in one PoP's table.
@@ -231,6 +235,7 @@ pub fn offline(
         owner,
         quic: None,
         pops: pop_lookups,
+        learned: None,
     };
     quic::flow(
         &mut doc,
@@ -273,6 +278,7 @@ pub fn live(report: LookupReport, src: SocketAddr, dst: SocketAddr, udp: bool) -
                     .collect(),
             })
             .collect(),
+        learned: report.learned,
     };
     quic::flow(&mut doc, report.quic.as_ref());
     doc
@@ -334,6 +340,13 @@ pub fn render(doc: &LookupDocument) -> String {
         };
         let own = if pop.own { ", this node's" } else { "" };
         let _ = writeln!(out, "PoP {}{own}: {chain}", pop.pop);
+    }
+    if let Some(l) = &doc.learned {
+        let _ = writeln!(
+            out,
+            "learned: {} (id {}), {} packets sent there on it",
+            l.name, l.member, l.packets
+        );
     }
     let _ = writeln!(out, "accepted by: {}", doc.accepted_by);
     out

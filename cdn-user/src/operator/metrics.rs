@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use super::report::{HealthChecksReport, MemberReport, PopReport};
+pub use super::report::{HealthChecksReport, LearnedReport, MemberReport, PopReport};
 
 use crate::config::Digest;
 use cdn_common::counters::PacketCounts;
@@ -55,6 +55,8 @@ pub struct Snapshot {
     pub health_checks: HealthChecksReport,
     /// Every PoP; empty without PoPs (no `cdn_steer_pop_*` series then).
     pub pops: Vec<PopReport>,
+    /// Learned owners and claims; `None` without PoPs (no such series then).
+    pub learned: Option<LearnedReport>,
 }
 
 /// Per-service state.
@@ -372,6 +374,9 @@ impl Collector for SnapshotCollector {
                 .iter()
                 .map(|p| (pop(p), ConstGauge::new(i64::from(p.fallback)))),
         )?;
+        if let Some(l) = &s.learned {
+            learned_families(enc, l)?;
+        }
         family(
             enc,
             "cdn_steer_member_weight",
@@ -587,6 +592,51 @@ fn single<M: EncodeMetric>(
     metric.encode(enc.encode_descriptor(name, help, unit, metric.metric_type())?)
 }
 
+/// The `cdn_steer_learned_*` and `cdn_steer_claims_*` series (with PoPs only).
+fn learned_families(enc: &mut DescriptorEncoder, l: &LearnedReport) -> fmt::Result {
+    single(
+        enc,
+        "cdn_steer_learned_entries",
+        "Flows a claim taught this node, in the learned map.",
+        None,
+        ConstGauge::new(i64::try_from(l.entries).unwrap_or(i64::MAX)),
+    )?;
+    for (name, help, value) in [
+        (
+            "cdn_steer_learned_added",
+            "Learned entries written from accepted claims.",
+            l.added,
+        ),
+        (
+            "cdn_steer_learned_expired",
+            "Learned entries deleted: idle for learned_idle_ms, or naming a removed member.",
+            l.expired,
+        ),
+        (
+            "cdn_steer_claims_sent",
+            "Claim messages sent to PoP peers and accepted by them.",
+            l.claims_sent,
+        ),
+        (
+            "cdn_steer_claims_received",
+            "Claim messages accepted from PoP peers.",
+            l.claims_received,
+        ),
+    ] {
+        single(enc, name, help, None, ConstCounter::new(value))?;
+    }
+    family(
+        enc,
+        "cdn_steer_claims_rejected",
+        "Claim messages refused (nothing learned), by reason: malformed, too_large, bad_mac \
+         (wrong key or tampered), not_member, wrong_source, stale, replay, busy.",
+        None,
+        l.rejected
+            .iter()
+            .map(|(reason, n)| ([("reason", reason.clone())], ConstCounter::new(*n))),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -683,6 +733,7 @@ mod tests {
                 held_since: Some(1_700_000_001.0),
             },
             pops: Vec::new(),
+            learned: None,
         }
     }
 

@@ -98,3 +98,26 @@ pub struct PeerDigests {
     /// Why it could not be asked.
     pub error: Option<String>,
 }
+
+/// Learned owners and claims (status and metrics); `None` without PoPs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnedReport {
+    /// Entries in `LEARNED` at the last expiry pass or claim.
+    pub entries: u64,
+    /// Entries written on the strength of accepted claims.
+    pub added: u64,
+    /// Entries deleted because idle, or naming a member no longer configured.
+    pub expired: u64,
+    /// Claim messages a PoP peer accepted.
+    pub claims_sent: u64,
+    /// Claim messages accepted here.
+    pub claims_received: u64,
+    /// Claim messages refused here, by reason (`crate::cluster::claims::Rejection::reason`).
+    pub rejected: Vec<(String, u64)>,
+}
+
+impl LearnedReport {
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().map(|(_, n)| n).sum()
+    }
+}

@@ -164,6 +164,19 @@ fn write_pops(out: &mut String, s: &StatusReport) -> fmt::Result {
             }
         )?;
     }
+    if let Some(l) = &s.learned {
+        writeln!(
+            out,
+            "  learned flows: {} (added {}, expired {}); claims sent {}, received {}, \
+             rejected {}",
+            l.entries,
+            l.added,
+            l.expired,
+            l.claims_sent,
+            l.claims_received,
+            l.rejected_total()
+        )?;
+    }
     Ok(())
 }
 

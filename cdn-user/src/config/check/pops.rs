@@ -23,8 +23,22 @@ pub fn pop_name_problem(name: &str) -> Option<String> {
     })
 }
 
+/// Accepted range of `cluster.learned_idle_ms`.
+pub const LEARNED_IDLE_MS_RANGE: std::ops::RangeInclusive<u128> = 1_000..=3_600_000;
+
 impl Checker<'_> {
     pub(super) fn pops(&mut self, config: &Config) {
+        let idle = config.cluster.learned_idle.as_millis();
+        if !LEARNED_IDLE_MS_RANGE.contains(&idle) {
+            self.problem(
+                "cluster.learned_idle_ms",
+                format!(
+                    "{idle} is outside {}..={}",
+                    LEARNED_IDLE_MS_RANGE.start(),
+                    LEARNED_IDLE_MS_RANGE.end()
+                ),
+            );
+        }
         let members = &config.cluster.members;
         let with = members.iter().position(|m| m.pop.is_some());
         for (i, m) in members.iter().enumerate() {

@@ -6,6 +6,7 @@ use cdn_common::maps::{DEFAULT_STEER_PORT, DEFAULT_TABLE_SIZE, MAX_SERVICES};
 
 use super::*;
 
+mod learned;
 mod pops;
 mod quic;
 mod rejections;

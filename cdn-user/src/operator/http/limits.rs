@@ -15,6 +15,8 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a peer gets to send its complete request head on the peer plane. Peers' requests are
 /// a few hundred bytes sent at once; health probes give up well before this.
 pub const PEER_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest request body read on the peer plane: a claim message of the most entries.
+pub const MAX_BODY: usize = crate::cluster::claims::MAX_BODY;
 /// Connections served at once from non-member addresses, per listener. A Prometheus server or
 /// two, an operator's `curl`, steering-only nodes syncing: a few at a time.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -33,6 +35,9 @@ pub struct Limits {
     pub slots: Slots,
     pub head_timeout: Duration,
     pub write_timeout: Duration,
+    /// Largest request body read (claims, on the peer plane; within `head_timeout` of the
+    /// head's arrival). 0: bodies are never read.
+    pub max_body: usize,
 }
 
 impl Limits {
@@ -45,6 +50,7 @@ impl Limits {
         },
         head_timeout: PEER_HEAD_TIMEOUT,
         write_timeout: WRITE_TIMEOUT,
+        max_body: MAX_BODY,
     };
     /// The metrics listener: no member places (members do not scrape).
     pub const METRICS: Limits = Limits {
@@ -55,6 +61,7 @@ impl Limits {
         },
         head_timeout: HEAD_TIMEOUT,
         write_timeout: WRITE_TIMEOUT,
+        max_body: 0,
     };
     /// One listener for both: the members' places, and the metrics' head timeout (scrapers may
     /// be far away).

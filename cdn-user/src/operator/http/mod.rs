@@ -10,7 +10,8 @@
 //!
 //! Everything that arrives from the network is treated as hostile, because the port may be
 //! reachable by anything on the management network. The server reads one request per
-//! connection and closes (no keep-alive, request bodies are never read); the request head is
+//! connection and closes (no keep-alive; request bodies are never read but the claims', up to
+//! the listener's [`Limits::max_body`]); the request head is
 //! capped at [`MAX_HEAD`] bytes and must arrive within [`Limits::head_timeout`], the client must
 //! take the response within [`Limits::write_timeout`], and who is served at once is decided by
 //! the listener's [`gate::Gate`] (places reserved for members, a share per source address, a
@@ -22,8 +23,8 @@ mod limits;
 
 use self::gate::{Gate, Reporter, Ticket};
 pub use self::limits::{
-    HEAD_TIMEOUT, Limits, MAX_CONNECTIONS, MEMBER_CONNECTIONS, Members, PEER_HEAD_TIMEOUT,
-    PER_SOURCE, Plane, WRITE_TIMEOUT,
+    HEAD_TIMEOUT, Limits, MAX_BODY, MAX_CONNECTIONS, MEMBER_CONNECTIONS, Members,
+    PEER_HEAD_TIMEOUT, PER_SOURCE, Plane, WRITE_TIMEOUT,
 };
 
 use std::collections::BTreeSet;
@@ -47,6 +48,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
 
+use crate::cluster::claims;
 use crate::cluster::sync::{self, DigestSource, TableSource};
 use crate::operator::metrics::{self, Format, Snapshot};
 
@@ -71,8 +73,54 @@ const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
     request timeout\n";
 const TEXT: &str = "text/plain; charset=utf-8";
 
-/// The head of a request, as the handlers see it; the body is never read.
+/// The head of a request, as the handlers see it. Its extensions hold the client's address
+/// ([`Peer`]) and, for the requests that have one ([`wants_body`]), the body ([`Body`]).
 pub type Request = hyper::http::request::Parts;
+
+/// The client's address, in every [`Request`]'s extensions.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
+/// The body of a request that has one ([`wants_body`]), or why it could not be read.
+#[derive(Clone, Debug)]
+pub struct Body(pub Result<Bytes, BodyError>);
+
+/// Why a request body was not read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("request body not received in time")]
+    Timeout,
+    #[error("request body unreadable")]
+    Broken,
+}
+
+/// Whether the server reads the body of `request` (within the listener's `max_body`): the
+/// claims' `POST` only. Every other body is left unread.
+pub fn wants_body(request: &Request) -> bool {
+    request.method == Method::POST && request.uri.path() == claims::CLAIMS_PATH
+}
+
+/// Receives a claim body from a peer and answers it (on the blocking pool: it takes locks
+/// and writes BPF maps).
+pub type ClaimSink = Arc<dyn Fn(SocketAddr, Result<Bytes, BodyError>) -> Response + Send + Sync>;
+
+async fn read_request_body(body: Incoming, limits: Limits) -> Result<Bytes, BodyError> {
+    if limits.max_body == 0 {
+        return Err(BodyError::TooLarge(0));
+    }
+    let read =
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limits.max_body));
+    match timeout(limits.head_timeout, read).await {
+        Err(_elapsed) => Err(BodyError::Timeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(BodyError::TooLarge(limits.max_body))
+        }
+        Ok(Err(_)) => Err(BodyError::Broken),
+    }
+}
 /// A complete response; `Content-Length` and `Connection: close` are added when writing.
 pub type Response = hyper::Response<Full<Bytes>>;
 
@@ -133,6 +181,8 @@ pub struct Endpoints {
     /// `/digests`: the digests of the configuration and the tables, which the peers' `status`
     /// compares with theirs; 404 without it.
     pub digests: Option<DigestSource>,
+    /// `POST /claims` (cluster with PoPs): learned owners from peers; 404 without it.
+    pub claims: Option<ClaimSink>,
 }
 
 /// Serves the endpoints of `plane` on `listener` until `shutdown` becomes `true` (or its
@@ -175,13 +225,42 @@ pub fn digests_response(answer: Option<Vec<u8>>) -> Response {
 }
 
 async fn route(request: Request, plane: Plane, mut endpoints: Endpoints) -> Response {
-    // Every resource here is read-only.
+    // Every resource here is read-only but `/claims`, which is routed on its own below.
     let readable = request.method == Method::GET || request.method == Method::HEAD;
     let path = request.uri.path();
     if !plane.serves_peers() {
         endpoints.ready = None;
         endpoints.table = None;
         endpoints.digests = None;
+        endpoints.claims = None;
+    }
+    if path == claims::CLAIMS_PATH {
+        return match (&request.method, endpoints.claims) {
+            (&Method::POST, Some(sink)) => {
+                let peer = request.extensions.get::<Peer>().map(|p| p.0);
+                let body = request.extensions.get::<Body>().map(|b| b.0.clone());
+                match (peer, body) {
+                    (Some(peer), Some(body)) => {
+                        match tokio::task::spawn_blocking(move || sink(peer, body)).await {
+                            Ok(answer) => answer,
+                            Err(e) => {
+                                warn!("claims handler failed: {e}");
+                                text(StatusCode::INTERNAL_SERVER_ERROR, "claims handler failed")
+                            }
+                        }
+                    }
+                    _ => text(StatusCode::BAD_REQUEST, "bad request"),
+                }
+            }
+            (_, Some(_)) => {
+                let mut refused = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+                refused
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("POST"));
+                refused
+            }
+            (_, None) => text(StatusCode::NOT_FOUND, "not found"),
+        };
     }
     if !plane.serves_metrics() && matches!(path, "/metrics" | "/") {
         return text(
@@ -420,7 +499,12 @@ async fn serve_connection<H, F>(
             // The request is complete: from now on this connection is not idle.
             ticket.busy();
             Box::pin(async move {
-                let (request, _unread_body) = request.into_parts();
+                let (mut request, body) = request.into_parts();
+                request.extensions.insert(Peer(peer));
+                if wants_body(&request) {
+                    let body = read_request_body(body, limits).await;
+                    request.extensions.insert(Body(body));
+                }
                 let mut response = match refuse(&request) {
                     Some(refusal) => refusal,
                     None => handler(request).await,
@@ -607,6 +691,7 @@ mod tests {
             start_time: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             health_checks: Default::default(),
             pops: Vec::new(),
+            learned: None,
         }
     }
 
@@ -616,6 +701,7 @@ mod tests {
             ready: None,
             table: None,
             digests: None,
+            claims: None,
         }
     }
 
@@ -913,6 +999,7 @@ mod tests {
         },
         head_timeout: Duration::from_millis(300),
         write_timeout: Duration::from_millis(300),
+        max_body: 0,
     };
 
     #[test]
@@ -935,6 +1022,40 @@ mod tests {
         );
         // With the default limits, the timeout is the documented one.
         assert_eq!(Limits::DEFAULT.head_timeout, HEAD_TIMEOUT);
+    }
+
+    #[test]
+    fn claim_bodies_are_read_up_to_the_limit_with_the_peer_address() {
+        let sink: ClaimSink = Arc::new(|peer, body| match body {
+            Ok(b) => text(
+                StatusCode::OK,
+                &format!("{} bytes from {}", b.len(), peer.ip()),
+            ),
+            Err(e) => text(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()),
+        });
+        let server = TestServer::start(Endpoints {
+            claims: Some(sink),
+            ..endpoints()
+        });
+        let post = |len: usize| {
+            let mut raw =
+                format!("POST /claims HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n")
+                    .into_bytes();
+            raw.extend(std::iter::repeat_n(b'x', len));
+            exchange(server.addr, &raw)
+        };
+        let ok = post(5);
+        assert_eq!((ok.status, ok.body()), (200, "5 bytes from 127.0.0.1\n"));
+        let most = post(MAX_BODY);
+        assert_eq!(most.status, 200, "{}", most.body());
+        let over = post(MAX_BODY + 1);
+        assert_eq!(over.status, 413, "{}", over.body());
+        let get = exchange(server.addr, b"GET /claims HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!((get.status, get.header("allow")), (405, Some("POST")));
+        // Without a sink (no PoPs), and on the metrics listener: not there.
+        let none = TestServer::start(endpoints());
+        let raw = b"POST /claims HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx";
+        assert_eq!(exchange(none.addr, raw).status, 404);
     }
 
     #[test]

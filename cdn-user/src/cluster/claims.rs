@@ -1,0 +1,329 @@
+//! Claims (README "PoPs: learned owners"): the message a member sends to the nodes of the PoP
+//! where a search started, saying "this flow is mine", and the receiver's checks.
+//!
+//! Wire format (`POST /claims` on the peer plane, `application/octet-stream`), big-endian:
+//!
+//! ```text
+//! 0   magic "CDNC", version 1, one zero byte
+//! 6   sender member id (u16)
+//! 8   sent_unix_ms (u64)
+//! 16  nonce (u64, random per message)
+//! 24  entry count n (u16, 1 to MAX_ENTRIES)
+//! 26  n entries of 37 bytes: client (16), vip (16) (IPv4 as ::ffff:a.b.c.d, both of the same
+//!     family), client port (2), vip port (2), protocol (1: 6 or 17)
+//! end MAC (u64): SipHash-2-4 keyed with `claim_key(hash_key)` over every byte before it
+//! ```
+//!
+//! The wire bytes are the canonical encoding: the MAC covers exactly what is parsed, so there
+//! is nothing a forger can change that the receiver reads without the MAC changing. Only a
+//! holder of the cluster hash key can make a claim that verifies.
+
+use std::collections::HashMap;
+use std::hash::Hasher as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use cdn_common::hash::{
+    PROTO_TCP, PROTO_UDP, bucket_of, flow_hash_v4, flow_hash_v6, ports_word, v4_word, v6_words,
+};
+use cdn_common::maps::FlowKey;
+use siphasher::sip::SipHasher24;
+
+use crate::config::MemberSettings;
+
+/// Path of the claims endpoint on the peer plane.
+pub const CLAIMS_PATH: &str = "/claims";
+/// Most entries in one claim message.
+pub const MAX_ENTRIES: usize = 1024;
+const MAGIC: [u8; 6] = *b"CDNC\x01\x00";
+const HEAD_LEN: usize = 26;
+const ENTRY_LEN: usize = 37;
+const MAC_LEN: usize = 8;
+/// Largest valid claim body: the receiver reads no more than this.
+pub const MAX_BODY: usize = HEAD_LEN + MAX_ENTRIES * ENTRY_LEN + MAC_LEN;
+/// How far `sent_unix_ms` may be from the receiver's clock, either way (nodes need NTP).
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(30);
+/// How long a (sender, nonce) pair is remembered; longer than twice the skew, so a message
+/// replayed after it is forgotten is stale anyway.
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(60);
+/// Most (sender, nonce) pairs remembered. Only messages with a valid MAC get here; a member
+/// sending more than this in a minute is refused until the window moves on.
+pub const MAX_REMEMBERED: usize = 1 << 16;
+
+/// The key of the claim MAC for `hash_key`: two SipHash-2-4 of fixed labels keyed with the
+/// hash key, as the steering MAC's key, with labels of its own so the two keys differ.
+pub fn claim_key(hash_key: [u64; 2]) -> [u64; 2] {
+    let derive = |label: &[u8]| {
+        let mut h = SipHasher24::new_with_keys(hash_key[0], hash_key[1]);
+        h.write(label);
+        h.finish()
+    };
+    [derive(b"cdn-steer claim 0"), derive(b"cdn-steer claim 1")]
+}
+
+fn mac(key: [u64; 2], bytes: &[u8]) -> u64 {
+    let mut h = SipHasher24::new_with_keys(key[0], key[1]);
+    h.write(bytes);
+    h.finish()
+}
+
+/// A claim: `sender` holds the flows in `entries`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub sender: u16,
+    pub sent_unix_ms: u64,
+    pub nonce: u64,
+    pub entries: Vec<FlowKey>,
+}
+
+/// Why a claim was refused; [`Rejection::reason`] is the metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("malformed claim")]
+    Malformed,
+    #[error("claim body too large")]
+    TooLarge,
+    #[error("claim MAC does not verify")]
+    BadMac,
+    #[error("claim sender is not a configured member")]
+    NotMember,
+    #[error("claim comes from neither the sender's underlay nor its sync address")]
+    WrongSource,
+    #[error("claim timestamp more than 30 s from this node's clock")]
+    Stale,
+    #[error("claim nonce seen before")]
+    Replay,
+    #[error("too many claims to remember")]
+    Busy,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 8] = [
+        Rejection::Malformed,
+        Rejection::TooLarge,
+        Rejection::BadMac,
+        Rejection::NotMember,
+        Rejection::WrongSource,
+        Rejection::Stale,
+        Rejection::Replay,
+        Rejection::Busy,
+    ];
+
+    /// The `reason` label of `cdn_steer_claims_rejected_total`.
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Rejection::Malformed => "malformed",
+            Rejection::TooLarge => "too_large",
+            Rejection::BadMac => "bad_mac",
+            Rejection::NotMember => "not_member",
+            Rejection::WrongSource => "wrong_source",
+            Rejection::Stale => "stale",
+            Rejection::Replay => "replay",
+            Rejection::Busy => "busy",
+        }
+    }
+}
+
+impl Claim {
+    /// The signed wire bytes. At most [`MAX_ENTRIES`] entries are encoded: the sender batches
+    /// below that.
+    pub fn encode(&self, key: [u64; 2]) -> Vec<u8> {
+        let entries = &self.entries[..self.entries.len().min(MAX_ENTRIES)];
+        let mut out = Vec::with_capacity(HEAD_LEN + entries.len() * ENTRY_LEN + MAC_LEN);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&self.sender.to_be_bytes());
+        out.extend_from_slice(&self.sent_unix_ms.to_be_bytes());
+        out.extend_from_slice(&self.nonce.to_be_bytes());
+        // Fits: at most MAX_ENTRIES.
+        out.extend_from_slice(&(entries.len() as u16).to_be_bytes());
+        for e in entries {
+            out.extend_from_slice(&e.client);
+            out.extend_from_slice(&e.vip);
+            // FlowKey ports are in network order already: their bytes are the wire's.
+            out.extend_from_slice(&e.client_port.to_ne_bytes());
+            out.extend_from_slice(&e.vip_port.to_ne_bytes());
+            out.push(e.proto);
+        }
+        let tag = mac(key, &out);
+        out.extend_from_slice(&tag.to_be_bytes());
+        out
+    }
+
+    /// Parses `bytes` and verifies its MAC with `key`. Nothing else is checked here.
+    pub fn decode(bytes: &[u8], key: [u64; 2]) -> Result<Claim, Rejection> {
+        if bytes.len() > MAX_BODY {
+            return Err(Rejection::TooLarge);
+        }
+        let (body, tag) = bytes
+            .split_last_chunk::<MAC_LEN>()
+            .ok_or(Rejection::Malformed)?;
+        let head: &[u8; HEAD_LEN] = body.first_chunk::<HEAD_LEN>().ok_or(Rejection::Malformed)?;
+        if head[..6] != MAGIC {
+            return Err(Rejection::Malformed);
+        }
+        let count = usize::from(u16::from_be_bytes([head[24], head[25]]));
+        let rest = &body[HEAD_LEN..];
+        if count == 0 || count > MAX_ENTRIES || rest.len() != count * ENTRY_LEN {
+            return Err(Rejection::Malformed);
+        }
+        // The MAC before any further reading: an unsigned message gets no more attention.
+        if mac(key, body) != u64::from_be_bytes(*tag) {
+            return Err(Rejection::BadMac);
+        }
+        let u64_at = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&head[at..at + 8]);
+            u64::from_be_bytes(b)
+        };
+        let entries = rest
+            .chunks_exact(ENTRY_LEN)
+            .map(parse_entry)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Claim {
+            sender: u16::from_be_bytes([head[6], head[7]]),
+            sent_unix_ms: u64_at(8),
+            nonce: u64_at(16),
+            entries,
+        })
+    }
+}
+
+fn parse_entry(e: &[u8]) -> Result<FlowKey, Rejection> {
+    let mut key = FlowKey::default();
+    key.client.copy_from_slice(&e[0..16]);
+    key.vip.copy_from_slice(&e[16..32]);
+    key.client_port = u16::from_ne_bytes([e[32], e[33]]);
+    key.vip_port = u16::from_ne_bytes([e[34], e[35]]);
+    key.proto = e[36];
+    let same_family = is_v4_mapped(&key.client) == is_v4_mapped(&key.vip);
+    if !same_family || !matches!(key.proto, PROTO_TCP | PROTO_UDP) {
+        return Err(Rejection::Malformed);
+    }
+    Ok(key)
+}
+
+fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..10] == [0; 10] && addr[10..12] == [0xff, 0xff]
+}
+
+/// The learned map's key of a flow; ports in host order.
+pub fn flow_key(
+    client: IpAddr,
+    client_port: u16,
+    vip: IpAddr,
+    vip_port: u16,
+    proto: u8,
+) -> FlowKey {
+    let bytes = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    FlowKey {
+        client: bytes(client),
+        vip: bytes(vip),
+        client_port: client_port.to_be(),
+        vip_port: vip_port.to_be(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The client and VIP of `key` as addresses (IPv4-mapped ones as IPv4).
+pub fn flow_addrs(key: &FlowKey) -> (IpAddr, IpAddr) {
+    let ip = |b: [u8; 16]| {
+        let v6 = Ipv6Addr::from(b);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    };
+    (ip(key.client), ip(key.vip))
+}
+
+/// The flow's bucket index in a table of `table_size` buckets: the hash the program computes
+/// for the client's packet (client as source, VIP as destination).
+pub fn flow_bucket(hash_key: &[u64; 2], key: &FlowKey, table_size: u32) -> u32 {
+    let ports = ports_word(u16::from_be(key.client_port), u16::from_be(key.vip_port));
+    let hash = match flow_addrs(key) {
+        (IpAddr::V4(c), IpAddr::V4(v)) => flow_hash_v4(
+            hash_key,
+            v4_word(c.octets()),
+            v4_word(v.octets()),
+            ports,
+            key.proto,
+        ),
+        _ => flow_hash_v6(
+            hash_key,
+            v6_words(key.client),
+            v6_words(key.vip),
+            ports,
+            key.proto,
+        ),
+    };
+    bucket_of(hash, table_size.max(1))
+}
+
+/// The receiver's checks beyond the MAC, with the memory of recent nonces.
+#[derive(Debug, Default)]
+pub struct ClaimGate {
+    /// (sender, nonce) -> `sent_unix_ms`-independent receive time (ms, the receiver's clock).
+    seen: HashMap<(u16, u64), u64>,
+}
+
+impl ClaimGate {
+    /// Checks a body that arrived from `source` at `now_unix_ms`: the MAC (with the claim key
+    /// of `hash_key`), the sender among `members`, the source address, the timestamp, and
+    /// replay. On success the nonce is remembered.
+    pub fn admit(
+        &mut self,
+        body: &[u8],
+        source: IpAddr,
+        now_unix_ms: u64,
+        hash_key: [u64; 2],
+        members: &[MemberSettings],
+    ) -> Result<Claim, Rejection> {
+        let claim = Claim::decode(body, claim_key(hash_key))?;
+        let member = members
+            .iter()
+            .find(|m| m.id == claim.sender)
+            .ok_or(Rejection::NotMember)?;
+        let source = canonical(source);
+        let from_member = canonical(member.underlay) == source
+            || member.sync.is_some_and(|s| canonical(s.ip()) == source);
+        if !from_member {
+            return Err(Rejection::WrongSource);
+        }
+        let skew = u64::try_from(MAX_CLOCK_SKEW.as_millis()).unwrap_or(u64::MAX);
+        if claim.sent_unix_ms.abs_diff(now_unix_ms) > skew {
+            return Err(Rejection::Stale);
+        }
+        let window = u64::try_from(REPLAY_WINDOW.as_millis()).unwrap_or(u64::MAX);
+        if self.seen.len() >= MAX_REMEMBERED {
+            self.seen
+                .retain(|_, at| now_unix_ms.saturating_sub(*at) <= window);
+        }
+        match self.seen.get(&(claim.sender, claim.nonce)) {
+            Some(at) if now_unix_ms.saturating_sub(*at) <= window => return Err(Rejection::Replay),
+            _ => {}
+        }
+        if self.seen.len() >= MAX_REMEMBERED {
+            return Err(Rejection::Busy);
+        }
+        self.seen.insert((claim.sender, claim.nonce), now_unix_ms);
+        Ok(claim)
+    }
+}
+
+/// An IPv4-mapped IPv6 address as IPv4 (a dual-stack listener reports IPv4 peers so).
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(IpAddr::V6(v6), |v4: Ipv4Addr| IpAddr::V4(v4)),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+#[path = "claims_tests.rs"]
+mod tests;
