@@ -114,13 +114,3 @@ pub fn count_member(member: u16, bytes: u64) {
         }
     }
 }
-
-/// Flows a claim taught this node (`cdn_common::maps::MAP_LEARNED`).
-#[map(name = "LEARNED")]
-pub static LEARNED: LruHashMap<FlowKey, Learned> = LruHashMap::with_max_entries(MAX_LEARNED, 0);
-/// Bucket indexes some learned flow has (`cdn_common::maps::MAP_LEARNED_BUCKETS`).
-#[map(name = "LEARNED_BUCKETS")]
-pub static LEARNED_BUCKETS: Array<u32> = Array::with_max_entries(LEARNED_BUCKET_WORDS, 0);
-/// Searches accepted here, for the controller to claim (`cdn_common::maps::MAP_CLAIM_EVENTS`).
-#[map(name = "CLAIM_EVENTS")]
-pub static CLAIM_EVENTS: RingBuf = RingBuf::with_byte_size(CLAIM_RING_BYTES, 0);
