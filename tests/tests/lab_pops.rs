@@ -301,6 +301,28 @@ fn route_shifts_between_pops_reset_no_download() -> Result<()> {
         "{} searches found no member holding the flow",
         total.search_exhausted
     );
+    // Learning: the owners' claims taught the landing PoPs, whose nodes then sent the
+    // shifted flows straight to their owners.
+    let cross = total.learned_forward + total.search_start;
+    eprintln!(
+        "route shifts: {} learned entries added, {} claims rejected; of {cross} packets sent \
+         across PoPs by the landing PoP, {} ({:.1} %) went straight to a learned owner, {} \
+         searched",
+        total.learned_added,
+        total.claims_rejected,
+        total.learned_forward,
+        100.0 * total.learned_forward as f64 / cross.max(1) as f64,
+        total.search_start
+    );
+    ensure!(
+        total.learned_added > 0 && total.learned_forward > total.search_start,
+        "learning did not take over from the search ({total})"
+    );
+    ensure!(
+        total.claims_rejected == 0,
+        "{} claims between members were rejected",
+        total.claims_rejected
+    );
     Ok(())
 }
 

@@ -79,6 +79,12 @@ pub struct PopCounters {
     pub search_pass_on: u64,
     pub search_accept: u64,
     pub search_exhausted: u64,
+    /// Cross-PoP forwards of flows a claim taught the node: one hop, no search.
+    pub learned_forward: u64,
+    /// Learned entries added from claims (`cdn_steer_learned_added_total`).
+    pub learned_added: u64,
+    /// Claims refused, whatever the reason (`cdn_steer_claims_rejected_total`).
+    pub claims_rejected: u64,
     /// Packets dropped under one of [`STEERING_DROPS`].
     pub dropped: u64,
 }
@@ -93,6 +99,9 @@ impl PopCounters {
         self.search_pass_on += o.search_pass_on;
         self.search_accept += o.search_accept;
         self.search_exhausted += o.search_exhausted;
+        self.learned_forward += o.learned_forward;
+        self.learned_added += o.learned_added;
+        self.claims_rejected += o.claims_rejected;
         self.dropped += o.dropped;
     }
 
@@ -112,6 +121,9 @@ impl PopCounters {
             search_exhausted: self
                 .search_exhausted
                 .saturating_sub(before.search_exhausted),
+            learned_forward: self.learned_forward.saturating_sub(before.learned_forward),
+            learned_added: self.learned_added.saturating_sub(before.learned_added),
+            claims_rejected: self.claims_rejected.saturating_sub(before.claims_rejected),
             dropped: self.dropped.saturating_sub(before.dropped),
         }
     }
@@ -139,11 +151,32 @@ impl std::fmt::Display for PopCounters {
             self.search_accept,
             self.search_exhausted
         )?;
+        write!(
+            f,
+            " learned fwd/added {}/{}",
+            self.learned_forward, self.learned_added
+        )?;
+        if self.claims_rejected > 0 {
+            write!(f, " CLAIMS REJECTED {}", self.claims_rejected)?;
+        }
         if self.dropped > 0 {
             write!(f, " DROPPED {}", self.dropped)?;
         }
         Ok(())
     }
+}
+
+/// The sum of every series of the metric `name` (0 when it is absent: a node without PoPs).
+fn series_sum(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
 
 /// `(member name, packets)` of every `cdn_steer_member_forwarded_packets_total` series.
@@ -264,6 +297,9 @@ impl Lab {
             search_pass_on: c("search_pass_on"),
             search_accept: c("search_accept"),
             search_exhausted: c("search_exhausted"),
+            learned_forward: c("learned_forward"),
+            learned_added: series_sum(metrics, "cdn_steer_learned_added_total"),
+            claims_rejected: series_sum(metrics, "cdn_steer_claims_rejected_total"),
             dropped: STEERING_DROPS.iter().map(|r| c(r)).sum(),
             ..PopCounters::default()
         };
