@@ -12,7 +12,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -261,17 +264,47 @@ fn route_shifts_between_pops_reset_no_download() -> Result<()> {
     // Five shifts: pop1 away; pop1 back while pop2 goes; pop2 back while pop3 goes; pop3 back
     // while pop1 and pop2 go (everyone lands in pop3); everything back.
     let shifts: [&[usize]; 5] = [&[0], &[1], &[2], &[0, 1], &[]];
-    for away in shifts {
-        let t = Instant::now();
-        lab.route_pops_away(away)?;
+    // Searches started, sampled through the shifts: once a landing PoP has learned where its
+    // shifted flows live, it sends them straight there and stops searching.
+    let samples = Mutex::new(Vec::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut shifted_at = Vec::new();
+    std::thread::scope(|scope| -> Result<()> {
+        let sampler = scope.spawn(|| sample_searches(&lab, &stop, &samples));
+        let shifting = (|| -> Result<()> {
+            for away in shifts {
+                let t = Instant::now();
+                shifted_at.push(t);
+                lab.route_pops_away(away)?;
+                eprintln!(
+                    "route shifts: PoPs withdrawn {:?} at {:.1} s (routes followed in {:.1} s)",
+                    away.iter().map(|p| p + 1).collect::<Vec<_>>(),
+                    started.elapsed().as_secs_f64(),
+                    t.elapsed().as_secs_f64()
+                );
+                // Packets keep flowing in the new state before the next shift.
+                std::thread::sleep(DWELL);
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let sampled = sampler
+            .join()
+            .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
+        shifting.and(sampled)
+    })?;
+    let samples = samples.into_inner().unwrap_or_else(|p| p.into_inner());
+    let learned_within = last_search_after_each(&shifted_at, &samples);
+    if let Some(max) = learned_within.iter().max() {
         eprintln!(
-            "route shifts: PoPs withdrawn {:?} at {:.1} s (routes followed in {:.1} s)",
-            away.iter().map(|p| p + 1).collect::<Vec<_>>(),
-            started.elapsed().as_secs_f64(),
-            t.elapsed().as_secs_f64()
+            "route shifts: from a shift's start to its last search (every shifted flow learned): \
+             {:?} s; at most {:.2} s (sampled about every 0.2 s)",
+            learned_within
+                .iter()
+                .map(|d| (d.as_secs_f64() * 100.0).round() / 100.0)
+                .collect::<Vec<_>>(),
+            max.as_secs_f64(),
         );
-        // Packets keep flowing in the new state before the next shift.
-        std::thread::sleep(DWELL);
     }
     let finished_early = live.done.load(Ordering::Relaxed);
     let outcomes = join(handle)?;
@@ -324,6 +357,37 @@ fn route_shifts_between_pops_reset_no_download() -> Result<()> {
         total.claims_rejected
     );
     Ok(())
+}
+
+/// Samples the searches started in every PoP until `stop`, as (time, total) pairs.
+fn sample_searches(lab: &Lab, stop: &AtomicBool, out: &Mutex<Vec<(Instant, u64)>>) -> Result<()> {
+    while !stop.load(Ordering::Relaxed) {
+        let total = PopCounters::total(&lab.pop_counters()?).search_start;
+        out.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((Instant::now(), total));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// For each shift (its start in `shifts`), how long after it the last sample before the next
+/// shift saw the searches grow; shifts that caused none are left out.
+fn last_search_after_each(shifts: &[Instant], samples: &[(Instant, u64)]) -> Vec<Duration> {
+    let mut out = Vec::new();
+    for (i, start) in shifts.iter().enumerate() {
+        let end = shifts.get(i + 1);
+        let mut last = None;
+        for pair in samples.windows(2) {
+            let (_, before) = pair[0];
+            let (at, now) = pair[1];
+            if at >= *start && end.is_none_or(|e| at < *e) && now > before {
+                last = Some(at - *start);
+            }
+        }
+        out.extend(last);
+    }
+    out
 }
 
 /// Waits until every node other than `who`'s sees the member `who` (a node name) as `healthy`.
