@@ -89,6 +89,8 @@ impl Core {
                 .zip(s.rejected)
                 .map(|(r, n)| (r.reason().to_owned(), n))
                 .collect(),
+            pop_drains_received: self.pop_drains.received,
+            pop_drains_rejected: self.pop_drains.rejected_by_reason(),
         })
     }
 }
