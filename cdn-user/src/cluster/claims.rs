@@ -25,7 +25,7 @@ use cdn_common::hash::{
 };
 use cdn_common::maps::FlowKey;
 
-use super::peer_auth::{self, Envelope, MAC_LEN, PeerGate};
+use super::peer_auth::{self, ENVELOPE_LEN, Envelope, MAC_LEN, PeerGate};
 pub use super::peer_auth::{MAX_CLOCK_SKEW, MAX_REMEMBERED, REPLAY_WINDOW, Rejection};
 use crate::config::MemberSettings;
 
@@ -34,7 +34,8 @@ pub const CLAIMS_PATH: &str = "/claims";
 /// Most entries in one claim message.
 pub const MAX_ENTRIES: usize = 1024;
 const MAGIC: [u8; 6] = *b"CDNC\x01\x00";
-const HEAD_LEN: usize = 26;
+/// The envelope and the entry count.
+const HEAD_LEN: usize = ENVELOPE_LEN + 2;
 const ENTRY_LEN: usize = 37;
 /// Largest valid claim body: the receiver reads no more than this.
 pub const MAX_BODY: usize = HEAD_LEN + MAX_ENTRIES * ENTRY_LEN + MAC_LEN;
@@ -59,10 +60,12 @@ impl Claim {
     pub fn encode(&self, key: [u64; 2]) -> Vec<u8> {
         let entries = &self.entries[..self.entries.len().min(MAX_ENTRIES)];
         let mut out = Vec::with_capacity(HEAD_LEN + entries.len() * ENTRY_LEN + MAC_LEN);
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&self.sender.to_be_bytes());
-        out.extend_from_slice(&self.sent_unix_ms.to_be_bytes());
-        out.extend_from_slice(&self.nonce.to_be_bytes());
+        Envelope {
+            sender: self.sender,
+            sent_unix_ms: self.sent_unix_ms,
+            nonce: self.nonce,
+        }
+        .encode(&MAGIC, &mut out);
         // Fits: at most MAX_ENTRIES.
         out.extend_from_slice(&(entries.len() as u16).to_be_bytes());
         for e in entries {
@@ -84,9 +87,7 @@ impl Claim {
         }
         let (body, tag) = peer_auth::split_mac(bytes)?;
         let head: &[u8; HEAD_LEN] = body.first_chunk::<HEAD_LEN>().ok_or(Rejection::Malformed)?;
-        if head[..6] != MAGIC {
-            return Err(Rejection::Malformed);
-        }
+        let envelope = Envelope::decode(head, &MAGIC)?;
         let count = usize::from(u16::from_be_bytes([head[24], head[25]]));
         let rest = &body[HEAD_LEN..];
         if count == 0 || count > MAX_ENTRIES || rest.len() != count * ENTRY_LEN {
@@ -94,19 +95,14 @@ impl Claim {
         }
         // The MAC before any further reading: an unsigned message gets no more attention.
         peer_auth::verify(key, body, tag)?;
-        let u64_at = |at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&head[at..at + 8]);
-            u64::from_be_bytes(b)
-        };
         let entries = rest
             .chunks_exact(ENTRY_LEN)
             .map(parse_entry)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Claim {
-            sender: u16::from_be_bytes([head[6], head[7]]),
-            sent_unix_ms: u64_at(8),
-            nonce: u64_at(16),
+            sender: envelope.sender,
+            sent_unix_ms: envelope.sent_unix_ms,
+            nonce: envelope.nonce,
             entries,
         })
     }

@@ -69,12 +69,46 @@ pub fn verify(key: [u64; 2], body: &[u8], tag: u64) -> Result<(), Rejection> {
     }
 }
 
+/// Bytes of the head every peer message starts with: a magic of the kind and its version (6),
+/// then the [`Envelope`]: sender (2), `sent_unix_ms` (8), nonce (8), big-endian.
+pub const ENVELOPE_LEN: usize = 24;
+
 /// The header fields every peer message has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Envelope {
     pub sender: u16,
     pub sent_unix_ms: u64,
     pub nonce: u64,
+}
+
+impl Envelope {
+    /// Appends the head: `magic`, then the fields.
+    pub fn encode(&self, magic: &[u8; 6], out: &mut Vec<u8>) {
+        out.extend_from_slice(magic);
+        out.extend_from_slice(&self.sender.to_be_bytes());
+        out.extend_from_slice(&self.sent_unix_ms.to_be_bytes());
+        out.extend_from_slice(&self.nonce.to_be_bytes());
+    }
+
+    /// Reads the head at the start of `body`, which must begin with `magic`.
+    pub fn decode(body: &[u8], magic: &[u8; 6]) -> Result<Envelope, Rejection> {
+        let head = body
+            .first_chunk::<ENVELOPE_LEN>()
+            .ok_or(Rejection::Malformed)?;
+        if head[..6] != magic[..] {
+            return Err(Rejection::Malformed);
+        }
+        let u64_at = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&head[at..at + 8]);
+            u64::from_be_bytes(b)
+        };
+        Ok(Envelope {
+            sender: u16::from_be_bytes([head[6], head[7]]),
+            sent_unix_ms: u64_at(8),
+            nonce: u64_at(16),
+        })
+    }
 }
 
 /// Why a peer message was refused; [`Rejection::reason`] is the metric label.
@@ -121,6 +155,16 @@ impl Rejection {
             Rejection::Stale => "stale",
             Rejection::Replay => "replay",
             Rejection::Busy => "busy",
+        }
+    }
+
+    /// The HTTP status the peer plane answers it with.
+    pub fn status(self) -> hyper::StatusCode {
+        match self {
+            Rejection::Malformed => hyper::StatusCode::BAD_REQUEST,
+            Rejection::TooLarge => hyper::StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::Busy => hyper::StatusCode::SERVICE_UNAVAILABLE,
+            _ => hyper::StatusCode::FORBIDDEN,
         }
     }
 

@@ -19,7 +19,7 @@
 
 use std::net::IpAddr;
 
-use super::peer_auth::{self, Envelope, MAC_LEN, PeerGate, Rejection};
+use super::peer_auth::{self, ENVELOPE_LEN, Envelope, MAC_LEN, PeerGate, Rejection};
 use crate::config::MemberSettings;
 
 /// Path of a drain on the peer plane.
@@ -27,7 +27,7 @@ pub const DRAIN_PATH: &str = "/drain";
 /// Path of an undrain on the peer plane.
 pub const UNDRAIN_PATH: &str = "/undrain";
 const MAGIC: [u8; 6] = *b"CDND\x01\x00";
-const HEAD_LEN: usize = 25;
+const HEAD_LEN: usize = ENVELOPE_LEN + 1;
 /// The length of every drain message; the receiver reads no more.
 pub const BODY_LEN: usize = HEAD_LEN + MAC_LEN;
 /// The answer body of a node that changed state.
@@ -57,10 +57,7 @@ impl DrainMessage {
     /// The signed wire bytes.
     pub fn encode(&self, key: [u64; 2]) -> Vec<u8> {
         let mut out = Vec::with_capacity(BODY_LEN);
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&self.envelope.sender.to_be_bytes());
-        out.extend_from_slice(&self.envelope.sent_unix_ms.to_be_bytes());
-        out.extend_from_slice(&self.envelope.nonce.to_be_bytes());
+        self.envelope.encode(&MAGIC, &mut out);
         out.push(u8::from(self.drain));
         peer_auth::sign(key, &mut out);
         out
@@ -73,22 +70,15 @@ impl DrainMessage {
         }
         let (body, tag) = peer_auth::split_mac(bytes)?;
         let head: &[u8; HEAD_LEN] = body.try_into().map_err(|_| Rejection::Malformed)?;
-        if head[..6] != MAGIC || head[24] > 1 {
+        let envelope = Envelope::decode(head, &MAGIC)?;
+        let action = head[ENVELOPE_LEN];
+        if action > 1 {
             return Err(Rejection::Malformed);
         }
         peer_auth::verify(key, body, tag)?;
-        let u64_at = |at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&head[at..at + 8]);
-            u64::from_be_bytes(b)
-        };
         Ok(DrainMessage {
-            envelope: Envelope {
-                sender: u16::from_be_bytes([head[6], head[7]]),
-                sent_unix_ms: u64_at(8),
-                nonce: u64_at(16),
-            },
-            drain: head[24] == 1,
+            envelope,
+            drain: action == 1,
         })
     }
 }

@@ -125,13 +125,7 @@ fn reject(state: &mut PopDrains, peer: SocketAddr, rejection: Rejection) -> Resp
         log::warn!(peer:% = peer, reason = rejection.reason(); "PoP drain request rejected");
         state.last_reject_log = Some(Instant::now());
     }
-    let status = match rejection {
-        Rejection::Malformed => StatusCode::BAD_REQUEST,
-        Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        Rejection::Busy => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::FORBIDDEN,
-    };
-    http::text(status, &rejection.to_string())
+    http::text(rejection.status(), &rejection.to_string())
 }
 
 /// One peer to ask: its row of the report, and where to send (`None`: no sync address).
