@@ -8,7 +8,9 @@ use cdn_user::{
     operator::{
         check, cli,
         control::{self, ControlError, Request, Response, TraceSpec},
-        logging, lookup, quic, status_text,
+        logging, lookup,
+        pop_drain::PopDrainReport,
+        quic, status_text,
     },
 };
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
@@ -22,6 +24,7 @@ Exit codes:
   2   host problem: check found the host not set up for the node (preflight)
   3   the daemon is unreachable (no control socket, no answer)
   4   the request was refused (by the daemon; for lookup --offline, by the configuration)
+  5   drain --pop / undrain --pop: some member of the PoP could not be reached or refused
   64  usage error (unknown command or option, bad argument)";
 
 #[derive(Parser)]
@@ -82,14 +85,20 @@ enum Command {
         json: bool,
     },
     /// Stop taking new connections on this node and withdraw its routes; flows continue.
+    #[command(after_help = EXIT_CODES)]
     Drain {
         #[command(flatten)]
         daemon: DaemonArgs,
+        #[command(flatten)]
+        pop: PopArgs,
     },
     /// Take new connections again.
+    #[command(after_help = EXIT_CODES)]
     Undrain {
         #[command(flatten)]
         daemon: DaemonArgs,
+        #[command(flatten)]
+        pop: PopArgs,
     },
     /// Make the running daemon re-read its configuration file (as SIGHUP does) and say whether
     /// it took it; exits non-zero with the reason when the daemon refused it.
@@ -180,6 +189,18 @@ struct DaemonArgs {
     socket: Option<PathBuf>,
 }
 
+/// `drain --pop` and `undrain --pop`.
+#[derive(Args, Clone, Copy)]
+struct PopArgs {
+    /// The whole PoP: this node, and every other member of its PoP over the peer plane
+    /// (members need a `sync` address). Says per member what happened.
+    #[arg(long)]
+    pop: bool,
+    /// With --pop: print the answer as one JSON document.
+    #[arg(long, requires = "pop")]
+    json: bool,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Proto {
     Tcp,
@@ -201,6 +222,9 @@ enum CliError {
     /// The daemon (or, offline, the configuration) refused the request.
     #[error("{0}")]
     Refused(String),
+    /// `drain --pop`: some member of the PoP is not in the asked-for state.
+    #[error("{0}")]
+    Incomplete(String),
     #[error(transparent)]
     Failed(#[from] anyhow::Error),
 }
@@ -212,6 +236,7 @@ impl CliError {
             Self::Checked(verdict) => verdict.exit_code(),
             Self::Unreachable(_) => 3,
             Self::Refused(_) => 4,
+            Self::Incomplete(_) => 5,
         }
     }
 }
@@ -329,8 +354,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Drain { daemon } => done(runtime()?.block_on(ask(daemon, Request::Drain))?),
-        Command::Undrain { daemon } => done(runtime()?.block_on(ask(daemon, Request::Undrain))?),
+        Command::Drain { daemon, pop } => drain(daemon, pop, true),
+        Command::Undrain { daemon, pop } => drain(daemon, pop, false),
         Command::Reload { daemon } => done(runtime()?.block_on(ask(daemon, Request::Reload))?),
         Command::Lookup {
             src,
@@ -468,6 +493,32 @@ fn generate(what: Generated, dir: Option<PathBuf>) -> Result<()> {
         .subcommands(full.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
     clap_complete::generate(shell, &mut visible, "cdn-steer", &mut std::io::stdout());
     Ok(())
+}
+
+/// `drain` / `undrain`, of this node or (`--pop`) of its whole PoP.
+fn drain(daemon: DaemonArgs, pop: PopArgs, drain: bool) -> Result<(), CliError> {
+    let request = match (pop.pop, drain) {
+        (true, _) => Request::DrainPop { drain },
+        (false, true) => Request::Drain,
+        (false, false) => Request::Undrain,
+    };
+    let response = runtime()?.block_on(ask(daemon, request))?;
+    if !pop.pop {
+        return done(response);
+    }
+    let Response::PopDrain(report) = response else {
+        return Err(anyhow::anyhow!("unexpected answer from the daemon").into());
+    };
+    print_doc(&report, pop.json, PopDrainReport::render)?;
+    if report.complete() {
+        return Ok(());
+    }
+    Err(CliError::Incomplete(format!(
+        "PoP {}: not {} on {}",
+        report.pop,
+        if drain { "drained" } else { "undrained" },
+        report.failed().join(", ")
+    )))
 }
 
 fn done(response: Response) -> Result<(), CliError> {

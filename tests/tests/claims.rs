@@ -8,23 +8,21 @@
 //! with it; one naming a member a reload removed goes at the next pass.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::IpAddr,
     path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use cdn_common::hash::{PROTO_TCP, PROTO_UDP};
 use cdn_common::maps::FlowKey;
 use cdn_test_support::{Netns, wait};
-use cdn_tests::node_host::{NodeHost, steer};
+use cdn_tests::node_host::{self, NodeHost, http, steer};
 use cdn_user::{
     cluster::claims::{Claim, flow_bucket, flow_key},
     config,
     dataplane::{DataPlane, LoadOptions, learned::bucket_bit, tables},
 };
-use socket2::{Domain, Socket, Type};
 
 const HASH_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
 const PEER_PLANE: &str = "10.9.0.1:9466";
@@ -84,34 +82,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// One HTTP exchange from `source` to `to`: the status code and body of the answer.
-fn http(ns: &Netns, source: &str, to: &str, request: Vec<u8>) -> Result<(u16, String)> {
-    let source: IpAddr = source.parse()?;
-    let to: SocketAddr = to.parse()?;
-    let answer = ns.enter(move || -> Result<Vec<u8>> {
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-        socket.bind(&SocketAddr::new(source, 0).into())?;
-        socket.connect_timeout(&to.into(), Duration::from_secs(2))?;
-        let mut stream: TcpStream = socket.into();
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(&request)?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer)?;
-        Ok(answer)
-    })??;
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no status in {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Ok((status, body))
-}
-
 fn post(ns: &Netns, source: &str, body: &[u8]) -> Result<u16> {
     let mut request = format!(
         "POST /claims HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -123,15 +93,7 @@ fn post(ns: &Netns, source: &str, body: &[u8]) -> Result<u16> {
 }
 
 fn metric(ns: &Netns, series: &str) -> Result<u64> {
-    let (_, body) = http(
-        ns,
-        "10.9.0.1",
-        METRICS,
-        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_vec(),
-    )?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .with_context(|| format!("no {series} in\n{body}"))
+    node_host::metric(ns, METRICS, series)
 }
 
 fn flow(n: u8, proto: u8) -> FlowKey {

@@ -7,6 +7,8 @@
 //! - Route shifts between PoPs: flows that land in another PoP are found by the cross-PoP
 //!   search; nothing is reset and no search comes back empty.
 //! - A shift together with drains in the source and the target PoP: nothing is reset.
+//! - `drain --pop` during downloads: the PoP's routes go, nothing is reset, new connections are
+//!   served elsewhere; `undrain --pop` brings the routes back.
 //!
 //! The labs are heavy, so the tests of this file run one at a time.
 
@@ -454,6 +456,119 @@ fn a_pop_shift_with_drains_in_the_source_and_the_target_pop_resets_nothing() -> 
     ensure!(
         total.search_accept > 0,
         "no search found a flow: the shift moved no flow across PoPs ({total})"
+    );
+    Ok(())
+}
+
+/// The member names and outcomes of a `drain --pop --json` answer.
+fn pop_drain_outcomes(answer: &str) -> Result<Vec<(String, String)>> {
+    let report: serde_json::Value = serde_json::from_str(answer)?;
+    report["members"]
+        .as_array()
+        .with_context(|| format!("no members in {answer}"))?
+        .iter()
+        .map(|m| {
+            Ok((
+                m["name"].as_str().context("name")?.to_owned(),
+                m["outcome"].as_str().context("outcome")?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn draining_a_whole_pop_withdraws_it_and_resets_nothing() -> Result<()> {
+    let (_guard, lab) = lab("pd", 1 << 20)?;
+    let started = Instant::now();
+    let before = lab.pop_counters()?;
+    let count = 50;
+    // 1 MiB at 64 KiB/s: about 16 s, several seconds beyond the drain and the new downloads.
+    let (live, handle) = start_downloads(&lab, count, 64 * 1024);
+    wait_connected(&lab, &live, count)?;
+    std::thread::sleep(SETTLE);
+
+    let pop2 = lab.pop_nodes(1);
+    let others: Vec<usize> = (0..lab.nodes.len()).filter(|i| !pop2.contains(i)).collect();
+    let t = Instant::now();
+    let answer = lab.steer(pop2[0], &["drain", "--pop", "--json"])?;
+    let asked = t.elapsed();
+    let outcomes = pop_drain_outcomes(&answer)?;
+    let want: Vec<(String, String)> = pop2
+        .iter()
+        .map(|&i| (lab.nodes[i].name.clone(), "changed".to_owned()))
+        .collect();
+    ensure!(outcomes == want, "drain --pop answered {answer}");
+    lab.wait_for_route_nodes(&others, Duration::from_secs(15))?;
+    let withdrawn = t.elapsed();
+    for &i in &pop2 {
+        ensure!(
+            lab.status(i)?["draining"] == true,
+            "node{} is not draining after drain --pop",
+            i + 1
+        );
+    }
+    let done_at_withdrawal = live.done.load(Ordering::Relaxed);
+    eprintln!(
+        "pop drain: drain --pop on node{} answered in {:.2} s, pop2's routes withdrawn after \
+         {:.1} s (at {:.1} s)",
+        pop2[0] + 1,
+        asked.as_secs_f64(),
+        withdrawn.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // New connections after the drain: all served outside pop2.
+    let fresh_count = 40;
+    let (_fresh_live, fresh) = start_downloads(&lab, fresh_count, 8 << 20);
+    let fresh = join(fresh)?;
+    let fresh_ok = fresh.iter().filter(|o| o.ok).count();
+    let in_pop2: Vec<(u16, Option<String>)> = fresh
+        .iter()
+        .filter(|o| {
+            o.served_by
+                .as_deref()
+                .and_then(|s| lab.nodes.iter().position(|n| n.name == s))
+                .is_none_or(|i| pop2.contains(&i))
+        })
+        .map(|o| (o.client_port, o.served_by.clone()))
+        .collect();
+    eprintln!(
+        "pop drain: {fresh_count} new connections after the drain, {fresh_ok} complete, {} \
+         served in pop2 (or by no node)",
+        in_pop2.len()
+    );
+    ensure!(
+        fresh_ok == fresh_count && in_pop2.is_empty(),
+        "new connections after the drain: {fresh_ok} of {fresh_count} complete; served in pop2 \
+         (port, node): {in_pop2:?}"
+    );
+
+    let finished_early = live.done.load(Ordering::Relaxed);
+    let outcomes = join(handle)?;
+    let total = pop_report(&lab, "pop drain", &before)?;
+    all_complete(&lab, "pop drain", &outcomes, &total, started)?;
+    ensure!(
+        done_at_withdrawal == 0 && finished_early == 0,
+        "{finished_early} downloads ended before the new connections were over: the file is too \
+         small"
+    );
+
+    let t = Instant::now();
+    let answer = lab.steer(pop2[1], &["undrain", "--pop", "--json"])?;
+    let outcomes = pop_drain_outcomes(&answer)?;
+    ensure!(
+        outcomes.iter().all(|(_, o)| o == "changed") && outcomes.len() == pop2.len(),
+        "undrain --pop answered {answer}"
+    );
+    lab.wait_for_route_nodes(
+        &(0..lab.nodes.len()).collect::<Vec<_>>(),
+        Duration::from_secs(15),
+    )?;
+    eprintln!(
+        "pop drain: undrain --pop on node{}: every route back after {:.1} s; {:.1} s in all",
+        pop2[1] + 1,
+        t.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
     );
     Ok(())
 }

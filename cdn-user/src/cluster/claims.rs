@@ -18,17 +18,15 @@
 //! is nothing a forger can change that the receiver reads without the MAC changing. Only a
 //! holder of the cluster hash key can make a claim that verifies.
 
-use std::collections::HashMap;
-use std::hash::Hasher as _;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::Duration;
+use std::net::{IpAddr, Ipv6Addr};
 
 use cdn_common::hash::{
     PROTO_TCP, PROTO_UDP, bucket_of, flow_hash_v4, flow_hash_v6, ports_word, v4_word, v6_words,
 };
 use cdn_common::maps::FlowKey;
-use siphasher::sip::SipHasher24;
 
+use super::peer_auth::{self, ENVELOPE_LEN, Envelope, MAC_LEN, PeerGate};
+pub use super::peer_auth::{MAX_CLOCK_SKEW, MAX_REMEMBERED, REPLAY_WINDOW, Rejection};
 use crate::config::MemberSettings;
 
 /// Path of the claims endpoint on the peer plane.
@@ -36,35 +34,15 @@ pub const CLAIMS_PATH: &str = "/claims";
 /// Most entries in one claim message.
 pub const MAX_ENTRIES: usize = 1024;
 const MAGIC: [u8; 6] = *b"CDNC\x01\x00";
-const HEAD_LEN: usize = 26;
+/// The envelope and the entry count.
+const HEAD_LEN: usize = ENVELOPE_LEN + 2;
 const ENTRY_LEN: usize = 37;
-const MAC_LEN: usize = 8;
 /// Largest valid claim body: the receiver reads no more than this.
 pub const MAX_BODY: usize = HEAD_LEN + MAX_ENTRIES * ENTRY_LEN + MAC_LEN;
-/// How far `sent_unix_ms` may be from the receiver's clock, either way (nodes need NTP).
-pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(30);
-/// How long a (sender, nonce) pair is remembered; longer than twice the skew, so a message
-/// replayed after it is forgotten is stale anyway.
-pub const REPLAY_WINDOW: Duration = Duration::from_secs(60);
-/// Most (sender, nonce) pairs remembered. Only messages with a valid MAC get here; a member
-/// sending more than this in a minute is refused until the window moves on.
-pub const MAX_REMEMBERED: usize = 1 << 16;
 
-/// The key of the claim MAC for `hash_key`: two SipHash-2-4 of fixed labels keyed with the
-/// hash key, as the steering MAC's key, with labels of its own so the two keys differ.
+/// The key of the claim MAC for `hash_key` (see [`peer_auth::derive_key`]).
 pub fn claim_key(hash_key: [u64; 2]) -> [u64; 2] {
-    let derive = |label: &[u8]| {
-        let mut h = SipHasher24::new_with_keys(hash_key[0], hash_key[1]);
-        h.write(label);
-        h.finish()
-    };
-    [derive(b"cdn-steer claim 0"), derive(b"cdn-steer claim 1")]
-}
-
-fn mac(key: [u64; 2], bytes: &[u8]) -> u64 {
-    let mut h = SipHasher24::new_with_keys(key[0], key[1]);
-    h.write(bytes);
-    h.finish()
+    peer_auth::derive_key(hash_key, [b"cdn-steer claim 0", b"cdn-steer claim 1"])
 }
 
 /// A claim: `sender` holds the flows in `entries`.
@@ -76,64 +54,18 @@ pub struct Claim {
     pub entries: Vec<FlowKey>,
 }
 
-/// Why a claim was refused; [`Rejection::reason`] is the metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Rejection {
-    #[error("malformed claim")]
-    Malformed,
-    #[error("claim body too large")]
-    TooLarge,
-    #[error("claim MAC does not verify")]
-    BadMac,
-    #[error("claim sender is not a configured member")]
-    NotMember,
-    #[error("claim comes from neither the sender's underlay nor its sync address")]
-    WrongSource,
-    #[error("claim timestamp more than 30 s from this node's clock")]
-    Stale,
-    #[error("claim nonce seen before")]
-    Replay,
-    #[error("too many claims to remember")]
-    Busy,
-}
-
-impl Rejection {
-    pub const ALL: [Rejection; 8] = [
-        Rejection::Malformed,
-        Rejection::TooLarge,
-        Rejection::BadMac,
-        Rejection::NotMember,
-        Rejection::WrongSource,
-        Rejection::Stale,
-        Rejection::Replay,
-        Rejection::Busy,
-    ];
-
-    /// The `reason` label of `cdn_steer_claims_rejected_total`.
-    pub const fn reason(self) -> &'static str {
-        match self {
-            Rejection::Malformed => "malformed",
-            Rejection::TooLarge => "too_large",
-            Rejection::BadMac => "bad_mac",
-            Rejection::NotMember => "not_member",
-            Rejection::WrongSource => "wrong_source",
-            Rejection::Stale => "stale",
-            Rejection::Replay => "replay",
-            Rejection::Busy => "busy",
-        }
-    }
-}
-
 impl Claim {
     /// The signed wire bytes. At most [`MAX_ENTRIES`] entries are encoded: the sender batches
     /// below that.
     pub fn encode(&self, key: [u64; 2]) -> Vec<u8> {
         let entries = &self.entries[..self.entries.len().min(MAX_ENTRIES)];
         let mut out = Vec::with_capacity(HEAD_LEN + entries.len() * ENTRY_LEN + MAC_LEN);
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&self.sender.to_be_bytes());
-        out.extend_from_slice(&self.sent_unix_ms.to_be_bytes());
-        out.extend_from_slice(&self.nonce.to_be_bytes());
+        Envelope {
+            sender: self.sender,
+            sent_unix_ms: self.sent_unix_ms,
+            nonce: self.nonce,
+        }
+        .encode(&MAGIC, &mut out);
         // Fits: at most MAX_ENTRIES.
         out.extend_from_slice(&(entries.len() as u16).to_be_bytes());
         for e in entries {
@@ -144,8 +76,7 @@ impl Claim {
             out.extend_from_slice(&e.vip_port.to_ne_bytes());
             out.push(e.proto);
         }
-        let tag = mac(key, &out);
-        out.extend_from_slice(&tag.to_be_bytes());
+        peer_auth::sign(key, &mut out);
         out
     }
 
@@ -154,35 +85,24 @@ impl Claim {
         if bytes.len() > MAX_BODY {
             return Err(Rejection::TooLarge);
         }
-        let (body, tag) = bytes
-            .split_last_chunk::<MAC_LEN>()
-            .ok_or(Rejection::Malformed)?;
+        let (body, tag) = peer_auth::split_mac(bytes)?;
         let head: &[u8; HEAD_LEN] = body.first_chunk::<HEAD_LEN>().ok_or(Rejection::Malformed)?;
-        if head[..6] != MAGIC {
-            return Err(Rejection::Malformed);
-        }
+        let envelope = Envelope::decode(head, &MAGIC)?;
         let count = usize::from(u16::from_be_bytes([head[24], head[25]]));
         let rest = &body[HEAD_LEN..];
         if count == 0 || count > MAX_ENTRIES || rest.len() != count * ENTRY_LEN {
             return Err(Rejection::Malformed);
         }
         // The MAC before any further reading: an unsigned message gets no more attention.
-        if mac(key, body) != u64::from_be_bytes(*tag) {
-            return Err(Rejection::BadMac);
-        }
-        let u64_at = |at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&head[at..at + 8]);
-            u64::from_be_bytes(b)
-        };
+        peer_auth::verify(key, body, tag)?;
         let entries = rest
             .chunks_exact(ENTRY_LEN)
             .map(parse_entry)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Claim {
-            sender: u16::from_be_bytes([head[6], head[7]]),
-            sent_unix_ms: u64_at(8),
-            nonce: u64_at(16),
+            sender: envelope.sender,
+            sent_unix_ms: envelope.sent_unix_ms,
+            nonce: envelope.nonce,
             entries,
         })
     }
@@ -263,11 +183,10 @@ pub fn flow_bucket(hash_key: &[u64; 2], key: &FlowKey, table_size: u32) -> u32 {
     bucket_of(hash, table_size.max(1))
 }
 
-/// The receiver's checks beyond the MAC, with the memory of recent nonces.
+/// The receiver's checks of claims: the MAC, then the [`PeerGate`].
 #[derive(Debug, Default)]
 pub struct ClaimGate {
-    /// (sender, nonce) -> `sent_unix_ms`-independent receive time (ms, the receiver's clock).
-    seen: HashMap<(u16, u64), u64>,
+    gate: PeerGate,
 }
 
 impl ClaimGate {
@@ -283,44 +202,13 @@ impl ClaimGate {
         members: &[MemberSettings],
     ) -> Result<Claim, Rejection> {
         let claim = Claim::decode(body, claim_key(hash_key))?;
-        let member = members
-            .iter()
-            .find(|m| m.id == claim.sender)
-            .ok_or(Rejection::NotMember)?;
-        let source = canonical(source);
-        let from_member = canonical(member.underlay) == source
-            || member.sync.is_some_and(|s| canonical(s.ip()) == source);
-        if !from_member {
-            return Err(Rejection::WrongSource);
-        }
-        let skew = u64::try_from(MAX_CLOCK_SKEW.as_millis()).unwrap_or(u64::MAX);
-        if claim.sent_unix_ms.abs_diff(now_unix_ms) > skew {
-            return Err(Rejection::Stale);
-        }
-        let window = u64::try_from(REPLAY_WINDOW.as_millis()).unwrap_or(u64::MAX);
-        if self.seen.len() >= MAX_REMEMBERED {
-            self.seen
-                .retain(|_, at| now_unix_ms.saturating_sub(*at) <= window);
-        }
-        match self.seen.get(&(claim.sender, claim.nonce)) {
-            Some(at) if now_unix_ms.saturating_sub(*at) <= window => return Err(Rejection::Replay),
-            _ => {}
-        }
-        if self.seen.len() >= MAX_REMEMBERED {
-            return Err(Rejection::Busy);
-        }
-        self.seen.insert((claim.sender, claim.nonce), now_unix_ms);
+        let envelope = Envelope {
+            sender: claim.sender,
+            sent_unix_ms: claim.sent_unix_ms,
+            nonce: claim.nonce,
+        };
+        self.gate.check(&envelope, source, now_unix_ms, members)?;
         Ok(claim)
-    }
-}
-
-/// An IPv4-mapped IPv6 address as IPv4 (a dual-stack listener reports IPv4 peers so).
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(IpAddr::V6(v6), |v4: Ipv4Addr| IpAddr::V4(v4)),
-        v4 => v4,
     }
 }
 

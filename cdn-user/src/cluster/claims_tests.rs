@@ -1,5 +1,9 @@
 use std::net::Ipv6Addr;
 
+use std::hash::Hasher as _;
+
+use siphasher::sip::SipHasher24;
+
 use super::*;
 use crate::config::{EXAMPLE, parse};
 

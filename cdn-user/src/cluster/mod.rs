@@ -7,6 +7,8 @@ pub mod flap_guard;
 pub mod health;
 pub mod history;
 pub mod maglev;
+pub mod peer_auth;
+pub mod peer_control;
 pub mod peer_http;
 pub mod pops;
 pub mod probe;

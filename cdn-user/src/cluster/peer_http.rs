@@ -1,5 +1,5 @@
 //! The one HTTP client of the controller, for talking to peers: a single `GET` with `Connection: close`, used by the
-//! health probes and the history sync, and a `POST` of a small body ([`post`], the claims). One timeout bounds the whole exchange, connect included;
+//! health probes and the history sync, and a `POST` of a small body ([`post`], the claims and PoP drains). One timeout bounds the whole exchange, connect included;
 //! the answer's head and body are bounded by size; errors name the peer.
 
 use std::future::Future;
@@ -227,15 +227,18 @@ fn exchange_failure(e: hyper::Error) -> Failure {
     }
 }
 
-/// Sends `body` to `addr` as `POST path` with `Connection: close` and returns the answer's
-/// status (its body is not read). `limit` bounds the whole exchange, connect included.
+/// Most body bytes of a [`post`]'s answer read: the peer plane answers posts with a word.
+const POST_ANSWER_LIMIT: usize = 1024;
+
+/// Sends `body` to `addr` as `POST path` with `Connection: close` and returns the answer (its
+/// body read up to 1 KiB). `limit` bounds the whole exchange, connect included.
 pub async fn post(
     addr: SocketAddr,
     path: &str,
     body: Bytes,
     user_agent: &'static str,
     limit: Duration,
-) -> Result<StatusCode, ClientError> {
+) -> Result<Answer, ClientError> {
     let error = |failure| ClientError { addr, failure };
     if !is_token_safe(path) {
         return Err(error(Failure::InvalidRequest("path")));
@@ -270,7 +273,13 @@ pub async fn post(
         let answer = drive(conn.as_mut(), &mut conn_done, sender.send_request(request))
             .await
             .map_err(exchange_failure)?;
-        Ok(answer.status())
+        let (head, incoming) = answer.into_parts();
+        let body = drive(conn, &mut conn_done, read_body(incoming, POST_ANSWER_LIMIT)).await;
+        Ok(Answer {
+            status: head.status,
+            headers: head.headers,
+            body: body.map_err(|failure| ClientError { addr, failure }),
+        })
     };
     timeout_at(deadline, exchange)
         .await

@@ -592,6 +592,7 @@ mod tests {
             table: None,
             digests: Some(source),
             claims: None,
+            drain: None,
         };
         let (_, members) = watch::channel(Default::default());
         tokio::spawn(server::serve(

@@ -139,9 +139,9 @@ async fn futures_join(sends: Vec<(SocketAddr, Bytes)>) -> Vec<bool> {
     for (addr, body) in sends {
         set.spawn(async move {
             match peer_http::post(addr, CLAIMS_PATH, body, "cdn-steer-claims", SEND_TIMEOUT).await {
-                Ok(status) if status.is_success() => true,
-                Ok(status) => {
-                    log::debug!(peer:% = addr, status = status.as_u16(); "claim refused by peer");
+                Ok(answer) if answer.status.is_success() => true,
+                Ok(answer) => {
+                    log::debug!(peer:% = addr, status = answer.status.as_u16(); "claim refused by peer");
                     false
                 }
                 Err(e) => {

@@ -63,6 +63,8 @@ pub(super) struct Core {
     pub(super) checks: LocalChecks,
     /// Learned owners and claims (with PoPs only).
     pub(super) learning: super::learning::Learning,
+    /// PoP drains received over the peer plane.
+    pub(super) pop_drains: super::pop_drain::PopDrains,
 }
 
 /// What keeps a local fault from passing for a member fault, and what makes `/ready` cover

@@ -89,6 +89,8 @@ impl Core {
                 .zip(s.rejected)
                 .map(|(r, n)| (r.reason().to_owned(), n))
                 .collect(),
+            pop_drains_received: self.pop_drains.received,
+            pop_drains_rejected: self.pop_drains.rejected_by_reason(),
         })
     }
 }
@@ -237,13 +239,7 @@ impl Core {
         } else {
             l.unlogged_rejects += 1;
         }
-        let status = match rejection {
-            Rejection::Malformed => StatusCode::BAD_REQUEST,
-            Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Rejection::Busy => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::FORBIDDEN,
-        };
-        http::text(status, &rejection.to_string())
+        http::text(rejection.status(), &rejection.to_string())
     }
 
     /// Deletes learned entries whose packet count did not change for `learned_idle_ms`, and

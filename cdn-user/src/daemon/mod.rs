@@ -24,6 +24,7 @@ mod gossip;
 mod learning;
 mod nexthops;
 mod notify;
+mod pop_drain;
 mod pops;
 mod reload;
 mod startup;
@@ -146,6 +147,8 @@ pub async fn run(opts: Options) -> Result<()> {
         let table_shared = shared.clone();
         let digests_shared = shared.clone();
         let claims_shared = shared.clone();
+        let drain_shared = shared.clone();
+        let drain_rebuild = rebuild.clone();
         let shared = shared.clone();
         let source: http::SnapshotSource = Arc::new(move || {
             let core = shared.lock();
@@ -171,6 +174,9 @@ pub async fn run(opts: Options) -> Result<()> {
             digests: Some(Arc::new(move || digests_shared.lock().digests())),
             claims: Some(Arc::new(move |peer, body| {
                 claims_shared.lock().receive_claim(peer, body)
+            })),
+            drain: Some(Arc::new(move |peer, drain, body| {
+                pop_drain::receive(&drain_shared, &drain_rebuild, peer, drain, body)
             })),
         }
     };

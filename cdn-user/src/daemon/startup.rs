@@ -124,6 +124,7 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
         written_quic_servers: leftover_quic_servers,
         checks: Default::default(),
         learning: Default::default(),
+        pop_drains: Default::default(),
         cfg,
     };
     core.start_learning()?;

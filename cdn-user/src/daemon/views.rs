@@ -470,6 +470,10 @@ pub(super) fn handle_request(
             .map(|doc| Response::Cid(Box::new(doc))),
         Request::Drain => set_draining(&mut shared.lock(), rebuild, true, caller),
         Request::Undrain => set_draining(&mut shared.lock(), rebuild, false, caller),
+        // Without the lock while the peers are asked.
+        Request::DrainPop { drain } => {
+            super::pop_drain::drain_pop(shared, rebuild, drain, caller).map(Response::PopDrain)
+        }
         // Without the lock: the main loop takes it to reload.
         Request::Reload => return ask_for_reload(reloads, caller),
         // Streamed: the control socket hands it to `trace::handler` instead.
@@ -503,19 +507,33 @@ fn set_draining(
     drain: bool,
     caller: Caller,
 ) -> Result<Response> {
+    let changed = change_draining(core, rebuild, drain, &caller)?;
+    let message = match (changed, drain) {
+        (true, true) => "draining",
+        (true, false) => "undrained",
+        (false, true) => "already draining",
+        (false, false) => "already not draining",
+    };
+    Ok(Response::Done {
+        message: message.to_string(),
+    })
+}
+
+/// Drain (`drain` true) or undrain, as `by` asked (logged); whether the state changed.
+pub(super) fn change_draining(
+    core: &mut Core,
+    rebuild: &Notify,
+    drain: bool,
+    by: &dyn std::fmt::Display,
+) -> Result<bool> {
     let what = if drain { "drain" } else { "undrain" };
     if core.draining == drain {
-        log::info!(by:% = caller; "{what} asked for: nothing to do, already in that state");
-        return Ok(Response::Done {
-            message: format!(
-                "already {}",
-                if drain { "draining" } else { "not draining" }
-            ),
-        });
+        log::info!(by:% = by; "{what} asked for: nothing to do, already in that state");
+        return Ok(false);
     }
     core.draining = drain;
     log::info!(
-        by:% = caller,
+        by:% = by,
         effect = if drain {
             "no new connections here; routes withdrawn; existing flows continue"
         } else {
@@ -525,9 +543,7 @@ fn set_draining(
     );
     let r = core
         .write_node_config()
-        .and_then(|()| core.rebuild(&format!("{what} ({caller})")));
+        .and_then(|()| core.rebuild(&format!("{what} ({by})")));
     rebuild.notify_one();
-    r.map(|()| Response::Done {
-        message: if drain { "draining" } else { "undrained" }.to_string(),
-    })
+    r.map(|()| true)
 }

@@ -57,6 +57,11 @@ pub enum Request {
     Status,
     Drain,
     Undrain,
+    /// Drain (`drain` true) or undrain this node and every other member of its PoP (those
+    /// over the peer plane); answered with `PopDrain`.
+    DrainPop {
+        drain: bool,
+    },
     Lookup {
         src: SocketAddr,
         dst: SocketAddr,
@@ -117,6 +122,7 @@ pub enum Response {
     Status(Box<StatusReport>),
     Lookup(LookupReport),
     Cid(Box<super::quic::CidDocument>),
+    PopDrain(super::pop_drain::PopDrainReport),
     Done {
         message: String,
     },

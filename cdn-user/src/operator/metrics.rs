@@ -634,6 +634,23 @@ fn learned_families(enc: &mut DescriptorEncoder, l: &LearnedReport) -> fmt::Resu
         l.rejected
             .iter()
             .map(|(reason, n)| ([("reason", reason.clone())], ConstCounter::new(*n))),
+    )?;
+    single(
+        enc,
+        "cdn_steer_pop_drains_received",
+        "PoP drains and undrains accepted from PoP peers (drain --pop on another member).",
+        None,
+        ConstCounter::new(l.pop_drains_received),
+    )?;
+    family(
+        enc,
+        "cdn_steer_pop_drains_rejected",
+        "PoP drain and undrain requests refused (state unchanged), by reason: as \
+         cdn_steer_claims_rejected_total.",
+        None,
+        l.pop_drains_rejected
+            .iter()
+            .map(|(reason, n)| ([("reason", reason.clone())], ConstCounter::new(*n))),
     )
 }
 

@@ -9,6 +9,7 @@ pub mod http;
 pub mod logging;
 pub mod lookup;
 pub mod metrics;
+pub mod pop_drain;
 pub mod preflight;
 pub mod quic;
 pub mod report;

@@ -114,6 +114,12 @@ pub struct LearnedReport {
     pub claims_received: u64,
     /// Claim messages refused here, by reason (`crate::cluster::claims::Rejection::reason`).
     pub rejected: Vec<(String, u64)>,
+    /// PoP drains and undrains accepted from peers over the peer plane.
+    #[serde(default)]
+    pub pop_drains_received: u64,
+    /// PoP drains and undrains refused here, by reason (as `rejected`).
+    #[serde(default)]
+    pub pop_drains_rejected: Vec<(String, u64)>,
 }
 
 impl LearnedReport {

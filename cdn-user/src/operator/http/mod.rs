@@ -48,8 +48,8 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
 
-use crate::cluster::claims;
 use crate::cluster::sync::{self, DigestSource, TableSource};
+use crate::cluster::{claims, peer_control};
 use crate::operator::metrics::{self, Format, Snapshot};
 
 /// Largest request head (request line and headers) accepted; larger ones get `431`.
@@ -97,14 +97,23 @@ pub enum BodyError {
 }
 
 /// Whether the server reads the body of `request` (within the listener's `max_body`): the
-/// claims' `POST` only. Every other body is left unread.
+/// `POST`s of claims and PoP drains only. Every other body is left unread.
 pub fn wants_body(request: &Request) -> bool {
-    request.method == Method::POST && request.uri.path() == claims::CLAIMS_PATH
+    request.method == Method::POST
+        && matches!(
+            request.uri.path(),
+            claims::CLAIMS_PATH | peer_control::DRAIN_PATH | peer_control::UNDRAIN_PATH
+        )
 }
 
 /// Receives a claim body from a peer and answers it (on the blocking pool: it takes locks
 /// and writes BPF maps).
 pub type ClaimSink = Arc<dyn Fn(SocketAddr, Result<Bytes, BodyError>) -> Response + Send + Sync>;
+
+/// Receives a PoP drain (`true`, `POST /drain`) or undrain from a peer and answers it (on the
+/// blocking pool, as claims).
+pub type DrainSink =
+    Arc<dyn Fn(SocketAddr, bool, Result<Bytes, BodyError>) -> Response + Send + Sync>;
 
 async fn read_request_body(body: Incoming, limits: Limits) -> Result<Bytes, BodyError> {
     if limits.max_body == 0 {
@@ -183,6 +192,9 @@ pub struct Endpoints {
     pub digests: Option<DigestSource>,
     /// `POST /claims` (cluster with PoPs): learned owners from peers; 404 without it.
     pub claims: Option<ClaimSink>,
+    /// `POST /drain` and `POST /undrain` (cluster with PoPs): PoP drains from peers; 404
+    /// without it.
+    pub drain: Option<DrainSink>,
 }
 
 /// Serves the endpoints of `plane` on `listener` until `shutdown` becomes `true` (or its
@@ -233,34 +245,22 @@ async fn route(request: Request, plane: Plane, mut endpoints: Endpoints) -> Resp
         endpoints.table = None;
         endpoints.digests = None;
         endpoints.claims = None;
+        endpoints.drain = None;
     }
     if path == claims::CLAIMS_PATH {
-        return match (&request.method, endpoints.claims) {
-            (&Method::POST, Some(sink)) => {
-                let peer = request.extensions.get::<Peer>().map(|p| p.0);
-                let body = request.extensions.get::<Body>().map(|b| b.0.clone());
-                match (peer, body) {
-                    (Some(peer), Some(body)) => {
-                        match tokio::task::spawn_blocking(move || sink(peer, body)).await {
-                            Ok(answer) => answer,
-                            Err(e) => {
-                                warn!("claims handler failed: {e}");
-                                text(StatusCode::INTERNAL_SERVER_ERROR, "claims handler failed")
-                            }
-                        }
-                    }
-                    _ => text(StatusCode::BAD_REQUEST, "bad request"),
-                }
-            }
-            (_, Some(_)) => {
-                let mut refused = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
-                refused
-                    .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("POST"));
-                refused
-            }
-            (_, None) => text(StatusCode::NOT_FOUND, "not found"),
-        };
+        let sink = endpoints.claims;
+        return post_to(&request, sink.is_some(), move |peer, body| {
+            sink.map(|sink| sink(peer, body))
+        })
+        .await;
+    }
+    if path == peer_control::DRAIN_PATH || path == peer_control::UNDRAIN_PATH {
+        let drain = path == peer_control::DRAIN_PATH;
+        let sink = endpoints.drain;
+        return post_to(&request, sink.is_some(), move |peer, body| {
+            sink.map(|sink| sink(peer, drain, body))
+        })
+        .await;
     }
     if !plane.serves_metrics() && matches!(path, "/metrics" | "/") {
         return text(
@@ -300,6 +300,38 @@ async fn route(request: Request, plane: Plane, mut endpoints: Endpoints) -> Resp
             refused
         }
         _ => text(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// Answers a `POST` endpoint whose `handler` (`served`: whether there is one) takes the peer
+/// and the body, on the blocking pool (it takes locks and writes BPF maps).
+async fn post_to(
+    request: &Request,
+    served: bool,
+    handler: impl FnOnce(SocketAddr, Result<Bytes, BodyError>) -> Option<Response> + Send + 'static,
+) -> Response {
+    if !served {
+        return text(StatusCode::NOT_FOUND, "not found");
+    }
+    if request.method != Method::POST {
+        let mut refused = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+        refused
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return refused;
+    }
+    let peer = request.extensions.get::<Peer>().map(|p| p.0);
+    let body = request.extensions.get::<Body>().map(|b| b.0.clone());
+    let (Some(peer), Some(body)) = (peer, body) else {
+        return text(StatusCode::BAD_REQUEST, "bad request");
+    };
+    match tokio::task::spawn_blocking(move || handler(peer, body)).await {
+        Ok(Some(answer)) => answer,
+        Ok(None) => text(StatusCode::NOT_FOUND, "not found"),
+        Err(e) => {
+            warn!(path = request.uri.path(); "peer handler failed: {e}");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "handler failed")
+        }
     }
 }
 
@@ -702,6 +734,7 @@ mod tests {
             table: None,
             digests: None,
             claims: None,
+            drain: None,
         }
     }
 
