@@ -167,6 +167,13 @@ fn peer_drains_are_checked_and_drain_pop_reports_every_member() -> Result<()> {
                 400,
             ),
             ("too_large", "/drain", vec![0u8; 64 * 1024], "10.9.0.3", 413),
+            (
+                "other_pop",
+                "/drain",
+                message(4, 7, now_ms(), true).encode(key),
+                "10.9.0.2",
+                403,
+            ),
         ];
         for (reason, path, body, source, want) in &refused {
             let (status, text) = post(ns, source, path, body)?;
@@ -195,6 +202,7 @@ fn peer_drains_are_checked_and_drain_pop_reports_every_member() -> Result<()> {
             ("too_large", 1),
             ("replay", 1),
             ("busy", 0),
+            ("other_pop", 1),
         ] {
             let series = format!("cdn_steer_pop_drains_rejected_total{{reason=\"{reason}\"}}");
             let got = metric(&series)?;

@@ -130,10 +130,13 @@ pub enum Rejection {
     Replay,
     #[error("too many messages to remember")]
     Busy,
+    /// A PoP drain from a member of another PoP: `drain --pop` drains the sender's own PoP.
+    #[error("sender is a member of another PoP")]
+    OtherPop,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 9] = [
         Rejection::Malformed,
         Rejection::TooLarge,
         Rejection::BadMac,
@@ -142,6 +145,7 @@ impl Rejection {
         Rejection::Stale,
         Rejection::Replay,
         Rejection::Busy,
+        Rejection::OtherPop,
     ];
 
     /// The `reason` label of the `*_rejected_total` metrics.
@@ -155,6 +159,7 @@ impl Rejection {
             Rejection::Stale => "stale",
             Rejection::Replay => "replay",
             Rejection::Busy => "busy",
+            Rejection::OtherPop => "other_pop",
         }
     }
 

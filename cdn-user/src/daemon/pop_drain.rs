@@ -92,7 +92,15 @@ pub(super) fn receive(
                 core.cfg.cluster.hash_key,
                 &core.cfg.cluster.members,
             )
-            .map(|(_, sender)| (sender.name.clone(), sender.id)),
+            .and_then(|(_, sender)| {
+                // `drain --pop` drains the sender's own PoP: a member of another PoP (whose
+                // own `--pop` never asks us) has no business draining this node.
+                if sender.pop.as_deref() == core.cfg.self_pop() {
+                    Ok((sender.name.clone(), sender.id))
+                } else {
+                    Err(Rejection::OtherPop)
+                }
+            }),
         Err(BodyError::TooLarge(_)) => Err(Rejection::TooLarge),
         Err(BodyError::Timeout | BodyError::Broken) => Err(Rejection::Malformed),
     };
