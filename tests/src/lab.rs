@@ -30,6 +30,7 @@ use cdn_common::quic_lb::QuicLbConfig;
 
 use crate::{h3::Identity, netns::Netns};
 
+mod border;
 mod config;
 mod faults;
 mod pops;
@@ -94,6 +95,10 @@ pub struct LabOptions {
     /// Serve HTTP/3 on every node's VIP:[`H3_PORT`]/udp (its QUIC server ID: the member id) and
     /// add the port to the service, routed as this says; `None`: no HTTP/3.
     pub h3: Option<QuicRouting>,
+    /// With `pops` >= 2: a border router per PoP between the nodes and the router, and a
+    /// routed backbone between the PoPs (see `lab/border.rs`); false: every node behind the
+    /// one router.
+    pub border_routers: bool,
 }
 
 impl Default for LabOptions {
@@ -107,6 +112,7 @@ impl Default for LabOptions {
             tag: "lab".into(),
             udp_mode: None,
             h3: None,
+            border_routers: false,
         }
     }
 }
@@ -198,6 +204,8 @@ pub struct Lab {
     pub router_bird_socket: PathBuf,
     router_bird: Option<Bird>,
     pub nodes: Vec<LabNode>,
+    /// One per PoP with `LabOptions::border_routers`; none otherwise.
+    borders: Vec<border::Border>,
     bpffs: Option<PathBuf>,
     /// The certificate every node's HTTP/3 server presents (with `LabOptions::h3`).
     pub h3_identity: Option<Identity>,
@@ -244,6 +252,7 @@ impl Lab {
             router_bird: None,
             router_xdp: None,
             nodes: Vec::new(),
+            borders: Vec::new(),
             bpffs: None,
             h3_identity: None,
         };
@@ -253,8 +262,12 @@ impl Lab {
             lab.h3_identity = Some(identity);
         }
         lab.build_network()?;
-        let peers: Vec<String> = (1..=lab.opts.nodes).map(|i| format!("n{i}")).collect();
-        lab.router_xdp = Some(attach_pass_programs(&lab.router, &peers)?);
+        if lab.has_borders() {
+            lab.attach_border_programs()?;
+        } else {
+            let peers: Vec<String> = (1..=lab.opts.nodes).map(|i| format!("n{i}")).collect();
+            lab.router_xdp = Some(attach_pass_programs(&lab.router, &peers)?);
+        }
         lab.start_routing()?;
         if lab.opts.steering {
             lab.start_controllers()?;
@@ -315,9 +328,14 @@ impl Lab {
                net.ipv4.fib_multipath_hash_policy=3 net.ipv4.fib_multipath_hash_fields=0x0037 \
                net.ipv6.fib_multipath_hash_policy=3 net.ipv6.fib_multipath_hash_fields=0x0037",
         )?;
+        if self.opts.border_routers {
+            self.build_borders()?;
+        }
         for i in 1..=self.opts.nodes {
             let ns = Netns::new(&format!("{}n{i}", self.opts.tag))?;
             let peer = format!("n{i}");
+            // The router, or with border routers the node's PoP's border.
+            let up = self.uplink_ns(i - 1);
             run(
                 "ip",
                 &[
@@ -334,12 +352,12 @@ impl Lab {
                     "name",
                     &peer,
                     "netns",
-                    self.router.name(),
+                    up.name(),
                     "mtu",
                     &UNDERLAY_MTU.to_string(),
                 ],
             )?;
-            self.router.sh(&format!(
+            up.sh(&format!(
                 "ip link set {peer} up; ip addr add 10.1.{i}.1/24 dev {peer}; ip addr add fd00:1:{i}::1/64 dev {peer} nodad; \
                  sysctl -qw net.ipv4.conf.{peer}.rp_filter=0; ethtool -K {peer} gro on >/dev/null"
             ))?;
@@ -377,9 +395,16 @@ impl Lab {
     }
 
     fn start_routing(&mut self) -> Result<()> {
-        let router_bird =
-            self.bird(&self.router, "router", &router_bird_config(self.opts.nodes))?;
-        self.router_bird = Some(router_bird);
+        let config = if self.has_borders() {
+            border::router_config(self.opts.pops)
+        } else {
+            router_bird_config(self.opts.nodes)
+        };
+        self.router_bird = Some(self.bird(&self.router, "router", &config)?);
+        if self.has_borders() {
+            self.start_border_birds()?;
+            self.wait_for_backbone(Duration::from_secs(20))?;
+        }
         for i in 0..self.nodes.len() {
             self.start_node_bird(i)?;
             self.start_httpd(i)?;
@@ -472,9 +497,13 @@ impl Lab {
             .birdc(command)
     }
 
-    /// Withdraws node `i`'s routes at the router (its BGP sessions go down).
+    /// Withdraws node `i`'s routes at the router (its BGP sessions go down); with border
+    /// routers at its PoP's border, a shift inside the PoP.
     pub fn withdraw_at_router(&self, i: usize) -> Result<()> {
         let n = self.nodes[i].index;
+        if let (Some(p), true) = (self.pop_of(i), self.has_borders()) {
+            return self.border_sessions(p, &[format!("n{n}"), format!("n{n}v6")], false);
+        }
         self.router_birdc(&format!("disable n{n}"))?;
         self.router_birdc(&format!("disable n{n}v6"))?;
         Ok(())
@@ -483,6 +512,9 @@ impl Lab {
     /// Brings node `i`'s BGP sessions at the router back.
     pub fn restore_at_router(&self, i: usize) -> Result<()> {
         let n = self.nodes[i].index;
+        if let (Some(p), true) = (self.pop_of(i), self.has_borders()) {
+            return self.border_sessions(p, &[format!("n{n}"), format!("n{n}v6")], true);
+        }
         self.router_birdc(&format!("enable n{n}"))?;
         self.router_birdc(&format!("enable n{n}v6"))?;
         Ok(())
@@ -490,6 +522,9 @@ impl Lab {
 
     /// The nodes (indices into `nodes`) the router's route to `vip` currently uses.
     pub fn route_nodes(&self, vip: &str) -> Result<Vec<usize>> {
+        if self.has_borders() {
+            return self.border_route_nodes(vip);
+        }
         let v6 = vip.contains(':');
         let out = self
             .router
@@ -551,6 +586,7 @@ impl Lab {
         if let Ok(r) = self.router.ip(&["route"]) {
             out.push_str(&format!("router routes:\n{r}"));
         }
+        out.push_str(&self.border_diagnostics());
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for e in entries.flatten() {
                 let p = e.path();
@@ -589,6 +625,7 @@ impl Drop for Lab {
         self.router_bird = None;
         self.router_xdp = None;
         self.nodes.clear();
+        self.borders.clear();
         if let Some(bpffs) = self.bpffs.take()
             && let Err(e) = run("umount", &[&bpffs.to_string_lossy()])
         {

@@ -572,3 +572,107 @@ fn draining_a_whole_pop_withdraws_it_and_resets_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue #8's multi-PoP topology (`LabOptions::border_routers`, see `lab/border.rs`): a border
+/// router per PoP, the VIP withdrawn at a border (its clients land in other PoPs), one node's
+/// route withdrawn inside a PoP, and the packets between PoPs routed node -> border -> router
+/// -> border -> node.
+#[test]
+fn border_routers_route_shifts_reset_nothing() -> Result<()> {
+    let guard = ONE_LAB_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let lab = Lab::start(LabOptions {
+        nodes: POPS * NODES_PER_POP,
+        pops: POPS,
+        border_routers: true,
+        tag: "pb".into(),
+        file_size: 1 << 20,
+        ..LabOptions::default()
+    })?;
+    let started = Instant::now();
+    let before = lab.pop_counters()?;
+    let count = 60;
+    // 1 MiB at 40 KiB/s: about 26 s, longer than the four shifts and the restore.
+    let (live, handle) = start_downloads(&lab, count, 40 * 1024);
+    wait_connected(&lab, &live, count)?;
+    std::thread::sleep(SETTLE);
+    // Between PoPs, at the borders: pop1 away, pop1 back, pop2 away.
+    let shifts: [&[usize]; 3] = [&[0], &[], &[1]];
+    for away in shifts {
+        let t = Instant::now();
+        lab.route_pops_away(away)?;
+        eprintln!(
+            "border routers: PoPs withdrawn at their borders {:?} at {:.1} s (routes followed in \
+             {:.1} s)",
+            away.iter().map(|p| p + 1).collect::<Vec<_>>(),
+            started.elapsed().as_secs_f64(),
+            t.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(DWELL);
+    }
+    // Inside pop3: its border withdraws node5 (pop2 still away).
+    lab.withdraw_at_router(4)?;
+    lab.wait_for_route_nodes(&[0, 1, 5], Duration::from_secs(15))?;
+    eprintln!(
+        "border routers: border3 withdraws node5 at {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    std::thread::sleep(DWELL);
+    lab.restore_at_router(4)?;
+    lab.route_pops_away(&[])?;
+    eprintln!(
+        "border routers: every route back at {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let finished_early = live.done.load(Ordering::Relaxed);
+    let outcomes = join(handle)?;
+    let total = pop_report(&lab, "border routers", &before)?;
+    all_complete(&lab, "border routers", &outcomes, &total, started)?;
+    ensure!(
+        finished_early == 0,
+        "{finished_early} downloads ended before the shifts were over: the file is too small"
+    );
+    ensure!(
+        total.search_accept + total.learned_forward > 0,
+        "no flow was found across PoPs: the shifts moved no flow through the backbone ({total})"
+    );
+    ensure!(
+        total.search_exhausted == 0,
+        "{} searches found no member holding the flow",
+        total.search_exhausted
+    );
+    // The routes are as at the start again: every connection lands (router, then border) in
+    // the PoP that served it.
+    let mut landed = BTreeMap::<usize, usize>::new();
+    for o in &outcomes {
+        let at = lab.landing_node(o.client_port)?;
+        let served = o
+            .served_by
+            .as_deref()
+            .and_then(|s| lab.nodes.iter().position(|n| n.name == s))
+            .with_context(|| format!("download {} names no node: {:?}", o.id, o.served_by))?;
+        ensure!(
+            lab.pop_of(at) == lab.pop_of(served),
+            "download {} (port {}) lands at node{} but was served by node{}",
+            o.id,
+            o.client_port,
+            at + 1,
+            served + 1
+        );
+        *landed
+            .entry(lab.pop_of(at).context("no PoPs")?)
+            .or_default() += 1;
+    }
+    eprintln!(
+        "border routers: connections per landing PoP {landed:?}; {:.1} s in all",
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(
+        landed.len() == POPS,
+        "connections landed in {landed:?} only"
+    );
+    drop(lab);
+    drop(guard);
+    Ok(())
+}

@@ -35,7 +35,8 @@ pub(super) fn router_bird_config(nodes: usize) -> String {
     c
 }
 
-pub(super) fn node_bird_config(i: usize, steering: bool) -> String {
+/// Node `i`'s BIRD: its uplink (the router or its PoP's border) is in AS `uplink_as`.
+pub(super) fn node_bird_config(i: usize, steering: bool, uplink_as: u32) -> String {
     // Without steering the VIP is announced from the start; with it, cdn-steer enables the
     // static protocols once the node is ready.
     let disabled = if steering { "disabled;" } else { "" };
@@ -44,10 +45,10 @@ pub(super) fn node_bird_config(i: usize, steering: bool) -> String {
          protocol device {{ scan time 2; }}\n\
          protocol static anycast_vips {{ {disabled} ipv4; route {VIP_V4}/32 blackhole; }}\n\
          protocol static anycast_vips6 {{ {disabled} ipv6; route {VIP_V6}/128 blackhole; }}\n\
-         protocol bgp uplink {{\n  local 10.1.{i}.2 as 65001;\n  neighbor 10.1.{i}.1 as 65000;\n  \
+         protocol bgp uplink {{\n  local 10.1.{i}.2 as 65001;\n  neighbor 10.1.{i}.1 as {uplink_as};\n  \
          ipv4 {{ import none; export where proto = \"anycast_vips\"; }};\n  hold time 3; keepalive time 1;\n  \
          connect retry time 1; error wait time 1,2; connect delay time 1;\n}}\n\
-         protocol bgp uplink6 {{\n  local fd00:1:{i}::2 as 65001;\n  neighbor fd00:1:{i}::1 as 65000;\n  \
+         protocol bgp uplink6 {{\n  local fd00:1:{i}::2 as 65001;\n  neighbor fd00:1:{i}::1 as {uplink_as};\n  \
          ipv6 {{ import none; export where proto = \"anycast_vips6\"; }};\n  hold time 3; keepalive time 1;\n  \
          connect retry time 1; error wait time 1,2; connect delay time 1;\n}}\n"
     )

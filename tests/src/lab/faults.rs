@@ -17,7 +17,7 @@ impl Lab {
         let bird = self.bird(
             &node.ns,
             &node.name,
-            &node_bird_config(node.index, self.opts.steering),
+            &node_bird_config(node.index, self.opts.steering, self.uplink_as(i)),
         )?;
         self.nodes[i].bird = Some(bird);
         Ok(())

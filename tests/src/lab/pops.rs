@@ -31,6 +31,10 @@ pub(super) fn check_options(opts: &LabOptions) -> Result<()> {
             opts.pops
         );
     }
+    ensure!(
+        !opts.border_routers || opts.pops >= 2,
+        "border routers need at least 2 PoPs"
+    );
     Ok(())
 }
 
@@ -207,8 +211,12 @@ impl Lab {
             .collect()
     }
 
-    /// Withdraws the routes of every node of PoP `p` at the router.
+    /// Withdraws the routes of every node of PoP `p` at the router; with border routers, the
+    /// PoP's border withdraws the VIPs from the router.
     pub fn withdraw_pop_at_router(&self, p: usize) -> Result<()> {
+        if self.has_borders() {
+            return self.border_vip_sessions(p, false);
+        }
         self.pop_nodes(p)
             .into_iter()
             .try_for_each(|i| self.withdraw_at_router(i))
@@ -216,6 +224,9 @@ impl Lab {
 
     /// Restores the routes of every node of PoP `p` at the router.
     pub fn restore_pop_at_router(&self, p: usize) -> Result<()> {
+        if self.has_borders() {
+            return self.border_vip_sessions(p, true);
+        }
         self.pop_nodes(p)
             .into_iter()
             .try_for_each(|i| self.restore_at_router(i))
