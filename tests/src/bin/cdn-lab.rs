@@ -1,8 +1,10 @@
 //! `cargo xtask run`: brings up the lab (client, router with ECMP, N anycast nodes running BIRD,
 //! cdn-steer and a web server) and runs a scripted demo: long downloads from the client while
 //! routes move between nodes and a node is drained and undrained, with a live view and a
-//! summary. With `--pops N` the nodes form N PoPs, routes move between whole PoPs and the live
-//! view adds per-PoP counters. Ctrl-C (or any error) tears everything down.
+//! summary. With `--pops N` the nodes form N PoPs, each behind a border router of its own
+//! (`--one-router`: all behind the one router), routes move between whole PoPs (withdrawn at
+//! their borders) and inside one, and the live view adds per-PoP counters. Ctrl-C (or any
+//! error) tears everything down.
 
 use std::{
     sync::{
@@ -31,6 +33,8 @@ struct Args {
     /// 0: no PoPs (one implicit PoP); N >= 2: N PoPs of `nodes_per_pop` nodes.
     pops: usize,
     nodes_per_pop: usize,
+    /// With PoPs: a border router per PoP (the issue's topology); `--one-router` turns it off.
+    border_routers: bool,
     duration: Duration,
     flows: usize,
     steering: bool,
@@ -44,6 +48,7 @@ fn parse_args() -> Result<Args> {
         nodes: 3,
         pops: 0,
         nodes_per_pop: 2,
+        border_routers: true,
         duration: Duration::from_secs(60),
         flows: 20,
         steering: true,
@@ -63,11 +68,14 @@ fn parse_args() -> Result<Args> {
             "--flows" => a.flows = value()?.parse().context("--flows")?,
             "--rate" => a.rate = value()?.parse::<usize>().context("--rate (KiB/s)")? * 1024,
             "--no-steering" => a.steering = false,
+            "--one-router" => a.border_routers = false,
             "--h3-flows" => a.h3_flows = value()?.parse().context("--h3-flows")?,
             "-h" | "--help" => {
                 println!(
-                    "cdn-lab [--nodes N (3)] [--pops N (0: none) --nodes-per-pop N (2)] [--duration SECONDS (60)] [--flows N (20)] [--rate KiB/s (200)]\n\
+                    "cdn-lab [--nodes N (3)] [--pops N (0: none) --nodes-per-pop N (2) [--one-router]] [--duration SECONDS (60)] [--flows N (20)] [--rate KiB/s (200)]\n\
                      [--h3-flows N (10; 0: no HTTP/3)] [--no-steering]\n\
+                     With PoPs, each PoP has a border router (BIRD) between its nodes and the router,\n\
+                     which also routes between the PoPs; --one-router puts every node behind the router.\n\
                      Runs the anycast lab and a scripted demo (TCP and HTTP/3 downloads); Ctrl-C\n\
                      stops and cleans up."
                 );
@@ -124,7 +132,7 @@ struct Step {
 fn script(lab: &Lab) -> Vec<Step> {
     let (nodes, steering) = (lab.nodes.len(), lab.opts.steering);
     if lab.opts.pops >= 2 {
-        return pop_script(lab.opts.pops, steering);
+        return pop_script(lab.opts.pops, steering, lab.has_borders());
     }
     let mut steps: Vec<Step> = Vec::new();
     let mut t = 4.0;
@@ -146,22 +154,29 @@ fn script(lab: &Lab) -> Vec<Step> {
 }
 
 /// Routes move between PoPs: each PoP in turn is withdrawn at the router (its clients land in
-/// the others) and restored; then pop1 and pop2 at once (everyone lands in the last PoP).
-fn pop_script(pops: usize, steering: bool) -> Vec<Step> {
+/// the others) and restored; then pop1 and pop2 at once (everyone lands in the last PoP). With
+/// border routers the PoPs' borders withdraw the VIP, and then pop1's border withdraws node2
+/// (a shift inside a PoP).
+fn pop_script(pops: usize, steering: bool, borders: bool) -> Vec<Step> {
     let mut steps: Vec<Step> = Vec::new();
     let mut t = 4.0;
+    let at = if borders {
+        "their borders"
+    } else {
+        "the router"
+    };
     let mut shift = |t: f64, away: Vec<usize>| {
         let names: Vec<String> = away.iter().map(|p| format!("pop{}", p + 1)).collect();
         let names = names.join(" and ");
         let (w, r) = (away.clone(), away);
         steps.push(Step {
             at: t,
-            label: format!("router withdraws {names}"),
+            label: format!("{names} withdrawn at {at}"),
             action: Box::new(move |lab| w.iter().try_for_each(|&p| lab.withdraw_pop_at_router(p))),
         });
         steps.push(Step {
             at: t + 4.0,
-            label: format!("router restores {names}"),
+            label: format!("{names} restored at {at}"),
             action: Box::new(move |lab| r.iter().try_for_each(|&p| lab.restore_pop_at_router(p))),
         });
     };
@@ -171,6 +186,19 @@ fn pop_script(pops: usize, steering: bool) -> Vec<Step> {
     }
     shift(t, (0..pops - 1).collect());
     t += 8.0;
+    if borders {
+        steps.push(Step {
+            at: t,
+            label: "border1 withdraws node2".into(),
+            action: Box::new(|lab| lab.withdraw_at_router(1)),
+        });
+        steps.push(Step {
+            at: t + 4.0,
+            label: "border1 restores node2".into(),
+            action: Box::new(|lab| lab.restore_at_router(1)),
+        });
+        t += 8.0;
+    }
     steps.extend(drain_node1(t, steering));
     steps
 }
@@ -204,7 +232,16 @@ fn main() -> Result<()> {
         "bringing up the lab: client, router (BIRD, ECMP), {} nodes{}{}...",
         args.nodes,
         if args.pops >= 2 {
-            format!(" in {} PoPs of {}", args.pops, args.nodes_per_pop)
+            format!(
+                " in {} PoPs of {}{}",
+                args.pops,
+                args.nodes_per_pop,
+                if args.border_routers {
+                    ", a border router per PoP"
+                } else {
+                    ""
+                }
+            )
         } else {
             String::new()
         },
@@ -217,6 +254,7 @@ fn main() -> Result<()> {
     let lab = Lab::start(LabOptions {
         nodes: args.nodes,
         pops: args.pops,
+        border_routers: args.pops >= 2 && args.border_routers,
         steering: args.steering,
         tag: "run".into(),
         // HTTP/3 on VIP:443 with QUIC-LB connection IDs, routed by them.
