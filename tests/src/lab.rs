@@ -10,8 +10,10 @@
 //!
 //! The router links double as the underlay: steered packets go node -> router -> node. Route
 //! changes are made at the router (a BGP session disabled and enabled again), which is what
-//! an upstream routing change looks like to the nodes. Everything the lab starts is stopped by
-//! pid and every namespace and mount is removed when the `Lab` is dropped, also on failure.
+//! an upstream routing change looks like to the nodes (with `LabOptions::border_routers`, a
+//! border router per PoP sits in between: see `lab/border.rs`). Everything the lab starts is
+//! stopped by pid and every namespace and mount is removed when the `Lab` is dropped, also on
+//! failure.
 
 use std::{
     net::IpAddr,

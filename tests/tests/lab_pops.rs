@@ -9,6 +9,8 @@
 //! - A shift together with drains in the source and the target PoP: nothing is reset.
 //! - `drain --pop` during downloads: the PoP's routes go, nothing is reset, new connections are
 //!   served elsewhere; `undrain --pop` brings the routes back.
+//! - With border routers (`lab/border.rs`): shifts at the PoPs' borders and inside a PoP reset
+//!   nothing, and the flows between PoPs cross the routed backbone.
 //!
 //! The labs are heavy, so the tests of this file run one at a time.
 

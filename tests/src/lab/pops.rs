@@ -2,9 +2,10 @@
 //! consecutive nodes (node1 and node2 in pop1, node3 and node4 in pop2, ... with two per PoP),
 //! and every member's configuration names its PoP.
 //!
-//! The topology stays one router with ECMP over every node, so a route shift *between PoPs* is
-//! the router withdrawing every node of a PoP at once: that PoP's clients land in the others,
-//! as they would after a withdrawal at the PoP's border. The per-PoP counters add up the
+//! By default the topology stays one router with ECMP over every node, so a route shift
+//! *between PoPs* is the router withdrawing every node of a PoP at once: that PoP's clients land
+//! in the others, as they would after a withdrawal at the PoP's border. With
+//! `LabOptions::border_routers` the withdrawal is made at the PoP's border (`lab/border.rs`). The per-PoP counters add up the
 //! nodes' verdict counters, and split what they forwarded to other members by the PoP of the
 //! member it went to.
 
