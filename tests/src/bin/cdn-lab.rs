@@ -33,7 +33,8 @@ struct Args {
     /// 0: no PoPs (one implicit PoP); N >= 2: N PoPs of `nodes_per_pop` nodes.
     pops: usize,
     nodes_per_pop: usize,
-    /// With PoPs: a border router per PoP (the topology); `--one-router` turns it off.
+    /// With PoPs: a border router per PoP between the router and the PoP's nodes, routing the
+    /// steering between PoPs; `--one-router` puts every node behind the one router instead.
     border_routers: bool,
     duration: Duration,
     flows: usize,
