@@ -259,7 +259,8 @@ pub struct Service {
     /// `i`): every PoP but this node's own. 0 when the cluster has one PoP: no search.
     pub search_pops: u8,
     /// Per PoP (by index): bucket 0 of the active half of that PoP's table in `TABLE`.
-    /// `table_offset` is this node's own PoP's. Read only by searches.
+    /// `table_offset` is this node's own PoP's. Read by searches, and by the placement of new
+    /// connections with `SERVICE_PLACE_ELSEWHERE`.
     pub pop_tables: [u32; MAX_POPS],
 }
 
@@ -279,6 +280,20 @@ pub const SERVICE_UDP_LOCAL: u32 = 1 << 4;
 /// connection ID carries (`QUIC_SERVERS`), or by flow hash to the current owner when it
 /// carries none (a client's first flight); the receiving member always accepts.
 pub const SERVICE_QUIC: u32 = 1 << 5;
+/// `Service::flags`: new connections landing here are placed by the table of another PoP, the
+/// one whose index `SERVICE_PLACE_POP_SHIFT` gives, because this node's own PoP has no member
+/// that may take them (all drained or down). A new connection is a TCP SYN, a UDP flow of
+/// `udp_mode = "owner"` or a QUIC packet routed by flow hash. Established flows still follow
+/// this node's own PoP's chain (`table_offset`), which the searches of other nodes walk too:
+/// that table keeps listing the PoP's own members while none is eligible.
+pub const SERVICE_PLACE_ELSEWHERE: u32 = 1 << 6;
+/// `Service::flags` bits 8..11: with `SERVICE_PLACE_ELSEWHERE`, the index into `pop_tables`
+/// of the PoP that places new connections.
+pub const SERVICE_PLACE_POP_SHIFT: u32 = 8;
+/// Mask of the PoP index at `SERVICE_PLACE_POP_SHIFT`: any value is a valid index of
+/// `pop_tables`.
+pub const SERVICE_PLACE_POP_MASK: u32 = (MAX_POPS as u32) - 1;
+const _: () = assert!(MAX_POPS.is_power_of_two(), "a masked index is in bounds");
 // Neither UDP placement flag: `udp_mode = "connected"`, the owner check finds connected
 // sockets along the bucket's hops, as for TCP.
 

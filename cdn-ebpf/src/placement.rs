@@ -6,7 +6,10 @@ use aya_ebpf::{cty::c_void, helpers::generated::bpf_map_lookup_elem, programs::X
 use cdn_common::{
     counters::Reason,
     hash::{flow_hash_v4, flow_hash_v6},
-    maps::{MAX_SERVICE_PORTS, NodeConfig, SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP, Service},
+    maps::{
+        MAX_SERVICE_PORTS, NodeConfig, SERVICE_ALL_PORTS, SERVICE_PLACE_ELSEWHERE,
+        SERVICE_PLACE_POP_MASK, SERVICE_PLACE_POP_SHIFT, SERVICE_TCP, SERVICE_UDP, Service,
+    },
 };
 
 use crate::{
@@ -108,14 +111,49 @@ pub fn bucket_of(
     Ok((hash, hops_of(svc, hash)?))
 }
 
+/// The flow's hash and its bucket's hops in the table that places new connections
+/// ([`new_flow_table`]).
+#[inline(always)]
+pub fn new_flow_bucket_of(
+    cfg: &NodeConfig,
+    frame: &Frame,
+    flow: &Flow,
+    svc: &Service,
+) -> Result<(u64, [u16; 3]), Reason> {
+    if svc.table_size == 0 {
+        return Err(Reason::NoRoute);
+    }
+    let hash = flow_hash(cfg, frame, flow)?;
+    Ok((hash, hops_in(svc, new_flow_table(svc), hash)?))
+}
+
 /// The hops of the bucket of a flow with hash `hash` in this node's table.
 #[inline(always)]
 pub fn hops_of(svc: &Service, hash: u64) -> Result<[u16; 3], Reason> {
+    hops_in(svc, svc.table_offset, hash)
+}
+
+/// The hops of the bucket of a flow with hash `hash` in the table whose bucket 0 is `offset`.
+#[inline(always)]
+pub fn hops_in(svc: &Service, offset: u32, hash: u64) -> Result<[u16; 3], Reason> {
     let bucket = hash
         .checked_rem(svc.table_size as u64)
         .ok_or(Reason::NoRoute)?;
-    let index = svc.table_offset + bucket as u32;
+    let index = offset.wrapping_add(bucket as u32);
     Ok(TABLE.get(index).ok_or(Reason::NoRoute)?.hops)
+}
+
+/// Bucket 0 of the table that places new connections: this node's own PoP's, unless the
+/// controller found no member there that may take them and named another PoP's
+/// (`SERVICE_PLACE_ELSEWHERE`, README "PoPs: when a PoP has no eligible member").
+#[inline(always)]
+pub fn new_flow_table(svc: &Service) -> u32 {
+    if svc.flags & SERVICE_PLACE_ELSEWHERE == 0 {
+        return svc.table_offset;
+    }
+    // Masked to a valid index of the 8 PoP tables; the verifier sees the bound.
+    let pop = (svc.flags >> SERVICE_PLACE_POP_SHIFT) & SERVICE_PLACE_POP_MASK;
+    svc.pop_tables[pop as usize]
 }
 
 /// `encapsulate`, with the MAC the header will carry if `steer_auth` is on.

@@ -26,7 +26,7 @@ use crate::{
     maps::QUIC_SERVERS,
     packet::Frame,
     parse::{Flow, Ip},
-    placement::{bucket_of, lists_port, signed},
+    placement::{lists_port, new_flow_bucket_of, signed},
     verdict::Verdict,
     wire::udp,
 };
@@ -167,7 +167,8 @@ pub fn ingress(
             return signed(ctx, cfg, flow, out, e, Reason::QuicCidForwarded);
         }
     }
-    let (hash, hops) = bucket_of(cfg, frame, flow, svc)?;
+    // A client's first flight: a new connection, placed where new connections go.
+    let (hash, hops) = new_flow_bucket_of(cfg, frame, flow, svc)?;
     if hops[0] == NO_MEMBER {
         return Err(Reason::NoRoute);
     }

@@ -31,7 +31,7 @@ use cdn_common::{
     counters::Reason,
     maps::{
         NO_MEMBER, NODE_DRAINING, NODE_READY, NODE_STEER_AUTH, NODE_UNDERLAY_IFACES, NodeConfig,
-        SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
+        SERVICE_PLACE_ELSEWHERE, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
     },
     wire::{
         STEER_INNER_V6, STEER_MAC_LEN, STEER_MAX_REMAINING, STEER_SEARCH_POS_INDEX,
@@ -50,7 +50,9 @@ use crate::{
         Kind, L2, dst_addr_off, member_key, parse_flow, parse_ip, parse_l2, peek_udp_dport,
         require_ip_header,
     },
-    placement::{bucket_of, flow_hash, hops_of, serves, service, signed},
+    placement::{
+        flow_hash, hops_in, hops_of, new_flow_bucket_of, new_flow_table, serves, service, signed,
+    },
     quic::{self, is_quic},
     search,
     sockets::{Ownership, check},
@@ -211,7 +213,13 @@ fn try_ingress(
             return signed(ctx, cfg, &flow, out, e, Reason::LearnedForward);
         }
     }
-    let hops = hops_of(svc, hash)?;
+    let mut hops = hops_of(svc, hash)?;
+    // While this node's PoP has no eligible member, a new connection is placed by another
+    // PoP's table; everything else follows this PoP's chain. Tested in this order so that an
+    // established flow pays one flag test.
+    if svc.flags & SERVICE_PLACE_ELSEWHERE != 0 && (udp_owner || search::is_syn(&flow)) {
+        hops = hops_in(svc, new_flow_table(svc), hash)?;
+    }
     if hops[0] == NO_MEMBER {
         return Err(Reason::NoRoute);
     }
@@ -430,7 +438,7 @@ fn try_owner_path(
     // started) then still agree on where connections are made: the acceptor is always the
     // owner in its own table, so every table later lists it as owner or previous owner.
     if syn {
-        let (_, own) = bucket_of(cfg, frame, &flow, svc)?;
+        let (_, own) = new_flow_bucket_of(cfg, frame, &flow, svc)?;
         if own[0] != NO_MEMBER && own[0] != cfg.self_member {
             if budget == 0 {
                 return Err(Reason::LoopGuard);

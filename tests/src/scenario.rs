@@ -19,7 +19,7 @@ use cdn_common::{
 };
 use cdn_user::dataplane::{DataPlane, LoadOptions};
 
-use crate::packets::{Flow, NODE_MAC};
+use crate::packets::{ExpectedEncap, Flow, NODE_MAC, Vlan, expected_encap, ip_packet};
 
 pub const KEY: [u64; 2] = [0x0123_4567_89ab_cdef, 0x0fed_cba9_8765_4321];
 pub const STEER_PORT: u16 = 6080;
@@ -477,4 +477,25 @@ pub fn hops(list: &[u16]) -> [u16; 3] {
         *slot = *v;
     }
     h
+}
+
+/// The version-1 frame this node sends the untagged client frame `input` of `flow` with to
+/// `target`, carrying `hops`, with the scenario's hop budget.
+pub fn forwarded_frame(target: u16, flow: &Flow, input: &[u8], hops: &[u16]) -> Result<Vec<u8>> {
+    let outer_src = if member_addr(target).is_ipv6() {
+        addr(UNDERLAY_V6)
+    } else {
+        addr(UNDERLAY_V4)
+    };
+    expected_encap(&ExpectedEncap {
+        dst_mac: member_mac(target),
+        src_mac: NODE_MAC,
+        outer_src,
+        outer_dst: member_addr(target),
+        entropy: cdn_common::wire::entropy_port(flow.hash(&KEY)),
+        steer_port: STEER_PORT,
+        budget: BUDGET,
+        hops,
+        inner: ip_packet(input, Vlan::None),
+    })
 }

@@ -452,6 +452,11 @@ fn a_pop_shift_with_drains_in_the_source_and_the_target_pop_resets_nothing() -> 
     let total = pop_report(&lab, "everything at once", &before)?;
     all_complete(&lab, "everything at once", &outcomes, &total, started)?;
     ensure!(
+        total.search_exhausted == 0,
+        "{} searches found no member holding the flow",
+        total.search_exhausted
+    );
+    ensure!(
         finished_early == 0,
         "{finished_early} downloads ended before the changes were over: the file is too small"
     );
@@ -549,6 +554,15 @@ fn draining_a_whole_pop_withdraws_it_and_resets_nothing() -> Result<()> {
     let outcomes = join(handle)?;
     let total = pop_report(&lab, "pop drain", &before)?;
     all_complete(&lab, "pop drain", &outcomes, &total, started)?;
+    // Every search found its flow: the drained PoP's chains, walked by every node alike, lead
+    // to the member holding it. (While a PoP with no eligible member had its table built
+    // cluster-wide, its own nodes saw other chains there, and searches missed the holder:
+    // one of them reset a download.)
+    ensure!(
+        total.search_exhausted == 0,
+        "{} searches found no member holding the flow",
+        total.search_exhausted
+    );
     ensure!(
         done_at_withdrawal == 0 && finished_early == 0,
         "{finished_early} downloads ended before the new connections were over: the file is too \

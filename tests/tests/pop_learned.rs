@@ -17,18 +17,17 @@ use anyhow::{Context as _, Result};
 use cdn_common::{
     counters::Reason,
     maps::{ClaimEvent, SERVICE_UDP_OWNER},
-    wire::{STEER_VERSION_SEARCH, entropy_port},
+    wire::STEER_VERSION_SEARCH,
 };
 use cdn_tests::{
     bpf_interp::paths::in_namespace,
     model::auth,
     packets::{
-        ExpectedEncap, Flow, NODE_MAC, Tcp, Vlan, decapsulated, expected_encap, frame, ip_packet,
-        signed_steering_frame, steering_frame,
+        Flow, Tcp, Vlan, decapsulated, frame, ip_packet, signed_steering_frame, steering_frame,
     },
     scenario::{
-        BUDGET, CLIENT_V4, CLIENT_V6, KEY, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, UNDERLAY_V6,
-        VIP_V4, VIP_V6, addr, learned_key, member_addr, member_mac, service,
+        CLIENT_V4, CLIENT_V6, KEY, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, UNDERLAY_V6, VIP_V4,
+        VIP_V6, addr, forwarded_frame, learned_key, member_addr, service,
     },
     xdp,
 };
@@ -57,26 +56,6 @@ fn udp(v6: bool, sport: u16) -> Flow {
 
 fn fam(v6: bool) -> &'static str {
     if v6 { "IPv6" } else { "IPv4" }
-}
-
-/// The version-1 frame this node sends `flow`'s `input` with to `target`, carrying `hops`.
-fn forward(target: u16, flow: &Flow, input: &[u8], hops: &[u16]) -> Result<Vec<u8>> {
-    let outer_src = if member_addr(target).is_ipv6() {
-        addr(UNDERLAY_V6)
-    } else {
-        addr(UNDERLAY_V4)
-    };
-    expected_encap(&ExpectedEncap {
-        dst_mac: member_mac(target),
-        src_mac: NODE_MAC,
-        outer_src,
-        outer_dst: member_addr(target),
-        entropy: entropy_port(flow.hash(&KEY)),
-        steer_port: STEER_PORT,
-        budget: BUDGET,
-        hops,
-        inner: ip_packet(input, Vlan::None),
-    })
 }
 
 /// Runs `input` and checks the verdict and the exact frame out.
@@ -110,8 +89,8 @@ fn ingress(s: &mut Scenario, v6: bool) -> Result<()> {
     let ack = frame(&flow, Tcp::ACK, Vlan::None, b"data");
     let syn = frame(&flow, Tcp::SYN, Vlan::None, &[]);
     s.set_hops(&flow, &[2, 5])?;
-    let today = forward(2, &flow, &ack, &[5])?;
-    let learned = forward(LEARNED, &flow, &ack, &[])?;
+    let today = forwarded_frame(2, &flow, &ack, &[5])?;
+    let learned = forwarded_frame(LEARNED, &flow, &ack, &[])?;
 
     s.set_learned(&flow, Some(LEARNED))?;
     s.set_learned_bit(&flow, true)?;
@@ -139,7 +118,7 @@ fn ingress(s: &mut Scenario, v6: bool) -> Result<()> {
     s.set_steer_auth(false)?;
 
     // A SYN is a new connection: placed by this PoP's table.
-    let syn_today = forward(2, &flow, &syn, &[5])?;
+    let syn_today = forwarded_frame(2, &flow, &syn, &[5])?;
     expect_frame(
         s,
         &format!("SYN with an entry {n}"),
@@ -197,7 +176,7 @@ fn ingress(s: &mut Scenario, v6: bool) -> Result<()> {
     s.set_hops(&u, &[2, 5])?;
     s.set_learned(&u, Some(LEARNED))?;
     s.set_learned_bit(&u, true)?;
-    let u_learned = forward(LEARNED, &u, &datagram, &[])?;
+    let u_learned = forwarded_frame(LEARNED, &u, &datagram, &[])?;
     expect_frame(
         s,
         &format!("UDP connected {n}"),
@@ -206,7 +185,7 @@ fn ingress(s: &mut Scenario, v6: bool) -> Result<()> {
         &u_learned,
     )?;
     s.set_search_pops(OTHER_POPS, service(0).flags | SERVICE_UDP_OWNER)?;
-    let u_owner = forward(2, &u, &datagram, &[])?;
+    let u_owner = forwarded_frame(2, &u, &datagram, &[])?;
     expect_frame(
         s,
         &format!("UDP owner {n}"),

@@ -16,7 +16,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use cdn_common::{
     counters::Reason,
-    maps::{NODE_STEER_AUTH, NodeConfig},
+    maps::{
+        NODE_STEER_AUTH, NodeConfig, SERVICE_PLACE_ELSEWHERE, SERVICE_PLACE_POP_SHIFT,
+        SERVICE_UDP_OWNER,
+    },
     wire::{STEER_SEARCH_POS_REDIRECTED, STEER_VERSION_AUTH, STEER_VERSION_SEARCH, entropy_port},
 };
 use cdn_tests::{
@@ -28,7 +31,8 @@ use cdn_tests::{
     },
     scenario::{
         CLIENT_V4, CLIENT_V6, KEY, SEARCH_BUDGET, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4,
-        UNDERLAY_V6, VIP_V4, VIP_V6, addr, member_addr, member_mac, node_config, service,
+        UNDERLAY_V6, VIP_V4, VIP_V6, addr, forwarded_frame, member_addr, member_mac, node_config,
+        service,
     },
     xdp,
 };
@@ -685,6 +689,84 @@ fn one_pop_never_searches() -> Result<()> {
         let run = s.run(&search_in(Fam::BOTH[0], 3, 4, 0, at(0), &ack)?)?;
         assert_eq!(run.verdict(), Reason::SearchAccept);
         assert_eq!(run.out, decapsulated(&ack));
+        Ok(())
+    })
+}
+
+/// This node's PoP has no eligible member (README "PoPs: fallback"): the entry names PoP 2 as
+/// the PoP that places new connections. A SYN and a UDP flow of `udp_mode = "owner"` go to
+/// PoP 2's owner (the SYN carrying the rest of PoP 2's chain), while an established flow's
+/// packet still follows this node's own PoP's chain, where its drained members hold their
+/// flows. Without the flag, the same SYN follows this PoP's chain.
+#[test]
+fn a_pop_without_eligible_members_places_new_connections_in_another() -> Result<()> {
+    in_namespace(|| {
+        let mut s = Scenario::new()?;
+        let plain = service(0).flags | SERVICE_UDP_OWNER;
+        let elsewhere = plain | SERVICE_PLACE_ELSEWHERE | 2 << SERVICE_PLACE_POP_SHIFT;
+        for fam in Fam::BOTH {
+            let n = fam.name();
+            let flow = fam.tcp(40020);
+            let syn = frame(&flow, Tcp::SYN, Vlan::None, &[]);
+            let ack = frame(&flow, Tcp::ACK, Vlan::None, b"data");
+            // A UDP flow in another bucket than the TCP one (the tables have 13).
+            let u = (40021..)
+                .map(|port| {
+                    if fam.v6 {
+                        Flow::udp(CLIENT_V6, port, VIP_V6, 443)
+                    } else {
+                        Flow::udp(CLIENT_V4, port, VIP_V4, 443)
+                    }
+                })
+                .find(|u| s.pop_bucket_index(0, u) != s.pop_bucket_index(0, &flow))
+                .context("a UDP flow in another bucket")?;
+            let datagram = frame(&u, Tcp::ACK, Vlan::None, b"dns?");
+            for (f, own, pop2) in [(&flow, &[4, 2][..], &[5, 3][..]), (&u, &[4], &[0])] {
+                s.set_pop_hops(0, f, own)?;
+                s.set_pop_hops(1, f, &[2])?;
+                s.set_pop_hops(2, f, pop2)?;
+            }
+            s.set_search_pops(OTHER_POPS, elsewhere)?;
+            let cases = [
+                (
+                    "SYN",
+                    &syn,
+                    Reason::Forwarded,
+                    forwarded_frame(5, &flow, &syn, &[3])?,
+                ),
+                (
+                    "ACK",
+                    &ack,
+                    Reason::Forwarded,
+                    forwarded_frame(4, &flow, &ack, &[2])?,
+                ),
+                (
+                    "UDP owner",
+                    &datagram,
+                    Reason::Forwarded,
+                    forwarded_frame(0, &u, &datagram, &[])?,
+                ),
+            ];
+            for (what, input, reason, want) in cases {
+                let run = s.run(input)?;
+                anyhow::ensure!(
+                    (run.action, run.try_verdict()?) == (xdp::TX, reason),
+                    "{what} {n}: {:?}",
+                    run.try_verdict()
+                );
+                anyhow::ensure!(
+                    run.out == want,
+                    "{what} {n}: frame\n got {:02x?}\nwant {want:02x?}",
+                    run.out
+                );
+            }
+            s.set_search_pops(OTHER_POPS, plain)?;
+            let run = s.run(&syn)?;
+            anyhow::ensure!(
+                run.out == forwarded_frame(4, &flow, &syn, &[2])?,
+                "SYN {n} without the flag: not to this PoP's owner"
+            );
+        }
         Ok(())
     })
 }

@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, ensure};
-use cdn_common::maps::{Bucket, NO_MEMBER, Service};
+use cdn_common::maps::{
+    Bucket, NO_MEMBER, SERVICE_PLACE_ELSEWHERE, SERVICE_PLACE_POP_MASK, SERVICE_PLACE_POP_SHIFT,
+    Service,
+};
 use cdn_test_support::BpfMount;
 use cdn_user::{
     cluster::maglev::{self, MaglevMember},
@@ -282,6 +285,12 @@ fn pop_config() -> Result<Config> {
 
 /// Every PoP's owners with the members `ids` eligible, as the daemon builds them.
 fn pop_owners(cfg: &Config, ids: &[u16]) -> Result<Vec<Vec<u16>>> {
+    Ok(pop_build(cfg, ids)?.owners)
+}
+
+/// Every PoP's table with the members `ids` eligible, and the fallback, as the daemon builds
+/// them.
+fn pop_build(cfg: &Config, ids: &[u16]) -> Result<pops::PopOwners> {
     let members: Vec<MaglevMember<'_>> = cfg
         .cluster
         .members
@@ -293,7 +302,7 @@ fn pop_owners(cfg: &Config, ids: &[u16]) -> Result<Vec<Vec<u16>>> {
             weight: m.weight,
         })
         .collect();
-    Ok(pops::build(cfg, &members, Vec::new())?.owners)
+    Ok(pops::build(cfg, &members, Vec::new())?)
 }
 
 /// The buckets of every PoP's table of `vip`, read through its LPM entry's `pop_tables`.
@@ -336,7 +345,7 @@ fn pop_tables_have_slots_of_their_own_swap_together_and_survive_a_restart() -> R
     ensure!(slots.len() == 4, "one slot per service and PoP: {slots:?}");
 
     let all = pop_owners(&cfg, &[1, 2, 3, 4])?;
-    t.update_pops(&mut dp, &cfg, &all)?;
+    t.update_pops(&mut dp, &cfg, &all, None)?;
     let (entry, first) = live_pop_tables(&dp, "192.0.2.1", 32)?;
     ensure!(entry.generation == 1);
     // Our own PoP ("fra", 1) is the ingress table; the other one is searched.
@@ -368,7 +377,7 @@ fn pop_tables_have_slots_of_their_own_swap_together_and_survive_a_restart() -> R
 
     // b (fra) and d (ams) go: both PoP tables change, in one swap of the service's entry.
     let fewer = pop_owners(&cfg, &[1, 3])?;
-    let report = t.update_pops(&mut dp, &cfg, &fewer)?;
+    let report = t.update_pops(&mut dp, &cfg, &fewer, None)?;
     ensure!(report.swapped.len() == 4, "swapped {:?}", report.swapped);
     let (entry2, second) = live_pop_tables(&dp, "192.0.2.1", 32)?;
     ensure!(entry2.generation == 2);
@@ -394,7 +403,7 @@ fn pop_tables_have_slots_of_their_own_swap_together_and_survive_a_restart() -> R
     // b comes back: only "fra" changes, "ams" keeps its half, and the entry, replaced once,
     // still points at it.
     let only_fra = pop_owners(&cfg, &[1, 2, 3])?;
-    let report = t.update_pops(&mut dp, &cfg, &only_fra)?;
+    let report = t.update_pops(&mut dp, &cfg, &only_fra, None)?;
     ensure!(
         report.swapped == ["web@fra", "dns@fra"],
         "swapped {:?}",
@@ -425,7 +434,7 @@ fn pop_tables_have_slots_of_their_own_swap_together_and_survive_a_restart() -> R
     );
     ensure!(t.tables()["web@fra"].generation == 3);
     // Everyone back: each PoP's previous owners are still in its history.
-    t.update_pops(&mut dp, &cfg, &all)?;
+    t.update_pops(&mut dp, &cfg, &all, None)?;
     let (_, back) = live_pop_tables(&dp, "192.0.2.1", 32)?;
     for pop in 0..2 {
         for ((b, was), now) in back[pop].iter().zip(&third[pop]).zip(&all[pop]) {
@@ -450,7 +459,7 @@ fn pop_tables_have_slots_of_their_own_swap_together_and_survive_a_restart() -> R
         })
         .collect();
     ensure!(t.absorb("web@fra", &foreign), "nothing to merge");
-    t.update_pops(&mut dp, &cfg, &all)?;
+    t.update_pops(&mut dp, &cfg, &all, None)?;
     let (_, merged) = live_pop_tables(&dp, "192.0.2.1", 32)?;
     ensure!(
         merged[1]
@@ -458,6 +467,34 @@ fn pop_tables_have_slots_of_their_own_swap_together_and_survive_a_restart() -> R
             .all(|b| b.hops.iter().all(|h| [1, 2, NO_MEMBER].contains(h))),
         "a member of ams in fra's chains"
     );
+
+    // No member of fra (ours) is eligible: fra's table keeps naming fra's members (the
+    // chains every node's search walks there), and the entry names ams as the PoP that places
+    // new connections. Nothing else changes.
+    let none_in_fra = pop_build(&cfg, &[3, 4])?;
+    ensure!(
+        none_in_fra.fallback == Some(0),
+        "fallback {:?}",
+        none_in_fra.fallback
+    );
+    t.update_pops(&mut dp, &cfg, &none_in_fra.owners, none_in_fra.fallback)?;
+    let (entry4, during) = live_pop_tables(&dp, "192.0.2.1", 32)?;
+    let placing = (entry4.flags >> SERVICE_PLACE_POP_SHIFT) & SERVICE_PLACE_POP_MASK;
+    ensure!(
+        entry4.flags & SERVICE_PLACE_ELSEWHERE != 0
+            && placing == 0
+            && entry4.table_offset == entry4.pop_tables[1]
+            && entry4.search_pops == 0b01,
+        "{entry4:?}"
+    );
+    ensure!(
+        during == merged,
+        "a PoP's chains changed while fra had no eligible member"
+    );
+    // fra's members are back: new connections stay in fra again.
+    t.update_pops(&mut dp, &cfg, &all, None)?;
+    let (entry5, _) = live_pop_tables(&dp, "192.0.2.1", 32)?;
+    ensure!(entry5.flags & SERVICE_PLACE_ELSEWHERE == 0, "{entry5:?}");
 
     // The PoPs are dropped from the configuration: the map does not record PoP names, so
     // no table of the two-PoP layout is taken as the one table's history.

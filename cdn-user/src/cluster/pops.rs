@@ -12,18 +12,26 @@ use crate::{
 /// The owners of every PoP's table, by PoP index.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PopOwners {
-    /// Per PoP: one owner per bucket (`NO_MEMBER` everywhere for a PoP with no eligible
-    /// member, other than this node's own).
+    /// Per PoP: one owner per bucket, over that PoP's eligible members only (`NO_MEMBER`
+    /// everywhere for a PoP with none, so that its hop history keeps its last owners).
     pub owners: Vec<Vec<u16>>,
     /// Per PoP: how many members its table was built over.
     pub eligible: Vec<usize>,
-    /// This node's own PoP has no eligible member, so its table is built over every eligible
-    /// member of the cluster.
-    pub fallback: bool,
+    /// This node's own PoP has no eligible member: new connections landing here are placed
+    /// by the table of the PoP of this index instead, the first after ours (in PoP order,
+    /// wrapping around) that has one. `None` without PoPs, while our PoP has an eligible
+    /// member, or when no PoP has any.
+    pub fallback: Option<usize>,
 }
 
 /// Builds every PoP's table from `eligible` (the members that may take new flows now),
 /// reusing the vectors of `previous`.
+///
+/// A PoP's table never lists another PoP's member, not even while it has none of its own:
+/// the search of every node walks that PoP's chain to find the flows its members still hold,
+/// so every node must see the same chain there, and a drained member's flows must stay in
+/// it. New connections that land in such a PoP go to another PoP's table instead
+/// ([`PopOwners::fallback`]), which every node sees alike, so that a later search finds them.
 pub fn build(
     cfg: &Config,
     eligible: &[MaglevMember<'_>],
@@ -41,15 +49,11 @@ pub fn build(
     };
     let mut out = PopOwners::default();
     for (index, mut owners) in previous.into_iter().enumerate().take(pops.len()) {
-        let mut members: Vec<MaglevMember<'_>> = eligible
+        let members: Vec<MaglevMember<'_>> = eligible
             .iter()
             .filter(|m| pop_of(m) == index)
             .copied()
             .collect();
-        if members.is_empty() && index == own && pops.len() > 1 {
-            members = eligible.to_vec();
-            out.fallback = !members.is_empty();
-        }
         if members.is_empty() {
             owners.clear();
             owners.resize(size as usize, NO_MEMBER);
@@ -58,6 +62,12 @@ pub fn build(
         }
         out.eligible.push(members.len());
         out.owners.push(owners);
+    }
+    let count = out.eligible.len();
+    if count > 1 && out.eligible.get(own) == Some(&0) {
+        out.fallback = (1..count)
+            .map(|step| (own + step) % count)
+            .find(|&index| out.eligible[index] > 0);
     }
     Ok(out)
 }
@@ -129,7 +139,7 @@ tcp_ports = [80]
         assert_eq!(owners_of(&built.owners[0]), [3]);
         assert_eq!(owners_of(&built.owners[1]), [1, 2]);
         assert_eq!(built.eligible, [1, 2]);
-        assert!(!built.fallback);
+        assert_eq!(built.fallback, None);
         assert_eq!(
             built.owners[1],
             maglev::build_table(&members(&cfg, &[1, 2]), cfg.cluster.hash_key, 251)
@@ -138,17 +148,37 @@ tcp_ports = [80]
     }
 
     #[test]
-    fn own_pop_falls_back_to_the_cluster_and_others_get_no_owner() {
+    fn own_pop_without_members_places_in_the_next_pop_and_keeps_its_own_table() {
         let cfg = crate::config::parse(CONFIG).unwrap_or_else(|e| panic!("{e}"));
-        // Nobody in "fra" (ours) is eligible: its table is the cluster-wide one.
+        // Nobody in "fra" (ours, index 1) is eligible: its table names nobody (its history
+        // keeps its members), and new connections go to "ams" (index 0, after wrapping).
         let built = build(&cfg, &members(&cfg, &[3]), Vec::new()).unwrap_or_else(|e| panic!("{e}"));
-        assert!(built.fallback);
-        assert_eq!(owners_of(&built.owners[1]), [3]);
+        assert_eq!(built.fallback, Some(0));
+        assert_eq!(owners_of(&built.owners[0]), [3]);
+        assert_eq!(owners_of(&built.owners[1]), [NO_MEMBER]);
+        assert_eq!(built.eligible, [1, 0]);
         // Nobody in "ams" (another PoP): no owner there, no fallback.
         let built = build(&cfg, &members(&cfg, &[1]), Vec::new()).unwrap_or_else(|e| panic!("{e}"));
-        assert!(!built.fallback);
+        assert_eq!(built.fallback, None);
         assert_eq!(owners_of(&built.owners[0]), [NO_MEMBER]);
         assert_eq!(owners_of(&built.owners[1]), [1]);
+        // Nobody anywhere: nowhere to fall back to.
+        let built = build(&cfg, &[], Vec::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(built.fallback, None);
+    }
+
+    #[test]
+    fn the_fallback_is_the_next_pop_with_members_wrapping_around() {
+        let text = format!(
+            "{CONFIG}\n[[cluster.members]]\nname = \"d\"\nid = 4\nunderlay = \"10.0.0.4\"\npop = \"lon\"\n"
+        );
+        let cfg = crate::config::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        // PoPs in order: ams 0, fra 1 (ours), lon 2.
+        let built =
+            build(&cfg, &members(&cfg, &[3, 4]), Vec::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(built.fallback, Some(2));
+        let built = build(&cfg, &members(&cfg, &[3]), Vec::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(built.fallback, Some(0));
     }
 
     #[test]
@@ -165,7 +195,7 @@ tcp_ports = [80]
             maglev::build_table(&all, cfg.cluster.hash_key, 251).unwrap_or_else(|e| panic!("{e}"))
         );
         let built = build(&cfg, &[], Vec::new()).unwrap_or_else(|e| panic!("{e}"));
-        assert!(!built.fallback);
+        assert_eq!(built.fallback, None);
         assert_eq!(owners_of(&built.owners[0]), [NO_MEMBER]);
     }
 }

@@ -52,8 +52,9 @@ pub(super) struct Core {
     pub(super) owners: Vec<Vec<u16>>,
     /// Per PoP (by index): members its last table was built over.
     pub(super) pop_eligible: Vec<usize>,
-    /// This node's PoP had no eligible member at the last rebuild: its table is cluster-wide.
-    pub(super) pop_fallback: bool,
+    /// This node's PoP had no eligible member at the last rebuild: new connections landing
+    /// here are placed by the table of the PoP of this index.
+    pub(super) pop_fallback: Option<usize>,
     /// Ids written to the member maps, so removed members can be cleared.
     pub(super) written_members: Vec<u16>,
     /// QUIC-LB server IDs written to `QUIC_SERVERS`, so those no longer configured can be
@@ -223,7 +224,7 @@ impl Core {
         let owners = built.owners;
         let report = self
             .tables
-            .update_pops(&mut self.dp, &self.cfg, &owners)
+            .update_pops(&mut self.dp, &self.cfg, &owners, built.fallback)
             .context("writing the steering tables")?;
         for service in &report.swapped {
             let generation = self
@@ -242,14 +243,18 @@ impl Core {
         Ok(())
     }
 
-    /// Logs when this node's own PoP starts or stops having no eligible member of its own.
-    fn note_pop_fallback(&mut self, fallback: bool, cause: &str) {
+    /// Logs when this node's own PoP starts or stops having no eligible member of its own,
+    /// and where new connections landing here go meanwhile.
+    fn note_pop_fallback(&mut self, fallback: Option<usize>, cause: &str) {
         if fallback != self.pop_fallback {
             let pop = self.cfg.self_pop().unwrap_or_default();
-            if fallback {
-                log::warn!(pop, cause; "no member of this node's PoP is eligible: new connections landing here go to the whole cluster");
-            } else {
-                log::info!(pop, cause; "this node's PoP has eligible members again: new connections stay in it");
+            match fallback.and_then(|index| self.cfg.pops().get(index).copied()) {
+                Some(to) => {
+                    log::warn!(pop, to, cause; "no member of this node's PoP is eligible: new connections landing here go to another PoP; its open flows stay where they are");
+                }
+                None => {
+                    log::info!(pop, cause; "new connections landing here stay in this node's PoP");
+                }
             }
         }
         self.pop_fallback = fallback;

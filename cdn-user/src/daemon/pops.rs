@@ -38,7 +38,11 @@ impl Core {
                     healthy,
                     eligible: self.pop_eligible.get(index).copied().unwrap_or(0),
                     own: index == own,
-                    fallback: index == own && self.pop_fallback,
+                    fallback: index == own && self.pop_fallback.is_some(),
+                    fallback_to: self
+                        .pop_fallback
+                        .filter(|_| index == own)
+                        .and_then(|to| self.cfg.pops().get(to).map(|p| (*p).to_owned())),
                 }
             })
             .collect()

@@ -119,7 +119,7 @@ pub(super) fn attach(opts: &Options) -> Result<(Core, PathBuf)> {
         started: SystemTime::now(),
         owners: Vec::new(),
         pop_eligible: Vec::new(),
-        pop_fallback: false,
+        pop_fallback: None,
         written_members: (0..MAX_MEMBERS as u16).collect(),
         written_quic_servers: leftover_quic_servers,
         checks: Default::default(),

@@ -892,6 +892,7 @@ mod tests {
                 eligible: 1,
                 own: false,
                 fallback: false,
+                fallback_to: None,
             },
             PopReport {
                 name: "fra".into(),
@@ -901,6 +902,7 @@ mod tests {
                 eligible: 2,
                 own: true,
                 fallback: true,
+                fallback_to: Some("ams".to_owned()),
             },
         ];
         let text = encode(&s).unwrap();

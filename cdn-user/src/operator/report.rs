@@ -56,9 +56,12 @@ pub struct PopReport {
     pub eligible: usize,
     /// This node's own PoP.
     pub own: bool,
-    /// Own PoP only: no member of it is eligible, so its table is built over the whole
-    /// cluster.
+    /// Own PoP only: no member of it is eligible, so new connections landing here are placed
+    /// in another PoP (`fallback_to`).
     pub fallback: bool,
+    /// Own PoP only, during a fallback: the PoP that places new connections landing here.
+    #[serde(default)]
+    pub fallback_to: Option<String>,
 }
 
 /// The health checker's own state: probes that failed for local reasons, and the mass-flap

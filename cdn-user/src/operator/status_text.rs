@@ -157,10 +157,12 @@ fn write_pops(out: &mut String, s: &StatusReport) -> fmt::Result {
             p.healthy,
             p.eligible,
             if p.own { "  (this node's)" } else { "" },
-            if p.fallback {
-                "  FALLBACK: no member of this PoP is eligible, new connections go cluster-wide"
-            } else {
-                ""
+            match (p.fallback, &p.fallback_to) {
+                (true, Some(to)) => format!(
+                    "  FALLBACK: no member of this PoP is eligible, new connections go to PoP {to}"
+                ),
+                (true, None) => "  FALLBACK: no member of this PoP is eligible".to_owned(),
+                _ => String::new(),
             }
         )?;
     }

@@ -10,9 +10,9 @@ use std::{
 use anyhow::{Context as _, Result};
 use cdn_common::{
     maps::{
-        Bucket, Link, NO_MEMBER, NODE_READY, NODE_STEER_AUTH, NODE_UNDERLAY_IFACES, NodeConfig,
-        SERVICE_ALL_PORTS, SERVICE_QUIC, SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL,
-        SERVICE_UDP_OWNER, Service,
+        Bucket, Link, MAX_POPS, NO_MEMBER, NODE_READY, NODE_STEER_AUTH, NODE_UNDERLAY_IFACES,
+        NodeConfig, SERVICE_ALL_PORTS, SERVICE_PLACE_ELSEWHERE, SERVICE_PLACE_POP_SHIFT,
+        SERVICE_QUIC, SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
     },
     quic_lb::QuicLbConfig,
 };
@@ -344,7 +344,8 @@ fn service(vip: &Vip) -> Service {
 
 /// Other PoPs for a service (README "PoPs"): PoP 0, this node's, has the service's own table;
 /// the others one of the world's tables each, or now and then an offset past `TABLE`. The PoPs
-/// searched: a random set without PoP 0 (PoPs up to the eighth).
+/// searched: a random set without PoP 0 (PoPs up to the eighth). Now and then another PoP
+/// places new connections.
 fn with_pops(svc: &mut Service, rng: &mut StdRng) {
     let own = svc.table_offset;
     for (pop, slot) in svc.pop_tables.iter_mut().enumerate() {
@@ -355,6 +356,12 @@ fn with_pops(svc: &mut Service, rng: &mut StdRng) {
         };
     }
     svc.search_pops = rng.random::<u8>() & !1 | 0b10;
+    // Now and then this node's PoP has no eligible member: new connections are placed by
+    // another PoP's table (README "PoPs: fallback").
+    if rng.random_range(0..4) == 0 {
+        let pop = rng.random_range(1..MAX_POPS as u32);
+        svc.flags |= SERVICE_PLACE_ELSEWHERE | pop << SERVICE_PLACE_POP_SHIFT;
+    }
 }
 
 /// A random hop list: owner first, then previous owners; ids include this node, members

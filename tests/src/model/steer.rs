@@ -6,7 +6,8 @@ use std::{hash::Hasher, net::IpAddr};
 use cdn_common::{
     counters::Reason,
     maps::{
-        NO_MEMBER, NODE_DRAINING, NODE_READY, SERVICE_ALL_PORTS, SERVICE_TCP, SERVICE_UDP,
+        NO_MEMBER, NODE_DRAINING, NODE_READY, SERVICE_ALL_PORTS, SERVICE_PLACE_ELSEWHERE,
+        SERVICE_PLACE_POP_MASK, SERVICE_PLACE_POP_SHIFT, SERVICE_TCP, SERVICE_UDP,
         SERVICE_UDP_LOCAL, SERVICE_UDP_OWNER, Service,
     },
 };
@@ -115,11 +116,29 @@ impl Env {
 }
 
 fn bucket(env: &Env, svc: &Service, fl: &Flow) -> Result<(u64, [u16; 3]), Why> {
+    bucket_in(env, svc, fl, svc.table_offset)
+}
+
+/// The table that places new connections: this node's own PoP's, or the one the flags name
+/// while its PoP has no eligible member (README "PoPs: fallback").
+fn new_flow_table(svc: &Service) -> u32 {
+    if svc.flags & SERVICE_PLACE_ELSEWHERE == 0 {
+        return svc.table_offset;
+    }
+    svc.pop_tables[((svc.flags >> SERVICE_PLACE_POP_SHIFT) & SERVICE_PLACE_POP_MASK) as usize]
+}
+
+/// `bucket` in the table that places new connections.
+fn new_flow_bucket(env: &Env, svc: &Service, fl: &Flow) -> Result<(u64, [u16; 3]), Why> {
+    bucket_in(env, svc, fl, new_flow_table(svc))
+}
+
+fn bucket_in(env: &Env, svc: &Service, fl: &Flow, table: u32) -> Result<(u64, [u16; 3]), Why> {
     if svc.table_size == 0 {
         return Err(Reason::NoRoute.into());
     }
     let hash = flow_hash(env.cfg.hash_key, fl);
-    let index = svc.table_offset as u64 + hash % u64::from(svc.table_size);
+    let index = u64::from(table) + hash % u64::from(svc.table_size);
     let b = env
         .table
         .get(index as usize)
@@ -206,7 +225,7 @@ fn ingress(
                 search: None,
             };
             let owner = || {
-                let (hash, hops) = bucket(env, svc, &fl)?;
+                let (hash, hops) = new_flow_bucket(env, svc, &fl)?;
                 Ok((hops[0], entropy_port(hash)))
             };
             return quic::ingress(env, rules, f, ifindex, &ip, &fl, svc, e, owner);
@@ -242,7 +261,11 @@ fn ingress(
             Reason::LearnedForward,
         ));
     }
-    let (hash, hops) = bucket(env, svc, &fl)?;
+    let (hash, hops) = if udp_owner || fl.is_syn() {
+        new_flow_bucket(env, svc, &fl)?
+    } else {
+        bucket(env, svc, &fl)?
+    };
     if hops[0] == NO_MEMBER {
         return Err(Reason::NoRoute.into());
     }
@@ -437,7 +460,7 @@ fn owner(env: &Env, rules: &Rules, f: &[u8], l3: usize, v6: bool, ifindex: u32) 
     }
     if fl.is_syn() {
         // A new connection is taken only by the owner this node's own table names.
-        let (_, own) = bucket(env, &svc, &fl)?;
+        let (_, own) = new_flow_bucket(env, &svc, &fl)?;
         if own[0] != NO_MEMBER && own[0] != cfg.self_member {
             if budget == 0 {
                 return Err(Reason::LoopGuard.into());

@@ -2,7 +2,8 @@
 //! tables.
 
 use cdn_common::maps::{
-    MAX_POPS, MAX_SERVICE_PORTS, SERVICE_QUIC, SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL,
+    MAX_POPS, MAX_SERVICE_PORTS, SERVICE_PLACE_ELSEWHERE, SERVICE_PLACE_POP_MASK,
+    SERVICE_PLACE_POP_SHIFT, SERVICE_QUIC, SERVICE_TCP, SERVICE_UDP, SERVICE_UDP_LOCAL,
     SERVICE_UDP_OWNER, Service,
 };
 
@@ -20,10 +21,14 @@ pub(super) struct PopOffsets<'a> {
     pub(super) active: &'a [u32],
     /// This node's PoP index.
     pub(super) own: usize,
+    /// The PoP whose table places new connections landing here, when it is not `own` (our
+    /// PoP has no eligible member): see `SERVICE_PLACE_ELSEWHERE`.
+    pub(super) fallback: Option<usize>,
 }
 
 /// The LPM value of `svc`: `table_offset` is this node's own PoP's table, `pop_tables` every
-/// PoP's, and `search_pops` every PoP but our own (none with a single PoP).
+/// PoP's, `search_pops` every PoP but our own (none with a single PoP), and the flags name
+/// the PoP that places new connections if that is not ours.
 pub(super) fn service_entry(
     svc: &ServiceSettings,
     pops: &PopOffsets<'_>,
@@ -69,6 +74,11 @@ pub(super) fn service_entry(
         pop_tables,
         ..Service::default()
     };
+    if let Some(pop) = pops.fallback.filter(|p| *p != pops.own && *p < count) {
+        // `count` is at most MAX_POPS, so the index fits the mask.
+        service.flags |= SERVICE_PLACE_ELSEWHERE
+            | (pop as u32 & SERVICE_PLACE_POP_MASK) << SERVICE_PLACE_POP_SHIFT;
+    }
     if let Some(quic) = &svc.quic {
         service.flags |= SERVICE_QUIC;
         for (slot, port) in service.quic_ports.iter_mut().zip(&quic.ports) {
@@ -103,6 +113,7 @@ mod tests {
             &PopOffsets {
                 active: &[300],
                 own: 0,
+                fallback: None,
             },
             100,
             4,
@@ -120,6 +131,7 @@ mod tests {
             &PopOffsets {
                 active: &active,
                 own: 1,
+                fallback: None,
             },
             100,
             1,
@@ -133,10 +145,47 @@ mod tests {
             &PopOffsets {
                 active: &all,
                 own: 7,
+                fallback: None,
             },
             100,
             1,
         );
         assert_eq!(e.search_pops, 0x7f);
+        assert_eq!(e.flags & SERVICE_PLACE_ELSEWHERE, 0);
+    }
+
+    #[test]
+    fn a_fallback_pop_is_named_in_the_flags_and_the_search_is_unchanged() {
+        let active = [0, 300, 500];
+        let e = service_entry(
+            &svc(),
+            &PopOffsets {
+                active: &active,
+                own: 1,
+                fallback: Some(2),
+            },
+            100,
+            1,
+        );
+        assert_eq!(e.table_offset, 300);
+        assert_eq!(e.search_pops, 0b101);
+        assert_eq!(
+            e.flags & !(SERVICE_TCP | SERVICE_UDP_OWNER),
+            SERVICE_PLACE_ELSEWHERE | 2 << SERVICE_PLACE_POP_SHIFT
+        );
+        // Our own PoP, or one that does not exist, is no fallback.
+        for fallback in [Some(1), Some(3)] {
+            let e = service_entry(
+                &svc(),
+                &PopOffsets {
+                    active: &active,
+                    own: 1,
+                    fallback,
+                },
+                100,
+                1,
+            );
+            assert_eq!(e.flags & SERVICE_PLACE_ELSEWHERE, 0);
+        }
     }
 }

@@ -165,18 +165,22 @@ impl Tables {
         cfg: &Config,
         owners: &[u16],
     ) -> Result<UpdateReport, TableError> {
-        self.update_pops(dp, cfg, &[owners])
+        self.update_pops(dp, cfg, &[owners], None)
     }
 
     /// Brings every service's table of PoP `i` to `per_pop[i]` (the Maglev table for new flows
     /// placed in that PoP, one member id per bucket), keeping hop history, and installs the
     /// services of `cfg`: tables of services (or PoPs) that left the configuration are
     /// withdrawn, new ones get a slot. A service whose tables changed gets one LPM replace.
+    ///
+    /// `fallback`: the PoP whose table places new connections landing here while this node's
+    /// own PoP has no eligible member ([`crate::cluster::pops::PopOwners::fallback`]).
     pub fn update_pops<O: AsRef<[u16]>>(
         &mut self,
         dp: &mut DataPlane,
         cfg: &Config,
         per_pop: &[O],
+        fallback: Option<usize>,
     ) -> Result<UpdateReport, TableError> {
         let pops = cfg.pop_slots();
         if per_pop.len() != pops.len() {
@@ -212,7 +216,7 @@ impl Tables {
                     self.add_fresh(dp, svc, *pop, slot)?;
                 }
             }
-            self.update_service(dp, cfg, svc, &names, per_pop, &mut report)?;
+            self.update_service(dp, cfg, svc, per_pop, fallback, &mut report)?;
         }
         Ok(report)
     }
@@ -248,17 +252,23 @@ impl Tables {
         Ok(())
     }
 
-    /// One service's tables (`names`, by PoP index) to their next state, swapped with one LPM
-    /// replace per VIP if any changed.
+    /// One service's tables (one per PoP, by PoP index) to their next state, swapped with one
+    /// LPM replace per VIP if any changed.
     fn update_service<O: AsRef<[u16]>>(
         &mut self,
         dp: &mut DataPlane,
         cfg: &Config,
         svc: &ServiceSettings,
-        names: &[String],
         per_pop: &[O],
+        fallback: Option<usize>,
         report: &mut UpdateReport,
     ) -> Result<(), TableError> {
+        let names: Vec<String> = cfg
+            .pop_slots()
+            .iter()
+            .map(|p| table_name(&svc.name, *p))
+            .collect();
+        let names = names.as_slice();
         let size = self.size;
         let own = cfg.self_pop_index();
         let mut nexts = Vec::with_capacity(names.len());
@@ -296,6 +306,7 @@ impl Tables {
                 &PopOffsets {
                     active: &active,
                     own,
+                    fallback,
                 },
                 size,
                 generation,
@@ -330,6 +341,7 @@ impl Tables {
             &PopOffsets {
                 active: &active,
                 own,
+                fallback,
             },
             size,
             generation,
