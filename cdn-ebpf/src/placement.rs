@@ -104,11 +104,7 @@ pub fn bucket_of(
     flow: &Flow,
     svc: &Service,
 ) -> Result<(u64, [u16; 3]), Reason> {
-    if svc.table_size == 0 {
-        return Err(Reason::NoRoute);
-    }
-    let hash = flow_hash(cfg, frame, flow)?;
-    Ok((hash, hops_of(svc, hash)?))
+    bucket_in(cfg, frame, flow, svc, svc.table_offset)
 }
 
 /// The flow's hash and its bucket's hops in the table that places new connections
@@ -120,11 +116,23 @@ pub fn new_flow_bucket_of(
     flow: &Flow,
     svc: &Service,
 ) -> Result<(u64, [u16; 3]), Reason> {
+    bucket_in(cfg, frame, flow, svc, new_flow_table(svc))
+}
+
+/// The flow's hash and its bucket's hops in the table whose bucket 0 is `table`.
+#[inline(always)]
+fn bucket_in(
+    cfg: &NodeConfig,
+    frame: &Frame,
+    flow: &Flow,
+    svc: &Service,
+    table: u32,
+) -> Result<(u64, [u16; 3]), Reason> {
     if svc.table_size == 0 {
         return Err(Reason::NoRoute);
     }
     let hash = flow_hash(cfg, frame, flow)?;
-    Ok((hash, hops_in(svc, new_flow_table(svc), hash)?))
+    Ok((hash, hops_in(svc, table, hash)?))
 }
 
 /// The hops of the bucket of a flow with hash `hash` in this node's table.

@@ -482,6 +482,16 @@ pub fn hops(list: &[u16]) -> [u16; 3] {
 /// The version-1 frame this node sends the untagged client frame `input` of `flow` with to
 /// `target`, carrying `hops`, with the scenario's hop budget.
 pub fn forwarded_frame(target: u16, flow: &Flow, input: &[u8], hops: &[u16]) -> Result<Vec<u8>> {
+    encap_frame(
+        target,
+        cdn_common::wire::entropy_port(flow.hash(&KEY)),
+        input,
+        hops,
+    )
+}
+
+/// [`forwarded_frame`] with the outer source port `entropy`.
+pub fn encap_frame(target: u16, entropy: u16, input: &[u8], hops: &[u16]) -> Result<Vec<u8>> {
     let outer_src = if member_addr(target).is_ipv6() {
         addr(UNDERLAY_V6)
     } else {
@@ -492,7 +502,7 @@ pub fn forwarded_frame(target: u16, flow: &Flow, input: &[u8], hops: &[u16]) -> 
         src_mac: NODE_MAC,
         outer_src,
         outer_dst: member_addr(target),
-        entropy: cdn_common::wire::entropy_port(flow.hash(&KEY)),
+        entropy,
         steer_port: STEER_PORT,
         budget: BUDGET,
         hops,

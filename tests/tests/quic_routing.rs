@@ -14,12 +14,12 @@ use cdn_common::{
 };
 use cdn_tests::{
     packets::{
-        ExpectedEncap, Flow, NODE_MAC, QUIC_V1, QUIC_V2, Tcp, Vlan, expected_encap, frame,
-        ip_packet, quic_cid_entropy, quic_long, quic_long_first, quic_short,
+        Flow, QUIC_V1, QUIC_V2, Tcp, Vlan, frame, quic_cid_entropy, quic_long, quic_long_first,
+        quic_short,
     },
     scenario::{
-        BUDGET, CLIENT_V4, CLIENT_V6, KEY, SELF_ID, STEER_PORT, Scenario, TABLE_SIZE, UNDERLAY_V4,
-        UNDERLAY_V6, VIP_V4, VIP_V6, addr, member_addr, member_mac,
+        CLIENT_V4, CLIENT_V6, KEY, SELF_ID, Scenario, TABLE_SIZE, VIP_V4, VIP_V6, encap_frame,
+        member_mac,
     },
     xdp,
 };
@@ -75,24 +75,7 @@ fn send(s: &mut Scenario, f: &Flow, payload: &[u8]) -> Result<Went> {
             .find(|m| out.len() > 6 && out[..6] == member_mac(*m))
             .context("encapsulation to no known member")
     };
-    let expect_encap = |target: u16, entropy: u16| -> Result<Vec<u8>> {
-        let outer_src = if member_addr(target).is_ipv6() {
-            addr(UNDERLAY_V6)
-        } else {
-            addr(UNDERLAY_V4)
-        };
-        expected_encap(&ExpectedEncap {
-            dst_mac: member_mac(target),
-            src_mac: NODE_MAC,
-            outer_src,
-            outer_dst: member_addr(target),
-            entropy,
-            steer_port: STEER_PORT,
-            budget: BUDGET,
-            hops: &[],
-            inner: ip_packet(&input, Vlan::None),
-        })
-    };
+    let expect_encap = |target: u16, entropy: u16| encap_frame(target, entropy, &input, &[]);
     Ok(match reason {
         Reason::QuicCidAccept => {
             ensure!(
