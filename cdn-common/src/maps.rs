@@ -134,8 +134,15 @@ pub struct ClaimEvent {
     pub key: FlowKey,
     /// The member that started the search (the search header's `hops[0]`).
     pub starter: u16,
-    pub _pad: [u8; 6],
+    /// The search header's hop budget when it arrived here: the search took
+    /// `NodeConfig::search_budget - budget_left + 1` hops (its start and every pass-on).
+    /// `CLAIM_BUDGET_UNKNOWN` if the program could not read it.
+    pub budget_left: u8,
+    pub _pad: [u8; 5],
 }
+
+/// `ClaimEvent::budget_left` when the program could not read the search header again.
+pub const CLAIM_BUDGET_UNKNOWN: u8 = 0xff;
 
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "cdn_steer";

@@ -10,7 +10,13 @@
 //! entry point's frame, which has none to spare.
 
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
-use cdn_common::maps::{ClaimEvent, FlowKey, NO_MEMBER};
+use cdn_common::{
+    maps::{CLAIM_BUDGET_UNKNOWN, ClaimEvent, FlowKey, NO_MEMBER},
+    wire::{
+        STEER_HEADER_LEN, STEER_MAC_LEN, STEER_VERSION_SEARCH, STEER_VERSION_SEARCH_AUTH,
+        SteerHeader,
+    },
+};
 
 use crate::{
     maps::{CLAIM_EVENTS, LEARNED, LEARNED_BUCKETS},
@@ -23,6 +29,7 @@ type KeyWords = [u32; 10];
 const _: () = assert!(core::mem::size_of::<FlowKey>() == core::mem::size_of::<KeyWords>());
 const _: () = assert!(core::mem::offset_of!(ClaimEvent, key) == 0);
 const _: () = assert!(core::mem::offset_of!(ClaimEvent, starter) == 40);
+const _: () = assert!(core::mem::offset_of!(ClaimEvent, budget_left) == 42);
 
 /// Whether some learned flow has bucket index `bucket` (`hash % table_size`).
 #[inline(always)]
@@ -50,11 +57,51 @@ pub fn member(ctx: &XdpContext, flow: &Flow, me: u16) -> u16 {
     lookup(ctx.ctx, pack(flow), flow.ports as u64, me as u64) as u16
 }
 
-/// Reports an accepted search for the flow (`starter`: the member that started it) to the
-/// controller. False if the ring is full (the claim is lost).
+/// Reports an accepted search for the flow (`starter`: the member that started it; its
+/// inner packet at `inner_off`) to the controller. False if the ring is full (the claim is
+/// lost).
 #[inline(always)]
-pub fn claim(ctx: &XdpContext, flow: &Flow, starter: u16) -> bool {
-    emit_claim(ctx.ctx, pack(flow), flow.ports as u64, starter as u64) != 0
+pub fn claim(ctx: &XdpContext, flow: &Flow, starter: u16, inner_off: usize) -> bool {
+    // One register for both: the caller's frame has no room for another live value.
+    let who = starter as u64 | (inner_off as u64 & 0xffff) << 16;
+    emit_claim(ctx.ctx, pack(flow), flow.ports as u64, who) != 0
+}
+
+/// The hop budget the search header in front of the inner packet at `inner_off` arrived with
+/// (it tells the controller how many hops the search took), or `CLAIM_BUDGET_UNKNOWN`. Read
+/// here rather than passed by the caller, whose frame has no slot to spare; the header is
+/// found again as the one, right before the inner packet (version 3) or before its MAC
+/// (version 4), whose version and starter match.
+#[inline(always)]
+fn budget_left(frame: &Frame, inner_off: usize, starter: u16) -> u8 {
+    const BACK: usize = STEER_HEADER_LEN + STEER_MAC_LEN;
+    const _: () = assert!(
+        STEER_HEADER_LEN == 8 && STEER_MAC_LEN == 8,
+        "two words back"
+    );
+    // One read of the two words before the inner packet. Masked, so that the compiler
+    // checks the bounds of this offset rather than folding it into `inner_off` and reading
+    // behind a checked pointer, which the verifier refuses.
+    let Some(words) = frame.read::<[u64; 2]>(inner_off.wrapping_sub(BACK) & 0xffff) else {
+        return CLAIM_BUDGET_UNKNOWN;
+    };
+    let matches = |sh: &SteerHeader, version: u8| {
+        sh.version == version && u16::from_be(sh.hops[0]) == starter
+    };
+    // SAFETY: SteerHeader is 8 bytes of plain integers, any bit pattern is valid.
+    let (signed, plain) = unsafe {
+        (
+            core::mem::transmute::<u64, SteerHeader>(words[0]),
+            core::mem::transmute::<u64, SteerHeader>(words[1]),
+        )
+    };
+    if matches(&plain, STEER_VERSION_SEARCH) {
+        plain.hop_budget
+    } else if matches(&signed, STEER_VERSION_SEARCH_AUTH) {
+        signed.hop_budget
+    } else {
+        CLAIM_BUDGET_UNKNOWN
+    }
 }
 
 /// Writes the flow's key (see `pack`) at `key`; false if the addresses are not in the frame.
@@ -146,8 +193,10 @@ fn lookup(ctx: *mut xdp_md, packed: u64, ports: u64, me: u64) -> u64 {
 }
 
 #[inline(never)]
-fn emit_claim(ctx: *mut xdp_md, packed: u64, ports: u64, starter: u64) -> u64 {
+fn emit_claim(ctx: *mut xdp_md, packed: u64, ports: u64, who: u64) -> u64 {
     let frame = frame_of(ctx);
+    let starter = who as u16;
+    let budget = budget_left(&frame, (who >> 16) as usize & 0xffff, starter);
     let Some(mut entry) = CLAIM_EVENTS.reserve::<ClaimEvent>(0) else {
         return 0;
     };
@@ -158,10 +207,11 @@ fn emit_claim(ctx: *mut xdp_md, packed: u64, ports: u64, starter: u64) -> u64 {
         entry.discard(0);
         return 1;
     }
-    // SAFETY: as above; the starter and the padding are the last two words.
+    // SAFETY: as above; the starter, the budget left and the padding are the last two
+    // words (little-endian: the starter in the low half of the first, then the budget).
     unsafe {
         let tail = event.cast::<u32>().add(10);
-        *tail = starter as u32 & 0xffff;
+        *tail = starter as u32 | (budget as u32) << 16;
         *tail.add(1) = 0;
     }
     entry.submit(0);

@@ -454,7 +454,7 @@ fn try_owner_path(
             if sh.flags & SEARCHING != 0 {
                 // The PoP where the search started learns the owner (README "PoPs: learned
                 // owners"); reported before decapsulating, while the flow's offsets hold.
-                let claimed = learned::claim(ctx, &flow, u16::from_be(sh.hops[0]));
+                let claimed = learned::claim(ctx, &flow, u16::from_be(sh.hops[0]), inner_off);
                 decapsulate(ctx, inner_off, inner_v6)?;
                 let verdict = Verdict::pass(Reason::SearchAccept);
                 return Ok(if claimed {

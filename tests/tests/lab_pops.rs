@@ -33,6 +33,8 @@ static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 const POPS: usize = 3;
 const NODES_PER_POP: usize = 2;
+/// The hop budget a search starts with among 3 PoPs (6 per other PoP).
+const SEARCH_BUDGET_3_POPS: u8 = 12;
 /// Downloads run this long before the first route change: their flows are established and
 /// sending, not just connected.
 const SETTLE: Duration = Duration::from_secs(2);
@@ -337,6 +339,25 @@ fn route_shifts_between_pops_reset_no_download() -> Result<()> {
         total.search_exhausted == 0,
         "{} searches found no member holding the flow",
         total.search_exhausted
+    );
+    // Each accepted search's hops, as the owner that accepted it counted them from the
+    // budget its header arrived with (`cdn_steer_search_hops`).
+    let max = total.search_hops_max();
+    eprintln!(
+        "route shifts: hops per search, as the owners counted them: {:.2} on average over {} \
+         searches, at most {max:?} (budget {SEARCH_BUDGET_3_POPS})",
+        total.search_hops_mean(),
+        total.searches_counted
+    );
+    ensure!(
+        total.searches_counted == total.search_accept,
+        "{} searches accepted, {} counted in cdn_steer_search_hops",
+        total.search_accept,
+        total.searches_counted
+    );
+    ensure!(
+        max.is_some_and(|m| m <= SEARCH_BUDGET_3_POPS),
+        "a search took more hops than its budget: {max:?}"
     );
     // Learning: the owners' claims taught the landing PoPs, whose nodes then sent the
     // shifted flows straight to their owners.

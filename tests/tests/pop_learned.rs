@@ -246,8 +246,16 @@ fn claims(s: &mut Scenario, v6: bool) -> Result<()> {
             addr(UNDERLAY_V4)
         };
         let v1 = steering_frame(member_addr(sender), outer_dst, STEER_PORT, 3, &[], &ack)?;
-        let mut search =
-            steering_frame(member_addr(sender), outer_dst, STEER_PORT, 3, &[4, 0], &ack)?;
+        // The budget the search arrives with goes into the event.
+        let budget = if sender == 2 { 3 } else { 7 };
+        let mut search = steering_frame(
+            member_addr(sender),
+            outer_dst,
+            STEER_PORT,
+            budget,
+            &[4, 0],
+            &ack,
+        )?;
         let sh =
             14 + if member_addr(sender).is_ipv6() {
                 40
@@ -274,9 +282,24 @@ fn claims(s: &mut Scenario, v6: bool) -> Result<()> {
             [ClaimEvent {
                 key: learned_key(&flow),
                 starter: 4,
-                _pad: [0; 6],
+                budget_left: budget,
+                _pad: [0; 5],
             }],
             "{name}"
+        );
+
+        // Signed (version 4): the header sits before the MAC, its budget is found there.
+        let signed = signed_steering_frame(&search, 0, auth::derive_key(KEY), &flow);
+        let run = s.run(&signed)?;
+        assert_eq!(run.verdict(), Reason::SearchAccept, "signed {name}");
+        let events = drain(&mut ring);
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| (e.starter, e.budget_left))
+                .collect::<Vec<_>>(),
+            [(4, budget)],
+            "signed {name}"
         );
     }
     Ok(())

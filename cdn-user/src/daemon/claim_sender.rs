@@ -69,7 +69,20 @@ pub(super) async fn claim_sender(
             ready = fd.readable_mut() => {
                 let mut guard = ready.context("waiting for CLAIM_EVENTS")?;
                 let now = Instant::now();
+                let mut events = Vec::new();
                 while let Some(event) = guard.get_inner_mut().next_event() {
+                    events.push(event);
+                }
+                guard.clear_ready();
+                {
+                    // Every accepted search counts, also those of a flow claimed just now.
+                    let mut core = shared.lock();
+                    let budget = core.search_budget();
+                    for event in &events {
+                        core.learning.stats.count_search(budget, event.budget_left);
+                    }
+                }
+                for event in events {
                     if recent.get(&event.key).is_some_and(|at| now.duration_since(*at) < DEDUP) {
                         continue;
                     }
@@ -77,7 +90,6 @@ pub(super) async fn claim_sender(
                     pending.entry(event.starter).or_default().push(event.key);
                     first_at.get_or_insert(now);
                 }
-                guard.clear_ready();
             }
             () = async {
                 match flush_in {

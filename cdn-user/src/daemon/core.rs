@@ -107,7 +107,6 @@ impl Core {
         if self.cfg.cluster.steer_auth {
             flags |= NODE_STEER_AUTH;
         }
-        let other_pops = self.cfg.pop_count().saturating_sub(1);
         NodeConfig {
             hash_key: self.cfg.cluster.hash_key,
             underlay_v4: self.cfg.node.underlay_v4.map_or([0; 4], |a| a.octets()),
@@ -117,13 +116,19 @@ impl Core {
             flags,
             hop_budget: self.cfg.cluster.hop_budget,
             self_pop: u8::try_from(self.cfg.self_pop_index()).unwrap_or(0),
-            // Enough for every hop of every other PoP's chain, each index of it asked twice
-            // at most (once more after a redirect, README "PoPs"), and the hops between PoPs.
-            search_budget: u8::try_from(6 * other_pops).unwrap_or(u8::MAX),
+            search_budget: self.search_budget(),
             max_frame: self.cfg.node.max_frame,
             auth_key: steer_auth_key(self.cfg.cluster.hash_key),
             ..NodeConfig::default()
         }
+    }
+
+    /// The hop budget a search starts with: enough for every hop of every other PoP's chain,
+    /// each index of it asked twice at most (once more after a redirect, README "PoPs"), and
+    /// the hops between PoPs.
+    pub(super) fn search_budget(&self) -> u8 {
+        let other_pops = self.cfg.pop_count().saturating_sub(1);
+        u8::try_from(6 * other_pops).unwrap_or(u8::MAX)
     }
 
     pub(super) fn write_node_config(&mut self) -> Result<()> {

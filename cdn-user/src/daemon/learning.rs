@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
-use cdn_common::maps::FlowKey;
+use cdn_common::maps::{CLAIM_BUDGET_UNKNOWN, FlowKey};
 use hyper::StatusCode;
 use hyper::body::Bytes;
 
@@ -69,6 +69,25 @@ pub(super) struct LearnStats {
     pub(super) claims_received: u64,
     /// By [`Rejection::ALL`]'s order.
     pub(super) rejected: [u64; Rejection::ALL.len()],
+    /// Searches this node accepted, by the hops they took (index: hops).
+    pub(super) search_hops: BTreeMap<u8, u64>,
+    /// Searches accepted whose hop count the program could not read.
+    pub(super) search_hops_unknown: u64,
+}
+
+impl LearnStats {
+    /// Counts an accepted search whose header arrived with `budget_left` of `budget`.
+    pub(super) fn count_search(&mut self, budget: u8, budget_left: u8) {
+        if budget_left == CLAIM_BUDGET_UNKNOWN || budget_left > budget {
+            self.search_hops_unknown += 1;
+        } else {
+            // The start, and a pass-on for every hop of budget spent.
+            *self
+                .search_hops
+                .entry(budget - budget_left + 1)
+                .or_default() += 1;
+        }
+    }
 }
 
 impl Core {
@@ -91,6 +110,8 @@ impl Core {
                 .collect(),
             pop_drains_received: self.pop_drains.received,
             pop_drains_rejected: self.pop_drains.rejected_by_reason(),
+            search_hops: s.search_hops.iter().map(|(h, n)| (*h, *n)).collect(),
+            search_hops_unknown: s.search_hops_unknown,
         })
     }
 }
@@ -280,5 +301,28 @@ impl Core {
             log::debug!(expired; "learned entries expired");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_search_counts_its_start_and_every_pass_on() {
+        let mut s = LearnStats::default();
+        // Arrived with the whole budget: found at the first member asked.
+        s.count_search(12, 12);
+        s.count_search(12, 10);
+        // The last hop the budget allows.
+        s.count_search(12, 0);
+        // Not readable, or more than this node would ever start with.
+        s.count_search(12, CLAIM_BUDGET_UNKNOWN);
+        s.count_search(12, 13);
+        assert_eq!(
+            s.search_hops.into_iter().collect::<Vec<_>>(),
+            [(1, 1), (3, 1), (13, 1)]
+        );
+        assert_eq!(s.search_hops_unknown, 2);
     }
 }

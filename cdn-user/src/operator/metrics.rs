@@ -20,7 +20,10 @@ pub use super::report::{HealthChecksReport, LearnedReport, MemberReport, PopRepo
 use crate::config::Digest;
 use cdn_common::counters::PacketCounts;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::info::Info;
@@ -592,8 +595,71 @@ fn single<M: EncodeMetric>(
     metric.encode(enc.encode_descriptor(name, help, unit, metric.metric_type())?)
 }
 
+/// Upper bounds of `cdn_steer_search_hops`'s buckets: every count a search with 3 PoPs can
+/// take (budget 12), then coarser up to the budget of 8 PoPs (42).
+const SEARCH_HOPS_BUCKETS: [u8; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 42];
+
+/// A histogram whose counts are known when the scrape is encoded (prometheus-client has
+/// constant counters and gauges, but no constant histogram).
+struct ConstHistogram {
+    sum: f64,
+    count: u64,
+    /// (upper bound, observations in this bucket only); the encoder sums them up.
+    buckets: Vec<(f64, u64)>,
+}
+
+impl ConstHistogram {
+    /// From (value, observations) pairs, into buckets with upper bounds `bounds` and +Inf.
+    fn new(observed: &[(u8, u64)], bounds: &[u8]) -> Self {
+        let mut buckets: Vec<(f64, u64)> = bounds
+            .iter()
+            .map(|b| (f64::from(*b), 0))
+            .chain([(f64::INFINITY, 0)])
+            .collect();
+        let (mut sum, mut count) = (0.0, 0);
+        for (value, n) in observed {
+            let v = f64::from(*value);
+            if let Some(bucket) = buckets.iter_mut().find(|(le, _)| v <= *le) {
+                bucket.1 += n;
+            }
+            sum += v * *n as f64;
+            count += n;
+        }
+        Self {
+            sum,
+            count,
+            buckets,
+        }
+    }
+}
+
+impl EncodeMetric for ConstHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 /// The `cdn_steer_learned_*` and `cdn_steer_claims_*` series (with PoPs only).
 fn learned_families(enc: &mut DescriptorEncoder, l: &LearnedReport) -> fmt::Result {
+    single(
+        enc,
+        "cdn_steer_search_hops",
+        "Searches this node accepted (it held the flow), by the hops they took: the start and \
+         every pass-on.",
+        None,
+        ConstHistogram::new(&l.search_hops, &SEARCH_HOPS_BUCKETS),
+    )?;
+    single(
+        enc,
+        "cdn_steer_search_hops_unknown",
+        "Searches accepted here whose hop count could not be read.",
+        None,
+        ConstCounter::new(l.search_hops_unknown),
+    )?;
     single(
         enc,
         "cdn_steer_learned_entries",
@@ -984,6 +1050,36 @@ mod tests {
             samples(&text).contains(
                 &r#"cdn_steer_packets_total{reason="malformed",action="pass",kind="verdict"} 3"#
             ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn search_hops_are_a_histogram_with_every_count_of_three_pops() {
+        let mut s = snapshot();
+        s.learned = Some(LearnedReport {
+            search_hops: vec![(1, 5), (2, 3), (9, 1), (50, 1)],
+            search_hops_unknown: 2,
+            ..LearnedReport::default()
+        });
+        let text = encode(&s).unwrap();
+        let samples = samples(&text);
+        for line in [
+            r#"cdn_steer_search_hops_bucket{le="1.0"} 5"#,
+            r#"cdn_steer_search_hops_bucket{le="2.0"} 8"#,
+            r#"cdn_steer_search_hops_bucket{le="8.0"} 8"#,
+            r#"cdn_steer_search_hops_bucket{le="10.0"} 9"#,
+            r#"cdn_steer_search_hops_bucket{le="42.0"} 9"#,
+            r#"cdn_steer_search_hops_bucket{le="+Inf"} 10"#,
+            "cdn_steer_search_hops_count 10",
+            "cdn_steer_search_hops_sum 70.0",
+            "cdn_steer_search_hops_unknown_total 2",
+        ] {
+            assert!(samples.contains(&line), "no {line} in\n{text}");
+        }
+        assert!(
+            text.lines()
+                .any(|l| l == "# TYPE cdn_steer_search_hops histogram"),
             "{text}"
         );
     }

@@ -123,6 +123,13 @@ pub struct LearnedReport {
     /// PoP drains and undrains refused here, by reason (as `rejected`).
     #[serde(default)]
     pub pop_drains_rejected: Vec<(String, u64)>,
+    /// Searches this node accepted (it held the flow), as (hops they took, count), by hops:
+    /// the start and every pass-on.
+    #[serde(default)]
+    pub search_hops: Vec<(u8, u64)>,
+    /// Searches accepted here whose hop count could not be read.
+    #[serde(default)]
+    pub search_hops_unknown: u64,
 }
 
 impl LearnedReport {

@@ -178,6 +178,16 @@ fn write_pops(out: &mut String, s: &StatusReport) -> fmt::Result {
             l.claims_received,
             l.rejected_total()
         )?;
+        let found: u64 = l.search_hops.iter().map(|(_, n)| n).sum();
+        if found > 0 {
+            let hops: u64 = l.search_hops.iter().map(|(h, n)| u64::from(*h) * n).sum();
+            let max = l.search_hops.iter().map(|(h, _)| *h).max().unwrap_or(0);
+            writeln!(
+                out,
+                "  searches accepted here: {found}, {:.2} hops on average, {max} at most",
+                hops as f64 / found as f64
+            )?;
+        }
     }
     Ok(())
 }

@@ -92,7 +92,15 @@ pub struct PopCounters {
     pub claims_rejected: u64,
     /// Packets dropped under one of [`STEERING_DROPS`].
     pub dropped: u64,
+    /// Searches accepted, from the `cdn_steer_search_hops` histogram: how many, their hops
+    /// summed, and how many took at most each of [`SEARCH_HOPS_BOUNDS`].
+    pub searches_counted: u64,
+    pub search_hops_sum: u64,
+    pub search_hops_upto: [u64; SEARCH_HOPS_BOUNDS.len()],
 }
+
+/// The bucket bounds of `cdn_steer_search_hops` (the controller's, in `operator/metrics.rs`).
+pub const SEARCH_HOPS_BOUNDS: [u8; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 42];
 
 impl PopCounters {
     /// Adds `o`'s counts to these.
@@ -108,6 +116,11 @@ impl PopCounters {
         self.learned_added += o.learned_added;
         self.claims_rejected += o.claims_rejected;
         self.dropped += o.dropped;
+        self.searches_counted += o.searches_counted;
+        self.search_hops_sum += o.search_hops_sum;
+        for (a, b) in self.search_hops_upto.iter_mut().zip(o.search_hops_upto) {
+            *a += b;
+        }
     }
 
     /// What was counted since `before` (counters only grow while their node runs).
@@ -130,7 +143,32 @@ impl PopCounters {
             learned_added: self.learned_added.saturating_sub(before.learned_added),
             claims_rejected: self.claims_rejected.saturating_sub(before.claims_rejected),
             dropped: self.dropped.saturating_sub(before.dropped),
+            searches_counted: self
+                .searches_counted
+                .saturating_sub(before.searches_counted),
+            search_hops_sum: self.search_hops_sum.saturating_sub(before.search_hops_sum),
+            search_hops_upto: std::array::from_fn(|i| {
+                self.search_hops_upto[i].saturating_sub(before.search_hops_upto[i])
+            }),
         }
+    }
+
+    /// The bound of the lowest `cdn_steer_search_hops` bucket that holds every counted
+    /// search: the most hops a search took (exact up to 8 hops); `None` without searches.
+    pub fn search_hops_max(&self) -> Option<u8> {
+        if self.searches_counted == 0 {
+            return None;
+        }
+        SEARCH_HOPS_BOUNDS
+            .iter()
+            .zip(self.search_hops_upto)
+            .find(|(_, n)| *n == self.searches_counted)
+            .map(|(b, _)| *b)
+    }
+
+    /// Hops per counted search, on average.
+    pub fn search_hops_mean(&self) -> f64 {
+        self.search_hops_sum as f64 / self.searches_counted.max(1) as f64
     }
 
     /// The sum over `all`.
@@ -161,6 +199,13 @@ impl std::fmt::Display for PopCounters {
             " learned fwd/added {}/{}",
             self.learned_forward, self.learned_added
         )?;
+        if let Some(max) = self.search_hops_max() {
+            write!(
+                f,
+                " search hops mean/max {:.2}/{max}",
+                self.search_hops_mean()
+            )?;
+        }
         if self.claims_rejected > 0 {
             write!(f, " CLAIMS REJECTED {}", self.claims_rejected)?;
         }
@@ -313,6 +358,14 @@ impl Lab {
             learned_added: series_sum(metrics, "cdn_steer_learned_added_total"),
             claims_rejected: series_sum(metrics, "cdn_steer_claims_rejected_total"),
             dropped: STEERING_DROPS.iter().map(|r| c(r)).sum(),
+            searches_counted: series_sum(metrics, "cdn_steer_search_hops_count"),
+            search_hops_sum: series_sum(metrics, "cdn_steer_search_hops_sum"),
+            search_hops_upto: SEARCH_HOPS_BOUNDS.map(|b| {
+                series_sum(
+                    metrics,
+                    &format!("cdn_steer_search_hops_bucket{{le=\"{b}.0\"}}"),
+                )
+            }),
             ..PopCounters::default()
         };
         for (member, packets) in member_forwards(metrics) {
