@@ -99,7 +99,7 @@ pub struct PopCounters {
     pub search_hops_upto: [u64; SEARCH_HOPS_BOUNDS.len()],
 }
 
-/// The bucket bounds of `cdn_steer_search_hops` (the controller's, in `operator/metrics.rs`).
+/// The bucket bounds of `cdn_steer_search_hops` (the controller's, in `operator/metrics/pops.rs`).
 pub const SEARCH_HOPS_BOUNDS: [u8; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 42];
 
 impl PopCounters {
