@@ -7,6 +7,7 @@ pub mod auth;
 pub mod bpffs;
 pub mod clock;
 pub mod learned;
+mod member_maps;
 pub mod nexthop;
 pub mod object;
 pub mod program;
