@@ -15,6 +15,7 @@ pub mod auth;
 pub mod frame;
 pub mod output;
 pub mod quic;
+pub mod search;
 pub mod steer;
 #[cfg(test)]
 mod tests;
