@@ -23,14 +23,17 @@ use crate::netns::join;
 /// Frames of a thread's first BPF_PROG_TEST_RUN call (a few tens of milliseconds at the rates
 /// of this machine kind). Every call ends in an RCU grace period (the live-frames page pool is
 /// torn down with `synchronize_rcu`), tens of milliseconds in which the thread sleeps and its
-/// CPU idles: with calls of this size that was more than half of the run, which cut the rates
-/// by two thirds and pulled every ratio towards 1. So the later calls are sized from the rate
-/// seen so far to fill the time left, and the waits are a few percent of a run.
+/// CPU idles. With calls of 2^16 frames each, as before, that was more than half of a run,
+/// which cut the rates by two thirds and pulled every ratio towards 1. So the later calls are
+/// sized from the rate seen so far to fill the time left, and the waits are a few percent.
 const FIRST_CALL: u64 = 1 << 18;
 
 /// A thread stops once less than this part of its time is left: another call would be mostly
 /// its grace period.
 const LAST_CALL_FRACTION: f64 = 0.05;
+
+/// The longest a call is sized to take: the stop flag (Ctrl-C) is only read between calls.
+const MAX_CALL_SECS: f64 = 2.0;
 
 /// Frames the kernel handles per batch (the NAPI budget, also the kernel's default).
 const BATCH: u32 = 64;
@@ -125,7 +128,8 @@ pub fn generate(
                             break;
                         }
                         let rate = done as f64 / thread_start.elapsed().as_secs_f64();
-                        next = ((rate * left.as_secs_f64()) as u64).max(FIRST_CALL);
+                        let secs = left.as_secs_f64().min(MAX_CALL_SECS);
+                        next = ((rate * secs) as u64).max(FIRST_CALL);
                     }
                     Ok(done)
                 })
