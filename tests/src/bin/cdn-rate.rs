@@ -15,18 +15,22 @@ struct Args {
     seconds: f64,
     /// Generator CPUs of each section: a section with n CPUs uses CPUs 0..n.
     sections: Vec<usize>,
+    /// Only the paths whose name contains one of these (all if empty).
+    paths: Vec<String>,
 }
 
-const USAGE: &str = "cdn-rate [--rounds N (5)] [--seconds S (1.0)] [--cpus LIST (1,2)]\n\
+const USAGE: &str = "cdn-rate [--rounds N (5)] [--seconds S (1.0)] [--cpus LIST (1,2)] [--paths LIST]\n\
      Mpps of cdn_steer's main paths through veth pairs in native XDP, each beside a bare\n\
      program measured in the same round; min and median over rounds. One section per entry\n\
-     of --cpus: n generator threads pinned to CPUs 0..n.";
+     of --cpus: n generator threads pinned to CPUs 0..n. --paths: only the paths whose name\n\
+     contains one of the comma-separated words (e.g. `XDP_TX,redirect`).";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         rounds: 5,
         seconds: 1.0,
         sections: vec![1, 2],
+        paths: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -42,6 +46,12 @@ fn parse_args() -> Result<Args> {
                     .map(|n| n.trim().parse::<usize>())
                     .collect::<Result<_, _>>()
                     .context("--cpus: a comma-separated list of CPU counts")?;
+            }
+            "--paths" => {
+                args.paths = value("--paths")?
+                    .split(',')
+                    .map(|p| p.trim().to_owned())
+                    .collect();
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -84,6 +94,13 @@ fn main() -> Result<()> {
 
 fn run(args: &Args, topo: &Topology, stop: Arc<AtomicBool>) -> Result<()> {
     let mut lab = RateLab::new(topo)?;
+    if !args.paths.is_empty() {
+        lab.rows
+            .retain(|row| args.paths.iter().any(|p| row.name.contains(p.as_str())));
+        if lab.rows.is_empty() {
+            bail!("--paths {:?} matches no path", args.paths);
+        }
+    }
     let budget = Budget {
         duration: Duration::from_secs_f64(args.seconds),
         frames: u64::MAX,
