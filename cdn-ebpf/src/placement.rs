@@ -153,7 +153,7 @@ pub fn hops_in(svc: &Service, offset: u32, hash: u64) -> Result<[u16; 3], Reason
 
 /// Bucket 0 of the table that places new connections: this node's own PoP's, unless the
 /// controller found no member there that may take them and named another PoP's
-/// (`SERVICE_PLACE_ELSEWHERE`, README "PoPs: when a PoP has no eligible member").
+/// (`SERVICE_PLACE_ELSEWHERE`, README "PoPs", Fallback).
 #[inline(always)]
 pub fn new_flow_table(svc: &Service) -> u32 {
     if svc.flags & SERVICE_PLACE_ELSEWHERE == 0 {

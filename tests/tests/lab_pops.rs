@@ -76,6 +76,32 @@ fn start_downloads(
     (live, handle)
 }
 
+/// Downloads in flight, every one connected and sending.
+struct Downloads {
+    /// When they were started.
+    started: Instant,
+    /// Every PoP's counters before they started.
+    before: Vec<PopCounters>,
+    live: Arc<Live>,
+    handle: std::thread::JoinHandle<Vec<Outcome>>,
+}
+
+/// Starts `count` downloads at `rate` bytes/s each, waits until every one is connected, then
+/// [`SETTLE`] more, so that their flows are established and sending before anything changes.
+fn start_settled(lab: &Lab, count: usize, rate: usize) -> Result<Downloads> {
+    let started = Instant::now();
+    let before = lab.pop_counters()?;
+    let (live, handle) = start_downloads(lab, count, rate);
+    wait_connected(lab, &live, count)?;
+    std::thread::sleep(SETTLE);
+    Ok(Downloads {
+        started,
+        before,
+        live,
+        handle,
+    })
+}
+
 fn wait_connected(lab: &Lab, live: &Live, count: usize) -> Result<()> {
     lab.wait_until(Duration::from_secs(30), "every download to connect", || {
         Ok(live.connected.load(Ordering::Relaxed) + live.failed.load(Ordering::Relaxed) >= count)
@@ -260,13 +286,14 @@ fn steady_state_every_connection_is_served_in_the_pop_where_it_lands() -> Result
 #[test]
 fn route_shifts_between_pops_reset_no_download() -> Result<()> {
     let (_guard, lab) = lab("pr", 1 << 20)?;
-    let started = Instant::now();
-    let before = lab.pop_counters()?;
     let count = 100;
     // 1 MiB at 32 KiB/s: about 32 s, longer than the five shifts (about 4 s each).
-    let (live, handle) = start_downloads(&lab, count, 32 * 1024);
-    wait_connected(&lab, &live, count)?;
-    std::thread::sleep(SETTLE);
+    let Downloads {
+        started,
+        before,
+        live,
+        handle,
+    } = start_settled(&lab, count, 32 * 1024)?;
     // Five shifts: pop1 away; pop1 back while pop2 goes; pop2 back while pop3 goes; pop3 back
     // while pop1 and pop2 go (everyone lands in pop3); everything back.
     let shifts: [&[usize]; 5] = [&[0], &[1], &[2], &[0, 1], &[]];
@@ -436,13 +463,14 @@ fn wait_health_seen(lab: &Lab, who: &str, healthy: bool) -> Result<()> {
 #[test]
 fn a_pop_shift_with_drains_in_the_source_and_the_target_pop_resets_nothing() -> Result<()> {
     let (_guard, lab) = lab("pe", 1 << 20)?;
-    let started = Instant::now();
-    let before = lab.pop_counters()?;
     let count = 60;
     // 1 MiB at 40 KiB/s: about 26 s.
-    let (live, handle) = start_downloads(&lab, count, 40 * 1024);
-    wait_connected(&lab, &live, count)?;
-    std::thread::sleep(SETTLE);
+    let Downloads {
+        started,
+        before,
+        live,
+        handle,
+    } = start_settled(&lab, count, 40 * 1024)?;
     // node1 (pop1, the source) and node3 (pop2, a target) leave their PoPs' tables by drain
     // while the router withdraws pop1: pop1's clients land in pop2 and pop3 while both
     // tables change.
@@ -507,13 +535,14 @@ fn pop_drain_outcomes(answer: &str) -> Result<Vec<(String, String)>> {
 #[test]
 fn draining_a_whole_pop_withdraws_it_and_resets_nothing() -> Result<()> {
     let (_guard, lab) = lab("pd", 1 << 20)?;
-    let started = Instant::now();
-    let before = lab.pop_counters()?;
     let count = 50;
     // 1 MiB at 64 KiB/s: about 16 s, several seconds beyond the drain and the new downloads.
-    let (live, handle) = start_downloads(&lab, count, 64 * 1024);
-    wait_connected(&lab, &live, count)?;
-    std::thread::sleep(SETTLE);
+    let Downloads {
+        started,
+        before,
+        live,
+        handle,
+    } = start_settled(&lab, count, 64 * 1024)?;
 
     let pop2 = lab.pop_nodes(1);
     let others: Vec<usize> = (0..lab.nodes.len()).filter(|i| !pop2.contains(i)).collect();
@@ -627,13 +656,14 @@ fn border_routers_route_shifts_reset_nothing() -> Result<()> {
         file_size: 1 << 20,
         ..LabOptions::default()
     })?;
-    let started = Instant::now();
-    let before = lab.pop_counters()?;
     let count = 60;
     // 1 MiB at 40 KiB/s: about 26 s, longer than the four shifts and the restore.
-    let (live, handle) = start_downloads(&lab, count, 40 * 1024);
-    wait_connected(&lab, &live, count)?;
-    std::thread::sleep(SETTLE);
+    let Downloads {
+        started,
+        before,
+        live,
+        handle,
+    } = start_settled(&lab, count, 40 * 1024)?;
     // Between PoPs, at the borders: pop1 away, pop1 back, pop2 away.
     let shifts: [&[usize]; 3] = [&[0], &[], &[1]];
     for away in shifts {

@@ -224,7 +224,11 @@ impl Core {
         let eligible = members.len();
         let built =
             pops::build(&self.cfg, &members, previous).context("building the Maglev tables")?;
-        self.note_pop_fallback(built.fallback, cause);
+        let own_has_members = built
+            .eligible
+            .get(self.cfg.self_pop_index())
+            .is_some_and(|n| *n > 0);
+        self.note_pop_fallback(built.fallback, own_has_members, cause);
         self.pop_eligible = built.eligible;
         let owners = built.owners;
         let report = self
@@ -249,17 +253,19 @@ impl Core {
     }
 
     /// Logs when this node's own PoP starts or stops having no eligible member of its own,
-    /// and where new connections landing here go meanwhile.
-    fn note_pop_fallback(&mut self, fallback: Option<usize>, cause: &str) {
+    /// and where new connections landing here go meanwhile. (With no eligible member in any
+    /// PoP there is no fallback either; `rebuild` warns about that.)
+    fn note_pop_fallback(&mut self, fallback: Option<usize>, own_has_members: bool, cause: &str) {
         if fallback != self.pop_fallback {
             let pop = self.cfg.self_pop().unwrap_or_default();
             match fallback.and_then(|index| self.cfg.pops().get(index).copied()) {
                 Some(to) => {
                     log::warn!(pop, to, cause; "no member of this node's PoP is eligible: new connections landing here go to another PoP; its open flows stay where they are");
                 }
-                None => {
-                    log::info!(pop, cause; "new connections landing here stay in this node's PoP");
+                None if own_has_members => {
+                    log::info!(pop, cause; "this node's PoP has eligible members again: new connections stay in it");
                 }
+                None => {}
             }
         }
         self.pop_fallback = fallback;

@@ -271,6 +271,19 @@ impl Tables {
         let names = names.as_slice();
         let size = self.size;
         let own = cfg.self_pop_index();
+        // The service's LPM value for the active halves `active`.
+        let entry_for = |active: &[u32], generation| {
+            service_entry(
+                svc,
+                &PopOffsets {
+                    active,
+                    own,
+                    fallback,
+                },
+                size,
+                generation,
+            )
+        };
         let mut nexts = Vec::with_capacity(names.len());
         for (index, (name, owners)) in names.iter().zip(per_pop).enumerate() {
             let Some(table) = self.tables.get_mut(name) else {
@@ -301,16 +314,7 @@ impl Tables {
                 .iter()
                 .map(|t| half_offset(t.slot, t.active, size))
                 .collect();
-            let entry = service_entry(
-                svc,
-                &PopOffsets {
-                    active: &active,
-                    own,
-                    fallback,
-                },
-                size,
-                generation,
-            );
+            let entry = entry_for(&active, generation);
             for vip in &svc.vips {
                 if dp.service(vip.addr(), vip.prefix_len())? != Some(entry) {
                     dp.set_service(vip.addr(), vip.prefix_len(), &entry)?;
@@ -336,16 +340,7 @@ impl Tables {
             active.push(base);
         }
         let generation = generation.wrapping_add(1).max(1);
-        let entry = service_entry(
-            svc,
-            &PopOffsets {
-                active: &active,
-                own,
-                fallback,
-            },
-            size,
-            generation,
-        );
+        let entry = entry_for(&active, generation);
         for vip in &svc.vips {
             dp.set_service(vip.addr(), vip.prefix_len(), &entry)?;
         }
