@@ -221,6 +221,11 @@ fn try_ingress(
         hops = hops_in(svc, new_flow_table(svc), hash)?;
     }
     if hops[0] == NO_MEMBER {
+        // This PoP's table has never named anyone for the bucket (a PoP whose members were
+        // all out since this node started): an established flow may live in another PoP.
+        if svc.search_pops != 0 && !udp_owner && !search::is_syn(&flow) {
+            return Ok(Verdict::search(search::pack(l2.l3_off, l2.v6, 0)));
+        }
         return Err(Reason::NoRoute);
     }
     let mut e = Encap {

@@ -260,6 +260,23 @@ fn ingress_cases(t: &mut Vec<Case>, fam: Fam) -> Result<()> {
             ),
     );
     t.push(
+        case("ingress: this PoP's table never named anyone, search starts in PoP 1")
+            .chains(&[], &[2, 4], &[5])
+            .expect(
+                xdp::TX,
+                Reason::SearchStart,
+                Out::Frame(search_out(
+                    2,
+                    entropy,
+                    SEARCH_BUDGET,
+                    SELF_ID,
+                    POP_2,
+                    at(0),
+                    &inner,
+                )?),
+            ),
+    );
+    t.push(
         case("ingress: no other PoP names an owner")
             .chains(&[SELF_ID], &[], &[])
             .expect(xdp::PASS, Reason::LastHopAccept, Out::Unchanged),
@@ -284,6 +301,17 @@ fn ingress_cases(t: &mut Vec<Case>, fam: Fam) -> Result<()> {
         )
         .chains(&[SELF_ID], &[2], &[4])
         .expect(xdp::PASS, Reason::LocalAccept, Out::Unchanged),
+    );
+    let syn = frame(&flow, Tcp::SYN, Vlan::None, &[]);
+    t.push(
+        Case::new(
+            format!("ingress: a SYN with nobody to place it is dropped, not searched {n}"),
+            fam,
+            flow,
+            syn,
+        )
+        .chains(&[], &[2], &[4])
+        .expect(xdp::DROP, Reason::NoRoute, Out::Dropped),
     );
     Ok(())
 }

@@ -267,9 +267,6 @@ fn ingress(
     } else {
         bucket(env, svc, &fl)?
     };
-    if hops[0] == NO_MEMBER {
-        return Err(Reason::NoRoute.into());
-    }
     let cfg = &env.cfg;
     let mut e = Encap {
         inner_off: l3,
@@ -283,6 +280,14 @@ fn ingress(
         flow: flow_fields(&fl),
         search: None,
     };
+    if hops[0] == NO_MEMBER {
+        // README "PoPs", Fallback: a bucket this PoP's table never named anyone for; an
+        // established flow is searched for in the other PoPs.
+        if svc.search_pops != 0 && !udp_owner && !fl.is_syn() {
+            return search_start(env, rules, f, ifindex, svc, &fl, e, false);
+        }
+        return Err(Reason::NoRoute.into());
+    }
     if hops[0] != cfg.self_member {
         if udp_owner {
             e.remaining = [NO_MEMBER; 2];
