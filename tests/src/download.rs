@@ -35,6 +35,31 @@ pub struct Outcome {
     pub elapsed: Duration,
 }
 
+/// What a set of downloads came to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Downloads that received every byte with the right SHA-256.
+    pub complete: usize,
+    /// Downloads whose connection was reset.
+    pub resets: usize,
+    /// The longest time any download waited without a byte.
+    pub longest_stall: Duration,
+}
+
+impl Tally {
+    pub fn of(outcomes: &[Outcome]) -> Self {
+        Self {
+            complete: outcomes.iter().filter(|o| o.ok).count(),
+            resets: outcomes.iter().filter(|o| o.reset).count(),
+            longest_stall: outcomes
+                .iter()
+                .map(|o| o.longest_stall)
+                .max()
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// Counters shared with a live view while downloads run.
 #[derive(Default)]
 pub struct Live {

@@ -123,6 +123,34 @@ impl Default for LabOptions {
 /// Starts `program` in `ns`, its output going to `log`. Each process gets a process group of
 /// its own: Ctrl-C at the terminal reaches the lab, which stops its processes in order, not
 /// every process at once. Killed (by pid) when the returned value is dropped.
+/// A veth pair at the underlay MTU between two of the lab's namespaces: `name` in `a`, `peer`
+/// in `b`.
+fn underlay_veth(a: &Netns, name: &str, b: &Netns, peer: &str) -> Result<()> {
+    let mtu = UNDERLAY_MTU.to_string();
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            name,
+            "netns",
+            a.name(),
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            b.name(),
+            "mtu",
+            &mtu,
+        ],
+    )?;
+    Ok(())
+}
+
 fn spawn(ns: &Netns, name: &str, program: &Path, args: &[&str], log: &Path) -> Result<Process> {
     let mut command = ns.command(&program.to_string_lossy());
     command.args(args).env("RUST_LOG", "info");
@@ -339,27 +367,7 @@ impl Lab {
             let peer = format!("n{i}");
             // The router, or with border routers the node's PoP's border.
             let up = self.uplink_ns(i - 1);
-            run(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    "eth0",
-                    "netns",
-                    ns.name(),
-                    "mtu",
-                    &UNDERLAY_MTU.to_string(),
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &peer,
-                    "netns",
-                    up.name(),
-                    "mtu",
-                    &UNDERLAY_MTU.to_string(),
-                ],
-            )?;
+            underlay_veth(&ns, "eth0", up, &peer)?;
             up.sh(&format!(
                 "ip link set {peer} up; ip addr add 10.1.{i}.1/24 dev {peer}; ip addr add fd00:1:{i}::1/64 dev {peer} nodad; \
                  sysctl -qw net.ipv4.conf.{peer}.rp_filter=0; ethtool -K {peer} gro on >/dev/null"

@@ -492,6 +492,19 @@ pub fn forwarded_frame(target: u16, flow: &Flow, input: &[u8], hops: &[u16]) -> 
 
 /// [`forwarded_frame`] with the outer source port `entropy`.
 pub fn encap_frame(target: u16, entropy: u16, input: &[u8], hops: &[u16]) -> Result<Vec<u8>> {
+    encap_to(target, entropy, BUDGET, hops, ip_packet(input, Vlan::None))
+}
+
+/// The version-1 frame this node sends the IP packet `inner` with to `target`: outer headers
+/// from this scenario's addresses (of `target`'s family) and next hops, source port `entropy`,
+/// `budget` and `hops` in the steering header.
+pub fn encap_to(
+    target: u16,
+    entropy: u16,
+    budget: u8,
+    hops: &[u16],
+    inner: &[u8],
+) -> Result<Vec<u8>> {
     let outer_src = if member_addr(target).is_ipv6() {
         addr(UNDERLAY_V6)
     } else {
@@ -504,8 +517,41 @@ pub fn encap_frame(target: u16, entropy: u16, input: &[u8], hops: &[u16]) -> Res
         outer_dst: member_addr(target),
         entropy,
         steer_port: STEER_PORT,
-        budget: BUDGET,
+        budget,
         hops,
-        inner: ip_packet(input, Vlan::None),
+        inner,
+    })
+}
+
+/// The two ends of a real TCP connection of `flow` (its listener too), open as long as the
+/// caller keeps them: an established flow the program's socket lookup finds.
+pub struct Established {
+    pub client: std::net::TcpStream,
+    pub server: std::net::TcpStream,
+    pub listener: std::net::TcpListener,
+}
+
+/// Opens `flow` (a TCP flow from a client address to a VIP, both local to the namespace) as a
+/// real connection and exchanges one byte over it.
+pub fn establish(flow: &Flow) -> Result<Established> {
+    use std::io::{Read as _, Write as _};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    let listener = TcpListener::bind(SocketAddr::new(flow.dst, flow.dport))?;
+    let domain = if flow.dst.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::new(flow.src, flow.sport).into())?;
+    sock.connect(&SocketAddr::new(flow.dst, flow.dport).into())?;
+    let client = TcpStream::from(sock);
+    let (mut server, _) = listener.accept()?;
+    (&client).write_all(b"x")?;
+    server.read_exact(&mut [0u8; 1])?;
+    Ok(Established {
+        client,
+        server,
+        listener,
     })
 }

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use cdn_tests::{
-    download::{self, Live, Outcome, Spec},
+    download::{self, Live, Outcome, Spec, Tally},
     lab::{Lab, LabOptions, VIP_V4, VIP_V6, packets_counter},
 };
 
@@ -68,13 +68,11 @@ fn wait_connected(lab: &Lab, live: &Live, count: usize) -> Result<()> {
 
 /// Prints what the closing note needs: flows, resets, longest stall.
 fn report(name: &str, outcomes: &[Outcome], shifts: usize, started: Instant) {
-    let ok = outcomes.iter().filter(|o| o.ok).count();
-    let resets = outcomes.iter().filter(|o| o.reset).count();
-    let stall = outcomes
-        .iter()
-        .map(|o| o.longest_stall)
-        .max()
-        .unwrap_or_default();
+    let Tally {
+        complete: ok,
+        resets,
+        longest_stall: stall,
+    } = Tally::of(outcomes);
     println!(
         "{name}: {} flows, {shifts} shifts, {ok} complete with correct sha256, {resets} reset, \
          longest stall {:.2} s, {:.1} s",

@@ -8,11 +8,6 @@
 //! the member that started the search) in `CLAIM_EVENTS`; a plain owner accept puts none.
 //! This node is member 1 in PoP 0 of three.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-};
-
 use anyhow::{Context as _, Result};
 use cdn_common::{
     counters::Reason,
@@ -27,7 +22,7 @@ use cdn_tests::{
     },
     scenario::{
         CLIENT_V4, CLIENT_V6, KEY, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4, UNDERLAY_V6, VIP_V4,
-        VIP_V6, addr, forwarded_frame, learned_key, member_addr, service,
+        VIP_V6, addr, establish, forwarded_frame, learned_key, member_addr, service,
     },
     xdp,
 };
@@ -201,25 +196,6 @@ fn ingress(s: &mut Scenario, v6: bool) -> Result<()> {
     Ok(())
 }
 
-/// An established connection from `ESTABLISHED_PORT` to the VIP, kept open by the caller.
-fn established(v6: bool) -> Result<(TcpStream, TcpStream, TcpListener)> {
-    let flow = tcp(v6, ESTABLISHED_PORT);
-    let listener = TcpListener::bind(SocketAddr::new(flow.dst, 443))?;
-    let domain = if v6 {
-        socket2::Domain::IPV6
-    } else {
-        socket2::Domain::IPV4
-    };
-    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-    sock.bind(&SocketAddr::new(flow.src, ESTABLISHED_PORT).into())?;
-    sock.connect(&SocketAddr::new(flow.dst, 443).into())?;
-    let client = TcpStream::from(sock);
-    let (mut server, _) = listener.accept()?;
-    (&client).write_all(b"x")?;
-    server.read_exact(&mut [0u8; 1])?;
-    Ok((client, server, listener))
-}
-
 /// Every event now in the ring.
 fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<ClaimEvent> {
     let mut events = Vec::new();
@@ -308,7 +284,10 @@ fn claims(s: &mut Scenario, v6: bool) -> Result<()> {
 #[test]
 fn learned_forward_and_claim_events() -> Result<()> {
     in_namespace(|| {
-        let _open = [established(false)?, established(true)?];
+        let _open = [
+            establish(&tcp(false, ESTABLISHED_PORT))?,
+            establish(&tcp(true, ESTABLISHED_PORT))?,
+        ];
         let mut s = Scenario::new()?;
         s.set_search_pops(OTHER_POPS, service(0).flags)?;
         for v6 in [false, true] {

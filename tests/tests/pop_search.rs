@@ -7,11 +7,7 @@
 //! redirected bit); signed (version 4) where `steer_auth` is on. This node is member 1 in PoP 0
 //! of three; the services search PoPs 1 and 2.
 
-use std::{
-    collections::BTreeSet,
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::{Context as _, Result};
 use cdn_common::{
@@ -26,13 +22,12 @@ use cdn_tests::{
     bpf_interp::paths::in_namespace,
     model::auth,
     packets::{
-        ExpectedEncap, Flow, NODE_MAC, Tcp, Vlan, decapsulated, expected_encap, frame, ip_packet,
-        signed_steering_frame, steering_frame,
+        Flow, Tcp, Vlan, decapsulated, frame, ip_packet, signed_steering_frame, steering_frame,
     },
     scenario::{
         CLIENT_V4, CLIENT_V6, KEY, SEARCH_BUDGET, SELF_ID, STEER_PORT, Scenario, UNDERLAY_V4,
-        UNDERLAY_V6, VIP_V4, VIP_V6, addr, forwarded_frame, member_addr, member_mac, node_config,
-        service,
+        UNDERLAY_V6, VIP_V4, VIP_V6, addr, encap_to, establish, forwarded_frame, member_addr,
+        node_config, service,
     },
     xdp,
 };
@@ -127,22 +122,7 @@ fn search_out(
     pos: u16,
     inner: &[u8],
 ) -> Result<Vec<u8>> {
-    let outer_src = if member_addr(target).is_ipv6() {
-        addr(UNDERLAY_V6)
-    } else {
-        addr(UNDERLAY_V4)
-    };
-    let f = expected_encap(&ExpectedEncap {
-        dst_mac: member_mac(target),
-        src_mac: NODE_MAC,
-        outer_src,
-        outer_dst: member_addr(target),
-        entropy,
-        steer_port: STEER_PORT,
-        budget,
-        hops: &[starter, pos],
-        inner,
-    })?;
+    let f = encap_to(target, entropy, budget, &[starter, pos], inner)?;
     Ok(as_search(f, steer_off(target), pops))
 }
 
@@ -638,26 +618,6 @@ fn run_case(s: &mut Scenario, case: &Case) -> Result<()> {
     Ok(())
 }
 
-/// An established connection from the client's `ESTABLISHED_PORT` to the VIP of `fam`:
-/// (client, server) ends, kept open for the test.
-fn established(fam: Fam) -> Result<(TcpStream, TcpStream, TcpListener)> {
-    let flow = fam.tcp(ESTABLISHED_PORT);
-    let listener = TcpListener::bind(SocketAddr::new(flow.dst, 443))?;
-    let domain = if fam.v6 {
-        socket2::Domain::IPV6
-    } else {
-        socket2::Domain::IPV4
-    };
-    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-    sock.bind(&SocketAddr::new(flow.src, ESTABLISHED_PORT).into())?;
-    sock.connect(&SocketAddr::new(flow.dst, 443).into())?;
-    let client = TcpStream::from(sock);
-    let (mut server, _) = listener.accept()?;
-    (&client).write_all(b"x")?;
-    server.read_exact(&mut [0u8; 1])?;
-    Ok((client, server, listener))
-}
-
 #[test]
 fn every_search_verdict() -> Result<()> {
     let mut table = Vec::new();
@@ -669,7 +629,10 @@ fn every_search_verdict() -> Result<()> {
         }
     }
     let seen = in_namespace(|| {
-        let _open = [established(Fam::BOTH[0])?, established(Fam::BOTH[1])?];
+        let _open = [
+            establish(&Fam::BOTH[0].tcp(ESTABLISHED_PORT))?,
+            establish(&Fam::BOTH[1].tcp(ESTABLISHED_PORT))?,
+        ];
         let mut s = Scenario::new()?;
         s.set_search_pops(OTHER_POPS, service(0).flags)?;
         let mut seen = BTreeSet::new();
@@ -700,7 +663,7 @@ fn every_search_verdict() -> Result<()> {
 #[test]
 fn one_pop_never_searches() -> Result<()> {
     in_namespace(|| {
-        let _open = established(Fam::BOTH[0])?;
+        let _open = establish(&Fam::BOTH[0].tcp(ESTABLISHED_PORT))?;
         let mut s = Scenario::new()?;
         for fam in Fam::BOTH {
             let flow = fam.tcp(40003);

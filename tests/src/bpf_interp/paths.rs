@@ -213,45 +213,35 @@ fn paths(s: &mut Scenario) -> Result<(Vec<BenchPath>, BenchFlows)> {
         .iter()
         .map(|f| s.bucket_index(f))
         .collect();
+    // A flow made by `make` from a port of `ports` whose bucket no other path's flow uses.
+    let mut free_flow =
+        |ports: std::ops::Range<u16>, make: &dyn Fn(u16) -> Flow, what: &str| -> Result<Flow> {
+            ports
+                .map(make)
+                .find(|f| {
+                    let b = s.bucket_index(f);
+                    let free = !used.contains(&b);
+                    if free {
+                        used.push(b);
+                    }
+                    free
+                })
+                .with_context(|| format!("a free bucket for {what}"))
+        };
     // The search paths' flow (nobody holds it): this node ends its PoP's chain, PoP 1's
     // owner is member 2, PoP 2's member 4.
-    let searched = (43000..44000)
-        .map(|sport| Flow::tcp(CLIENT_V4, sport, VIP_POPS, 443))
-        .find(|f| {
-            let b = s.bucket_index(f);
-            let free = !used.contains(&b);
-            if free {
-                used.push(b);
-            }
-            free
-        })
-        .context("a free bucket for the search paths")?;
+    let tcp_pops = |sport| Flow::tcp(CLIENT_V4, sport, VIP_POPS, 443);
+    let searched = free_flow(43000..44000, &tcp_pops, "the search paths")?;
     // A flow a claim taught this node (README "PoPs: learned owners"): member 4 holds it,
     // while this PoP's table names member 2; its bucket's bit is set, and no other path's
     // flow shares the bucket.
-    let learned = (44000..45000)
-        .map(|sport| Flow::tcp(CLIENT_V4, sport, VIP_POPS, 443))
-        .find(|f| {
-            let b = s.bucket_index(f);
-            let free = !used.contains(&b);
-            if free {
-                used.push(b);
-            }
-            free
-        })
-        .context("a free bucket for the learned flow")?;
+    let learned = free_flow(44000..45000, &tcp_pops, "the learned flow")?;
     let mut udp_flow = |vip: &str| -> Result<Flow> {
-        (42000..43000)
-            .map(|sport| Flow::udp(CLIENT_V4, sport, vip, 443))
-            .find(|f| {
-                let b = s.bucket_index(f);
-                let free = !used.contains(&b);
-                if free {
-                    used.push(b);
-                }
-                free
-            })
-            .context("a free bucket for a UDP flow")
+        free_flow(
+            42000..43000,
+            &|sport| Flow::udp(CLIENT_V4, sport, vip, 443),
+            "a UDP flow",
+        )
     };
     let udp_connected = udp_flow(VIP_V4)?;
     let udp_owner_fwd = udp_flow(VIP_UDP_OWNER)?;

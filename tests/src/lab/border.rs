@@ -29,9 +29,9 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use cdn_test_support::{bird::Bird, run};
+use cdn_test_support::bird::Bird;
 
-use super::{Lab, UNDERLAY_MTU, VIP_V4, VIP_V6, attach_pass_programs};
+use super::{Lab, VIP_V4, VIP_V6, attach_pass_programs, underlay_veth};
 use crate::netns::Netns;
 
 /// BGP timers of every session: fast convergence for the tests.
@@ -187,32 +187,11 @@ impl Lab {
 
     /// Creates the border namespaces and their links to the router (before the nodes').
     pub(super) fn build_borders(&mut self) -> Result<()> {
-        let mtu = UNDERLAY_MTU.to_string();
         for p in 0..self.opts.pops {
             let n = p + 1;
             let ns = Netns::new(&format!("{}b{n}", self.opts.tag))?;
             let peer = format!("b{n}");
-            run(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    "uplink",
-                    "netns",
-                    ns.name(),
-                    "mtu",
-                    &mtu,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &peer,
-                    "netns",
-                    self.router.name(),
-                    "mtu",
-                    &mtu,
-                ],
-            )?;
+            underlay_veth(&ns, "uplink", &self.router, &peer)?;
             self.router.sh(&format!(
                 "ip link set {peer} up; ip addr add 10.2.{n}.1/24 dev {peer}; ip addr add 10.2.{n}.5/24 dev {peer}; \
                  ip addr add fd00:2:{n}::1/64 dev {peer} nodad; ip addr add fd00:2:{n}::5/64 dev {peer} nodad; \
